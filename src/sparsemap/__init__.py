@@ -1,0 +1,52 @@
+"""sparsemap: load and run PyTorch models in the memory a machine actually has.
+
+Checkpoints are opened without reading their data (:func:`open`), and loaded
+into models built on the meta device as zero-copy views of a read-only file
+mapping (:func:`load`): weights cost file-backed pages the kernel can reclaim,
+not anonymous memory.
+
+Example:
+    >>> import sparsemap
+    >>> cat = sparsemap.open("model.safetensors")          # headers only, no torch
+    >>> model = sparsemap.load(lambda: MyModel(cfg), cat)    # doctest: +SKIP
+
+``import sparsemap`` does not import torch; the names that need it are loaded
+on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from . import errors
+from .errors import SparsemapError
+from .formats import Catalog, TensorEntry
+from .formats import open_catalog as open  # noqa: A001 - the library's front door, as in safetensors
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load": "sparsemap.load",
+    "load_state_dict": "sparsemap.load",
+    "skeleton": "sparsemap.load",
+    "memory": None,
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import memory
+    from .load import load, load_state_dict, skeleton
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'sparsemap' has no attribute {name!r}")
+    import importlib
+
+    module_name = _LAZY[name]
+    if module_name is None:
+        return importlib.import_module(f"sparsemap.{name}")
+    return getattr(importlib.import_module(module_name), name)
+
+
+__all__ = ["Catalog", "SparsemapError", "TensorEntry", "errors", "load", "load_state_dict", "memory",
+           "open", "skeleton", "__version__"]

@@ -1,0 +1,180 @@
+"""Every error sparsemap raises on purpose.
+
+One class per kind of fault, so callers (and tests) can tell them apart, all
+under :class:`SparsemapError`. Faults in an input file also derive from
+``ValueError``; the CLI maps them to exit code 2 ("bad input").
+
+Messages name the file, the tensor and the numbers involved: a user reading
+one line should know what is wrong and where.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+class SparsemapError(Exception):
+    """Base class of every sparsemap error."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None,
+                 tensor: str | None = None) -> None:
+        self.path = os.fspath(path) if path is not None else None
+        self.tensor = tensor
+        where = []
+        if self.path is not None:
+            where.append(self.path)
+        if tensor is not None:
+            where.append(f"tensor {tensor!r}")
+        self.detail = message
+        super().__init__(f"{': '.join(where)}: {message}" if where else message)
+
+
+class BadInputError(SparsemapError, ValueError):
+    """The input (a file, a folder, an argument) is wrong; exit code 2 in the CLI."""
+
+
+# ---------------------------------------------------------------- finding sources
+
+class SourceNotFoundError(BadInputError, FileNotFoundError):
+    """The path does not exist, or a folder holds no checkpoint we recognise."""
+
+
+class UnknownFormatError(BadInputError):
+    """The file is not a checkpoint in any format sparsemap reads."""
+
+
+# ---------------------------------------------------------------- any format
+
+class FormatError(BadInputError):
+    """Base class of faults found while parsing and validating a checkpoint."""
+
+
+class TruncatedFileError(FormatError):
+    """The file is shorter than its header says it must be."""
+
+
+class TrailingBytesError(FormatError):
+    """The file has bytes after the last tensor that no tensor accounts for."""
+
+
+class UnknownDtypeError(FormatError):
+    """A tensor's dtype is not one sparsemap (or this torch build) knows."""
+
+
+class InvalidShapeError(FormatError):
+    """A shape is not a list of non-negative integers."""
+
+
+class SizeOverflowError(FormatError):
+    """A size computed from the header exceeds what any file can hold."""
+
+
+class ByteLengthMismatchError(FormatError):
+    """A tensor's byte range does not match numel * itemsize."""
+
+
+class DuplicateTensorError(FormatError):
+    """Two tensors share one name."""
+
+
+# ---------------------------------------------------------------- safetensors
+
+class HeaderTooShortError(FormatError):
+    """The file is too short to hold the 8-byte header length."""
+
+
+class HeaderTooLargeError(FormatError):
+    """The declared header length exceeds the cap or the file."""
+
+
+class HeaderEncodingError(FormatError):
+    """The header is not valid UTF-8."""
+
+
+class HeaderJSONError(FormatError):
+    """The header is not JSON, not an object, or an entry has the wrong fields."""
+
+
+class InvalidOffsetsError(FormatError):
+    """A tensor's data_offsets are not two non-negative integers, begin <= end."""
+
+
+class TensorGapError(FormatError):
+    """Bytes between two tensors belong to no tensor."""
+
+
+class TensorOverlapError(FormatError):
+    """Two tensors claim the same bytes."""
+
+
+class MetadataError(FormatError):
+    """``__metadata__`` is not a map of strings to strings."""
+
+
+# ---------------------------------------------------------------- PyTorch zip checkpoints
+
+class LegacyPickleError(FormatError):
+    """A pre-1.6 (non-zip) torch pickle, which cannot be read without running pickle code."""
+
+
+class UnsafePickleError(FormatError):
+    """The pickle asks for something outside the weights-only allowlist."""
+
+
+class CorruptCheckpointError(FormatError):
+    """The zip checkpoint's structure is broken (missing record, compressed storage, ...)."""
+
+
+class StorageBoundsError(FormatError):
+    """A tensor view reaches outside its storage."""
+
+
+# ---------------------------------------------------------------- sharded folders
+
+class ShardIndexError(FormatError):
+    """A shard index (``*.index.json``) is malformed or disagrees with its shards."""
+
+
+class MissingShardError(ShardIndexError, SourceNotFoundError):
+    """A shard named by the index is not on disk."""
+
+
+# ---------------------------------------------------------------- GGUF
+
+class GGUFError(FormatError):
+    """The GGUF file is malformed."""
+
+
+class UnsupportedQuantizationError(FormatError):
+    """A GGUF tensor uses a quantization sparsemap cannot dequantize."""
+
+
+# ---------------------------------------------------------------- loading into a model
+
+class LoadError(BadInputError):
+    """The checkpoint and the model disagree."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None,
+                 missing: list[str] | None = None, unexpected: list[str] | None = None,
+                 mismatched: list[tuple[str, Any, Any]] | None = None) -> None:
+        self.missing = missing or []
+        self.unexpected = unexpected or []
+        self.mismatched = mismatched or []
+        super().__init__(message, path=path)
+
+
+class MissingKeysError(LoadError):
+    """The model has parameters the checkpoint lacks."""
+
+
+class UnexpectedKeysError(LoadError):
+    """The checkpoint has tensors the model lacks."""
+
+
+class ShapeMismatchError(LoadError):
+    """A checkpoint tensor's shape differs from the model's parameter."""
+
+
+class UninitializedTensorError(LoadError):
+    """After loading, a parameter or buffer is still on the meta device."""

@@ -1,0 +1,152 @@
+"""The catalog: where every tensor of a checkpoint lives, read from headers only.
+
+A :class:`Catalog` maps each tensor name to a :class:`TensorEntry` (file, byte
+offset, byte length, dtype, shape). Building one reads headers, never tensor
+data, and imports no torch: a catalog can be inspected, validated and planned
+over on a machine that cannot hold the model. ``catalog.tensor(name)`` is the
+one door to the data; it maps the file (see :mod:`sparsemap.mapped`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .dtypes import ITEMSIZE
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from ..mapped import Mapper
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes are, and how to read them.
+
+    Attributes:
+        name: the tensor's name in the checkpoint.
+        file: absolute path of the file that holds its bytes.
+        offset: absolute byte offset, in ``file``, of the tensor's first element.
+        nbytes: bytes the tensor spans in the file (for a quantized tensor, its
+            packed size; for a strided view, first to last element inclusive).
+        dtype: element dtype as loaded (safetensors names: ``"F32"``, ``"BF16"``...).
+            For a quantized GGUF tensor this is the dtype it dequantizes to.
+        shape: logical shape, row-major (outermost first).
+        strides: element strides when the tensor is not contiguous row-major
+            (possible in torch zip checkpoints); ``None`` means contiguous.
+        encoding: storage encoding when the bytes are not plain ``dtype``
+            elements (a GGUF quantization such as ``"Q4_1"``); ``None`` if plain.
+    """
+
+    name: str
+    file: str
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+    strides: tuple[int, ...] | None = None
+    encoding: str | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def end(self) -> int:
+        """Byte offset one past the tensor's last byte."""
+        return self.offset + self.nbytes
+
+    @property
+    def zero_copy(self) -> bool:
+        """Whether a view of the file can serve this tensor without conversion.
+
+        Misaligned data is served, but by copy: torch kernels assume elements
+        aligned to their size.
+        """
+        return self.encoding is None and self.offset % ITEMSIZE[self.dtype] == 0
+
+    def alignment(self) -> int:
+        """Largest power of two (up to 1 MiB) that divides ``offset``."""
+        if self.offset == 0:
+            return 1 << 20
+        return min(self.offset & -self.offset, 1 << 20)
+
+
+@dataclass
+class Catalog(Mapping[str, TensorEntry]):
+    """Every tensor of a checkpoint, by name; see :func:`sparsemap.open`.
+
+    Example:
+        >>> cat = sparsemap.open("model.safetensors")        # doctest: +SKIP
+        >>> cat["embed.weight"].shape, cat["embed.weight"].offset
+        ((50304, 768), 8192)
+        >>> w = cat.tensor("embed.weight")                     # a zero-copy view
+    """
+
+    source: str
+    format: str
+    entries: dict[str, TensorEntry]
+    metadata: dict[str, str] = field(default_factory=dict)
+    _mapper: Mapper | None = field(default=None, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        return (f"Catalog({self.source!r}, format={self.format!r}, tensors={len(self.entries)}, "
+                f"nbytes={self.nbytes})")
+
+    def __getitem__(self, name: str) -> TensorEntry:
+        return self.entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def files(self) -> list[str]:
+        """The files tensors live in, in order of first appearance."""
+        return list(dict.fromkeys(e.file for e in self.entries.values()))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data, counting each stored range once (ties share bytes)."""
+        spans = {(e.file, e.offset, e.nbytes) for e in self.entries.values()}
+        return sum(n for _, _, n in spans)
+
+    def required_nbytes(self) -> dict[str, int]:
+        """For each file, the size it must have at least: the end of its last tensor."""
+        need: dict[str, int] = {}
+        for e in self.entries.values():
+            need[e.file] = max(need.get(e.file, 0), e.end)
+        return need
+
+    # The data door. Imports torch lazily so that the catalog itself stays torch-free.
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor ``name``: a zero-copy view of the mapped file where possible."""
+        return self.mapper.tensor(self.entries[name])
+
+    @property
+    def mapper(self) -> Mapper:
+        if self._mapper is None:
+            from ..mapped import Mapper
+
+            self._mapper = Mapper(self)
+        return self._mapper
+
+    def summary(self) -> dict[str, Any]:
+        """Totals for reports: tensors, bytes, dtypes, files."""
+        by_dtype: dict[str, int] = {}
+        for e in self.entries.values():
+            key = e.dtype if e.encoding is None else f"{e.encoding}->{e.dtype}"
+            by_dtype[key] = by_dtype.get(key, 0) + e.nbytes
+        return {
+            "source": self.source,
+            "format": self.format,
+            "tensors": len(self.entries),
+            "nbytes": self.nbytes,
+            "files": self.files,
+            "bytes_by_dtype": by_dtype,
+        }

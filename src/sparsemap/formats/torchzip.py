@@ -1,0 +1,281 @@
+"""PyTorch zip checkpoints (``torch.save`` since 1.6: ``.pt``, ``.pth``, ``.bin``).
+
+A zip archive holding ``<root>/data.pkl`` (a pickle of the object saved) and
+one uncompressed member ``<root>/data/<key>`` per storage. We read the pickle
+with an unpickler whose ``find_class`` knows a short allowlist and returns our
+own inert records: no class from the file is ever imported or called, so a
+malicious pickle cannot run code. Tensors become :class:`TensorEntry` records
+pointing at their storage's bytes inside the zip, which we map like any file.
+
+Legacy (pre-1.6, non-zip) pickles interleave pickled objects with raw data and
+cannot be indexed without running the pickle; they are refused. No torch here.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import (
+    CorruptCheckpointError,
+    InvalidShapeError,
+    LegacyPickleError,
+    StorageBoundsError,
+    UnknownDtypeError,
+    UnsafePickleError,
+)
+from .catalog import Catalog, TensorEntry
+from .dtypes import ITEMSIZE
+
+ZIP_MAGIC = b"PK\x03\x04"
+# Any pickle of protocol 2 to 5 starts with PROTO n; torch.save's legacy format
+# is one (protocol 2, then a pickled magic number).
+PICKLE_PROTOS = tuple(bytes([0x80, n]) for n in range(2, 6))
+
+# Legacy typed-storage classes name the element type.
+STORAGE_DTYPES: dict[str, str] = {
+    "DoubleStorage": "F64", "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
+    "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
+    "ByteStorage": "U8", "BoolStorage": "BOOL", "ComplexFloatStorage": "C64",
+    "ComplexDoubleStorage": "C128",
+}
+# Newer checkpoints may name a torch dtype (``torch.float8_e4m3fn``) instead.
+TORCH_DTYPES: dict[str, str] = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "uint16": "U16", "uint32": "U32", "uint64": "U64", "complex64": "C64", "complex128": "C128",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ", "float8_e8m0fnu": "F8_E8M0",
+}
+LEGACY_HINT = (
+    "convert it once, in an environment you trust, with "
+    "python -c \"import torch; torch.save(torch.load('OLD', weights_only=True), 'NEW.pt')\" "
+    "(or save it as safetensors)")
+
+
+# ---------------------------------------------------------------- inert records the pickle builds
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: str
+
+
+@dataclass(frozen=True)
+class _Storage:
+    key: str
+    dtype: str
+    numel: int
+
+
+@dataclass(frozen=True)
+class _TensorRecord:
+    storage: _Storage
+    storage_offset: int  # in elements
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+
+
+def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *_: Any) -> _TensorRecord:
+    if not isinstance(storage, _Storage):
+        raise UnsafePickleError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
+    if not (isinstance(size, tuple | list) and isinstance(stride, tuple | list)
+            and len(size) == len(stride)
+            and all(type(v) is int for v in (*size, *stride))
+            and type(storage_offset) is int):
+        raise InvalidShapeError(f"tensor view has malformed size {size!r} / stride {stride!r} / "
+                                f"offset {storage_offset!r}")
+    return _TensorRecord(storage, storage_offset, tuple(size), tuple(stride))
+
+
+def _rebuild_parameter(data: Any, *_: Any) -> Any:
+    return data
+
+
+def _ordered_dict(*args: Any) -> OrderedDict[Any, Any]:
+    return OrderedDict(*args)
+
+
+# The allowlist: (module, name) -> what the unpickler gets instead. Everything
+# here returns plain data; nothing from torch is imported.
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): _ordered_dict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+}
+for _name, _dtype in STORAGE_DTYPES.items():
+    _ALLOWED[("torch", _name)] = _StorageType(_dtype)
+for _name, _dtype in TORCH_DTYPES.items():
+    _ALLOWED[("torch", _name)] = _StorageType(_dtype)
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, path: str) -> None:
+        super().__init__(io.BytesIO(data))
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"pickle references {module}.{name}, which is not on the weights-only allowlist; "
+                "refusing to load it (no pickle code is ever run)", path=self.path) from None
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        # ('storage', storage_type, key, location, numel)
+        if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
+                or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str)
+                or type(pid[4]) is not int or pid[4] < 0):
+            raise CorruptCheckpointError(f"malformed storage record {pid!r}", path=self.path)
+        return _Storage(key=pid[2], dtype=pid[1].dtype, numel=pid[4])
+
+
+# ---------------------------------------------------------------- the archive
+
+def sniff(prefix: bytes) -> str | None:
+    """``"zip"``, ``"legacy"`` or ``None`` from a file's first bytes."""
+    if prefix.startswith(ZIP_MAGIC):
+        return "zip"
+    if prefix.startswith(PICKLE_PROTOS):
+        return "legacy"
+    return None
+
+
+def _member_data_offset(raw: io.BufferedReader, info: zipfile.ZipInfo, path: str) -> int:
+    # The central directory's extra field can differ from the local one (torch
+    # pads the local extra field to align data), so read the local header.
+    raw.seek(info.header_offset)
+    local = raw.read(30)
+    if len(local) != 30 or local[:4] != ZIP_MAGIC:
+        raise CorruptCheckpointError(f"bad local header for member {info.filename!r} at "
+                                     f"{info.header_offset}", path=path)
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def open_torch_zip(path: str) -> Catalog:
+    """Index a torch zip checkpoint's tensors without reading their data or running pickle code."""
+    with open(path, "rb") as raw:
+        kind = sniff(raw.read(4))
+        if kind == "legacy":
+            raise LegacyPickleError(f"a legacy (pre-1.6, non-zip) torch pickle; {LEGACY_HINT}", path=path)
+        if kind != "zip":
+            raise CorruptCheckpointError("not a zip archive", path=path)
+        raw.seek(0, io.SEEK_END)
+        file_nbytes = raw.tell()
+        try:
+            archive = zipfile.ZipFile(raw)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+            raise CorruptCheckpointError(f"not a readable zip archive: {e}", path=path) from None
+        with archive:
+            members = {i.filename: i for i in archive.infolist()}
+            pickles = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pickles) != 1:
+                raise CorruptCheckpointError(
+                    f"expected one <root>/data.pkl, found {len(pickles)} "
+                    "(is this a torch.save checkpoint?)", path=path)
+            root = pickles[0][: -len("data.pkl")]
+            order = members.get(root + "byteorder")
+            if order is not None and archive.read(order).strip() not in (b"little", b""):
+                raise CorruptCheckpointError(
+                    f"big-endian checkpoint ({archive.read(order)!r}); only little-endian is supported",
+                    path=path)
+            try:
+                obj = _WeightsUnpickler(archive.read(pickles[0]), path).load()
+            except (UnsafePickleError, CorruptCheckpointError):
+                raise
+            except InvalidShapeError as e:
+                raise InvalidShapeError(e.detail, path=path) from None
+            except Exception as e:  # any malformed pickle stream
+                raise CorruptCheckpointError(f"data.pkl is not a valid pickle: "
+                                             f"{type(e).__name__}: {e}", path=path) from None
+
+            records = dict(_flatten(obj, ""))
+            entries: dict[str, TensorEntry] = {}
+            storages: dict[str, tuple[int, int]] = {}  # key -> (absolute data offset, nbytes)
+            for name, rec in records.items():
+                st = rec.storage
+                if st.key not in storages:
+                    member = members.get(f"{root}data/{st.key}")
+                    if member is None:
+                        raise CorruptCheckpointError(f"storage {st.key!r} has no member "
+                                                     f"{root}data/{st.key}", path=path, tensor=name)
+                    if member.compress_type != zipfile.ZIP_STORED:
+                        raise CorruptCheckpointError(
+                            f"storage member {member.filename!r} is compressed; torch.save never "
+                            "compresses storages, so the file was rewritten by another tool",
+                            path=path, tensor=name)
+                    start = _member_data_offset(raw, member, path)
+                    if start + member.file_size > file_nbytes:
+                        raise CorruptCheckpointError(
+                            f"storage {st.key!r} runs to byte {start + member.file_size}, past the end "
+                            f"of the file ({file_nbytes} bytes)", path=path, tensor=name)
+                    storages[st.key] = (start, member.file_size)
+                entries[name] = _entry(name, rec, storages[st.key], path)
+    return Catalog(source=path, format="torch-zip", entries=entries)
+
+
+def _flatten(obj: Any, prefix: str) -> Any:
+    """Yield ``(dotted name, tensor record)`` from nested dicts; other leaves are skipped.
+
+    Checkpoints are usually a flat state dict; training checkpoints nest it
+    (``{"model": {...}, "epoch": 3}``), which becomes ``model.<name>``.
+    """
+    if isinstance(obj, _TensorRecord):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            if isinstance(key, str):
+                yield from _flatten(value, f"{prefix}.{key}" if prefix else key)
+
+
+def _entry(name: str, rec: _TensorRecord, storage: tuple[int, int], path: str) -> TensorEntry:
+    start, member_nbytes = storage
+    st = rec.storage
+    if st.dtype not in ITEMSIZE:
+        raise UnknownDtypeError(f"unknown storage dtype {st.dtype!r}", path=path, tensor=name)
+    size = ITEMSIZE[st.dtype]
+    if st.numel * size > member_nbytes:
+        raise StorageBoundsError(f"storage {st.key!r} claims {st.numel} elements of {st.dtype} "
+                                 f"({st.numel * size} bytes) but holds {member_nbytes}",
+                                 path=path, tensor=name)
+    if any(d < 0 for d in rec.shape) or any(s < 0 for s in rec.strides) or rec.storage_offset < 0:
+        raise InvalidShapeError(f"negative size {rec.shape}, stride {rec.strides} or storage offset "
+                                f"{rec.storage_offset}", path=path, tensor=name)
+    numel = math.prod(rec.shape)
+    if numel == 0:
+        span = 0
+    else:
+        # Index of the last element the view can touch; it must lie in the storage.
+        last = rec.storage_offset + sum((d - 1) * s for d, s in zip(rec.shape, rec.strides))
+        if last >= st.numel:
+            raise StorageBoundsError(
+                f"view (offset {rec.storage_offset}, shape {rec.shape}, stride {rec.strides}) reaches "
+                f"element {last} of a storage of {st.numel}", path=path, tensor=name)
+        span = (last - rec.storage_offset + 1) * size
+    contiguous = _contiguous_strides(rec.shape)
+    strides = None if numel <= 1 or _same_layout(rec.shape, rec.strides, contiguous) else rec.strides
+    return TensorEntry(name=name, file=path, offset=start + rec.storage_offset * size,
+                       nbytes=span if strides is not None else numel * size,
+                       dtype=st.dtype, shape=rec.shape, strides=strides)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= d
+    return tuple(reversed(strides))
+
+
+def _same_layout(shape: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    # Strides of size-1 dims never matter.
+    return all(d == 1 or x == y for d, x, y in zip(shape, a, b))

@@ -1,0 +1,277 @@
+"""Loading a checkpoint into a model whose parameters live on the meta device.
+
+The usual path (random init, ``torch.load``, ``load_state_dict``) holds the
+model twice in anonymous memory. Here the model's parameters are meta tensors
+(shapes, no storage) and each one is *replaced* by a view of the mapped file:
+zero-copy when dtype and device already match, otherwise converted one tensor
+at a time, so at most one converted tensor is in flight beyond the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from .errors import MissingKeysError, ShapeMismatchError, UnexpectedKeysError, UninitializedTensorError
+from .formats.catalog import Catalog
+from .formats.resolve import open_catalog
+
+M = TypeVar("M", bound=nn.Module)
+Source = str | os.PathLike[str] | Catalog
+Skip = Iterable[str] | Callable[[str], bool] | None
+
+# How many names an error message lists before "... and N more".
+MAX_LISTED = 20
+
+
+# ---------------------------------------------------------------- building a model with no weights
+
+@contextlib.contextmanager
+def skeleton() -> Iterator[None]:
+    """Build modules with their parameters on the meta device; buffers stay real.
+
+    Parameters (the weights) get shapes but no storage, so building a 7 B model
+    costs nothing, and their initialisers run on meta (free). Buffers are
+    created normally because a model computes some of them at construction and
+    never saves them (BERT's ``position_ids``, rotary ``inv_freq``): they must
+    hold real values, and they are small.
+
+    Patches ``nn.Module.register_parameter`` for the duration: not thread-safe.
+
+    Example:
+        >>> with sparsemap.skeleton():
+        ...     model = MyModel(config)        # parameters on meta, buffers on CPU
+        >>> sparsemap.load(model, "model.safetensors")
+    """
+    original = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            # The CPU tensor the module allocated was never touched (torch.empty),
+            # so dropping it here costs no page faults.
+            attrs = dict(param.__dict__)
+            attrs["requires_grad"] = param.requires_grad
+            module._parameters[name] = type(param)(param.to("meta"), **attrs)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+# ---------------------------------------------------------------- what the model wants
+
+@dataclass
+class _Slot:
+    """One tensor of the model, under every name that refers to it (ties)."""
+
+    names: list[str]
+    places: list[tuple[nn.Module, str]] = field(default_factory=list)
+    kind: str = "param"  # or "buffer"
+    tensor: torch.Tensor | None = None
+
+
+def _slots(model: nn.Module) -> list[_Slot]:
+    """Group the model's parameters and persistent buffers by identity: tied weights share a slot."""
+    by_id: dict[int, _Slot] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for attr, p in module._parameters.items():
+            if p is not None:
+                slot = by_id.setdefault(id(p), _Slot(names=[], kind="param", tensor=p))
+                slot.names.append(dot + attr)
+                slot.places.append((module, attr))
+        for attr, b in module._buffers.items():
+            if b is not None and attr not in module._non_persistent_buffers_set:
+                slot = by_id.setdefault(id(b), _Slot(names=[], kind="buffer", tensor=b))
+                slot.names.append(dot + attr)
+                slot.places.append((module, attr))
+    return list(by_id.values())
+
+
+def _skip_predicate(skip: Skip) -> Callable[[str], bool]:
+    if skip is None:
+        return lambda name: False
+    if callable(skip):
+        return skip
+    patterns = [skip] if isinstance(skip, str) else list(skip)
+    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _listing(items: list[str]) -> str:
+    shown = "\n  ".join(items[:MAX_LISTED])
+    more = f"\n  ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return f"\n  {shown}{more}"
+
+
+@dataclass
+class LoadPlan:
+    """Which checkpoint tensor goes to which model slot, and what does not fit."""
+
+    assignments: list[tuple[_Slot, str]]
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+    skipped: list[str]
+
+    def raise_for_errors(self, source: str, strict: bool) -> None:
+        sections = []
+        if self.mismatched:
+            sections.append("shape mismatch (checkpoint vs model):" + _listing(
+                [f"{n}: {tuple(c)} vs {tuple(m)}" for n, c, m in self.mismatched]))
+        if strict and self.missing:
+            sections.append(f"{len(self.missing)} missing from the checkpoint:" + _listing(self.missing))
+        if strict and self.unexpected:
+            sections.append(f"{len(self.unexpected)} in the checkpoint but not in the model:"
+                            + _listing(self.unexpected))
+        if not sections:
+            if self.missing or self.unexpected:
+                warnings.warn(f"{source}: loaded with {len(self.missing)} missing and "
+                              f"{len(self.unexpected)} unexpected tensors", stacklevel=3)
+            return
+        cls = (ShapeMismatchError if self.mismatched
+               else MissingKeysError if strict and self.missing else UnexpectedKeysError)
+        hint = "\n(pass skip=[...] to leave tensors out, or strict=False to allow missing/unexpected)"
+        raise cls("checkpoint does not fit the model; " + "\n".join(sections) + hint, path=source,
+                  missing=self.missing, unexpected=self.unexpected, mismatched=self.mismatched)
+
+
+def plan(model: nn.Module, catalog: Catalog, skip: Skip = None) -> LoadPlan:
+    """Match the model's tensors to the checkpoint's, without touching any data."""
+    skipped_fn = _skip_predicate(skip)
+    assignments, missing, mismatched, skipped = [], [], [], []
+    claimed: set[str] = set()
+    for slot in _slots(model):
+        wanted = [n for n in slot.names if not skipped_fn(n)]
+        if not wanted:
+            skipped.extend(slot.names)
+            continue
+        found = next((n for n in wanted if n in catalog), None)
+        if found is None:
+            missing.append(" = ".join(wanted) + f" {tuple(slot.tensor.shape)}")  # type: ignore[union-attr]
+            continue
+        claimed.update(n for n in slot.names if n in catalog)
+        shape = catalog[found].shape
+        assert slot.tensor is not None
+        if tuple(slot.tensor.shape) != shape:
+            mismatched.append((found, shape, tuple(slot.tensor.shape)))
+            continue
+        assignments.append((slot, found))
+    unexpected = []
+    for name in catalog:
+        if name in claimed:
+            continue
+        if skipped_fn(name):
+            skipped.append(name)
+        else:
+            unexpected.append(f"{name} {catalog[name].shape}")
+    return LoadPlan(assignments, missing, unexpected, mismatched, sorted(set(skipped)))
+
+
+# ---------------------------------------------------------------- loading
+
+def load(model: M | Callable[[], M], source: Source, *, device: str | torch.device = "cpu",
+         dtype: torch.dtype | None = None, strict: bool = True, skip: Skip = None) -> M:
+    """Load a checkpoint into a model built on the meta device, by mapping, not copying.
+
+    Args:
+        model: a module whose parameters are on the meta device (see
+            :func:`skeleton`), or a zero-argument factory, built under
+            :func:`skeleton`. Real parameters are replaced all the same.
+        source: a checkpoint path (any format :func:`sparsemap.open` reads) or a catalog.
+        device: where the weights go. ``"cpu"`` keeps them as views of the file.
+        dtype: cast floating-point tensors to this dtype (integer and bool
+            tensors keep theirs). ``None`` keeps the checkpoint's dtypes.
+        strict: refuse missing and unexpected tensors (shape mismatches are
+            always refused).
+        skip: names or glob patterns (``"lm_head.*"``), or a predicate, of
+            tensors to leave out: not loaded, their pages never touched; a model
+            tensor that is skipped stays on the meta device.
+
+    Returns:
+        The model, with every parameter and persistent buffer replaced by the
+        checkpoint's tensor. Tied parameters stay one tensor.
+
+    Raises:
+        ShapeMismatchError, MissingKeysError, UnexpectedKeysError: the
+            checkpoint does not fit; the message lists names and shapes. The
+            model is left unchanged.
+        UninitializedTensorError: a tensor the checkpoint cannot provide (a
+            non-persistent buffer built on meta) is still on meta afterwards.
+        FormatError: the checkpoint is malformed (subclasses name the fault).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = sparsemap.load(lambda: BertModel(BertConfig()), "model.safetensors")  # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        with skeleton():
+            model = model()
+    catalog = source if isinstance(source, Catalog) else open_catalog(source)
+    the_plan = plan(model, catalog, skip)
+    the_plan.raise_for_errors(catalog.source, strict)
+
+    device = torch.device(device)
+    for slot, name in the_plan.assignments:
+        t = _converted(catalog.tensor(name), device, dtype)
+        old = slot.tensor
+        assert old is not None
+        if slot.kind == "param":
+            new: torch.Tensor = nn.Parameter(t, requires_grad=old.requires_grad and t.is_floating_point())
+            for module, attr in slot.places:
+                module._parameters[attr] = new  # type: ignore[assignment]
+        else:
+            for module, attr in slot.places:
+                module._buffers[attr] = t
+    _check_materialized(model, set(the_plan.skipped), catalog.source, strict)
+    return model
+
+
+def _converted(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` on ``device`` in ``dtype`` (floating tensors only); ``t`` itself when nothing changes."""
+    target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+    if t.device == device and t.dtype == target:
+        return t
+    return t.to(device=device, dtype=target)
+
+
+def _check_materialized(model: nn.Module, skipped: set[str], source: str, strict: bool) -> None:
+    left = [name for name, t in (*model.named_parameters(remove_duplicate=False),
+                                 *model.named_buffers(remove_duplicate=False))
+            if t.device.type == "meta" and name not in skipped]
+    if not left:
+        return
+    message = (f"{len(left)} tensors are still on the meta device after loading; the checkpoint cannot "
+               "provide them (non-persistent buffers are never saved). Build the model under "
+               "sparsemap.skeleton(), which keeps buffers real:" + _listing(left))
+    if strict:
+        raise UninitializedTensorError(message, path=source)
+    warnings.warn(f"{source}: {message}", stacklevel=3)
+
+
+def load_state_dict(source: Source, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    skip: Skip = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint as a name -> tensor dict (zero-copy views on CPU).
+
+    Example:
+        >>> sd = sparsemap.load_state_dict("model.safetensors")   # doctest: +SKIP
+        >>> model.load_state_dict(sd, assign=True)
+    """
+    catalog = source if isinstance(source, Catalog) else open_catalog(source)
+    skipped = _skip_predicate(skip)
+    device = torch.device(device)
+    return {name: _converted(catalog.tensor(name), device, dtype)
+            for name in catalog if not skipped(name)}
+
+
+__all__ = ["load", "load_state_dict", "plan", "skeleton", "LoadPlan"]

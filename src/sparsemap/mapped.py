@@ -1,0 +1,145 @@
+"""Mapped files and zero-copy torch views of catalog entries.
+
+Each file is mapped once, ``MAP_PRIVATE`` with ``PROT_READ | PROT_WRITE``:
+copy-on-write, so a stray in-place write makes a private anonymous page and the
+file never changes. Every tensor of that file is a ``torch.frombuffer`` view of
+the one mapping. Pages fault in on first touch and count as file-backed memory,
+which the kernel can drop and re-read; nothing is copied.
+
+Lifetime: ``torch.frombuffer`` keeps a reference to the ``mmap`` object but does
+not pin its buffer, so ``mmap.close()`` would leave dangling views. We never
+close a mapping; it is unmapped when the last view (and the :class:`Mapper`)
+lets go of it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+import threading
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import TruncatedFileError, UnknownDtypeError
+from .formats.catalog import TensorEntry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .formats.catalog import Catalog
+
+if sys.byteorder != "little":  # pragma: no cover - every format we read is little-endian
+    raise ImportError("sparsemap maps little-endian files and needs a little-endian machine")
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    names = {
+        "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
+        "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32",
+        "I64": "int64", "U64": "uint64", "F64": "float64", "C64": "complex64", "C128": "complex128",
+        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+        "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu",
+    }
+    # Older torch builds lack some of these (fp8, unsigned); those dtypes are
+    # then refused when a tensor needs them, not at import.
+    return {k: getattr(torch, v) for k, v in names.items() if hasattr(torch, v)}
+
+
+TORCH_DTYPES: dict[str, torch.dtype] = _torch_dtypes()
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def torch_dtype(name: str, *, path: str | None = None, tensor: str | None = None) -> torch.dtype:
+    """The torch dtype for a safetensors dtype name."""
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise UnknownDtypeError(f"dtype {name} has no torch equivalent in torch {torch.__version__}",
+                                path=path, tensor=tensor) from None
+
+
+def map_file(path: str, required_nbytes: int) -> mmap.mmap | None:
+    """Map ``path`` privately (copy-on-write), after checking it still holds ``required_nbytes``.
+
+    The check matters: touching a page past the end of a shrunken file is
+    SIGBUS, not an exception. Returns ``None`` for an empty file (nothing to map).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        file_nbytes = os.fstat(fd).st_size
+        if file_nbytes < required_nbytes:
+            raise TruncatedFileError(f"file is {file_nbytes} bytes but its tensors need {required_nbytes} "
+                                     "(was it truncated or replaced after it was opened?)", path=path)
+        if file_nbytes == 0:
+            return None
+        return mmap.mmap(fd, file_nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)  # the mapping keeps its own reference to the file
+
+
+class Mapper:
+    """Maps a catalog's files on first use and serves tensors as views of them.
+
+    One mapping per file, shared by all its tensors; thread-safe.
+    """
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self._required = catalog.required_nbytes()
+        self._maps: dict[str, mmap.mmap | None] = {}
+        self._lock = threading.Lock()
+
+    def mapping(self, path: str) -> mmap.mmap | None:
+        with self._lock:
+            if path not in self._maps:
+                self._maps[path] = map_file(path, self._required.get(path, 0))
+            return self._maps[path]
+
+    def tensor(self, entry: TensorEntry) -> torch.Tensor:
+        """The entry's tensor: a view of the mapping, or a copy where a view cannot serve.
+
+        Copies happen only for quantized GGUF data (dequantized) and for data
+        whose offset is not a multiple of its element size.
+        """
+        dtype = torch_dtype(entry.dtype, path=entry.file, tensor=entry.name)
+        if entry.numel == 0:
+            # frombuffer refuses count=0; an empty tensor owns no bytes anyway.
+            return torch.empty(entry.shape, dtype=dtype)
+        mm = self.mapping(entry.file)
+        assert mm is not None  # a non-empty tensor implies a non-empty file
+        if entry.encoding is not None:
+            return _dequantize(mm, entry)
+        flat = torch.frombuffer(mm, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset)
+        if entry.offset % dtype.itemsize != 0:
+            flat = flat.clone()  # misaligned for this dtype; torch kernels assume alignment
+        view = flat.view(dtype)
+        if entry.strides is not None:
+            return view.as_strided(entry.shape, entry.strides)
+        return view.view(entry.shape)
+
+    def mapped_ranges(self) -> dict[str, tuple[int, int]]:
+        """``{file: (address, nbytes)}`` of each mapping made so far."""
+        import ctypes
+
+        out = {}
+        for path, mm in self._maps.items():
+            if mm is not None:
+                out[path] = (ctypes.addressof(ctypes.c_char.from_buffer(mm)), len(mm))
+        return out
+
+
+def _dequantize(mm: mmap.mmap, entry: TensorEntry) -> torch.Tensor:
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    raw = np.frombuffer(mm, dtype=np.uint8, count=entry.nbytes, offset=entry.offset)
+    qtype = GGMLQuantizationType[entry.encoding]  # type: ignore[misc]
+    values = dequantize(raw.reshape(-1), qtype)  # (numel,) float32
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(entry.shape)
+
+
+def is_view_of_file(t: torch.Tensor, mapper: Mapper) -> bool:
+    """Whether ``t``'s data lies inside one of ``mapper``'s mappings (i.e. it is zero-copy)."""
+    ptr = t.data_ptr()
+    return any(base <= ptr < base + n for base, n in mapper.mapped_ranges().values())

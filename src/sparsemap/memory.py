@@ -1,0 +1,211 @@
+"""Memory accounting from ``/proc``: what a process really holds, and per-phase peaks.
+
+Resident memory comes in two kinds that matter differently:
+
+* **anonymous** (heap, copies, converted tensors): only swap can take it back;
+  this is what runs a machine out of memory.
+* **file-backed** (mapped checkpoint pages): the kernel drops and re-reads it
+  under pressure; it costs cache, not capacity.
+
+A :class:`Snapshot` reads both (plus PSS and USS) at one instant. A
+:class:`PhaseTracker` records, for each phase of a program, its peak RSS (exact:
+the kernel's ``VmHWM``, reset per phase through ``/proc/self/clear_refs``) and
+its peak anonymous memory (sampled by a thread, since the kernel keeps no such
+peak). No torch here.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MiB = 1 << 20
+
+
+def _read_kib_fields(path: str) -> dict[str, int]:
+    """``Key:   123 kB`` lines of a /proc file, as bytes."""
+    out: dict[str, int] = {}
+    with open(path, "rb") as f:
+        for line in f:
+            key, _, rest = line.partition(b":")
+            parts = rest.split()
+            if len(parts) == 2 and parts[1] == b"kB":
+                out[key.decode()] = int(parts[0]) * 1024
+    return out
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A process's memory at one instant, in bytes."""
+
+    rss: int
+    anon: int
+    file: int
+    shmem: int
+    pss: int
+    uss: int
+    hwm: int  # peak RSS since start or since the last reset
+
+    @classmethod
+    def take(cls, pid: int | str = "self") -> Snapshot:
+        """Read ``/proc/<pid>/status`` and ``smaps_rollup`` (USS = private clean + dirty)."""
+        status = _read_kib_fields(f"/proc/{pid}/status")
+        try:
+            rollup = _read_kib_fields(f"/proc/{pid}/smaps_rollup")
+        except OSError:  # kernels before 4.14
+            rollup = {}
+        return cls(
+            rss=status.get("VmRSS", 0),
+            anon=status.get("RssAnon", 0),
+            file=status.get("RssFile", 0),
+            shmem=status.get("RssShmem", 0),
+            pss=rollup.get("Pss", 0),
+            uss=rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0),
+            hwm=status.get("VmHWM", 0),
+        )
+
+
+def rss_anon(pid: int | str = "self") -> int:
+    """Resident anonymous bytes, cheaply (one small read): used by samplers."""
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak(pid: int | str = "self") -> bool:
+    """Reset the kernel's peak-RSS counter (``VmHWM``); False where the kernel refuses."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class AnonSampler:
+    """Samples a process's anonymous RSS from a thread and keeps the peak.
+
+    The kernel records no peak for anonymous memory, so we poll. A spike
+    shorter than ``interval_s`` can be missed; in-process sampling also needs
+    the GIL, which most torch ops release. For exact figures sample another
+    process (``pid``), as ``sparsemap bench`` does.
+    """
+
+    def __init__(self, pid: int | str = "self", interval_s: float = 0.001) -> None:
+        self.pid = pid
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> int:
+        try:
+            value = rss_anon(self.pid)
+        except OSError:  # the process has exited
+            return self.peak
+        if value > self.peak:
+            self.peak = value
+        return value
+
+    def reset(self) -> None:
+        self.peak = 0
+        self.sample()
+
+    def start(self) -> AnonSampler:
+        self.sample()
+        self._thread = threading.Thread(target=self._run, name="sparsemap-anon-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def stop(self) -> int:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()
+        return self.peak
+
+    def __enter__(self) -> AnonSampler:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class Phase:
+    """One phase of a program: the state at its end and the peaks during it."""
+
+    name: str
+    seconds: float
+    after: Snapshot
+    peak_rss: int
+    peak_anon: int
+
+
+@dataclass
+class PhaseTracker:
+    """Records memory phase by phase and prints them as a table.
+
+    Example:
+        >>> tracker = PhaseTracker()
+        >>> with tracker.phase("import torch"):
+        ...     import torch
+        >>> with tracker.phase("load"):
+        ...     model = sparsemap.load(factory, "model.safetensors")   # doctest: +SKIP
+        >>> print(tracker.table())
+    """
+
+    baseline: Snapshot = field(default_factory=Snapshot.take)
+    phases: list[Phase] = field(default_factory=list)
+    interval_s: float = 0.001
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        exact_rss = reset_peak()
+        sampler = AnonSampler(interval_s=self.interval_s).start()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            peak_anon = sampler.stop()
+            after = Snapshot.take()
+            # Without clear_refs, VmHWM is the peak since process start: an upper bound.
+            peak_rss = after.hwm if exact_rss else max(after.rss, after.hwm)
+            self.phases.append(Phase(name, seconds, after, peak_rss, peak_anon))
+
+    def table(self, title: str = "memory by phase") -> str:
+        """The phases as a fixed-width table (MiB), starting from the baseline."""
+        rows = [("phase", "time s", "RSS", "anon", "file", "peak RSS", "peak anon")]
+        b = self.baseline
+        rows.append(("start", "", _mib(b.rss), _mib(b.anon), _mib(b.file), "", ""))
+        for p in self.phases:
+            rows.append((p.name, f"{p.seconds:.3f}", _mib(p.after.rss), _mib(p.after.anon),
+                         _mib(p.after.file), _mib(p.peak_rss), _mib(p.peak_anon)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [f"{title} (MiB)"]
+        for i, r in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"baseline": asdict(self.baseline),
+                "phases": [{"name": p.name, "seconds": p.seconds, "after": asdict(p.after),
+                            "peak_rss": p.peak_rss, "peak_anon": p.peak_anon} for p in self.phases]}
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / MiB:.1f}"
