@@ -1,0 +1,35 @@
+# Two commands on a fresh machine (see README):
+#   make demo   set up, fetch the real model, run the main job
+#   make test   set up, fetch the real models, run the test suite
+# Models are fetched into $(SPARSEMAP_CACHE) (default ~/.cache/sparsemap), never into the repo.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup models demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+models: $(STAMP)
+	$(PY) -m sparsemap.models.assets all-MiniLM-L6-v2
+
+demo: models
+	$(VENV)/bin/sparsemap demo
+
+test: models
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/load_1b.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

