@@ -26,15 +26,15 @@ from .formats import open_catalog as open  # noqa: A001 - the library's front do
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": "sparsemap.load",
-    "load_state_dict": "sparsemap.load",
-    "skeleton": "sparsemap.load",
+    "load": "sparsemap.loader",
+    "load_state_dict": "sparsemap.loader",
+    "skeleton": "sparsemap.loader",
     "memory": None,
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import memory
-    from .load import load, load_state_dict, skeleton
+    from .loader import load, load_state_dict, skeleton
 
 
 def __getattr__(name: str) -> Any:
@@ -44,8 +44,11 @@ def __getattr__(name: str) -> Any:
 
     module_name = _LAZY[name]
     if module_name is None:
-        return importlib.import_module(f"sparsemap.{name}")
-    return getattr(importlib.import_module(module_name), name)
+        value = importlib.import_module(f"sparsemap.{name}")
+    else:
+        value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value  # resolve once
+    return value
 
 
 __all__ = ["Catalog", "SparsemapError", "TensorEntry", "errors", "load", "load_state_dict", "memory",

@@ -160,7 +160,7 @@ def load(path: str, dtype: str | None, touch: bool, as_json: bool) -> None:
         import torch
 
         from . import open as open_catalog
-        from .load import load_state_dict
+        from .loader import load_state_dict
     with tracker.phase("open (headers)"):
         cat = open_catalog(path)
     with tracker.phase("map tensors" if dtype is None else f"load as {dtype}"):

@@ -10,14 +10,15 @@ Resident memory comes in two kinds that matter differently:
 A :class:`Snapshot` reads both (plus PSS and USS) at one instant. A
 :class:`PhaseTracker` records, for each phase of a program, its peak RSS (exact:
 the kernel's ``VmHWM``, reset per phase through ``/proc/self/clear_refs``) and
-its peak anonymous memory (sampled by a thread, since the kernel keeps no such
-peak). No torch here.
+its peak anonymous memory (sampled by a helper process, since the kernel keeps
+no such peak). No torch here.
 """
 
 from __future__ import annotations
 
 import os
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,51 +90,118 @@ def reset_peak(pid: int | str = "self") -> bool:
         return False
 
 
-class AnonSampler:
-    """Samples a process's anonymous RSS from a thread and keeps the peak.
+# The sampler process: polls RssAnon of a pid, keeps the peak, answers on stdin.
+# Commands: "p" -> prints the peak, "r" -> resets the peak to the current value.
+# It runs with -S (no site) so it starts in a few milliseconds.
+_SAMPLER_CODE = r"""
+import os, select, sys
+path = "/proc/%s/status" % sys.argv[1]
+interval = float(sys.argv[2])
+def read():
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if line.startswith(b"RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return -1
+    return 0
+peak = current = read()
+fd = sys.stdin.fileno()
+while current >= 0:
+    ready = select.select([fd], [], [], interval)[0]
+    current = read()
+    peak = max(peak, current)
+    if ready:
+        data = os.read(fd, 4096)
+        if not data:
+            break
+        for cmd in data.split():
+            if cmd == b"r":
+                peak = current
+            elif cmd == b"p":
+                os.write(1, b"%d\n" % peak)
+"""
 
-    The kernel records no peak for anonymous memory, so we poll. A spike
-    shorter than ``interval_s`` can be missed; in-process sampling also needs
-    the GIL, which most torch ops release. For exact figures sample another
-    process (``pid``), as ``sparsemap bench`` does.
+
+class AnonSampler:
+    """Samples a process's anonymous RSS and keeps the peak.
+
+    The kernel records no peak for anonymous memory, so we poll
+    ``/proc/<pid>/status``. Polling from a thread of the measured process does
+    not work: while Python code faults pages in it holds the GIL, and the
+    thread starves (one sample in 90 ms, measured). So the polling runs in a
+    small separate process; a spike shorter than ``interval_s`` can still be
+    missed. ``sample()`` also reads in-process, for callers that know when the
+    peak is.
+
+    Example:
+        >>> with AnonSampler() as s:
+        ...     data = bytearray(100 << 20)
+        >>> s.peak >= 100 << 20
+        True
     """
 
     def __init__(self, pid: int | str = "self", interval_s: float = 0.001) -> None:
-        self.pid = pid
+        self.pid = os.getpid() if pid == "self" else int(pid)
         self.interval_s = interval_s
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._local_peak = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._final: int | None = None
 
     def sample(self) -> int:
+        """Read the current value in this process and fold it into the peak."""
         try:
             value = rss_anon(self.pid)
         except OSError:  # the process has exited
-            return self.peak
-        if value > self.peak:
-            self.peak = value
+            return self._local_peak
+        self._local_peak = max(self._local_peak, value)
         return value
 
+    def _ask(self, command: bytes) -> int | None:
+        proc = self._proc
+        if proc is None or proc.stdin is None or proc.stdout is None:
+            return None
+        try:
+            proc.stdin.write(command + b" p\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            return None
+        return int(line) if line.strip() else None
+
+    @property
+    def peak(self) -> int:
+        """The highest anonymous RSS seen since start or the last reset, in bytes."""
+        if self._final is not None:
+            return self._final
+        remote = self._ask(b"")
+        return max(self._local_peak, remote or 0)
+
     def reset(self) -> None:
-        self.peak = 0
+        self._local_peak = 0
         self.sample()
+        self._ask(b"r")
 
     def start(self) -> AnonSampler:
         self.sample()
-        self._thread = threading.Thread(target=self._run, name="sparsemap-anon-sampler", daemon=True)
-        self._thread.start()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-S", "-c", _SAMPLER_CODE, str(self.pid), repr(self.interval_s)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        self._ask(b"")  # wait until it runs, so no early peak is missed
         return self
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
     def stop(self) -> int:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
         self.sample()
-        return self.peak
+        self._final = max(self._local_peak, self._ask(b"") or 0)
+        if self._proc is not None:
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+            self._proc.wait(timeout=5)
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
+            self._proc = None
+        return self._final
 
     def __enter__(self) -> AnonSampler:
         return self.start()
@@ -170,20 +238,35 @@ class PhaseTracker:
     phases: list[Phase] = field(default_factory=list)
     interval_s: float = 0.001
 
+    _sampler: AnonSampler | None = field(default=None, repr=False)
+
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        if self._sampler is None:
+            self._sampler = AnonSampler(interval_s=self.interval_s).start()
+        sampler = self._sampler
+        sampler.reset()
         exact_rss = reset_peak()
-        sampler = AnonSampler(interval_s=self.interval_s).start()
         start = time.perf_counter()
         try:
             yield
         finally:
             seconds = time.perf_counter() - start
-            peak_anon = sampler.stop()
+            sampler.sample()
+            peak_anon = sampler.peak
             after = Snapshot.take()
             # Without clear_refs, VmHWM is the peak since process start: an upper bound.
             peak_rss = after.hwm if exact_rss else max(after.rss, after.hwm)
             self.phases.append(Phase(name, seconds, after, peak_rss, peak_anon))
+
+    def close(self) -> None:
+        """Stop the sampler process (also done when the tracker is collected)."""
+        if self._sampler is not None:
+            self._sampler.stop()
+            self._sampler = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def table(self, title: str = "memory by phase") -> str:
         """The phases as a fixed-width table (MiB), starting from the baseline."""

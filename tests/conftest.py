@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny real transformers models and the real MiniLM checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+@pytest.fixture
+def tiny_llama(tmp_path: Path):
+    """A tiny random LlamaForCausalLM saved by transformers' save_pretrained: (model, folder)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.fixture(scope="session")
+def minilm_folder() -> Path:
+    """The real all-MiniLM-L6-v2 (fetched by `make models`; fetched here if missing)."""
+    from sparsemap.models import assets
+
+    try:
+        return assets.fetch(assets.MINILM, quiet=True)
+    except assets.AssetError as e:
+        pytest.skip(f"all-MiniLM-L6-v2 is not in the cache and could not be fetched: {e}")

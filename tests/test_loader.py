@@ -1,0 +1,169 @@
+"""sparsemap.load: meta-device models get mapped weights, ties kept, mismatches refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaForCausalLM
+
+import sparsemap
+from sparsemap.errors import (
+    MissingKeysError,
+    ShapeMismatchError,
+    UnexpectedKeysError,
+    UninitializedTensorError,
+)
+from sparsemap.mapped import is_view_of_file
+
+from .conftest import tiny_llama_config
+
+
+def _ids() -> torch.Tensor:
+    return torch.arange(12).unsqueeze(0) % 128
+
+
+def test_loaded_model_computes_what_transformers_computes(tiny_llama):
+    reference, folder = tiny_llama
+    model = sparsemap.load(lambda: LlamaForCausalLM(tiny_llama_config()), folder).eval()
+    with torch.inference_mode():
+        assert torch.equal(model(_ids()).logits, reference(_ids()).logits)
+
+
+def test_weights_are_zero_copy_views_of_the_file(tiny_llama):
+    _, folder = tiny_llama
+    cat = sparsemap.open(folder)
+    model = sparsemap.load(lambda: LlamaForCausalLM(tiny_llama_config()), cat)
+    params = dict(model.named_parameters())
+    assert params and all(is_view_of_file(p, cat.mapper) for p in params.values())
+    # The rotary inv_freq buffer is computed at construction, never saved: it must be real.
+    assert all(b.device.type == "cpu" for b in model.buffers())
+
+
+def test_dtype_cast_converts_floating_tensors_only(tmp_path):
+    path = tmp_path / "m.safetensors"
+    weight = torch.randn(8, 4, dtype=torch.bfloat16)
+    save_file({"lin.weight": weight, "lin.bias": torch.zeros(8, dtype=torch.bfloat16),
+               "steps": torch.tensor([3], dtype=torch.int64)}, path)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 8)
+            self.register_buffer("steps", torch.zeros(1, dtype=torch.int64))
+
+    model = sparsemap.load(M, path, dtype=torch.float32)
+    assert model.lin.weight.dtype == torch.float32
+    assert torch.equal(model.lin.weight, weight.float())
+    assert model.steps.dtype == torch.int64 and model.steps.item() == 3
+
+
+def test_tied_weights_stay_tied(tmp_path):
+    config = tiny_llama_config(tie_word_embeddings=True)
+    torch.manual_seed(1)
+    reference = LlamaForCausalLM(config).eval()
+    reference.save_pretrained(tmp_path)  # safetensors keeps one copy of a shared tensor
+    model = sparsemap.load(lambda: LlamaForCausalLM(config), tmp_path).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.inference_mode():
+        assert torch.equal(model(_ids()).logits, reference(_ids()).logits)
+
+
+def test_tied_weights_from_a_torch_checkpoint_that_saves_both_names(tmp_path):
+    config = tiny_llama_config(tie_word_embeddings=True)
+    reference = LlamaForCausalLM(config)
+    torch.save(reference.state_dict(), tmp_path / "m.pt")
+    model = sparsemap.load(lambda: LlamaForCausalLM(config), tmp_path / "m.pt")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def _small_module():
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+
+
+def test_missing_tensors_are_listed_with_shapes_and_model_left_unchanged(tmp_path):
+    sd = {k: v for k, v in _small_module().state_dict().items() if k != "1.weight"}
+    save_file(sd, tmp_path / "m.safetensors")
+    with sparsemap.skeleton():
+        model = _small_module()
+    with pytest.raises(MissingKeysError, match=r"1\.weight \(2, 3\)") as info:
+        sparsemap.load(model, tmp_path / "m.safetensors")
+    assert info.value.missing == ["1.weight (2, 3)"]
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_unexpected_tensors_are_listed(tmp_path):
+    sd = _small_module().state_dict() | {"extra.weight": torch.zeros(5, 5)}
+    save_file(sd, tmp_path / "m.safetensors")
+    with pytest.raises(UnexpectedKeysError, match=r"extra\.weight \(5, 5\)"):
+        sparsemap.load(_small_module, tmp_path / "m.safetensors")
+    model = sparsemap.load(_small_module, tmp_path / "m.safetensors", skip=["extra.*"])
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def test_shape_mismatch_names_both_shapes(tmp_path):
+    sd = _small_module().state_dict()
+    sd["0.weight"] = torch.zeros(3, 5)
+    save_file(sd, tmp_path / "m.safetensors")
+    with pytest.raises(ShapeMismatchError, match=r"0\.weight: \(3, 5\) vs \(3, 4\)"):
+        sparsemap.load(_small_module, tmp_path / "m.safetensors")
+
+
+def test_strict_false_leaves_missing_on_meta_with_a_warning(tmp_path):
+    sd = {k: v for k, v in _small_module().state_dict().items() if not k.startswith("1.")}
+    save_file(sd, tmp_path / "m.safetensors")
+    with pytest.warns(UserWarning, match="2 missing"):
+        model = sparsemap.load(_small_module, tmp_path / "m.safetensors", strict=False)
+    assert model[1].weight.is_meta and not model[0].weight.is_meta
+
+
+def test_skip_never_touches_the_skipped_tensors(tiny_llama, monkeypatch):
+    _, folder = tiny_llama
+    served = []
+    original = sparsemap.mapped.Mapper.tensor
+
+    def spy(self, entry):
+        served.append(entry.name)
+        return original(self, entry)
+
+    monkeypatch.setattr(sparsemap.mapped.Mapper, "tensor", spy)
+    model = sparsemap.load(lambda: LlamaForCausalLM(tiny_llama_config()), folder, skip=["lm_head.*"])
+    assert "lm_head.weight" not in served and "model.embed_tokens.weight" in served
+    assert model.lm_head.weight.is_meta
+
+
+def test_model_built_wholly_on_meta_reports_uncomputed_buffers(tiny_llama):
+    _, folder = tiny_llama
+    with torch.device("meta"):
+        model = LlamaForCausalLM(tiny_llama_config())
+    with pytest.raises(UninitializedTensorError, match="inv_freq"):
+        sparsemap.load(model, folder)
+
+
+def test_conversion_holds_one_converted_tensor_in_flight(tmp_path):
+    """bf16 -> fp32 of 8 x 16 MiB: peak anonymous growth stays near the result, not 2x."""
+    from sparsemap.memory import AnonSampler, rss_anon
+
+    n_tensors, rows = 8, 1024
+    sd = {f"{i}.weight": torch.ones(rows, 2048, dtype=torch.bfloat16) for i in range(n_tensors)}
+    save_file(sd, tmp_path / "m.safetensors")
+    del sd
+
+    def factory():
+        return torch.nn.Sequential(*[torch.nn.Linear(2048, rows, bias=False) for _ in range(n_tensors)])
+
+    before = rss_anon()
+    with AnonSampler() as sampler:
+        model = sparsemap.load(factory, tmp_path / "m.safetensors", dtype=torch.float32)
+    result_nbytes = sum(p.numel() * 4 for p in model.parameters())  # 64 MiB
+    one_tensor = rows * 2048 * 4
+    assert sampler.peak - before <= result_nbytes + one_tensor + (24 << 20)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_load_state_dict_returns_views_of_every_tensor(tiny_llama):
+    reference, folder = tiny_llama
+    sd = sparsemap.load_state_dict(folder)
+    expected = reference.state_dict()
+    assert sd.keys() == expected.keys()
+    assert all(torch.equal(sd[k], expected[k]) for k in sd)
