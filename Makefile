@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 models: $(STAMP)
-	$(PY) -m sparsemap.models.assets all-MiniLM-L6-v2
+	$(PY) -m sparsemap.models.assets all-MiniLM-L6-v2 SmolLM2-135M-Instruct
 
 demo: models
 	$(VENV)/bin/sparsemap demo

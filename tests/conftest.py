@@ -43,3 +43,15 @@ def minilm_folder() -> Path:
         return assets.fetch(assets.MINILM, quiet=True)
     except assets.AssetError as e:
         pytest.skip(f"all-MiniLM-L6-v2 is not in the cache and could not be fetched: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF (fetched by `make models`; fetched here if missing)."""
+    from sparsemap.models import assets
+
+    try:
+        folder = assets.fetch(assets.SMOLLM2, quiet=True)
+    except assets.AssetError as e:
+        pytest.skip(f"SmolLM2-135M-Instruct is not in the cache and could not be fetched: {e}")
+    return next(folder.glob("*.gguf"))

@@ -123,6 +123,7 @@ class LoadPlan:
     unexpected: list[str]
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
     skipped: list[str]
+    not_loaded: set[str] = field(default_factory=set)  # model names left as they are: skipped or missing
 
     def raise_for_errors(self, source: str, strict: bool) -> None:
         sections = []
@@ -151,14 +152,17 @@ def plan(model: nn.Module, catalog: Catalog, skip: Skip = None) -> LoadPlan:
     skipped_fn = _skip_predicate(skip)
     assignments, missing, mismatched, skipped = [], [], [], []
     claimed: set[str] = set()
+    not_loaded: set[str] = set()
     for slot in _slots(model):
         wanted = [n for n in slot.names if not skipped_fn(n)]
         if not wanted:
             skipped.extend(slot.names)
+            not_loaded.update(slot.names)
             continue
         found = next((n for n in wanted if n in catalog), None)
         if found is None:
             missing.append(" = ".join(wanted) + f" {tuple(slot.tensor.shape)}")  # type: ignore[union-attr]
+            not_loaded.update(slot.names)
             continue
         claimed.update(n for n in slot.names if n in catalog)
         shape = catalog[found].shape
@@ -175,7 +179,7 @@ def plan(model: nn.Module, catalog: Catalog, skip: Skip = None) -> LoadPlan:
             skipped.append(name)
         else:
             unexpected.append(f"{name} {catalog[name].shape}")
-    return LoadPlan(assignments, missing, unexpected, mismatched, sorted(set(skipped)))
+    return LoadPlan(assignments, missing, unexpected, mismatched, sorted(set(skipped)), not_loaded)
 
 
 # ---------------------------------------------------------------- loading
@@ -233,7 +237,7 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
         else:
             for module, attr in slot.places:
                 module._buffers[attr] = t
-    _check_materialized(model, set(the_plan.skipped), catalog.source, strict)
+    _check_materialized(model, the_plan.not_loaded, catalog.source, strict)
     return model
 
 
@@ -245,10 +249,11 @@ def _converted(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None)
     return t.to(device=device, dtype=target)
 
 
-def _check_materialized(model: nn.Module, skipped: set[str], source: str, strict: bool) -> None:
+def _check_materialized(model: nn.Module, not_loaded: set[str], source: str, strict: bool) -> None:
+    """Refuse tensors still on meta that nobody asked to leave there (skipped and missing are reported)."""
     left = [name for name, t in (*model.named_parameters(remove_duplicate=False),
                                  *model.named_buffers(remove_duplicate=False))
-            if t.device.type == "meta" and name not in skipped]
+            if t.device.type == "meta" and name not in not_loaded]
     if not left:
         return
     message = (f"{len(left)} tensors are still on the meta device after loading; the checkpoint cannot "

