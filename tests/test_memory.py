@@ -5,7 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 
-from sparsemap.memory import MiB, AnonSampler, PhaseTracker, Snapshot
+from sparsemap.memory import AnonSampler, MiB, PhaseTracker, Snapshot
 
 
 def test_anonymous_allocation_shows_as_anonymous():

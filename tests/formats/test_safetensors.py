@@ -25,6 +25,8 @@ from sparsemap import errors
 from sparsemap.errors import SparsemapError
 from sparsemap.formats.safetensors import MAX_HEADER_NBYTES
 
+from ..helpers import assert_bit_identical, raises, random_tensor
+
 # ---------------------------------------------------------------- helpers
 
 # (safetensors name, torch dtype name); dtypes the installed safetensors or
@@ -52,42 +54,6 @@ def st_file(tmp_path: Path, header: dict | bytes | str, data: bytes = b"", *,
 
 def entry(dtype: str, shape: list, begin: int, end: int) -> dict:
     return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
-
-
-def raises(cls: type[SparsemapError], path: Path, *needles: object) -> SparsemapError:
-    """Open ``path``; assert it fails with exactly ``cls`` and a message naming ``path`` and ``needles``."""
-    with pytest.raises(SparsemapError) as info:
-        sparsemap.open(path)
-    err = info.value
-    assert type(err) is cls, f"expected {cls.__name__}, got {type(err).__name__}: {err}"
-    assert isinstance(err, ValueError)
-    message = str(err)
-    assert str(path) in message
-    for needle in needles:
-        assert str(needle) in message, f"{needle!r} not in {message!r}"
-    return err
-
-
-def as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes, (nbytes,) uint8, for bit-exact comparison (NaNs included)."""
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_bit_identical(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.dtype == want.dtype
-    assert got.shape == want.shape
-    assert torch.equal(as_bytes(got), as_bytes(want))
-
-
-def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Random bit patterns of ``dtype`` (NaNs, infs and subnormals included; bool is 0/1)."""
-    numel = 1
-    for d in shape:
-        numel *= d
-    if dtype == torch.bool:
-        return torch.randint(0, 2, shape, generator=gen).bool()
-    raw = torch.randint(0, 256, (numel * dtype.itemsize,), dtype=torch.uint8, generator=gen)
-    return raw.view(dtype).reshape(shape)
 
 
 def torch_dtype_or_skip(st_name: str, torch_name: str) -> torch.dtype:

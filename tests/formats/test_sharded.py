@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 import sparsemap
 from sparsemap import errors
-from sparsemap.errors import SparsemapError
+
+from ..helpers import assert_bit_identical, raises
 
 transformers = pytest.importorskip("transformers")
 
@@ -101,26 +102,10 @@ def copy_of(folder: Path, tmp_path: Path) -> Path:
     return dst
 
 
-def raises(cls: type[SparsemapError], path: Path, *needles: object) -> SparsemapError:
-    with pytest.raises(SparsemapError) as info:
-        sparsemap.open(path)
-    err = info.value
-    assert type(err) is cls, f"expected {cls.__name__}, got {type(err).__name__}: {err}"
-    assert isinstance(err, ValueError)
-    message = str(err)
-    assert str(path) in message
-    for needle in needles:
-        assert str(needle) in message, f"{needle!r} not in {message!r}"
-    return err
 
 
-def as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-def assert_bit_identical(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.dtype == want.dtype and got.shape == want.shape
-    assert torch.equal(as_bytes(got), as_bytes(want))
 
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:

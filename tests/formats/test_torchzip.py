@@ -23,19 +23,9 @@ import sparsemap
 from sparsemap import errors
 from sparsemap.errors import SparsemapError
 
+from ..helpers import assert_bit_identical, raises, random_tensor
+
 # ---------------------------------------------------------------- helpers
-
-
-def as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes, (nbytes,) uint8, for bit-exact comparison (NaNs included)."""
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_bit_identical(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.dtype == want.dtype
-    assert got.shape == want.shape
-    assert got.stride() == want.stride()
-    assert torch.equal(as_bytes(got), as_bytes(want))
 
 
 def flatten(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -57,17 +47,6 @@ def check_round_trip(path: Path) -> sparsemap.Catalog:
     for name, ref in want.items():
         assert_bit_identical(cat.tensor(name), ref)
     return cat
-
-
-def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Random bit patterns of ``dtype`` (bool is 0/1)."""
-    numel = 1
-    for d in shape:
-        numel *= d
-    if dtype == torch.bool:
-        return torch.randint(0, 2, shape, generator=gen).bool()
-    raw = torch.randint(0, 256, (numel * dtype.itemsize,), dtype=torch.uint8, generator=gen)
-    return raw.view(dtype).reshape(shape)
 
 
 def rezip(src: Path, dst: Path, *, drop: str | None = None, replace: dict[str, bytes] | None = None,
@@ -139,20 +118,6 @@ def write_checkpoint(path: Path, pkl: bytes, storages: dict[str, bytes] | None =
             z.writestr(f"archive/data/{key}", data)
         z.writestr("archive/version", "3\n")
     return path
-
-
-def raises(cls: type[SparsemapError], path: Path, *needles: object) -> SparsemapError:
-    """Open ``path``; assert it fails with exactly ``cls`` and a message naming ``path`` and ``needles``."""
-    with pytest.raises(SparsemapError) as info:
-        sparsemap.open(path)
-    err = info.value
-    assert type(err) is cls, f"expected {cls.__name__}, got {type(err).__name__}: {err}"
-    assert isinstance(err, ValueError)
-    message = str(err)
-    assert str(path) in message
-    for needle in needles:
-        assert str(needle) in message, f"{needle!r} not in {message!r}"
-    return err
 
 
 # ---------------------------------------------------------------- round trips

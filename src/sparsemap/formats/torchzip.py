@@ -25,9 +25,9 @@ from typing import Any
 from ..errors import (
     CorruptCheckpointError,
     DuplicateTensorError,
-    SparsemapError,
     InvalidShapeError,
     LegacyPickleError,
+    SparsemapError,
     StorageBoundsError,
     UnknownDtypeError,
     UnsafePickleError,

@@ -1,0 +1,47 @@
+"""Assertions shared by the format tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparsemap
+from sparsemap.errors import SparsemapError
+
+
+def raises(cls: type[SparsemapError], path: Path, *needles: object) -> SparsemapError:
+    """Open ``path``; assert it fails with exactly ``cls`` and a message naming ``path`` and ``needles``."""
+    with pytest.raises(SparsemapError) as info:
+        sparsemap.open(path)
+    err = info.value
+    assert type(err) is cls, f"expected {cls.__name__}, got {type(err).__name__}: {err}"
+    assert isinstance(err, ValueError)
+    message = str(err)
+    assert str(path) in message
+    for needle in needles:
+        assert str(needle) in message, f"{needle!r} not in {message!r}"
+    return err
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes, (nbytes,) uint8, for bit-exact comparison (NaNs included)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_bit_identical(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype
+    assert got.shape == want.shape
+    assert torch.equal(as_bytes(got), as_bytes(want))
+
+
+def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Random bit patterns of ``dtype`` (NaNs, infs and subnormals included; bool is 0/1)."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool()
+    raw = torch.randint(0, 256, (numel * dtype.itemsize,), dtype=torch.uint8, generator=gen)
+    return raw.view(dtype).reshape(shape)
