@@ -29,4 +29,4 @@ def test_embeddings_equal_sentence_transformers(minilm_folder):
 def test_demo_command_runs_end_to_end(minilm_folder):
     proc = subprocess.run([sys.executable, "-m", "sparsemap.cli", "demo"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "match" in proc.stdout and "load step, anon MiB added" in proc.stdout
+    assert "(match" in proc.stdout and "anonymous MiB added" in proc.stdout
