@@ -29,12 +29,23 @@ _LAZY = {
     "load": "sparsemap.loader",
     "load_state_dict": "sparsemap.loader",
     "skeleton": "sparsemap.loader",
+    "rows": "sparsemap.rows",
+    "RowController": "sparsemap.rows",
+    "save": "sparsemap.writer",
+    "Layout": "sparsemap.writer",
+    "convert": "sparsemap.convert",
+    "to_mapped": "sparsemap.lifecycle",
+    "drop": "sparsemap.lifecycle",
     "memory": None,
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import memory
     from .loader import load, load_state_dict, skeleton
+    from .convert import convert
+    from .lifecycle import drop, to_mapped
+    from .rows import RowController, rows
+    from .writer import Layout, save
 
 
 def __getattr__(name: str) -> Any:
@@ -51,5 +62,5 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["Catalog", "SparsemapError", "TensorEntry", "errors", "load", "load_state_dict", "memory",
-           "open", "skeleton", "__version__"]
+__all__ = ["Catalog", "Layout", "RowController", "SparsemapError", "TensorEntry", "convert", "drop", "errors",
+           "load", "load_state_dict", "memory", "open", "rows", "save", "skeleton", "to_mapped", "__version__"]

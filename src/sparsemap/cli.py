@@ -177,6 +177,69 @@ def load(path: str, dtype: str | None, touch: bool, as_json: bool) -> None:
     click.echo(tracker.table())
 
 
+# ---------------------------------------------------------------- convert
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "KI": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MI": 1 << 20, "MIB": 1 << 20,
+             "G": 1 << 30, "GI": 1 << 30, "GIB": 1 << 30}
+    t = text.strip().upper().removesuffix("B") if text.strip().upper() not in ("KIB", "MIB", "GIB") else text
+    number = t.rstrip("KMGI")
+    unit = t[len(number):]
+    if not number.isdigit() or unit not in units:
+        raise click.BadParameter(f"{text!r} is not a size like 4096, 16K, 64KiB or 2M")
+    return int(number) * units[unit]
+
+
+@main.command()
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="Cast floating tensors while writing. Default: keep each tensor's dtype "
+                   "(GGUF quantized tensors are dequantized to float32).")
+@click.option("--align", "align", default="4K", show_default=True, metavar="SIZE",
+              help="Alignment of every tensor: 4K pages; 16K or 64K for other page sizes; 2M for huge pages.")
+@click.option("--pad-rows", multiple=True, metavar="PATTERN",
+              help="Pad the rows of matching tensors (glob, repeatable) so each row starts on a page, or a "
+                   "page holds a whole number of rows: row sparsity becomes page sparsity.")
+@click.option("--transpose", multiple=True, metavar="PATTERN",
+              help="Store matching 2-D tensors transposed (glob, repeatable), so a column (an FFN down "
+                   "projection's neuron) becomes a row.")
+@click.option("--bundle-ffn", is_flag=True,
+              help="Store each FFN neuron's gate, up and down weights together as one padded record.")
+def convert(src: str, dst: str, dtype: str | None, align: str, pad_rows: tuple[str, ...],
+            transpose: tuple[str, ...], bundle_ffn: bool) -> None:
+    """Write SRC as an aligned safetensors file DST, with an optional row layout.
+
+    SRC is anything `sparsemap inspect` reads. DST is a valid safetensors file
+    (any reader opens it); sparsemap undoes its layout when loading, without
+    copying. Memory stays bounded: one source tensor at a time, output flushed
+    as it goes. DST is written atomically: an interrupted run leaves it as it was.
+
+    \b
+    Examples:
+      sparsemap convert model.gguf model.safetensors --dtype bfloat16
+      sparsemap convert model.safetensors sparse.safetensors --pad-rows '*embed_tokens*' \\
+          --transpose '*.mlp.down_proj.weight'
+      sparsemap convert ./SmolLM2/ bundled.safetensors --bundle-ffn
+    """
+    import torch
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    from . import open as open_catalog
+    from .convert import convert as run_convert
+    from .writer import Layout
+
+    layout = Layout(align=_parse_size(align), dtype=getattr(torch, dtype) if dtype else None,
+                    pad_rows=pad_rows, transpose=transpose, bundle_ffn=bundle_ffn)
+    catalog = open_catalog(src)
+    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task(f"converting {len(catalog)} tensors", total=None)
+        summary = run_convert(catalog, dst, layout=layout, on_bytes=lambda n: progress.advance(task, n))
+    click.echo(str(summary))
+
+
 # ---------------------------------------------------------------- demo
 
 @main.command()

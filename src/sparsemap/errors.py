@@ -112,6 +112,10 @@ class MetadataError(FormatError):
     """``__metadata__`` is not a map of strings to strings."""
 
 
+class LayoutError(FormatError):
+    """The layout metadata of a converted file is malformed or points outside its stored tensors."""
+
+
 # ---------------------------------------------------------------- PyTorch zip checkpoints
 
 class LegacyPickleError(FormatError):
@@ -178,3 +182,17 @@ class ShapeMismatchError(LoadError):
 
 class UninitializedTensorError(LoadError):
     """After loading, a parameter or buffer is still on the meta device."""
+
+
+# ---------------------------------------------------------------- sparse rows
+
+class RowError(BadInputError):
+    """A row operation cannot be done on this tensor as asked."""
+
+
+class NotMappedError(RowError):
+    """The tensor is not a view of a mapped file, so its pages cannot be released or remapped."""
+
+
+class RowAlignmentError(RowError):
+    """Rows share pages with data that is kept, and the caller asked for whole pages only."""

@@ -9,20 +9,24 @@ which the kernel can drop and re-read; nothing is copied.
 Lifetime: ``torch.frombuffer`` keeps a reference to the ``mmap`` object but does
 not pin its buffer, so ``mmap.close()`` would leave dangling views. We never
 close a mapping; it is unmapped when the last view (and the :class:`Mapper`)
-lets go of it.
+lets go of it. Each mapping keeps a descriptor of its file open for as long as
+it lives, so row operations can map pages of the same inode back even if the
+path has since been replaced.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import sys
 import threading
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import TruncatedFileError, UnknownDtypeError
+from .errors import NotMappedError, TruncatedFileError, UnknownDtypeError
 from .formats.catalog import TensorEntry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,7 +62,26 @@ def torch_dtype(name: str, *, path: str | None = None, tensor: str | None = None
                                 path=path, tensor=tensor) from None
 
 
-def map_file(path: str, required_nbytes: int) -> mmap.mmap | None:
+class FileMapping(mmap.mmap):
+    """A whole file mapped privately, with the descriptor and address row operations need.
+
+    Attributes (set by :func:`map_file`):
+        path: the file mapped.
+        fd: a descriptor of that file, open while the mapping lives.
+        address: the mapping's first byte (page-aligned).
+    """
+
+    path: str
+    fd: int
+    address: int
+
+
+# address -> mapping, for finding the mapping (and so the file offset) of any view.
+_REGISTRY: weakref.WeakValueDictionary[int, FileMapping] = weakref.WeakValueDictionary()
+_REGISTRY_LOCK = threading.Lock()
+
+
+def map_file(path: str, required_nbytes: int) -> FileMapping | None:
     """Map ``path`` privately (copy-on-write), after checking it still holds ``required_nbytes``.
 
     The check matters: touching a page past the end of a shrunken file is
@@ -71,10 +94,38 @@ def map_file(path: str, required_nbytes: int) -> mmap.mmap | None:
             raise TruncatedFileError(f"file is {file_nbytes} bytes but its tensors need {required_nbytes} "
                                      "(was it truncated or replaced after it was opened?)", path=path)
         if file_nbytes == 0:
+            os.close(fd)
             return None
-        return mmap.mmap(fd, file_nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
-        os.close(fd)  # the mapping keeps its own reference to the file
+        mm = FileMapping(fd, file_nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    mm.path, mm.fd = path, fd
+    # from_buffer pins the mapping only while the ctypes object lives: a moment.
+    mm.address = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    weakref.finalize(mm, os.close, fd)
+    with _REGISTRY_LOCK:
+        _REGISTRY[mm.address] = mm
+    return mm
+
+
+def mapping_of(t: torch.Tensor, name: str | None = None) -> FileMapping:
+    """The file mapping that ``t``'s data lies in.
+
+    Raises:
+        NotMappedError: ``t`` is not a view of a mapped file (a copy, a
+            dequantized GGUF tensor, a tensor on another device).
+    """
+    ptr = t.data_ptr()
+    end = ptr + max(t.numel(), 1) * t.element_size()
+    with _REGISTRY_LOCK:
+        mappings = list(_REGISTRY.values())
+    for mm in mappings:
+        if mm.address <= ptr and end <= mm.address + len(mm):
+            return mm
+    raise NotMappedError(
+        "not a view of a file mapped by sparsemap (a copy, a dequantized or cast tensor, or not on the "
+        "CPU); write it as a plain file with `sparsemap convert` and load that", tensor=name)
 
 
 class Mapper:
@@ -86,10 +137,10 @@ class Mapper:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self._required = catalog.required_nbytes()
-        self._maps: dict[str, mmap.mmap | None] = {}
+        self._maps: dict[str, FileMapping | None] = {}
         self._lock = threading.Lock()
 
-    def mapping(self, path: str) -> mmap.mmap | None:
+    def mapping(self, path: str) -> FileMapping | None:
         with self._lock:
             if path not in self._maps:
                 self._maps[path] = map_file(path, self._required.get(path, 0))
@@ -119,13 +170,7 @@ class Mapper:
 
     def mapped_ranges(self) -> dict[str, tuple[int, int]]:
         """``{file: (address, nbytes)}`` of each mapping made so far."""
-        import ctypes
-
-        out = {}
-        for path, mm in self._maps.items():
-            if mm is not None:
-                out[path] = (ctypes.addressof(ctypes.c_char.from_buffer(mm)), len(mm))
-        return out
+        return {path: (mm.address, len(mm)) for path, mm in self._maps.items() if mm is not None}
 
 
 def _dequantize(mm: mmap.mmap, entry: TensorEntry) -> torch.Tensor:

@@ -140,21 +140,43 @@ def in_page_cache(addr: int, nbytes: int) -> np.ndarray:
 
 
 _PRESENT_BIT = np.uint64(1 << 63)
+_FILE_OR_SHARED_BIT = np.uint64(1 << 61)
 
 
-def present_in_process(addr: int, nbytes: int) -> np.ndarray:
-    """Per page of ``[addr, addr + nbytes)``: mapped into this process now (pagemap present bit).
+def pagemap(addr: int, nbytes: int) -> np.ndarray:
+    """Raw ``/proc/self/pagemap`` entries (uint64) for each page of ``[addr, addr + nbytes)``.
 
-    Reading one's own pagemap needs no privilege (only the frame numbers do).
+    Bit 63: present in this process. Bit 61: a file page (or shared anonymous);
+    clear for a private copy-on-write copy or anonymous page. Reading one's own
+    pagemap needs no privilege (only the frame numbers are hidden).
     """
     _check_aligned(addr, 0, "pagemap")
     n_pages = -(-nbytes // PAGE_SIZE)
     if n_pages == 0:
-        return np.zeros(0, dtype=bool)
+        return np.zeros(0, dtype=np.uint64)
     fd = os.open("/proc/self/pagemap", os.O_RDONLY)
     try:
         raw = os.pread(fd, n_pages * 8, addr // PAGE_SIZE * 8)
     finally:
         os.close(fd)
-    entries = np.frombuffer(raw, dtype=np.uint64)
-    return (entries & _PRESENT_BIT) != 0
+    return np.frombuffer(raw, dtype=np.uint64)
+
+
+def present_in_process(addr: int, nbytes: int) -> np.ndarray:
+    """Per page of ``[addr, addr + nbytes)``: mapped into this process now (pagemap present bit)."""
+    return (pagemap(addr, nbytes) & _PRESENT_BIT) != 0
+
+
+def private_in_process(addr: int, nbytes: int) -> np.ndarray:
+    """Per page: present and anonymous (a copy-on-write copy or an anonymous page), not a file page."""
+    entries = pagemap(addr, nbytes)
+    return ((entries & _PRESENT_BIT) != 0) & ((entries & _FILE_OR_SHARED_BIT) == 0)
+
+
+def runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """``[(first, stop), ...]`` index ranges of the True runs in a bool array, in order."""
+    if mask.size == 0:
+        return []
+    padded = np.concatenate(([False], mask, [False])).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))

@@ -112,9 +112,12 @@ class Catalog(Mapping[str, TensorEntry]):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of tensor data, counting each stored range once (ties share bytes)."""
-        spans = {(e.file, e.offset, e.nbytes) for e in self.entries.values()}
-        return sum(n for _, _, n in spans)
+        """Bytes of tensor data as loaded, counting tied tensors (same bytes, same view) once.
+
+        For quantized tensors this is the packed size in the file.
+        """
+        seen = {(e.file, e.offset, e.shape, e.strides, e.dtype): e for e in self.entries.values()}
+        return sum(e.nbytes if e.strides is None else e.numel * ITEMSIZE[e.dtype] for e in seen.values())
 
     def required_nbytes(self) -> dict[str, int]:
         """For each file, the size it must have at least: the end of its last tensor."""

@@ -35,6 +35,7 @@ from ..errors import (
 )
 from .catalog import Catalog, TensorEntry
 from .dtypes import ITEMSIZE
+from .layout import apply_layout
 
 # The reference implementation refuses headers over 100 MB; a header that big
 # would already be a denial of service for json.loads.
@@ -196,8 +197,13 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 def open_safetensors(path: str) -> Catalog:
-    """Read and validate a safetensors file's header; map nothing."""
+    """Read and validate a safetensors file's header; map nothing.
+
+    A file written by sparsemap's layout compiler comes back in its logical
+    form: padding dropped, special layouts given as strided views.
+    """
     header, file_nbytes = read_header(path)
     entries, metadata = validate(header, file_nbytes, path)
+    entries = apply_layout(entries, metadata, path)
     return Catalog(source=path, format="safetensors",
                    entries={e.name: e for e in entries}, metadata=metadata)

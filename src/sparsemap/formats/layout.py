@@ -1,0 +1,109 @@
+"""The converted file's layout: how stored tensors become the model's tensors. No torch.
+
+A file written by ``sparsemap convert`` / ``sparsemap.save`` is a valid
+safetensors file. Tensors in a plain layout keep their names and shapes.
+Alignment gaps are padding tensors (``U8``, names starting with
+:data:`PAD_PREFIX`). A tensor in a special layout (padded rows, transposed,
+bundled with others) is stored under a suffixed name, so no other tool
+misreads it, and ``__metadata__[LAYOUT_KEY]`` holds a JSON document that gives
+each logical tensor as a strided view of a stored one::
+
+    {"version": 1, "align": 4096, "page": 4096,
+     "views": {"<logical name>": {"stored": "<stored name>",
+                                  "kind": "rows" | "transpose" | "bundle" | "alias",
+                                  "offset": <elements>, "shape": [...], "strides": [...]}}}
+
+("alias": a second name for a tensor stored once, such as tied weights.)
+
+One recipe (offset, shape, strides: an ``as_strided`` view) undoes every
+layout without copying. :func:`apply_layout` turns stored entries into logical
+ones, validating every view against its stored tensor first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from ..errors import LayoutError
+from .catalog import TensorEntry
+from .dtypes import ITEMSIZE
+
+LAYOUT_KEY = "sparsemap.layout"
+LAYOUT_VERSION = 1
+PAD_PREFIX = "__sparsemap_pad__."
+SUFFIXES = {"rows": "@rows", "transpose": "@T", "bundle": "@bundle", "alias": ""}
+
+
+def is_padding(name: str) -> bool:
+    return name.startswith(PAD_PREFIX)
+
+
+def parse(text: str, path: str) -> dict[str, Any]:
+    """Parse and check the layout document's structure (not yet against the file)."""
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise LayoutError(f"{LAYOUT_KEY} is not JSON: {e}", path=path) from None
+    if not isinstance(doc, dict) or doc.get("version") != LAYOUT_VERSION:
+        raise LayoutError(f"{LAYOUT_KEY} must be an object with version {LAYOUT_VERSION}, got "
+                          f"{str(doc)[:80]}", path=path)
+    views = doc.get("views", {})
+    if not isinstance(views, dict):
+        raise LayoutError(f"{LAYOUT_KEY}.views must be an object", path=path)
+    for name, v in views.items():
+        ok = (isinstance(v, dict) and isinstance(v.get("stored"), str) and v.get("kind") in SUFFIXES
+              and type(v.get("offset")) is int and v["offset"] >= 0
+              and isinstance(v.get("shape"), list) and isinstance(v.get("strides"), list)
+              and len(v["shape"]) == len(v["strides"])
+              and all(type(d) is int and d >= 0 for d in v["shape"])
+              and all(type(s) is int and s >= 0 for s in v["strides"]))
+        if not ok:
+            raise LayoutError(f"view must be {{stored, kind, offset, shape, strides}} with non-negative "
+                              f"integers, got {str(v)[:120]}", path=path, tensor=name)
+    return doc
+
+
+def apply_layout(entries: list[TensorEntry], metadata: dict[str, str], path: str) -> list[TensorEntry]:
+    """The logical tensors of a converted file: padding dropped, special layouts undone as views.
+
+    Files without layout metadata come back unchanged (padding tensors are
+    dropped only when the metadata says the file is ours).
+    """
+    text = metadata.get(LAYOUT_KEY)
+    if text is None:
+        return entries
+    doc = parse(text, path)
+    stored = {e.name: e for e in entries}
+    views: dict[str, Any] = doc.get("views", {})
+    # Stored tensors in a special layout are hidden behind their views; an
+    # alias's stored tensor is also a logical tensor and stays.
+    used = {v["stored"] for v in views.values() if v["kind"] != "alias"}
+    out = [e for e in entries if not is_padding(e.name) and e.name not in used]
+    plain_names = {e.name for e in out}
+    for name, v in views.items():
+        if name in plain_names:
+            raise LayoutError("view name collides with a stored tensor", path=path, tensor=name)
+        base = stored.get(v["stored"])
+        if base is None:
+            raise LayoutError(f"view points to stored tensor {v['stored']!r}, which the file lacks",
+                              path=path, tensor=name)
+        if base.strides is not None or base.encoding is not None:
+            raise LayoutError(f"stored tensor {v['stored']!r} is not a plain contiguous tensor",
+                              path=path, tensor=name)
+        size = ITEMSIZE[base.dtype]
+        shape, strides, offset = tuple(v["shape"]), tuple(v["strides"]), v["offset"]
+        numel = math.prod(shape)
+        if numel:
+            last = offset + sum((d - 1) * s for d, s in zip(shape, strides))
+            if last >= base.numel:
+                raise LayoutError(
+                    f"view (offset {offset}, shape {list(shape)}, strides {list(strides)}) reaches element "
+                    f"{last} of {v['stored']!r}, which has {base.numel}", path=path, tensor=name)
+            span = (last - offset + 1) * size
+        else:
+            span = 0
+        out.append(TensorEntry(name=name, file=base.file, offset=base.offset + offset * size, nbytes=span,
+                               dtype=base.dtype, shape=shape, strides=strides))
+    return out
