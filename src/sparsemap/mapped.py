@@ -135,7 +135,8 @@ class Mapper:
     """
 
     def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
+        # No reference back to the catalog: a cycle would keep every mapping
+        # alive until the garbage collector runs, pinning pages in the cache.
         self._required = catalog.required_nbytes()
         self._maps: dict[str, FileMapping | None] = {}
         self._lock = threading.Lock()
