@@ -179,6 +179,20 @@ def load(path: str, dtype: str | None, touch: bool, as_json: bool) -> None:
 
 # ---------------------------------------------------------------- convert
 
+def _read_profile(path: str) -> dict[str, tuple[float, ...]]:
+    """A usage profile: ``{tensor name: [count per row]}``, checked."""
+    try:
+        with open(path, "rb") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise click.BadParameter(f"cannot read usage profile {path}: {e}") from None
+    if not isinstance(doc, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(c, (int, float)) for c in v)
+            for k, v in doc.items()):
+        raise click.BadParameter(f"{path}: a usage profile maps tensor names to lists of row counts")
+    return {k: tuple(v) for k, v in doc.items()}
+
+
 def _parse_size(text: str) -> int:
     units = {"": 1, "K": 1 << 10, "KI": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MI": 1 << 20, "MIB": 1 << 20,
              "G": 1 << 30, "GI": 1 << 30, "GIB": 1 << 30}
@@ -206,8 +220,11 @@ def _parse_size(text: str) -> int:
                    "projection's neuron) becomes a row.")
 @click.option("--bundle-ffn", is_flag=True,
               help="Store each FFN neuron's gate, up and down weights together as one padded record.")
+@click.option("--reorder", "profile", type=click.Path(dir_okay=False), default=None, metavar="PROFILE.json",
+              help="Usage profile: JSON {tensor name: [count per row]}. Rows are stored hottest first so rows "
+                   "used together share pages (loading puts them back in order, with a copy).")
 def convert(src: str, dst: str, dtype: str | None, align: str, pad_rows: tuple[str, ...],
-            transpose: tuple[str, ...], bundle_ffn: bool) -> None:
+            transpose: tuple[str, ...], bundle_ffn: bool, profile: str | None) -> None:
     """Write SRC as an aligned safetensors file DST, with an optional row layout.
 
     SRC is anything `sparsemap inspect` reads. DST is a valid safetensors file
@@ -230,7 +247,8 @@ def convert(src: str, dst: str, dtype: str | None, align: str, pad_rows: tuple[s
     from .writer import Layout
 
     layout = Layout(align=_parse_size(align), dtype=getattr(torch, dtype) if dtype else None,
-                    pad_rows=pad_rows, transpose=transpose, bundle_ffn=bundle_ffn)
+                    pad_rows=pad_rows, transpose=transpose, bundle_ffn=bundle_ffn,
+                    reorder=_read_profile(profile) if profile else None)
     catalog = open_catalog(src)
     columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())

@@ -147,12 +147,22 @@ class Mapper:
                 self._maps[path] = map_file(path, self._required.get(path, 0))
             return self._maps[path]
 
-    def tensor(self, entry: TensorEntry) -> torch.Tensor:
+    def tensor(self, entry: TensorEntry, *, stored_order: bool = False) -> torch.Tensor:
         """The entry's tensor: a view of the mapping, or a copy where a view cannot serve.
 
-        Copies happen only for quantized GGUF data (dequantized) and for data
-        whose offset is not a multiple of its element size.
+        Copies happen only for quantized GGUF data (dequantized), for data
+        whose offset is not a multiple of its element size, and for reordered
+        rows put back in logical order (unless ``stored_order``).
         """
+        view = self._stored(entry)
+        if entry.order is None or stored_order:
+            return view
+        # stored slice k is logical slice order[k]: logical i is stored inverse[i]
+        inverse = torch.empty(len(entry.order), dtype=torch.int64)
+        inverse[torch.tensor(entry.order, dtype=torch.int64)] = torch.arange(len(entry.order))
+        return view.index_select(entry.order_dim, inverse)
+
+    def _stored(self, entry: TensorEntry) -> torch.Tensor:
         dtype = torch_dtype(entry.dtype, path=entry.file, tensor=entry.name)
         if entry.numel == 0:
             # frombuffer refuses count=0; an empty tensor owns no bytes anyway.

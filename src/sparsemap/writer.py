@@ -61,6 +61,11 @@ class Layout:
             padded record (Llama's ``mlp.{gate,up,down}_proj``, BERT's
             ``intermediate.dense`` and ``output.dense``; down is transposed).
         page: the page rows are padded to; default ``min(align, 64 KiB)``.
+        reorder: usage counts per row, by tensor name (``{"emb.weight": [count
+            of row 0, count of row 1, ...]}``; for a transposed or bundled
+            down projection, one count per neuron). Rows are stored hottest
+            first, so rows used together share pages. Loading undoes the order
+            with a copy; sparse consumers read the stored order without one.
     """
 
     align: int = 4096
@@ -69,6 +74,7 @@ class Layout:
     transpose: tuple[str, ...] = ()
     bundle_ffn: bool = False
     page: int | None = None
+    reorder: Mapping[str, tuple[float, ...]] | None = None
 
     def __post_init__(self) -> None:
         for what, value in (("align", self.align), ("page", self.page)):
@@ -83,7 +89,7 @@ class Layout:
         return {"align": self.align, "page": self.row_page,
                 "dtype": DTYPE_NAMES.get(self.dtype) if self.dtype else None,
                 "pad_rows": list(self.pad_rows), "transpose": list(self.transpose),
-                "bundle_ffn": self.bundle_ffn}
+                "bundle_ffn": self.bundle_ffn, "reorder": sorted(self.reorder or {})}
 
 
 # ---------------------------------------------------------------- what goes in the file
@@ -118,6 +124,7 @@ class Record:
     kind: str  # "plain", "rows", "transpose", "bundle", "pad"
     parts: list[_Part] = field(default_factory=list)
     offset: int = 0  # relative to the data section
+    order: list[int] | None = None  # stored row k holds logical row order[k]
 
     @property
     def nbytes(self) -> int:
@@ -216,7 +223,8 @@ def plan(specs: list[Spec], layout: Layout, metadata: Mapping[str, str] | None =
             col += cols
         assert n_rows is not None
         stride = _row_stride(col * dtype.itemsize, dtype.itemsize, layout.row_page) if pad else col
-        records.append(Record(stored, dtype, (n_rows, stride), kind, parts))
+        order = _row_order([m for m, _ in members], n_rows, layout.reorder or {})
+        records.append(Record(stored, dtype, (n_rows, stride), kind, parts, order=order))
         for p in parts:
             shape = by_name[p.name].shape
             if p.transposed:
@@ -224,6 +232,9 @@ def plan(specs: list[Spec], layout: Layout, metadata: Mapping[str, str] | None =
             else:
                 rest = _contiguous(shape[1:])
                 view(p.name, stored, kind, p.col_offset, shape, (stride, *rest))
+            if order is not None:
+                views[p.name]["order"] = order
+                views[p.name]["order_dim"] = 1 if p.transposed else 0
             placed.add(p.name)
 
     if layout.bundle_ffn:
@@ -246,10 +257,11 @@ def plan(specs: list[Spec], layout: Layout, metadata: Mapping[str, str] | None =
             placed.add(s.name)
             continue
         pad = _matches(s.name, layout.pad_rows) and len(s.shape) >= 1
+        reordered = s.name in (layout.reorder or {}) and len(s.shape) >= 1
         if _matches(s.name, layout.transpose):
             row_record(s.name + SUFFIXES["transpose"], "transpose", [(s.name, True)], pad=pad)
-        elif pad and len(s.shape) >= 2:
-            row_record(s.name + SUFFIXES["rows"], "rows", [(s.name, False)], pad=True)
+        elif (pad and len(s.shape) >= 2) or reordered:
+            row_record(s.name + SUFFIXES["rows"], "rows", [(s.name, False)], pad=pad and len(s.shape) >= 2)
         else:
             records.append(Record(s.name, out_dtype[s.name], s.shape, "plain"))
             placed.add(s.name)
@@ -280,6 +292,18 @@ def plan(specs: list[Spec], layout: Layout, metadata: Mapping[str, str] | None =
     data_start = -(-(8 + len(header)) // layout.align) * layout.align
     header += b" " * (data_start - 8 - len(header))
     return Plan(laid, views, header, data_start)
+
+
+def _row_order(members: list[str], n_rows: int, profile: Mapping[str, tuple[float, ...]]) -> list[int] | None:
+    """Stored-row order from the first member with a profile: hottest first, ties in row order."""
+    for m in members:
+        counts = profile.get(m)
+        if counts is None:
+            continue
+        if len(counts) != n_rows:
+            raise LayoutOptionError(f"{m}: usage profile has {len(counts)} counts for {n_rows} rows")
+        return sorted(range(n_rows), key=lambda i: -counts[i])
+    return None
 
 
 def _dtype_name(dtype: torch.dtype, name: str) -> str:
@@ -441,11 +465,13 @@ def _write_rows(sink: _Sink, record: Record, get: Callable[[str], torch.Tensor])
         sources.append((p, t.t() if p.transposed else t.reshape(t.shape[0], -1)))  # (n_rows, n_cols)
     rows_per_chunk = max(1, CHUNK_NBYTES // (stride * record.dtype.itemsize))
     buf = torch.zeros(min(rows_per_chunk, n_rows), stride, dtype=record.dtype)  # (rows, stride)
+    order = torch.tensor(record.order, dtype=torch.int64) if record.order is not None else None
     for start in range(0, n_rows, rows_per_chunk):
         k = min(rows_per_chunk, n_rows - start)
         block = buf[:k]
         for p, src in sources:
-            block[:, p.col_offset:p.col_offset + p.n_cols].copy_(src[start:start + k])
+            rows = src[start:start + k] if order is None else src.index_select(0, order[start:start + k])
+            block[:, p.col_offset:p.col_offset + p.n_cols].copy_(rows)
         sink.write(block.reshape(-1).view(torch.uint8).numpy().data)
 
 

@@ -39,6 +39,12 @@ class TensorEntry:
             (possible in torch zip checkpoints); ``None`` means contiguous.
         encoding: storage encoding when the bytes are not plain ``dtype``
             elements (a GGUF quantization such as ``"Q4_1"``); ``None`` if plain.
+        order: for a tensor stored with its rows reordered (a usage profile put
+            rows used together on the same pages): ``order[k]`` is the logical
+            index of the ``k``-th stored slice along ``order_dim``. ``None`` if
+            stored in logical order.
+        order_dim: the dimension ``order`` permutes (0 for rows; 1 for a
+            transposed tensor, whose stored rows are its columns).
     """
 
     name: str
@@ -49,6 +55,8 @@ class TensorEntry:
     shape: tuple[int, ...]
     strides: tuple[int, ...] | None = None
     encoding: str | None = None
+    order: tuple[int, ...] | None = None
+    order_dim: int = 0
 
     @property
     def numel(self) -> int:
@@ -66,7 +74,7 @@ class TensorEntry:
         Misaligned data is served, but by copy: torch kernels assume elements
         aligned to their size.
         """
-        return self.encoding is None and self.offset % ITEMSIZE[self.dtype] == 0
+        return self.encoding is None and self.order is None and self.offset % ITEMSIZE[self.dtype] == 0
 
     def alignment(self) -> int:
         """Largest power of two (up to 1 MiB) that divides ``offset``."""
@@ -127,9 +135,15 @@ class Catalog(Mapping[str, TensorEntry]):
         return need
 
     # The data door. Imports torch lazily so that the catalog itself stays torch-free.
-    def tensor(self, name: str) -> torch.Tensor:
-        """The tensor ``name``: a zero-copy view of the mapped file where possible."""
-        return self.mapper.tensor(self.entries[name])
+    def tensor(self, name: str, *, stored_order: bool = False) -> torch.Tensor:
+        """The tensor ``name``: a zero-copy view of the mapped file where possible.
+
+        Args:
+            stored_order: for a tensor whose rows were reordered by a usage
+                profile, return the zero-copy view in stored order (``entry.order``
+                maps it back) instead of a copy in logical order.
+        """
+        return self.mapper.tensor(self.entries[name], stored_order=stored_order)
 
     @property
     def mapper(self) -> Mapper:

@@ -13,7 +13,11 @@ each logical tensor as a strided view of a stored one::
                                   "kind": "rows" | "transpose" | "bundle" | "alias",
                                   "offset": <elements>, "shape": [...], "strides": [...]}}}
 
-("alias": a second name for a tensor stored once, such as tied weights.)
+("alias": a second name for a tensor stored once, such as tied weights.) A
+view may also carry ``"order": [...]`` and ``"order_dim"``: the stored rows were
+reordered by a usage profile, ``order[k]`` being the logical index of stored
+slice ``k`` along ``order_dim``. Undoing an order needs a gather (a copy);
+``catalog.tensor(name, stored_order=True)`` gives the zero-copy stored view.
 
 One recipe (offset, shape, strides: an ``as_strided`` view) undoes every
 layout without copying. :func:`apply_layout` turns stored entries into logical
@@ -85,6 +89,7 @@ def apply_layout(entries: list[TensorEntry], metadata: dict[str, str], path: str
     for name, v in views.items():
         if name in plain_names:
             raise LayoutError("view name collides with a stored tensor", path=path, tensor=name)
+        order, order_dim = _order(v, name, path)
         base = stored.get(v["stored"])
         if base is None:
             raise LayoutError(f"view points to stored tensor {v['stored']!r}, which the file lacks",
@@ -104,6 +109,21 @@ def apply_layout(entries: list[TensorEntry], metadata: dict[str, str], path: str
             span = (last - offset + 1) * size
         else:
             span = 0
+        if order is not None and (order_dim >= len(shape) or len(order) != shape[order_dim]):
+            raise LayoutError(f"row order has {len(order)} entries for dimension {order_dim} of shape "
+                              f"{list(shape)}", path=path, tensor=name)
         out.append(TensorEntry(name=name, file=base.file, offset=base.offset + offset * size, nbytes=span,
-                               dtype=base.dtype, shape=shape, strides=strides))
+                               dtype=base.dtype, shape=shape, strides=strides, order=order, order_dim=order_dim))
     return out
+
+
+def _order(view: dict[str, Any], name: str, path: str) -> tuple[tuple[int, ...] | None, int]:
+    order = view.get("order")
+    if order is None:
+        return None, 0
+    dim = view.get("order_dim", 0)
+    if (not isinstance(order, list) or type(dim) is not int or dim < 0
+            or not all(type(i) is int for i in order) or sorted(order) != list(range(len(order)))):
+        raise LayoutError("row order must be a permutation of 0..n-1 with an integer order_dim",
+                          path=path, tensor=name)
+    return tuple(order), dim
