@@ -93,9 +93,13 @@ def drop(module: nn.Module, names: list[str] | tuple[str, ...] | str) -> DropRep
         names = [names]
     report = DropReport()
     old: dict[str, torch.Tensor] = {}
+    released: set[int] = set()  # tied names share pages: count them once
     for name in names:
         owner_name, _, attr = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
+        try:
+            owner = module.get_submodule(owner_name) if owner_name else module
+        except AttributeError:
+            raise KeyError(f"{name}: no such parameter or buffer (no module {owner_name!r})") from None
         if attr in owner._parameters and owner._parameters[attr] is not None:
             t = owner._parameters[attr]
             assert t is not None
@@ -107,7 +111,9 @@ def drop(module: nn.Module, names: list[str] | tuple[str, ...] | str) -> DropRep
         else:
             raise KeyError(f"{name}: no such parameter or buffer")
         if t.device.type != "meta":
-            report.released_nbytes += _release_pages(t) if t.device.type == "cpu" else 0
+            if t.device.type == "cpu" and t.data_ptr() not in released:
+                released.add(t.data_ptr())
+                report.released_nbytes += _release_pages(t)
             old[name] = t
         report.dropped.append(name)
     names_by_dict = _parameter_dicts(module)
@@ -131,15 +137,20 @@ def _describe_referrers(t: torch.Tensor, names_by_dict: dict[int, str], ignore: 
     # No closures over `t` here (a generator expression would add a cell that refers to it).
     module_dicts = {id(m.__dict__): name for name, m in list(sys.modules.items()) if m is not None}
     out = []
+    # Since Python 3.11 a running function's locals are not objects gc can see:
+    # look through every thread's stack for them.
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            if frame.f_code.co_filename != __file__:
+                for var, value in frame.f_locals.items():
+                    if value is t:
+                        out.append(f"a local variable of {frame.f_code.co_name}() ({var!r}, "
+                                   f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})")
+            frame = frame.f_back
     for ref in gc.get_referrers(t):
-        if ref is ignore:
-            continue
-        if isinstance(ref, types.FrameType):
-            if ref.f_code.co_filename == __file__:
-                continue  # drop()'s own frames
-            out.append(f"a local variable of {ref.f_code.co_name}() at {os.path.basename(ref.f_code.co_filename)}:"
-                       f"{ref.f_lineno}")
-        elif isinstance(ref, dict):
+        if ref is ignore or isinstance(ref, types.FrameType):
+            continue  # frames were handled above
+        if isinstance(ref, dict):
             key = "?"
             for k, v in ref.items():
                 if v is t:

@@ -76,6 +76,17 @@ class FileMapping(mmap.mmap):
     address: int
 
 
+# (address, rows, row stride in bytes) -> bytes each row owns, for views of padded rows.
+_ROW_SPANS: dict[tuple[int, int, int], int] = {}
+
+
+def row_span_of(t: torch.Tensor) -> int | None:
+    """Bytes each row of ``t`` owns (row plus padding), if ``t`` is a view of padded rows we served."""
+    if t.dim() == 0:
+        return None
+    return _ROW_SPANS.get((t.data_ptr(), t.shape[0], t.stride(0) * t.element_size()))
+
+
 # address -> mapping, for finding the mapping (and so the file offset) of any view.
 _REGISTRY: weakref.WeakValueDictionary[int, FileMapping] = weakref.WeakValueDictionary()
 _REGISTRY_LOCK = threading.Lock()
@@ -155,6 +166,8 @@ class Mapper:
         rows put back in logical order (unless ``stored_order``).
         """
         view = self._stored(entry)
+        if entry.row_span is not None and view.dim():
+            _ROW_SPANS[(view.data_ptr(), view.shape[0], view.stride(0) * view.element_size())] = entry.row_span
         if entry.order is None or stored_order:
             return view
         # stored slice k is logical slice order[k]: logical i is stored inverse[i]

@@ -20,12 +20,24 @@ such pages. ``strict=True`` refuses instead. ``sparsemap convert --pad-rows``
 writes a layout where every row owns whole pages, so page sparsity equals row
 sparsity.
 
-Which pages an operation may remap: only pages wholly inside this tensor.
-Pages at the tensor's edges, shared with neighbours, are only ever written
+What a row owns: its own bytes, and nothing between it and the next row,
+unless the layout compiler padded the rows (then the padding is the row's
+too; the mapper records this, see ``TensorEntry.row_span``). The gaps of other
+strided views can hold other tensors' bytes: the parts of an FFN bundle, the
+other columns of a wider matrix.
+
+Which pages an operation may remap: only pages made wholly of bytes this
+tensor owns. Other pages (at the edges, or holding gaps) are only ever written
 byte by byte, so operations on two tensors never undo each other.
 
-Caveat: mapped weights are copy-on-write. An in-place write by the program
-into a row is lost when that row's pages are evicted or restored.
+Caveats:
+* Mapped weights are copy-on-write. An in-place write by the program into a
+  row is lost when that row's pages are evicted or restored.
+* The kernel may map a large file's page cache in 2 MiB folios. Evicting or
+  masking part of one unmaps the whole folio from this process, so kept
+  neighbours' pages also show as not present until touched again; their data
+  is unaffected. Likewise ``drop_cache`` drops only cache blocks wholly inside
+  the range, and a block can be up to 2 MiB.
 """
 
 from __future__ import annotations
@@ -42,7 +54,7 @@ import torch
 
 from . import pages
 from .errors import RowAlignmentError, RowError
-from .mapped import FileMapping, mapping_of
+from .mapped import FileMapping, mapping_of, row_span_of
 from .pages import PAGE_SIZE
 
 Rows = int | slice | range | Iterable[int] | np.ndarray | torch.Tensor
@@ -96,7 +108,7 @@ class RowController:
         >>> ctl.restore(range(1000, 50000)) # the file's values again
     """
 
-    def __init__(self, tensor: torch.Tensor, *, name: str | None = None) -> None:
+    def __init__(self, tensor: torch.Tensor, *, name: str | None = None, row_span: int | None = None) -> None:
         self.name = name
         if tensor.device.type != "cpu" or tensor.dim() == 0:
             raise RowError("needs a CPU tensor with at least one dimension", tensor=name)
@@ -114,19 +126,31 @@ class RowController:
         if self.n_rows > 1 and self.row_stride < self.row_nbytes:
             raise RowError(f"rows overlap (stride {self.row_stride} bytes < row {self.row_nbytes} bytes)",
                            tensor=name)
+        # Bytes each row owns from its start: its data, plus padding when the layout says so.
+        self.row_span = row_span if row_span is not None else self.row_nbytes
+        if not self.row_nbytes <= self.row_span <= max(self.row_stride, self.row_nbytes):
+            raise RowError(f"row span {self.row_span} must lie between the row's {self.row_nbytes} bytes and "
+                           f"its stride {self.row_stride}", tensor=name)
         self.address = tensor.data_ptr()  # first byte of row 0
-        self.end = self.address + (self.n_rows - 1) * self.row_stride + self.row_nbytes
+        self.end = self.address + (self.n_rows - 1) * self.row_stride + self.row_span
         self.file_offset = self.address - self.mapping.address
         self.page_first = self.address // PAGE_SIZE * PAGE_SIZE
         n_pages = -(-(self.end - self.page_first) // PAGE_SIZE)
         self.n_pages = n_pages
-        # Rows own "slots": [row start, next row start); the last slot ends at the tensor's end.
         page_start = self.page_first + np.arange(n_pages, dtype=np.int64) * PAGE_SIZE  # (n_pages,)
-        stride = max(self.row_stride, 1)
-        self._page_row_lo = np.clip((page_start - self.address) // stride, 0, self.n_rows)
-        self._page_row_hi = np.clip((page_start + PAGE_SIZE - self.address + stride - 1) // stride,
-                                    0, self.n_rows)
-        self._page_inside = (page_start >= self.address) & (page_start + PAGE_SIZE <= self.end)
+        last_byte = page_start + PAGE_SIZE - 1 - self.address  # (n_pages,) relative to row 0
+        first_byte = page_start - self.address
+        stride, span = max(self.row_stride, 1), self.row_span
+        # Rows whose owned bytes [a_r, a_r + span) overlap each page: [lo, hi).
+        self._page_row_lo = np.clip((first_byte - span) // stride + 1, 0, self.n_rows)
+        self._page_row_hi = np.clip(last_byte // stride + 1, 0, self.n_rows)
+        # Pages made wholly of owned bytes: the only ones that may be freed or remapped.
+        if span >= stride:  # owned bytes tile [address, end)
+            self._page_owned = (first_byte >= 0) & (page_start + PAGE_SIZE <= self.end)
+        else:  # gaps between rows are not ours: a page must lie inside one row
+            row = first_byte // stride
+            self._page_owned = ((first_byte >= 0) & (last_byte // stride == row) & (last_byte - row * stride < span)
+                                & (row < self.n_rows))
         self._masked = np.zeros(self.n_rows, dtype=bool)
         self._lock = threading.RLock()
 
@@ -152,10 +176,9 @@ class RowController:
         return np.unique(idx % self.n_rows)
 
     def _slot_pages(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """First and last page index (into this tensor's pages) of each row's slot."""
+        """First and last page index (into this tensor's pages) of the bytes each row owns."""
         start = self.address + rows * self.row_stride
-        slot = np.where(rows == self.n_rows - 1, self.row_nbytes, self.row_stride)
-        return (start - self.page_first) // PAGE_SIZE, (start + slot - 1 - self.page_first) // PAGE_SIZE
+        return (start - self.page_first) // PAGE_SIZE, (start + self.row_span - 1 - self.page_first) // PAGE_SIZE
 
     def _pages_touched(self, rows: np.ndarray) -> np.ndarray:
         """(n_pages,) bool: pages that any of ``rows``' slots touch."""
@@ -172,9 +195,9 @@ class RowController:
         return cum[self._page_row_hi] - cum[self._page_row_lo]
 
     def _freeable(self) -> np.ndarray:
-        """(n_pages,) pages every slot of which is masked and that lie wholly inside the tensor."""
+        """(n_pages,) pages made wholly of bytes owned by masked rows."""
         n_on_page = self._page_row_hi - self._page_row_lo
-        return self._page_inside & (self._rows_in_pages(self._masked) == n_on_page)
+        return self._page_owned & (self._rows_in_pages(self._masked) == n_on_page)
 
     def _page_addr(self, page: int) -> int:
         return self.page_first + page * PAGE_SIZE
@@ -216,7 +239,7 @@ class RowController:
         touched = self._pages_touched(rows)
         selected = np.zeros(self.n_rows, dtype=bool)
         selected[rows] = True
-        sole = self._page_inside & (self._rows_in_pages(selected | self._masked)
+        sole = self._page_owned & (self._rows_in_pages(selected | self._masked)
                                     == self._page_row_hi - self._page_row_lo)
         stuck = int((touched & ~sole).sum())
         if stuck:
@@ -266,7 +289,7 @@ class RowController:
                 return 0
             self._masked[back] = False
             touched = self._pages_touched(back)
-            clean = touched & self._page_inside & (self._rows_in_pages(self._masked) == 0)
+            clean = touched & self._page_owned & (self._rows_in_pages(self._masked) == 0)
             for first, stop in pages.runs(clean):
                 addr = self._page_addr(first)
                 pages.map_file_over(addr, (stop - first) * PAGE_SIZE, self.mapping.fd,
@@ -299,7 +322,7 @@ class RowController:
             selected = np.zeros(self.n_rows, dtype=bool)
             selected[idx] = True
             on_page = self._page_row_hi - self._page_row_lo
-            wholly = self._page_inside & (self._rows_in_pages(selected) == on_page)
+            wholly = self._page_owned & (self._rows_in_pages(selected) == on_page)
             # A page with masked and unmasked rows is a private copy holding zeros:
             # releasing it would bring the masked rows' file values back.
             n_masked = self._rows_in_pages(self._masked)
@@ -358,15 +381,20 @@ _CONTROLLERS_LOCK = threading.Lock()
 def rows(tensor: torch.Tensor, *, name: str | None = None) -> RowController:
     """The row controller of a mapped tensor (the same one for the same rows of the same mapping).
 
+    A view of rows padded by the layout compiler (``convert --pad-rows``) owns
+    its padding, so whole padded slots are freed; any other strided view owns
+    only its rows' bytes.
+
     Raises:
         NotMappedError: the tensor is not a view of a file sparsemap mapped.
         RowError: its rows are not contiguous, or overlap.
     """
+    span = row_span_of(tensor)
     key = (tensor.data_ptr(), tensor.shape[0] if tensor.dim() else 0, tensor.stride(0) if tensor.dim() else 0,
-           tensor.numel(), tensor.element_size())
+           tensor.numel(), tensor.element_size(), span or 0)
     with _CONTROLLERS_LOCK:
         ctl = _CONTROLLERS.get(key)
         if ctl is None:
-            ctl = RowController(tensor, name=name)
+            ctl = RowController(tensor, name=name, row_span=span)
             _CONTROLLERS[key] = ctl
         return ctl

@@ -158,7 +158,9 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def _row_stride(row_nbytes: int, itemsize: int, page: int) -> int:
-    """Row stride in elements: a multiple of the page, or a power of two dividing it."""
+    """Row stride in elements: a multiple of the page, or a power of two dividing it (0 for empty rows)."""
+    if row_nbytes == 0:
+        return 0
     if row_nbytes >= page:
         stride = -(-row_nbytes // page) * page
     else:
@@ -457,12 +459,15 @@ def _write_plain(sink: _Sink, t: torch.Tensor, record: Record) -> None:
 
 def _write_rows(sink: _Sink, record: Record, get: Callable[[str], torch.Tensor]) -> None:
     n_rows, stride = record.shape
+    if record.nbytes == 0:
+        return
     sources = []
     for p in record.parts:
         t = get(p.name).detach()
         if t.device.type != "cpu":
             t = t.cpu()
-        sources.append((p, t.t() if p.transposed else t.reshape(t.shape[0], -1)))  # (n_rows, n_cols)
+        rows = t.t() if p.transposed else t.reshape(t.shape[0], math.prod(t.shape[1:]))  # (n_rows, n_cols)
+        sources.append((p, rows))
     rows_per_chunk = max(1, CHUNK_NBYTES // (stride * record.dtype.itemsize))
     buf = torch.zeros(min(rows_per_chunk, n_rows), stride, dtype=record.dtype)  # (rows, stride)
     order = torch.tensor(record.order, dtype=torch.int64) if record.order is not None else None

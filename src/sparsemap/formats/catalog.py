@@ -45,6 +45,10 @@ class TensorEntry:
             stored in logical order.
         order_dim: the dimension ``order`` permutes (0 for rows; 1 for a
             transposed tensor, whose stored rows are its columns).
+        row_span: bytes from one row's start to the next that belong to this
+            tensor alone (its row and the padding after it), for rows padded by
+            the layout compiler. ``None`` when gaps between rows, if any, may
+            hold other tensors' bytes (a bundle's parts, a view of a wider matrix).
     """
 
     name: str
@@ -57,6 +61,7 @@ class TensorEntry:
     encoding: str | None = None
     order: tuple[int, ...] | None = None
     order_dim: int = 0
+    row_span: int | None = None
 
     @property
     def numel(self) -> int:

@@ -50,7 +50,8 @@ def parse(text: str, path: str) -> dict[str, Any]:
         doc = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as e:
         raise LayoutError(f"{LAYOUT_KEY} is not JSON: {e}", path=path) from None
-    if not isinstance(doc, dict) or doc.get("version") != LAYOUT_VERSION:
+    # `type(...) is int`: JSON true would otherwise pass as 1.
+    if not isinstance(doc, dict) or type(doc.get("version")) is not int or doc["version"] != LAYOUT_VERSION:
         raise LayoutError(f"{LAYOUT_KEY} must be an object with version {LAYOUT_VERSION}, got "
                           f"{str(doc)[:80]}", path=path)
     views = doc.get("views", {})
@@ -112,8 +113,17 @@ def apply_layout(entries: list[TensorEntry], metadata: dict[str, str], path: str
         if order is not None and (order_dim >= len(shape) or len(order) != shape[order_dim]):
             raise LayoutError(f"row order has {len(order)} entries for dimension {order_dim} of shape "
                               f"{list(shape)}", path=path, tensor=name)
+        # A "rows" view is the only user of its stored tensor: the padding after
+        # each row is its own, so whole padded slots can be freed.
+        row_span = strides[0] * size if v["kind"] == "rows" and len(shape) >= 1 and offset == 0 else None
+        if row_span is not None:
+            span = shape[0] * row_span if numel else 0
+            if offset + span // size > base.numel:
+                raise LayoutError(f"padded rows ({shape[0]} x {row_span} bytes) run past {v['stored']!r}",
+                                  path=path, tensor=name)
         out.append(TensorEntry(name=name, file=base.file, offset=base.offset + offset * size, nbytes=span,
-                               dtype=base.dtype, shape=shape, strides=strides, order=order, order_dim=order_dim))
+                               dtype=base.dtype, shape=shape, strides=strides, order=order, order_dim=order_dim,
+                               row_span=row_span))
     return out
 
 

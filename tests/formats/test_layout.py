@@ -1,0 +1,157 @@
+"""sparsemap.formats.layout: the layout metadata of converted files, validated before anything is mapped.
+
+Each malformed document is written by hand into an otherwise valid
+safetensors file and must fail with :class:`LayoutError`, its message naming
+the file, the view and the numbers involved.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import sparsemap
+from sparsemap import errors
+from sparsemap.formats.layout import LAYOUT_KEY, PAD_PREFIX, parse
+
+from ..helpers import raises
+
+STORED = "emb@rows"  # (4, 8) float32: 32 elements
+
+
+def layout_file(tmp_path: Path, layout: object, *, raw: str | None = None,
+                extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """A safetensors file holding ``emb@rows`` (4, 8) F32 and ``bias`` (8,), with ``layout`` as metadata."""
+    tensors = {STORED: torch.arange(32, dtype=torch.float32).view(4, 8), "bias": torch.ones(8)}
+    tensors.update(extra or {})
+    path = tmp_path / "laid-out.safetensors"
+    text = raw if raw is not None else json.dumps(layout)
+    save_file(tensors, str(path), metadata={"format": "pt", LAYOUT_KEY: text})
+    return path
+
+
+def doc(**views: object) -> dict[str, object]:
+    return {"version": 1, "align": 4096, "views": views}
+
+
+def view(stored: str = STORED, kind: str = "rows", offset: object = 0, shape: object = (4, 6),
+         strides: object = (8, 1)) -> dict[str, object]:
+    return {"stored": stored, "kind": kind, "offset": offset,
+            "shape": list(shape) if isinstance(shape, tuple) else shape,
+            "strides": list(strides) if isinstance(strides, tuple) else strides}
+
+
+# ---------------------------------------------------------------- valid documents
+
+def test_a_valid_view_is_served_and_its_stored_tensor_hidden(tmp_path: Path) -> None:
+    path = layout_file(tmp_path, doc(emb=view()), extra={f"{PAD_PREFIX}0": torch.zeros(8, dtype=torch.uint8)})
+    cat = sparsemap.open(path)
+    assert set(cat) == {"emb", "bias"}  # stored name and padding hidden
+    want = torch.arange(32, dtype=torch.float32).view(4, 8)[:, :6]
+    assert torch.equal(cat.tensor("emb"), want)
+    assert cat["emb"].strides == (8, 1)
+
+
+def test_a_view_reaching_exactly_the_last_element_is_allowed(tmp_path: Path) -> None:
+    # offset 2 + (4-1)*8 + (6-1)*1 = 31, the last of 32 elements.
+    path = layout_file(tmp_path, doc(emb=view(offset=2)))
+    got = sparsemap.open(path).tensor("emb")
+    assert torch.equal(got, torch.arange(32, dtype=torch.float32).view(4, 8)[:, 2:])
+
+
+def test_transposed_and_alias_views(tmp_path: Path) -> None:
+    path = layout_file(tmp_path, doc(embT=view(kind="transpose", shape=(8, 4), strides=(1, 8)),
+                                     bias2=view(stored="bias", kind="alias", shape=(8,), strides=(1,))))
+    cat = sparsemap.open(path)
+    assert set(cat) == {"embT", "bias", "bias2"}  # an alias's stored tensor stays a tensor of its own
+    assert torch.equal(cat.tensor("embT"), torch.arange(32, dtype=torch.float32).view(4, 8).t())
+    assert torch.equal(cat.tensor("bias2"), torch.ones(8))
+
+
+def test_an_empty_view_needs_no_bounds(tmp_path: Path) -> None:
+    path = layout_file(tmp_path, doc(e=view(offset=1000, shape=(0, 6))))
+    assert sparsemap.open(path).tensor("e").shape == (0, 6)
+
+
+def test_without_layout_metadata_padding_names_are_ordinary(tmp_path: Path) -> None:
+    path = tmp_path / "plain.safetensors"
+    save_file({f"{PAD_PREFIX}0": torch.zeros(4, dtype=torch.uint8), "a": torch.ones(2)}, str(path))
+    assert set(sparsemap.open(path)) == {f"{PAD_PREFIX}0", "a"}
+
+
+# ---------------------------------------------------------------- the document itself
+
+@pytest.mark.parametrize("text", ["{not json", "", "[1, 2", '{"version": 1, "views": {"a": }}'])
+def test_not_json(tmp_path: Path, text: str) -> None:
+    raises(errors.LayoutError, layout_file(tmp_path, None, raw=text), LAYOUT_KEY, "is not JSON")
+
+
+@pytest.mark.parametrize("document", [{"version": 2, "views": {}}, {"views": {}}, {"version": "1"},
+                                      [1], "text", 1, None])
+def test_wrong_version_or_not_an_object(tmp_path: Path, document: object) -> None:
+    raises(errors.LayoutError, layout_file(tmp_path, document), "must be an object with version 1")
+
+
+@pytest.mark.parametrize("views", [[], "emb", 3, None])
+def test_views_not_an_object(tmp_path: Path, views: object) -> None:
+    path = layout_file(tmp_path, {"version": 1, "views": views})
+    raises(errors.LayoutError, path, f"{LAYOUT_KEY}.views must be an object")
+
+
+# ---------------------------------------------------------------- one view
+
+@pytest.mark.parametrize("bad", [
+    {k: v for k, v in view().items() if k != "strides"},            # a field missing
+    {k: v for k, v in view().items() if k != "stored"},
+    {k: v for k, v in view().items() if k != "offset"},
+    view(offset=-1),                                                # negative offset
+    view(offset=1.0),                                               # not an integer
+    view(offset=True),                                              # bool is not an integer here
+    view(offset="0"),
+    view(shape=(4, 6, 1), strides=(8, 1)),                          # shape and strides lengths differ
+    view(shape=(4,), strides=(8, 1)),
+    view(shape=(4, -6)),                                            # negative dimension
+    view(strides=(8, -1)),                                          # negative stride
+    view(shape="4x6"),
+    view(kind="zigzag"),                                            # unknown kind
+    view(stored=7),
+    "not a view",
+], ids=["no-strides", "no-stored", "no-offset", "negative-offset", "float-offset", "bool-offset",
+        "string-offset", "longer-shape", "longer-strides", "negative-dim", "negative-stride", "string-shape",
+        "unknown-kind", "stored-not-a-name", "not-an-object"])
+def test_malformed_view(tmp_path: Path, bad: object) -> None:
+    path = layout_file(tmp_path, doc(emb=bad))
+    raises(errors.LayoutError, path, "'emb'", "view must be {stored, kind, offset, shape, strides}")
+
+
+def test_view_of_a_missing_stored_tensor(tmp_path: Path) -> None:
+    path = layout_file(tmp_path, doc(emb=view(stored="ghost@rows")))
+    raises(errors.LayoutError, path, "'emb'", "'ghost@rows'", "which the file lacks")
+
+
+@pytest.mark.parametrize(("bad", "last"), [
+    (view(offset=3), 32),                                # one element past the end
+    (view(shape=(5, 6)), 37),                            # one row too many
+    (view(shape=(4, 8), strides=(9, 1)), 34),            # a stride too long
+    (view(offset=40, shape=(1, 1)), 40),                 # starts outside
+    (view(kind="transpose", shape=(8, 5), strides=(1, 8)), 39),
+])
+def test_view_reaching_outside_its_stored_tensor(tmp_path: Path, bad: dict[str, object], last: int) -> None:
+    path = layout_file(tmp_path, doc(emb=bad))
+    raises(errors.LayoutError, path, "'emb'", f"reaches element {last} of '{STORED}', which has 32")
+
+
+def test_view_name_colliding_with_a_plain_tensor(tmp_path: Path) -> None:
+    path = layout_file(tmp_path, doc(bias=view()))
+    raises(errors.LayoutError, path, "'bias'", "collides with a stored tensor")
+
+
+def test_errors_are_found_before_anything_is_mapped(tmp_path: Path) -> None:
+    # Validation is parsing: it needs no torch, and fails on the document alone.
+    with pytest.raises(errors.LayoutError, match="views must be an object"):
+        parse(json.dumps({"version": 1, "views": []}), "somewhere.safetensors")
+    assert parse(json.dumps(doc(emb=view())), "x")["views"]["emb"]["offset"] == 0
