@@ -49,7 +49,7 @@ def bit_identical(src: str, dst: str) -> tuple[bool, int]:
 
 
 def main() -> None:
-    from load_1b import checkpoint_paths, generate
+    from load_1b import generate
 
     from sparsemap import cgroup, pages
     from sparsemap.cli import _parse_size

@@ -41,9 +41,9 @@ _LAZY = {
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import memory
-    from .loader import load, load_state_dict, skeleton
     from .convert import convert
     from .lifecycle import drop, to_mapped
+    from .loader import load, load_state_dict, skeleton
     from .rows import RowController, rows
     from .writer import Layout, save
 

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import pages
 from .formats.catalog import Catalog
 from .formats.resolve import open_catalog
-from .mapped import TORCH_DTYPES, mapping_of
+from .mapped import TORCH_DTYPES, release_pages
 from .writer import Layout, Plan, Spec, plan, write
 
 
@@ -48,17 +47,6 @@ class ConvertSummary:
                 f"{self.mb_per_s:,.0f} MB/s")
 
 
-def _release(t: torch.Tensor) -> None:
-    """Give back the pages of a mapped source tensor once it is written (it can be re-read)."""
-    try:
-        mm = mapping_of(t)
-    except Exception:
-        return
-    start = t.data_ptr()
-    first, last = pages.pages_inside(start, start + t.numel() * t.element_size())
-    if last > first:
-        pages.release(first, last - first)
-        pages.drop_cache(mm.fd, first - mm.address, last - first)
 
 
 def convert(source: str | os.PathLike[str] | Catalog, destination: str | os.PathLike[str], *,
@@ -95,7 +83,7 @@ def convert(source: str | os.PathLike[str] | Catalog, destination: str | os.Path
     def done(name: str) -> None:
         t = current.pop(name, None)
         if t is not None:
-            _release(t)
+            release_pages(t, drop_cache=True)  # written: give its pages back
 
     write(the_plan, get, destination, on_bytes=on_bytes, on_tensor=done)
     return ConvertSummary(source=catalog.source, destination=os.fspath(destination), tensors=len(catalog),

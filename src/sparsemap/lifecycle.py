@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import pages
-from .errors import NotMappedError
 from .loader import load
-from .mapped import mapping_of
+from .mapped import release_pages
 from .writer import Layout, save
 
 
@@ -59,16 +57,6 @@ class DropReport:
         return "\n".join(lines)
 
 
-def _release_pages(t: torch.Tensor) -> int:
-    try:
-        mapping_of(t)
-    except NotMappedError:
-        return 0
-    start = t.data_ptr()
-    first, last = pages.pages_inside(start, start + t.numel() * t.element_size())
-    if last > first:
-        pages.release(first, last - first)
-    return max(0, last - first)
 
 
 def drop(module: nn.Module, names: list[str] | tuple[str, ...] | str) -> DropReport:
@@ -113,7 +101,7 @@ def drop(module: nn.Module, names: list[str] | tuple[str, ...] | str) -> DropRep
         if t.device.type != "meta":
             if t.device.type == "cpu" and t.data_ptr() not in released:
                 released.add(t.data_ptr())
-                report.released_nbytes += _release_pages(t)
+                report.released_nbytes += release_pages(t)
             old[name] = t
         report.dropped.append(name)
     names_by_dict = _parameter_dicts(module)

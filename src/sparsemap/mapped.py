@@ -197,6 +197,28 @@ class Mapper:
         return {path: (mm.address, len(mm)) for path, mm in self._maps.items() if mm is not None}
 
 
+def release_pages(t: torch.Tensor, *, drop_cache: bool = False) -> int:
+    """Release the pages wholly inside a mapped tensor's bytes; returns bytes released (0 if not mapped).
+
+    The data stays readable: it faults back from the file. With ``drop_cache``
+    the file's cached pages for that range are dropped too.
+    """
+    from . import pages
+
+    try:
+        mm = mapping_of(t)
+    except NotMappedError:
+        return 0
+    start = t.data_ptr()
+    first, last = pages.pages_inside(start, start + t.numel() * t.element_size())
+    if last <= first:
+        return 0
+    pages.release(first, last - first)
+    if drop_cache:
+        pages.drop_cache(mm.fd, first - mm.address, last - first)
+    return last - first
+
+
 def _dequantize(mm: mmap.mmap, entry: TensorEntry) -> torch.Tensor:
     import numpy as np
     from gguf import GGMLQuantizationType

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInputError
+from .formats.catalog import contiguous_strides
 from .formats.layout import LAYOUT_KEY, LAYOUT_VERSION, PAD_PREFIX, SUFFIXES
 from .mapped import DTYPE_NAMES
 
@@ -232,7 +233,7 @@ def plan(specs: list[Spec], layout: Layout, metadata: Mapping[str, str] | None =
             if p.transposed:
                 view(p.name, stored, kind, p.col_offset, shape, (1, stride))
             else:
-                rest = _contiguous(shape[1:])
+                rest = contiguous_strides(shape[1:])
                 view(p.name, stored, kind, p.col_offset, shape, (stride, *rest))
             if order is not None:
                 views[p.name]["order"] = order
@@ -255,7 +256,7 @@ def plan(specs: list[Spec], layout: Layout, metadata: Mapping[str, str] | None =
             if first in views:  # the first has a special layout: share its recipe
                 views[s.name] = dict(views[first])
             else:
-                view(s.name, first, "alias", 0, s.shape, _contiguous(s.shape))
+                view(s.name, first, "alias", 0, s.shape, contiguous_strides(s.shape))
             placed.add(s.name)
             continue
         pad = _matches(s.name, layout.pad_rows) and len(s.shape) >= 1
@@ -315,12 +316,6 @@ def _dtype_name(dtype: torch.dtype, name: str) -> str:
         raise LayoutOptionError(f"{name}: dtype {dtype} has no safetensors name") from None
 
 
-def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for d in reversed(shape):
-        strides.append(acc)
-        acc *= d
-    return tuple(reversed(strides))
 
 
 def _common_prefix(names: list[str]) -> str:

@@ -22,6 +22,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..mapped import Mapper
 
 
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Element strides of a row-major contiguous tensor of ``shape``."""
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= d
+    return tuple(reversed(strides))
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """Where one tensor's bytes are, and how to read them.

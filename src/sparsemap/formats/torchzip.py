@@ -32,7 +32,7 @@ from ..errors import (
     UnknownDtypeError,
     UnsafePickleError,
 )
-from .catalog import Catalog, TensorEntry
+from .catalog import Catalog, TensorEntry, contiguous_strides
 from .dtypes import ITEMSIZE
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -326,19 +326,13 @@ def _entry(name: str, rec: _TensorRecord, storage: tuple[int, int], path: str) -
                 f"element {last} of a storage of {numel_in_storage} {rec.dtype} elements", path=path,
                 tensor=name)
         span = (last - rec.storage_offset + 1) * size
-    contiguous = _contiguous_strides(rec.shape)
+    contiguous = contiguous_strides(rec.shape)
     strides = None if numel <= 1 or _same_layout(rec.shape, rec.strides, contiguous) else rec.strides
     return TensorEntry(name=name, file=path, offset=start + rec.storage_offset * size,
                        nbytes=span if strides is not None else numel * size,
                        dtype=rec.dtype, shape=rec.shape, strides=strides)
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for d in reversed(shape):
-        strides.append(acc)
-        acc *= d
-    return tuple(reversed(strides))
 
 
 def _same_layout(shape: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ...]) -> bool:
