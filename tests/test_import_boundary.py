@@ -99,3 +99,19 @@ def test_opening_checkpoints_does_not_import_torch(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
+
+
+def test_public_functions_are_not_shadowed_by_submodules():
+    """Importing a submodule binds its name in the package: no public function may share one."""
+    code = ("import importlib, pkgutil, sparsemap\n"
+            "for m in pkgutil.walk_packages(sparsemap.__path__, 'sparsemap.'):\n"
+            "    importlib.import_module(m.name)\n"
+            "for name in ('load', 'rows', 'convert', 'save', 'drop', 'to_mapped', 'from_pretrained', 'open', "
+            "'skeleton', 'load_state_dict'):\n"
+            "    assert callable(getattr(sparsemap, name)) and not isinstance(getattr(sparsemap, name), "
+            "type(sparsemap)), name\n")
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

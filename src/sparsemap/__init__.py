@@ -29,22 +29,24 @@ _LAZY = {
     "load": "sparsemap.loader",
     "load_state_dict": "sparsemap.loader",
     "skeleton": "sparsemap.loader",
-    "rows": "sparsemap.rows",
-    "RowController": "sparsemap.rows",
+    "rows": "sparsemap.sparse_rows",
+    "RowController": "sparsemap.sparse_rows",
     "save": "sparsemap.writer",
     "Layout": "sparsemap.writer",
-    "convert": "sparsemap.convert",
+    "convert": "sparsemap.converter",
     "to_mapped": "sparsemap.lifecycle",
     "drop": "sparsemap.lifecycle",
+    "from_pretrained": "sparsemap.models.hf",
     "memory": None,
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import memory
-    from .convert import convert
+    from .converter import convert
     from .lifecycle import drop, to_mapped
+    from .models.hf import from_pretrained
     from .loader import load, load_state_dict, skeleton
-    from .rows import RowController, rows
+    from .sparse_rows import RowController, rows
     from .writer import Layout, save
 
 
@@ -62,5 +64,5 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["Catalog", "Layout", "RowController", "SparsemapError", "TensorEntry", "convert", "drop", "errors",
+__all__ = ["Catalog", "Layout", "RowController", "SparsemapError", "TensorEntry", "convert", "drop", "errors", "from_pretrained",
            "load", "load_state_dict", "memory", "open", "rows", "save", "skeleton", "to_mapped", "__version__"]

@@ -243,7 +243,7 @@ def convert(src: str, dst: str, dtype: str | None, align: str, pad_rows: tuple[s
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     from . import open as open_catalog
-    from .convert import convert as run_convert
+    from .converter import convert as run_convert
     from .writer import Layout
 
     layout = Layout(align=_parse_size(align), dtype=getattr(torch, dtype) if dtype else None,

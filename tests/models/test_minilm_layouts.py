@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsemap.convert import convert
+from sparsemap.converter import convert
 from sparsemap.writer import Layout
 
 random.seed(0)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import sparsemap
 from sparsemap.cli import main
-from sparsemap.convert import ConvertSummary, convert
+from sparsemap.converter import ConvertSummary, convert
 from sparsemap.formats.layout import PAD_PREFIX
 from sparsemap.memory import AnonSampler, MiB
 from sparsemap.writer import Layout

@@ -1,0 +1,104 @@
+"""transformers integration: ``sparsemap.from_pretrained``.
+
+Builds the transformers model class from its config under
+:func:`sparsemap.skeleton` (parameters on meta, buffers such as rotary caches
+computed for real), then maps the checkpoint's weights into it. Sources: a
+Hugging Face folder (config.json + safetensors / .bin, sharded or not), a
+single checkpoint file with ``config=``, or a GGUF file (config from its
+header, tensors renamed to transformers' names, dequantized on access).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import SourceNotFoundError
+from ..formats.catalog import Catalog
+from ..formats.resolve import open_catalog
+from ..loader import Skip, load, skeleton
+from .gguf_llama import hf_catalog, llama_config_kwargs
+
+
+def _gguf_in(path: Path) -> Path | None:
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+    return None
+
+
+def resolve(source: str | os.PathLike[str], config: Any = None) -> tuple[Catalog, Any]:
+    """The catalog (with transformers' names) and the transformers config of a source."""
+    from transformers import AutoConfig, LlamaConfig
+
+    path = Path(source)
+    if not path.exists():
+        raise SourceNotFoundError("no such file or folder", path=path)
+    gguf = _gguf_in(path)
+    if gguf is not None:
+        raw = open_catalog(gguf)
+        return hf_catalog(raw), config or LlamaConfig(**llama_config_kwargs(raw))
+    if config is None:
+        folder = path if path.is_dir() else path.parent
+        if not (folder / "config.json").is_file():
+            raise SourceNotFoundError(f"no config.json next to the weights; pass config= (looked in {folder})",
+                                      path=path)
+        config = AutoConfig.from_pretrained(folder)
+    return open_catalog(path), config
+
+
+def _model_class(config: Any) -> type[nn.Module]:
+    import transformers
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    for auto in (AutoModelForCausalLM, AutoModel):
+        try:
+            return auto._model_mapping[type(config)]  # type: ignore[no-any-return]
+        except KeyError:
+            continue
+    raise SourceNotFoundError(f"no transformers model class for config {type(config).__name__}")
+
+
+def from_pretrained(source: str | os.PathLike[str], *, config: Any = None, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu", model_class: type[nn.Module] | None = None,
+                    skip: Skip = None, strict: bool = True) -> nn.Module:
+    """A transformers model with weights mapped from ``source``, in eval mode.
+
+    Args:
+        source: a Hugging Face folder, a checkpoint file (with ``config=``),
+            or a GGUF file or folder holding one.
+        config: a transformers config; read from the source when omitted.
+        dtype: cast floating weights (one tensor at a time); ``None`` keeps the
+            file's dtypes (GGUF quantized tensors come as float32).
+        device: where the weights go; ``"cpu"`` keeps them as views of the file.
+        model_class: the transformers class to build; from the config's
+            ``architectures`` (or the causal-LM auto class) when omitted.
+        skip, strict: as for :func:`sparsemap.load`.
+
+    Example:
+        >>> model = sparsemap.from_pretrained("SmolLM2-135M-Instruct/")      # doctest: +SKIP
+        >>> model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=8)
+    """
+    catalog, config = resolve(source, config)
+    cls = model_class or _model_class(config)
+    with skeleton():
+        model = cls(config)
+    load(model, catalog, device=device, dtype=dtype, skip=skip, strict=strict)
+    model.eval()
+    folder = Path(source) if Path(source).is_dir() else Path(source).parent
+    if hasattr(model, "generation_config") and (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model

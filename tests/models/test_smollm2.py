@@ -1,0 +1,96 @@
+"""SmolLM2-135M-Instruct through sparsemap generates exactly what transformers' GGUF loading generates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsemap
+from sparsemap.mapped import mapping_of
+
+PROMPT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(converted folder, gguf path, tokenizer, reference model, prompt ids, reference tokens, reference logits)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sparsemap.models import assets, smollm2
+
+    try:
+        folder = smollm2.prepare(quiet=True)
+    except assets.AssetError as e:
+        pytest.skip(f"SmolLM2 could not be fetched: {e}")
+    gguf = smollm2.gguf_path(quiet=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        tokens = reference.generate(**ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        logits = reference(**ids).logits[0, -1]
+    return folder, gguf, tokenizer, ids, tokens, logits
+
+
+def _generate(model, ids):
+    with torch.inference_mode():
+        return model.generate(**ids, max_new_tokens=NEW_TOKENS, do_sample=False), model(**ids).logits[0, -1]
+
+
+@pytest.mark.model
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["converted", "gguf"])
+def test_greedy_tokens_and_logits_match_transformers(smollm2, which):
+    folder, gguf, tokenizer, ids, ref_tokens, ref_logits = smollm2
+    model = sparsemap.from_pretrained(folder if which == "converted" else gguf)
+    tokens, logits = _generate(model, ids)
+    assert torch.equal(tokens, ref_tokens), tokenizer.decode(tokens[0])
+    # float32 both ways, same values: equal up to float32 rounding.
+    assert torch.allclose(logits, ref_logits, rtol=0, atol=1e-4)
+    assert "Paris" in tokenizer.decode(tokens[0][ids["input_ids"].shape[1]:])
+
+
+@pytest.mark.model
+def test_converted_weights_are_zero_copy_and_tied(smollm2):
+    folder = smollm2[0]
+    model = sparsemap.from_pretrained(folder)
+    for name, p in model.named_parameters():
+        assert mapping_of(p, name).path.endswith("model.safetensors")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    inv_freq = model.model.rotary_emb.inv_freq
+    assert inv_freq.device.type == "cpu" and torch.isfinite(inv_freq).all() and inv_freq[0] == 1.0
+
+
+@pytest.mark.model
+def test_config_from_the_gguf_header_matches_transformers(smollm2):
+    from transformers import AutoConfig
+
+    from sparsemap.models.gguf_llama import llama_config_kwargs
+
+    gguf = smollm2[1]
+    ours = llama_config_kwargs(sparsemap.open(gguf))
+    theirs = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for key, value in ours.items():
+        if key == "rope_theta":
+            assert theirs.rope_parameters["rope_theta"] == value
+        else:
+            assert getattr(theirs, key) == value, key
+
+
+@pytest.mark.model
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [
+    sparsemap.Layout(pad_rows=("*embed_tokens*",), transpose=("*.down_proj.weight",)),
+    sparsemap.Layout(bundle_ffn=True),
+], ids=["pad+transpose", "bundle"])
+def test_converted_layouts_generate_the_same(smollm2, tmp_path, layout):
+    import shutil
+
+    folder, _, _, ids, ref_tokens, ref_logits = smollm2
+    target = tmp_path / "model"
+    shutil.copytree(folder, target, ignore=shutil.ignore_patterns("model.safetensors"))
+    sparsemap.convert(folder / "model.safetensors", target / "model.safetensors", layout=layout)
+    tokens, logits = _generate(sparsemap.from_pretrained(target), ids)
+    assert torch.equal(tokens, ref_tokens)
+    assert torch.allclose(logits, ref_logits, rtol=0, atol=1e-4)
