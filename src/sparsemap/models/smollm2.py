@@ -32,13 +32,16 @@ def gguf_path(*, quiet: bool = False) -> Path:
 
 
 def prepare(*, quiet: bool = False) -> Path:
-    """The converted folder (fetching and converting on first use; cached after)."""
-    from ..converter import convert
-    from ..formats.resolve import open_catalog
+    """The converted folder (fetching and converting on first use; cached after).
 
+    A cached folder is returned without importing torch.
+    """
     target = assets.cache_dir() / CONVERTED_NAME
     if (target / ".complete").is_file():
         return target
+    from ..converter import convert
+    from ..formats.resolve import open_catalog
+
     gguf = gguf_path(quiet=quiet)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{CONVERTED_NAME}.") as tmp:
