@@ -45,3 +45,21 @@ def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generat
         return torch.randint(0, 2, shape, generator=gen).bool()
     raw = torch.randint(0, 256, (numel * dtype.itemsize,), dtype=torch.uint8, generator=gen)
     return raw.view(dtype).reshape(shape)
+
+
+def run_isolated(code: str, timeout: float = 120) -> dict:
+    """Run ``code`` in a fresh interpreter; it must print one JSON object on its last line.
+
+    Memory measurements belong in a fresh process: after earlier tests, this
+    one holds hundreds of MiB of freed-but-resident heap and threads that
+    change what an allocation costs.
+    """
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

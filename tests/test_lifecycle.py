@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,9 @@ from torch import nn
 
 import sparsemap
 from sparsemap.mapped import mapping_of
-from sparsemap.memory import MiB, Snapshot
+from sparsemap.memory import MiB
+
+from .helpers import run_isolated
 
 _HELD: object = None  # a module global, for the lingering-reference test
 
@@ -26,27 +27,33 @@ def mapped_model(tmp_path: Path, width: int = 64, depth: int = 3) -> nn.Sequenti
 
 @pytest.mark.slow
 def test_to_mapped_gives_the_anonymous_memory_back(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(4096, 4096) for _ in range(4)])  # 4 x 64 MiB of fp32 weights
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert nbytes >= 256 * MiB
-    x = torch.randn(3, 4096, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        before_out = model(x)
-    gc.collect()
-    before = Snapshot.take().anon
-    returned = sparsemap.to_mapped(model, tmp_path / "weights.safetensors")
-    gc.collect()
-    after = Snapshot.take().anon
-    assert returned is model
-    assert before - after >= 0.9 * nbytes, f"anonymous memory fell {(before - after) / MiB:.0f} MiB " \
-                                           f"of {nbytes / MiB:.0f} MiB"
-    for name, p in model.named_parameters():
-        mapping_of(p, name)  # every weight is a view of the file now
-        assert isinstance(p, nn.Parameter)
-    with torch.no_grad():
-        assert torch.equal(model(x), before_out)
-    assert Snapshot.take().anon - after < 32 * MiB  # running it reads file pages, it does not copy them
+    r = run_isolated(f"""
+        import gc, json, torch
+        from torch import nn
+        import sparsemap
+        from sparsemap.mapped import mapping_of
+        from sparsemap.memory import Snapshot
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(4096, 4096) for _ in range(4)])  # 4 x 64 MiB of fp32 weights
+        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        x = torch.randn(3, 4096, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            before_out = model(x)
+        gc.collect()
+        before = Snapshot.take().anon
+        returned = sparsemap.to_mapped(model, {str(tmp_path / "weights.safetensors")!r})
+        gc.collect()
+        after = Snapshot.take().anon
+        mapped = all(mapping_of(p, n) is not None and isinstance(p, nn.Parameter) for n, p in model.named_parameters())
+        with torch.no_grad():
+            same = torch.equal(model(x), before_out)
+        print(json.dumps({{"nbytes": nbytes, "fell": before - after, "is_model": returned is model,
+                          "mapped": mapped, "same": same, "run_anon": Snapshot.take().anon - after}}))
+    """)
+    assert r["nbytes"] >= 256 * MiB
+    assert r["fell"] >= 0.9 * r["nbytes"], f"anonymous memory fell {r['fell'] / MiB:.0f} MiB of {r['nbytes'] / MiB:.0f}"
+    assert r["is_model"] and r["mapped"] and r["same"]
+    assert r["run_anon"] < 32 * MiB  # running it reads file pages, it does not copy them
 
 
 def test_to_mapped_keeps_ties_and_buffers(tmp_path: Path) -> None:

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import mmap
 import os
-import time
 
-from sparsemap.memory import AnonSampler, MiB, PhaseTracker, Snapshot
+from sparsemap.memory import MiB, Snapshot
+
+from .helpers import run_isolated
 
 
 def test_anonymous_allocation_shows_as_anonymous():
-    before = Snapshot.take()
-    block = bytearray(200 * MiB)  # calloc'd: touch it so the pages are resident
-    for i in range(0, len(block), 4096):
-        block[i] = 1
-    after = Snapshot.take()
-    assert after.anon - before.anon >= 190 * MiB
-    assert abs(after.file - before.file) < 50 * MiB
-    del block
+    r = run_isolated("""
+        import json
+        from sparsemap.memory import MiB, Snapshot
+        before = Snapshot.take()
+        block = bytearray(200 * MiB)  # calloc'd: touch it so the pages are resident
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        after = Snapshot.take()
+        print(json.dumps({"anon": after.anon - before.anon, "file": after.file - before.file}))
+    """)
+    assert r["anon"] >= 190 * MiB
+    assert abs(r["file"]) < 50 * MiB
 
 
 def test_touched_file_mapping_shows_as_file_backed(tmp_path):
@@ -36,32 +41,41 @@ def test_touched_file_mapping_shows_as_file_backed(tmp_path):
 
 
 def test_sampler_catches_a_transient_peak():
-    with AnonSampler() as sampler:
-        start = sampler.sample()
-        block = bytearray(150 * MiB)
-        for i in range(0, len(block), 4096):
-            block[i] = 1
-        time.sleep(0.2)  # long enough for the sampler process, not for sample() below
-        del block
-    assert sampler.peak - start >= 140 * MiB
+    r = run_isolated("""
+        import json, time
+        from sparsemap.memory import MiB, AnonSampler
+        with AnonSampler() as sampler:
+            start = sampler.sample()
+            block = bytearray(150 * MiB)
+            for i in range(0, len(block), 4096):
+                block[i] = 1
+            time.sleep(0.2)  # long enough for the sampler process; sample() is not called during the peak
+            del block
+        print(json.dumps({"rise": sampler.peak - start}))
+    """)
+    assert r["rise"] >= 140 * MiB
 
 
 def test_phase_tracker_reports_peak_and_end_state():
-    tracker = PhaseTracker()
-    with tracker.phase("allocate and free"):
-        block = bytearray(120 * MiB)
-        for i in range(0, len(block), 4096):
-            block[i] = 1
-        # Sampled peaks need the peak to last a few sampling intervals; on a
-        # busy 2-core machine the sampler can wait its turn for tens of ms.
-        time.sleep(0.2)
-        del block
-    with tracker.phase("idle"):
-        pass
-    first, second = tracker.phases
-    assert first.peak_anon - tracker.baseline.anon >= 110 * MiB
-    assert first.peak_rss - first.after.rss >= 100 * MiB  # the peak is gone by the phase's end
-    assert second.peak_rss < first.peak_rss  # the counter was reset between phases
-    table = tracker.table()
-    assert "allocate and free" in table and "peak anon" in table
-    assert tracker.to_dict()["phases"][0]["name"] == "allocate and free"
+    r = run_isolated("""
+        import json, time
+        from sparsemap.memory import MiB, PhaseTracker
+        tracker = PhaseTracker()
+        with tracker.phase("allocate and free"):
+            block = bytearray(120 * MiB)
+            for i in range(0, len(block), 4096):
+                block[i] = 1
+            # Sampled peaks need the peak to last a few sampling intervals; on a
+            # busy 2-core machine the sampler can wait its turn for tens of ms.
+            time.sleep(0.2)
+            del block
+        with tracker.phase("idle"):
+            pass
+        print(json.dumps({"tracker": tracker.to_dict(), "table": tracker.table()}))
+    """)
+    baseline, (first, second) = r["tracker"]["baseline"], r["tracker"]["phases"]
+    assert first["peak_anon"] - baseline["anon"] >= 110 * MiB
+    assert first["peak_rss"] - first["after"]["rss"] >= 100 * MiB  # the peak is gone by the phase's end
+    assert second["peak_rss"] < first["peak_rss"]  # the counter was reset between phases
+    assert "allocate and free" in r["table"] and "peak anon" in r["table"]
+    assert first["name"] == "allocate and free"
