@@ -94,3 +94,52 @@ def test_converted_layouts_generate_the_same(smollm2, tmp_path, layout):
     tokens, logits = _generate(sparsemap.from_pretrained(target), ids)
     assert torch.equal(tokens, ref_tokens)
     assert torch.allclose(logits, ref_logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.model
+def test_lean_runtime_generates_the_same_tokens(smollm2):
+    from sparsemap.models import llama
+
+    folder, _, tokenizer, ids, ref_tokens, ref_logits = smollm2
+    chat = llama.ChatTokenizer(folder)
+    prompt_ids = chat.prompt_ids(PROMPT[0]["content"])
+    assert prompt_ids == ids["input_ids"][0].tolist()  # same chat template, same tokenization
+    model = llama.load(folder)
+    assert all(mapping_of(p, n) is not None for n, p in model.named_parameters())
+    out = model.generate(prompt_ids, NEW_TOKENS)
+    assert out == ref_tokens[0][len(prompt_ids):].tolist()[: len(out)]
+    assert len(out) == len(ref_tokens[0]) - len(prompt_ids)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt_ids]))[0]
+    assert torch.allclose(logits, ref_logits, rtol=0, atol=1e-3)
+
+
+@pytest.mark.model
+def test_run_command_errors_are_one_line_with_exit_code_2(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    (broken / "model.safetensors.index.json").write_text('{"weight_map": {"w": "model-00001-of-00002.safetensors"}}')
+    for target, needle in ((tmp_path / "missing", "no such model"), (tmp_path / "notes.txt", "not a checkpoint"),
+                           (broken, "model-00001-of-00002.safetensors")):
+        proc = subprocess.run([sys.executable, "-m", "sparsemap.cli", "run", str(target), "hi"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_run_command_streams_an_answer_and_the_memory_report():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "sparsemap.cli", "run", "smollm2", PROMPT[0]["content"],
+                           "--max-new-tokens", "16"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout and "import torch" in proc.stdout and "first token" in proc.stdout

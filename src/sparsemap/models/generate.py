@@ -62,65 +62,147 @@ def load_tokenizer(path: Path) -> Any:
                             f"{str(e).splitlines()[0][:200]})", path=folder) from None
 
 
-class _Streamer:
-    """Prints new text as tokens arrive and notes when the first one came."""
+class TransformersEngine:
+    """Tokenizer and model from transformers (any architecture transformers knows)."""
 
-    def __init__(self, tokenizer: Any, echo: Callable[[str], None] | None) -> None:
-        from transformers import TextStreamer
+    libraries = "transformers"
 
-        outer = self
+    def __init__(self, load_model: Callable[[Path], Any]) -> None:
+        self.load_model = load_model
 
-        class Printer(TextStreamer):  # type: ignore[misc]
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                if echo is not None:
-                    echo(text)
+    def import_libraries(self) -> None:
+        # transformers imports lazily: name the classes so their modules load here.
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
+
+    def load_tokenizer(self, path: Path) -> Any:
+        return load_tokenizer(path)
+
+    def prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
+        messages = [{"role": "user", "content": prompt}]
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        return list(out["input_ids"])
+
+    def generate(self, model: Any, ids: list[int], max_new_tokens: int, temperature: float,
+                 on_token: Callable[[int], None]) -> list[int]:
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        class Tap(BaseStreamer):  # type: ignore[misc]
+            prompt_seen = False
 
             def put(self, value: Any) -> None:
-                if not self.next_tokens_are_prompt and outer.first_token_at is None:
-                    outer.first_token_at = time.perf_counter()
-                super().put(value)
+                if not self.prompt_seen:  # the first call carries the prompt
+                    self.prompt_seen = True
+                    return
+                for token in value.reshape(-1).tolist():
+                    on_token(int(token))
 
-        self.first_token_at: float | None = None
-        self.streamer = Printer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            def end(self) -> None:
+                pass
+
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=max_new_tokens, streamer=Tap(), **sampling)
+        return list(out[0][len(ids):].tolist())
+
+    def decode(self, tokenizer: Any, ids: list[int]) -> str:
+        return str(tokenizer.decode(ids, skip_special_tokens=True))
 
 
-def answer(load_model: Callable[[Path], Any], model: str, prompt: str, *, max_new_tokens: int = 64,
-           temperature: float = 0.0, echo: Callable[[str], None] | None = None,
+class LeanEngine:
+    """sparsemap's own Llama in plain torch, with the ``tokenizers`` library: no transformers import."""
+
+    libraries = "tokenizers"
+
+    def __init__(self, dtype: Any = None) -> None:
+        self.dtype = dtype
+
+    def import_libraries(self) -> None:
+        import jinja2  # noqa: F401
+        import tokenizers  # noqa: F401
+
+    def load_tokenizer(self, path: Path) -> Any:
+        from .llama import ChatTokenizer
+
+        return ChatTokenizer(path if path.is_dir() else path.parent)
+
+    def load_model(self, path: Path) -> Any:
+        from .llama import load
+
+        return load(path if path.is_dir() else path.parent, dtype=self.dtype)
+
+    def prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
+        return list(tokenizer.prompt_ids(prompt))
+
+    def generate(self, model: Any, ids: list[int], max_new_tokens: int, temperature: float,
+                 on_token: Callable[[int], None]) -> list[int]:
+        return list(model.generate(ids, max_new_tokens, temperature=temperature, on_token=on_token))
+
+    def decode(self, tokenizer: Any, ids: list[int]) -> str:
+        return str(tokenizer.decode(ids))
+
+
+def pick_engine(path: Path, engine: str, dtype: Any = None) -> TransformersEngine | LeanEngine:
+    """``lean`` for Llama folders with a tokenizer.json (``auto``), else transformers."""
+    if engine == "transformers":
+        return TransformersEngine(sparsemap_loader(dtype))
+    folder = path if path.is_dir() else path.parent
+    lean_ok = (path.suffix != ".gguf" and (folder / "tokenizer.json").is_file()
+               and (folder / "config.json").is_file()
+               and '"llama"' in (folder / "config.json").read_text())
+    if engine == "lean" and not lean_ok:
+        raise BadInputError("the lean engine runs Llama folders with config.json and tokenizer.json "
+                            "(use --engine transformers)", path=path)
+    return LeanEngine(dtype) if lean_ok else TransformersEngine(sparsemap_loader(dtype))
+
+
+def answer(engine: TransformersEngine | LeanEngine | Callable[[Path], Any], model: str, prompt: str, *,
+           max_new_tokens: int = 64, temperature: float = 0.0, echo: Callable[[str], None] | None = None,
            tracker: memory.PhaseTracker | None = None) -> dict[str, Any]:
-    """Load a model with ``load_model`` and answer ``prompt``; returns the answer and the measurements.
+    """Load a model and answer ``prompt``; returns the answer and the measurements.
 
-    Phases: import torch, import transformers, tokenizer, weights, generate.
-    ``first_token_s`` counts from the start of loading (tokenizer + weights +
-    prompt + first token): what a user waits for.
+    Phases: import torch, import the engine's libraries, tokenizer, weights,
+    generate. ``first_token_s`` counts from the start of loading (tokenizer +
+    weights + prompt + first token): what a user waits for.
     """
     tracker = tracker or memory.PhaseTracker()
     path = resolve_model(model)
     check_model(path)
+    if not isinstance(engine, (TransformersEngine, LeanEngine)):
+        engine = TransformersEngine(engine)
     with tracker.phase("import torch"):
-        import torch
-    with tracker.phase("import transformers"):
-        # transformers imports lazily: name the classes so their modules load here.
-        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
+        import torch  # noqa: F401
+    with tracker.phase(f"import {engine.libraries}"):
+        engine.import_libraries()
     load_start = time.perf_counter()
     with tracker.phase("tokenizer"):
-        tokenizer = load_tokenizer(path)
+        tokenizer = engine.load_tokenizer(path)
     with tracker.phase("weights"):
-        lm = load_model(path)
-    messages = [{"role": "user", "content": prompt}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
-    streamer = _Streamer(tokenizer, echo)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        lm = engine.load_model(path)
+    ids = engine.prompt_ids(tokenizer, prompt)
+    new: list[int] = []
+    shown = [""]
+    first_token_at: list[float] = []
+
+    def on_token(token: int) -> None:
+        if not first_token_at:
+            first_token_at.append(time.perf_counter())
+        new.append(token)
+        if echo is not None:
+            text = engine.decode(tokenizer, new)
+            if text.startswith(shown[0]) and not text.endswith("\ufffd"):  # whole characters only
+                echo(text[len(shown[0]):])
+                shown[0] = text
+
     with tracker.phase("generate"):
-        with torch.inference_mode():
-            out = lm.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer.streamer, **sampling)
+        tokens = engine.generate(lm, ids, max_new_tokens, temperature, on_token)
         end = time.perf_counter()
-    new = out[0][inputs["input_ids"].shape[1]:]
-    first = streamer.first_token_at or end
-    decode_tokens = max(len(new) - 1, 0)
+    first = first_token_at[0] if first_token_at else end
+    decode_tokens = max(len(tokens) - 1, 0)
     report = {
-        "model": str(path), "prompt": prompt, "answer": tokenizer.decode(new, skip_special_tokens=True),
-        "tokens": new.tolist(), "new_tokens": len(new),
+        "model": str(path), "engine": type(engine).__name__, "prompt": prompt,
+        "answer": engine.decode(tokenizer, tokens), "tokens": tokens, "new_tokens": len(tokens),
         "load_s": sum(p.seconds for p in tracker.phases if p.name in ("tokenizer", "weights")),
         "first_token_s": first - load_start,
         "tokens_per_s": decode_tokens / (end - first) if end > first and decode_tokens else 0.0,
@@ -166,6 +248,7 @@ def figures(report: dict[str, Any]) -> dict[str, float]:
     phases = {p["name"]: p for p in report["tracker"]["phases"]}
     names = [p["name"] for p in report["tracker"]["phases"]]
     before_weights = report["tracker"]["phases"][names.index("weights") - 1]["after"]
+    imports = report["tracker"]["phases"][names.index("tokenizer") - 1]
     return {
         "load_s": report["load_s"],
         "first_token_s": report["first_token_s"],
@@ -173,7 +256,7 @@ def figures(report: dict[str, Any]) -> dict[str, float]:
         "weights_anon": phases["weights"]["after"]["anon"] - before_weights["anon"],
         "peak_anon": max(p["peak_anon"] for p in report["tracker"]["phases"]),
         "peak_rss": max(p["peak_rss"] for p in report["tracker"]["phases"]),
-        "imports_anon": phases["import transformers"]["after"]["anon"],
+        "imports_anon": imports["after"]["anon"],
     }
 
 
@@ -185,8 +268,11 @@ def _child_main(argv: list[str]) -> None:
     way, model, prompt, max_new = argv
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tracker = memory.PhaseTracker()
-    loader = sparsemap_loader() if way == "sparsemap" else transformers_gguf_loader
-    report = answer(loader, model, prompt, max_new_tokens=int(max_new), tracker=tracker)
+    if way == "transformers":
+        engine: TransformersEngine | LeanEngine = TransformersEngine(transformers_gguf_loader)
+    else:  # "sparsemap" (auto), "sparsemap-lean", "sparsemap-transformers"
+        engine = pick_engine(resolve_model(model), {"sparsemap-transformers": "transformers"}.get(way, "auto"))
+    report = answer(engine, model, prompt, max_new_tokens=int(max_new), tracker=tracker)
     print(json.dumps(report))
 
 

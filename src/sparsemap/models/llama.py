@@ -1,0 +1,262 @@
+"""A lean Llama runtime: the model in plain PyTorch, the tokenizer from the ``tokenizers`` library.
+
+``sparsemap run`` uses it for Llama-architecture folders so that answering a
+prompt costs torch, the tokenizer and the mapped weights, and not the 128 MiB
+of anonymous memory that importing transformers takes on its own (measured:
+``sparsemap run --engine transformers`` shows it). Parameter names match
+transformers' ``LlamaForCausalLM``, so the same checkpoint loads into either,
+zero-copy, and a golden test checks that both generate the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import BadInputError
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The hyper-parameters the forward pass needs, read from config.json."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    vocab_size: int
+    tie_word_embeddings: bool
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> LlamaShape:
+        try:
+            cfg = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise BadInputError(f"cannot read config.json: {e}", path=folder) from None
+        if cfg.get("model_type") != "llama":
+            raise BadInputError(f"model_type is {cfg.get('model_type')!r}, the lean runtime runs 'llama' "
+                                "(use --engine transformers)", path=folder / "config.json")
+        heads = cfg["num_attention_heads"]
+        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        if (cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {}).get("rope_type", "default")
+                not in (None, "default")):
+            raise BadInputError("rope scaling is not supported by the lean runtime (use --engine transformers)",
+                                path=folder / "config.json")
+        eos = cfg.get("eos_token_id")
+        gen = folder / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id", eos)
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+                   num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=heads,
+                   num_key_value_heads=cfg.get("num_key_value_heads", heads),
+                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                   rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+                   vocab_size=cfg["vocab_size"], tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                   eos_token_ids=eos_ids)
+
+
+def _weight(*shape: int) -> nn.Parameter:
+    """A parameter with a shape and no storage, to be replaced by a mapped view.
+
+    Made directly on the meta device and never initialised: running an
+    initialiser on meta tensors imports torch's Python decompositions (about
+    800 modules, 2 s and 78 MiB, measured), which is most of what this
+    runtime exists to avoid.
+    """
+    return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = _weight(out_features, in_features)  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Embedding(nn.Module):
+    def __init__(self, n: int, dim: int) -> None:
+        super().__init__()
+        self.weight = _weight(n, dim)  # (vocab, hidden)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = _weight(dim)  # (dim,)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32 whatever the weights' dtype, as transformers does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, s: LlamaShape) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = s.num_attention_heads, s.num_key_value_heads, s.head_dim
+        self.q_proj = Linear(s.hidden_size, self.heads * self.head_dim)
+        self.k_proj = Linear(s.hidden_size, self.kv_heads * self.head_dim)
+        self.v_proj = Linear(s.hidden_size, self.kv_heads * self.head_dim)
+        self.o_proj = Linear(self.heads * self.head_dim, s.hidden_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: list[torch.Tensor] | None) -> torch.Tensor:
+        b, t, _ = x.shape  # (batch, tokens, hidden)
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (b, heads, t, head_dim)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (b, kv_heads, t, head_dim)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if cache is not None:
+            if cache:
+                k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)
+            cache[:] = [k, v]
+        group = self.heads // self.kv_heads
+        k = k.repeat_interleave(group, dim=1)  # (b, heads, past + t, head_dim)
+        v = v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)  # (b, heads, t, head_dim)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, s: LlamaShape) -> None:
+        super().__init__()
+        self.gate_proj = Linear(s.hidden_size, s.intermediate_size)
+        self.up_proj = Linear(s.hidden_size, s.intermediate_size)
+        self.down_proj = Linear(s.intermediate_size, s.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, s: LlamaShape) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
+        self.self_attn = Attention(s)
+        self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
+        self.mlp = MLP(s)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: list[torch.Tensor] | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    def __init__(self, s: LlamaShape) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(s.vocab_size, s.hidden_size)
+        self.layers = nn.ModuleList(Block(s) for _ in range(s.num_hidden_layers))
+        self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """Llama with transformers' parameter names (``model.layers.N.self_attn.q_proj.weight``, ...)."""
+
+    def __init__(self, s: LlamaShape) -> None:
+        super().__init__()
+        self.shape = s
+        self.model = Body(s)
+        self.lm_head = Linear(s.hidden_size, s.vocab_size)
+        if s.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        inv_freq = 1.0 / (s.rope_theta ** (torch.arange(0, s.head_dim, 2, dtype=torch.int64).float() / s.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (head_dim / 2,)
+
+    def forward(self, ids: torch.Tensor, start: int = 0,
+                caches: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
+        """Logits of the last position, (batch, vocab). ``start``: tokens already in the caches."""
+        x = self.model.embed_tokens(ids)  # (b, t, hidden)
+        positions = torch.arange(start, start + ids.shape[1], dtype=torch.float32)
+        freqs = positions[:, None] * self.inv_freq[None, :]  # (t, head_dim / 2)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (t, head_dim)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, caches[i] if caches is not None else None)
+        return self.lm_head(self.model.norm(x[:, -1:, :]))[:, -1, :]
+
+    @torch.inference_mode()
+    def generate(self, ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
+                 on_token: Any = None) -> list[int]:
+        """Greedy (or sampled, ``temperature > 0``) continuation of ``ids``, with a KV cache."""
+        caches: list[list[torch.Tensor]] = [[] for _ in self.model.layers]
+        logits = self(torch.tensor([ids]), 0, caches)
+        out: list[int] = []
+        for step in range(max_new_tokens):
+            if temperature > 0:
+                token = int(torch.multinomial(F.softmax(logits[0].float() / temperature, -1), 1))
+            else:
+                token = int(logits[0].argmax())
+            out.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token in self.shape.eos_token_ids or step == max_new_tokens - 1:
+                break
+            logits = self(torch.tensor([[token]]), len(ids) + len(out) - 1, caches)
+        return out
+
+
+def load(folder: Path, dtype: torch.dtype | None = None) -> Llama:
+    """The lean model with weights mapped from ``folder`` (zero-copy when dtype matches)."""
+    from ..loader import load as load_weights
+
+    s = LlamaShape.from_folder(folder)
+    return load_weights(Llama(s), folder, dtype=dtype).eval()  # built on meta already: no skeleton needed
+
+
+class ChatTokenizer:
+    """``tokenizers`` plus the model's chat template (rendered in a sandboxed Jinja environment)."""
+
+    def __init__(self, folder: Path) -> None:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from tokenizers import Tokenizer
+
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise BadInputError("no tokenizer.json (use --engine transformers for other tokenizers)", path=folder)
+        self.tokenizer = Tokenizer.from_file(str(path))
+        config = json.loads((folder / "tokenizer_config.json").read_text()) \
+            if (folder / "tokenizer_config.json").is_file() else {}
+        template = config.get("chat_template")
+        if (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text()
+        self.special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        self.template = env.from_string(template) if template else None
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        messages = [{"role": "user", "content": prompt}]
+        if self.template is None:
+            return list(self.tokenizer.encode(prompt).ids)
+        text = self.template.render(messages=messages, add_generation_prompt=True, **self.special)
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
