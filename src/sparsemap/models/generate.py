@@ -1,10 +1,14 @@
 """Answering a prompt with a causal LM, measured phase by phase.
 
-Shared by ``sparsemap run`` (weights mapped by sparsemap) and the reference
-child of the demo (transformers' own GGUF loading), so both are measured the
-same way: memory by phase (:class:`~sparsemap.memory.PhaseTracker`), time to
-first token, tokens per second. Torch and transformers are imported inside the
-measured phases, so their cost is shown, not assumed.
+Two engines run the same steps (tokenizer, weights, chat prompt, streamed
+generation): :class:`LeanEngine` (sparsemap's own Llama and the ``tokenizers``
+library) and :class:`TransformersEngine` (transformers' classes, with weights
+from sparsemap or, for the demo's reference, transformers' own GGUF loading).
+``sparsemap run`` and every process of the demo go through :func:`answer`, so
+all are measured the same way: memory by phase
+(:class:`~sparsemap.memory.PhaseTracker`), time to first token, tokens per
+second. Libraries are imported inside the measured phases, so their cost is
+shown, not assumed.
 """
 
 from __future__ import annotations
@@ -157,7 +161,7 @@ def pick_engine(path: Path, engine: str, dtype: Any = None) -> TransformersEngin
     return LeanEngine(dtype) if lean_ok else TransformersEngine(sparsemap_loader(dtype))
 
 
-def answer(engine: TransformersEngine | LeanEngine | Callable[[Path], Any], model: str, prompt: str, *,
+def answer(engine: TransformersEngine | LeanEngine, model: str, prompt: str, *,
            max_new_tokens: int = 64, temperature: float = 0.0, echo: Callable[[str], None] | None = None,
            tracker: memory.PhaseTracker | None = None) -> dict[str, Any]:
     """Load a model and answer ``prompt``; returns the answer and the measurements.
@@ -169,8 +173,6 @@ def answer(engine: TransformersEngine | LeanEngine | Callable[[Path], Any], mode
     tracker = tracker or memory.PhaseTracker()
     path = resolve_model(model)
     check_model(path)
-    if not isinstance(engine, (TransformersEngine, LeanEngine)):
-        engine = TransformersEngine(engine)
     with tracker.phase("import torch"):
         import torch  # noqa: F401
     with tracker.phase(f"import {engine.libraries}"):
