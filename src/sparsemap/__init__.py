@@ -44,8 +44,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from . import memory
     from .converter import convert
     from .lifecycle import drop, to_mapped
-    from .models.hf import from_pretrained
     from .loader import load, load_state_dict, skeleton
+    from .models.hf import from_pretrained
     from .sparse_rows import RowController, rows
     from .writer import Layout, save
 
