@@ -1,4 +1,4 @@
-"""The ``sparsemap`` command line: inspect, load, demo.
+"""The ``sparsemap`` command line: inspect, load, convert, run, demo.
 
 Exit codes: 0 ok, 2 bad input (a missing or malformed file, a bad option),
 1 failure (anything else). Errors print one line; ``--debug`` adds the traceback.
@@ -55,6 +55,8 @@ def main(ctx: click.Context, debug: bool) -> None:
       sparsemap inspect model.safetensors
       sparsemap inspect ./SmolLM2/ --json > tensors.json
       sparsemap load pytorch_model.bin --touch
+      sparsemap convert model.gguf model.safetensors --pad-rows '*embed_tokens*'
+      sparsemap run smollm2 "What is the capital of France?"
       sparsemap demo
     """
     ctx.ensure_object(dict)["debug"] = debug

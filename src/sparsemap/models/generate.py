@@ -42,10 +42,11 @@ def resolve_model(model: str) -> Path:
 def check_model(path: Path) -> None:
     """Refuse what is not a model before anything heavy runs (no torch): clear errors, exit code 2."""
     from ..formats.resolve import open_catalog
+    from .gguf_llama import hf_catalog
 
     if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists()
                                   and any(path.glob("*.gguf"))):
-        open_catalog(path)
+        hf_catalog(open_catalog(path))  # the architecture and tensor names must map to transformers'
         return
     open_catalog(path)  # the weights: missing shards, malformed files, not a checkpoint at all
     folder = path if path.is_dir() else path.parent
@@ -82,6 +83,8 @@ class TransformersEngine:
         return load_tokenizer(path)
 
     def prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
+        if not getattr(tokenizer, "chat_template", None):
+            raise BadInputError("the tokenizer has no chat template")
         messages = [{"role": "user", "content": prompt}]
         out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
         return list(out["input_ids"])
@@ -151,14 +154,24 @@ def pick_engine(path: Path, engine: str, dtype: Any = None) -> TransformersEngin
     """``lean`` for Llama folders with a tokenizer.json (``auto``), else transformers."""
     if engine == "transformers":
         return TransformersEngine(sparsemap_loader(dtype))
-    folder = path if path.is_dir() else path.parent
-    lean_ok = (path.suffix != ".gguf" and (folder / "tokenizer.json").is_file()
-               and (folder / "config.json").is_file()
-               and '"llama"' in (folder / "config.json").read_text())
-    if engine == "lean" and not lean_ok:
-        raise BadInputError("the lean engine runs Llama folders with config.json and tokenizer.json "
-                            "(use --engine transformers)", path=path)
-    return LeanEngine(dtype) if lean_ok else TransformersEngine(sparsemap_loader(dtype))
+    reason = _lean_refusal(path)
+    if engine == "lean" and reason is not None:
+        raise BadInputError(f"the lean engine cannot run this model: {reason} (use --engine transformers)",
+                            path=path)
+    return LeanEngine(dtype) if reason is None else TransformersEngine(sparsemap_loader(dtype))
+
+
+def _lean_refusal(path: Path) -> str | None:
+    """Why the lean engine cannot run ``path`` (``auto`` then falls back to transformers), or ``None``."""
+    from .llama import read_config, unsupported
+
+    if path.suffix == ".gguf" or not path.is_dir():
+        return "it runs converted folders, not single files (convert a GGUF with `sparsemap convert`)"
+    if not (path / "tokenizer.json").is_file():
+        return "the folder has no tokenizer.json"
+    if not (path / "config.json").is_file():
+        return "the folder has no config.json"
+    return unsupported(read_config(path))
 
 
 def answer(engine: TransformersEngine | LeanEngine, model: str, prompt: str, *,

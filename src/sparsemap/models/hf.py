@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import SourceNotFoundError
+from ..errors import BadInputError, SourceNotFoundError
 from ..formats.catalog import Catalog
 from ..formats.resolve import open_catalog
 from ..loader import Skip, load, skeleton
@@ -50,7 +50,11 @@ def resolve(source: str | os.PathLike[str], config: Any = None) -> tuple[Catalog
         if not (folder / "config.json").is_file():
             raise SourceNotFoundError(f"no config.json next to the weights; pass config= (looked in {folder})",
                                       path=path)
-        config = AutoConfig.from_pretrained(folder)
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except ValueError as e:  # an unknown model_type, a malformed config
+            raise BadInputError(f"transformers cannot read config.json: {str(e).splitlines()[0][:200]}",
+                                path=folder / "config.json") from None
     return open_catalog(path), config
 
 
@@ -67,7 +71,27 @@ def _model_class(config: Any) -> type[nn.Module]:
             return auto._model_mapping[type(config)]  # type: ignore[no-any-return]
         except KeyError:
             continue
-    raise SourceNotFoundError(f"no transformers model class for config {type(config).__name__}")
+    raise BadInputError(f"no transformers model class for config {type(config).__name__}")
+
+
+def _ignored(model: nn.Module, skip: Skip) -> Skip:
+    """``skip`` plus what transformers itself ignores: tensors the model computes (non-persistent
+    buffers, e.g. BERT's ``position_ids``, saved by older versions) and its declared unexpected keys."""
+    import fnmatch
+    import re
+
+    computed = {f"{prefix}.{name}" if prefix else name
+                for prefix, module in model.named_modules() for name in module._non_persistent_buffers_set}
+    patterns = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    if skip is None:
+        user = lambda name: False  # noqa: E731
+    elif callable(skip):
+        user = skip
+    else:
+        listed = [skip] if isinstance(skip, str) else list(skip)
+        user = lambda name: any(fnmatch.fnmatchcase(name, p) for p in listed)  # noqa: E731
+    return lambda name: (user(name) or name in computed or name.endswith("rotary_emb.inv_freq")
+                         or any(p.search(name) for p in patterns))
 
 
 def from_pretrained(source: str | os.PathLike[str], *, config: Any = None, dtype: torch.dtype | None = None,
@@ -94,7 +118,7 @@ def from_pretrained(source: str | os.PathLike[str], *, config: Any = None, dtype
     cls = model_class or _model_class(config)
     with skeleton():
         model = cls(config)
-    load(model, catalog, device=device, dtype=dtype, skip=skip, strict=strict)
+    load(model, catalog, device=device, dtype=dtype, skip=_ignored(model, skip), strict=strict)
     model.eval()
     folder = Path(source) if Path(source).is_dir() else Path(source).parent
     if hasattr(model, "generation_config") and (folder / "generation_config.json").is_file():

@@ -40,19 +40,14 @@ class LlamaShape:
 
     @classmethod
     def from_folder(cls, folder: Path) -> LlamaShape:
-        try:
-            cfg = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise BadInputError(f"cannot read config.json: {e}", path=folder) from None
-        if cfg.get("model_type") != "llama":
-            raise BadInputError(f"model_type is {cfg.get('model_type')!r}, the lean runtime runs 'llama' "
-                                "(use --engine transformers)", path=folder / "config.json")
+        """Read config.json; refuse, naming the key, anything this runtime does not implement."""
+        cfg = read_config(folder)
+        reason = unsupported(cfg)
+        if reason is not None:
+            raise BadInputError(f"the lean runtime cannot run this model: {reason} (use --engine transformers)",
+                                path=folder / "config.json")
         heads = cfg["num_attention_heads"]
         theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        if (cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {}).get("rope_type", "default")
-                not in (None, "default")):
-            raise BadInputError("rope scaling is not supported by the lean runtime (use --engine transformers)",
-                                path=folder / "config.json")
         eos = cfg.get("eos_token_id")
         gen = folder / "generation_config.json"
         if gen.is_file():
@@ -60,11 +55,44 @@ class LlamaShape:
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
                    num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=heads,
-                   num_key_value_heads=cfg.get("num_key_value_heads", heads),
+                   num_key_value_heads=cfg.get("num_key_value_heads") or heads,
                    head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
                    rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
                    vocab_size=cfg["vocab_size"], tie_word_embeddings=cfg.get("tie_word_embeddings", False),
                    eos_token_ids=eos_ids)
+
+
+REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"cannot read config.json: {e}", path=folder) from None
+    if not isinstance(cfg, dict):
+        raise BadInputError("config.json is not a JSON object", path=folder)
+    return cfg
+
+
+def unsupported(cfg: dict[str, Any]) -> str | None:
+    """Why the lean runtime cannot run this config, or ``None`` if it can (one check for every caller)."""
+    if cfg.get("model_type") != "llama":
+        return f"model_type is {cfg.get('model_type')!r}, not 'llama'"
+    missing = [k for k in REQUIRED if not isinstance(cfg.get(k), int)]
+    if missing:
+        return f"config.json lacks {', '.join(missing)}"
+    if cfg.get("hidden_act", "silu") != "silu":
+        return f"hidden_act is {cfg['hidden_act']!r}, not 'silu'"
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            return f"{key} is set"
+    rope = cfg.get("rope_parameters") or {}
+    if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        return "rope scaling is set"
+    if cfg.get("pretraining_tp", 1) != 1:
+        return f"pretraining_tp is {cfg['pretraining_tp']}"
+    return None
 
 
 def _weight(*shape: int) -> nn.Parameter:
@@ -138,7 +166,15 @@ class Attention(nn.Module):
         group = self.heads // self.kv_heads
         k = k.repeat_interleave(group, dim=1)  # (b, heads, past + t, head_dim)
         v = v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)  # (b, heads, t, head_dim)
+        past = k.shape[2] - t
+        if t == 1:  # one new token sees everything: no mask
+            out = F.scaled_dot_product_attention(q, k, v)  # (b, heads, 1, head_dim)
+        elif past == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, heads, t, head_dim)
+        else:
+            # is_causal would align the mask top-left; new token i sees the past and tokens <= i.
+            mask = torch.ones(t, past + t, dtype=torch.bool).tril(diagonal=past)  # (t, past + t)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
 
@@ -226,7 +262,8 @@ def load(folder: Path, dtype: torch.dtype | None = None) -> Llama:
     from ..loader import load as load_weights
 
     s = LlamaShape.from_folder(folder)
-    return load_weights(Llama(s), folder, dtype=dtype).eval()  # built on meta already: no skeleton needed
+    # Old checkpoints saved rotary caches; this runtime computes them.
+    return load_weights(Llama(s), folder, dtype=dtype, skip=["*.rotary_emb.inv_freq"]).eval()  # built on meta already: no skeleton needed
 
 
 class ChatTokenizer:
@@ -245,18 +282,31 @@ class ChatTokenizer:
         template = config.get("chat_template")
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text()
-        self.special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        self.template = env.from_string(template) if template else None
+        special_map = folder / "special_tokens_map.json"
+        sources = [json.loads(special_map.read_text()) if special_map.is_file() else {}, config]
+        # Special tokens come as strings or as {"content": ...} (AddedToken) objects.
+        self.special = {k: (v["content"] if isinstance(v, dict) else v) for src in sources for k, v in src.items()
+                        if k.endswith("_token") and isinstance(v.get("content") if isinstance(v, dict) else v, str)}
+        if not template:
+            raise BadInputError("the tokenizer has no chat template", path=folder)
+        # The same environment transformers renders chat templates in.
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = _raise_template_error
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+        self.template = env.from_string(template)
 
     def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of ``prompt`` as the user turn, with the assistant turn opened."""
         messages = [{"role": "user", "content": prompt}]
-        if self.template is None:
-            return list(self.tokenizer.encode(prompt).ids)
         text = self.template.render(messages=messages, add_generation_prompt=True, **self.special)
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``, special tokens left out."""
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def _raise_template_error(message: str) -> None:
+    raise BadInputError(f"chat template refused the prompt: {message}")
 
 

@@ -27,20 +27,20 @@ SENTENCES = [
     "The cat sat on the mat.",
     "Page-aligned rows can be released one by one.",
 ]
-# In the checkpoint, but a non-persistent buffer in current transformers, which
-# computes it at construction (sentence-transformers ignores it too).
-UNUSED_TENSORS = ["embeddings.position_ids"]
 
 
 def build_model(folder: str | os.PathLike[str]) -> BertModel:
-    """transformers' ``BertModel`` with weights mapped from ``folder``'s checkpoint."""
+    """transformers' ``BertModel`` with weights mapped from ``folder``'s checkpoint.
+
+    The checkpoint holds ``embeddings.position_ids``, a buffer current
+    transformers computes; ``from_pretrained`` ignores it as transformers does.
+    """
     from transformers import BertConfig, BertModel
 
     import sparsemap
 
     config = BertConfig.from_pretrained(folder)
-    model = sparsemap.load(lambda: BertModel(config), folder, skip=UNUSED_TENSORS)
-    return model.eval()
+    return sparsemap.from_pretrained(folder, config=config, model_class=BertModel)
 
 
 def mean_pooled(model: BertModel, tokenizer: Any, sentences: list[str], max_length: int = 256) -> torch.Tensor:
