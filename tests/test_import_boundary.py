@@ -20,7 +20,7 @@ import sparsemap
 SRC = Path(sparsemap.__file__).resolve().parent
 TORCH_FREE = sorted(SRC.glob("formats/*.py")) + [SRC / p for p in (
     "errors.py", "__init__.py", "pages.py", "memory.py", "cgroup.py", "cli.py", "models/assets.py",
-    "models/gguf_llama.py", "models/smollm2.py", "models/generate.py", "models/minilm.py")]
+    "models/gguf_llama.py", "models/smollm2.py", "models/generate.py", "models/minilm.py", "bench/measure.py")]
 
 
 def _top_level_imports(tree: ast.Module) -> list[tuple[int, str]]:

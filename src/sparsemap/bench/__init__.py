@@ -1,0 +1,1 @@
+"""Benchmarks of loading strategies: each run in a fresh, measured child process (see measure.py)."""
