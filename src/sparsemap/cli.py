@@ -313,6 +313,75 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, dtype:
                f"{report['new_tokens']} tokens, {report['tokens_per_s']:.1f} tokens/s after the first")
 
 
+# ---------------------------------------------------------------- bench
+
+@main.command()
+@click.argument("model")
+@click.option("--strategies", default="all", show_default=True, metavar="A,B,...",
+              help="Comma-separated strategy names (see --list), or 'all'.")
+@click.option("--cache", type=click.Choice(["cold", "warm", "both"]), default="both", show_default=True,
+              help="cold: files dropped from the page cache (verified with mincore) before each run.")
+@click.option("--memory-limit", default=None, metavar="SIZE",
+              help="Run each strategy inside a memory cgroup of this size, e.g. 1G.")
+@click.option("--repeat", type=click.IntRange(1, 50), default=1, show_default=True, help="Runs per cell; medians.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
+@click.option("--list", "list_only", is_flag=True, help="List the strategies and whether they can run here.")
+def bench(model: str, strategies: str, cache: str, memory_limit: str | None, repeat: int,
+          json_path: str | None, list_only: bool) -> None:
+    """Measure every loading strategy on the same checkpoint, each in a fresh process.
+
+    MODEL is a named synthetic size (llama-tiny, llama-0.1b, llama-1b,
+    llama-3b: random weights written once by safetensors, torch.save and
+    save_pretrained into $SPARSEMAP_CACHE/bench) or such a folder. For each run:
+    time to a usable model, one forward pass, peak RSS / anonymous /
+    file-backed memory, major faults and bytes read from disk.
+
+    \b
+    Examples:
+      sparsemap bench llama-0.1b --repeat 3
+      sparsemap bench llama-1b --cache cold --memory-limit 1G --json results.json
+    """
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .bench import runner, synthetic
+    from .bench.strategies import STRATEGIES, unavailable
+
+    names = list(STRATEGIES) if strategies == "all" else [s.strip() for s in strategies.split(",")]
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown:
+        raise click.BadParameter(f"unknown strategies {unknown}; known: {', '.join(STRATEGIES)}")
+    if list_only:
+        for n in names:
+            click.echo(f"{n}: {unavailable(n) or 'available'}")
+        return
+    folder = Path(model) if Path(model).is_dir() else synthetic.generate(model)
+    caches = ["cold", "warm"] if cache == "both" else [cache]
+    limit = _parse_size(memory_limit) if memory_limit else None
+    console = Console(stderr=True)
+    with console.status("benchmarking ...") as status:
+        report = runner.run(folder, names, caches, repeat=repeat, memory_limit=limit,
+                            on_result=lambda r: status.update(f"{r['strategy']} ({r['cache']}) done"))
+    table = Table(title=f"{folder.name}: {report['model_nbytes'] / 1e9:.2f} GB, medians of {repeat}")
+    for col in ("strategy", "cache", "usable s", "forward s", "peak RSS MiB", "peak anon MiB", "peak file MiB",
+                "major faults", "read MiB", "note"):
+        table.add_column(col, justify="left" if col in ("strategy", "cache", "note") else "right")
+    for row in report["medians"]:
+        if row["runs"] == 0:
+            table.add_row(row["strategy"], row["cache"], *[""] * 7, "OOM-killed" if row["oom_killed"] else row["note"])
+            continue
+        table.add_row(row["strategy"], row["cache"], f"{row['usable_s']:.3f}", f"{row['forward_s']:.3f}",
+                      f"{row['peak_rss'] / 2**20:.0f}", f"{row['peak_anon'] / 2**20:.0f}",
+                      f"{row['peak_file'] / 2**20:.0f}", f"{row['major_faults']:.0f}",
+                      f"{row['read_bytes'] / 2**20:.0f}", "OOM-killed" if row["oom_killed"] else row["note"])
+    Console().print(table)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=1))
+        click.echo(f"wrote {json_path}")
+
+
 # ---------------------------------------------------------------- demo
 
 DEMO_PROMPT = "What is the capital of France? Answer in one sentence."

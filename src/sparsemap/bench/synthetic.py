@@ -1,0 +1,77 @@
+"""Synthetic Llama checkpoints of named sizes, written once by the real writers and cached.
+
+Random weights in a real architecture's shape. One folder holds the same
+weights three ways: ``model.safetensors`` (safetensors.torch.save_file),
+``model.pt`` (torch.save) and ``sharded/`` (transformers' save_pretrained
+with shards), plus config.json, so every strategy loads what it is made for.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+SIZES: dict[str, dict[str, object]] = {
+    # hidden, layers, heads, kv heads, intermediate, vocab: Llama-family shapes.
+    "llama-tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=4096),
+    "llama-0.1b": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=4, vocab_size=32000),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                     num_key_value_heads=4, vocab_size=32000),
+    "llama-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=26, num_attention_heads=24,
+                     num_key_value_heads=8, vocab_size=32000),
+}
+
+
+def folder_for(name: str) -> Path:
+    from ..models.assets import cache_dir
+
+    return cache_dir() / "bench" / f"{name}-bf16"
+
+
+def generate(name: str, *, quiet: bool = False) -> Path:
+    """The cached folder of synthetic model ``name`` (written on first use)."""
+    if name not in SIZES:
+        raise KeyError(f"unknown synthetic size {name!r}; known: {', '.join(SIZES)}")
+    folder = folder_for(name)
+    if (folder / ".complete").is_file():
+        return folder
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..loader import skeleton
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(**SIZES[name], max_position_embeddings=2048, tie_word_embeddings=False,
+                         torch_dtype="bfloat16")
+    config.save_pretrained(folder)
+    with skeleton():
+        model = LlamaForCausalLM(config)
+    gen = torch.Generator().manual_seed(0)
+    state = {n: (torch.randn(p.shape, generator=gen) * 0.02).to(torch.bfloat16)
+             for n, p in model.state_dict().items()}
+    if not quiet:
+        n = sum(t.numel() for t in state.values())
+        print(f"writing {name}: {n / 1e6:,.0f} M parameters, {2 * n / 1e9:.2f} GB bf16, to {folder}", file=sys.stderr)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    torch.save(state, folder / "model.pt")
+    # save_pretrained of the real model class writes the sharded layout transformers itself reads:
+    # four shards or so, whatever the size.
+    model.load_state_dict(state, assign=True)
+    shard_mib = max(1, sum(t.numel() * 2 for t in state.values()) // 4 // 2**20)
+    model.save_pretrained(folder / "sharded", max_shard_size=f"{shard_mib}MB")
+    (folder / ".complete").write_text(name + "\n")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = argv if argv is not None else sys.argv[1:]
+    for name in names or ["llama-tiny"]:
+        print(generate(name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
