@@ -289,7 +289,7 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, dtype:
       sparsemap run smollm2 "What is the capital of France?"
       sparsemap run ./my-model/ "Write a haiku about memory." --max-new-tokens 40 --temperature 0.7
     """
-    from .models.generate import answer, pick_engine, resolve_model
+    from .models.generate import answer, figures, pick_engine, resolve_model
 
     torch_dtype = None
     if dtype:
@@ -304,10 +304,9 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, dtype:
         return
     click.echo("\n")
     click.echo(report["table"])
-    weights = next(p for p in report["tracker"]["phases"] if p["name"] == "weights")
-    before = report["tracker"]["phases"][[p["name"] for p in report["tracker"]["phases"]].index("weights") - 1]
-    click.echo(f"weights: +{(weights['after']['file'] - before['after']['file']) / 2**20:.1f} MiB file-backed, "
-               f"+{(weights['after']['anon'] - before['after']['anon']) / 2**20:.1f} MiB anonymous at load "
+    fig = figures(report)
+    click.echo(f"weights: +{fig['weights_file'] / 2**20:.1f} MiB file-backed, "
+               f"+{fig['weights_anon'] / 2**20:.1f} MiB anonymous at load "
                "(pages fault in as file-backed while generating)")
     click.echo(f"load {report['load_s']:.2f} s; first token {report['first_token_s']:.2f} s after loading began; "
                f"{report['new_tokens']} tokens, {report['tokens_per_s']:.1f} tokens/s after the first")

@@ -99,7 +99,8 @@ def _slots(model: nn.Module) -> list[_Slot]:
     return list(by_id.values())
 
 
-def _skip_predicate(skip: Skip) -> Callable[[str], bool]:
+def skip_predicate(skip: Skip) -> Callable[[str], bool]:
+    """``skip`` (names, glob patterns or a predicate) as a predicate on tensor names."""
     if skip is None:
         return lambda name: False
     if callable(skip):
@@ -149,7 +150,7 @@ class LoadPlan:
 
 def plan(model: nn.Module, catalog: Catalog, skip: Skip = None) -> LoadPlan:
     """Match the model's tensors to the checkpoint's, without touching any data."""
-    skipped_fn = _skip_predicate(skip)
+    skipped_fn = skip_predicate(skip)
     assignments, missing, mismatched, skipped = [], [], [], []
     claimed: set[str] = set()
     not_loaded: set[str] = set()
@@ -273,7 +274,7 @@ def load_state_dict(source: Source, *, device: str | torch.device = "cpu", dtype
         >>> model.load_state_dict(sd, assign=True)
     """
     catalog = source if isinstance(source, Catalog) else open_catalog(source)
-    skipped = _skip_predicate(skip)
+    skipped = skip_predicate(skip)
     device = torch.device(device)
     return {name: _converted(catalog.tensor(name), device, dtype)
             for name in catalog if not skipped(name)}

@@ -42,11 +42,11 @@ def resolve_model(model: str) -> Path:
 def check_model(path: Path) -> None:
     """Refuse what is not a model before anything heavy runs (no torch): clear errors, exit code 2."""
     from ..formats.resolve import open_catalog
-    from .gguf_llama import hf_catalog
+    from .gguf_llama import find_gguf, hf_catalog
 
-    if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists()
-                                  and any(path.glob("*.gguf"))):
-        hf_catalog(open_catalog(path))  # the architecture and tensor names must map to transformers'
+    gguf = find_gguf(path)
+    if gguf is not None:
+        hf_catalog(open_catalog(gguf))  # the architecture and tensor names must map to transformers'
         return
     open_catalog(path)  # the weights: missing shards, malformed files, not a checkpoint at all
     folder = path if path.is_dir() else path.parent
@@ -240,7 +240,11 @@ def transformers_gguf_loader(path: Path) -> Any:
     """transformers' own loading of a GGUF file (dequantizes every tensor into memory)."""
     from transformers import AutoModelForCausalLM
 
-    gguf = path if path.suffix == ".gguf" else next(path.glob("*.gguf"))
+    from .gguf_llama import find_gguf
+
+    gguf = find_gguf(path)
+    if gguf is None:
+        raise SourceNotFoundError("no single .gguf file here", path=path)
     return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
 
 
@@ -269,6 +273,7 @@ def figures(report: dict[str, Any]) -> dict[str, float]:
         "first_token_s": report["first_token_s"],
         "tokens_per_s": report["tokens_per_s"],
         "weights_anon": phases["weights"]["after"]["anon"] - before_weights["anon"],
+        "weights_file": phases["weights"]["after"]["file"] - before_weights["file"],
         "peak_anon": max(p["peak_anon"] for p in report["tracker"]["phases"]),
         "peak_rss": max(p["peak_rss"] for p in report["tracker"]["phases"]),
         "imports_anon": imports["after"]["anon"],

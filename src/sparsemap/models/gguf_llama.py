@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 from ..errors import FormatError
 from ..formats.catalog import Catalog, TensorEntry
@@ -40,6 +41,17 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 
 class GGUFArchitectureError(FormatError):
     """The GGUF file's architecture or tensor names are not ones sparsemap maps to transformers."""
+
+
+def find_gguf(path: Path) -> Path | None:
+    """The GGUF a model path means: the file itself, or the one .gguf in a folder without config.json."""
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+    return None
 
 
 def hf_name(name: str) -> str | None:

@@ -20,18 +20,8 @@ from torch import nn
 from ..errors import BadInputError, SourceNotFoundError
 from ..formats.catalog import Catalog
 from ..formats.resolve import open_catalog
-from ..loader import Skip, load, skeleton
-from .gguf_llama import hf_catalog, llama_config_kwargs
-
-
-def _gguf_in(path: Path) -> Path | None:
-    if path.is_file() and path.suffix == ".gguf":
-        return path
-    if path.is_dir() and not (path / "config.json").exists():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return ggufs[0]
-    return None
+from ..loader import Skip, load, skeleton, skip_predicate
+from .gguf_llama import find_gguf, hf_catalog, llama_config_kwargs
 
 
 def resolve(source: str | os.PathLike[str], config: Any = None) -> tuple[Catalog, Any]:
@@ -41,7 +31,7 @@ def resolve(source: str | os.PathLike[str], config: Any = None) -> tuple[Catalog
     path = Path(source)
     if not path.exists():
         raise SourceNotFoundError("no such file or folder", path=path)
-    gguf = _gguf_in(path)
+    gguf = find_gguf(path)
     if gguf is not None:
         raw = open_catalog(gguf)
         return hf_catalog(raw), config or LlamaConfig(**llama_config_kwargs(raw))
@@ -77,19 +67,12 @@ def _model_class(config: Any) -> type[nn.Module]:
 def _ignored(model: nn.Module, skip: Skip) -> Skip:
     """``skip`` plus what transformers itself ignores: tensors the model computes (non-persistent
     buffers, e.g. BERT's ``position_ids``, saved by older versions) and its declared unexpected keys."""
-    import fnmatch
     import re
 
     computed = {f"{prefix}.{name}" if prefix else name
                 for prefix, module in model.named_modules() for name in module._non_persistent_buffers_set}
     patterns = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
-    if skip is None:
-        user = lambda name: False  # noqa: E731
-    elif callable(skip):
-        user = skip
-    else:
-        listed = [skip] if isinstance(skip, str) else list(skip)
-        user = lambda name: any(fnmatch.fnmatchcase(name, p) for p in listed)  # noqa: E731
+    user = skip_predicate(skip)
     return lambda name: (user(name) or name in computed or name.endswith("rotary_emb.inv_freq")
                          or any(p.search(name) for p in patterns))
 
