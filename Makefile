@@ -29,7 +29,8 @@ test: models
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) benchmarks/load_1b.py
+	$(VENV)/bin/sparsemap bench llama-1b --memory-limit none,50% --repeat 3 \
+		--json benchmarks/results/bench_llama-1b.json --plot benchmarks/bench_llama-1b.png
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -8,7 +8,7 @@ cold sequential pread speed and the disk's durable write speed, both measured
 in the same run just before each conversion (converting reads and writes the
 same number of bytes, so the slower of the two bounds it).
 
-The source is the 1.1 B-parameter bf16 Llama from load_1b.py (generated once).
+The source is the 1.1 B-parameter bf16 Llama `sparsemap bench llama-1b` uses (generated once).
 
 Usage:
   python benchmarks/convert_cgroup.py [--repeat 3] [--limit 512M] [--json out.json]
@@ -49,8 +49,6 @@ def bit_identical(src: str, dst: str) -> tuple[bool, int]:
 
 
 def main() -> None:
-    from load_1b import generate
-
     from sparsemap import cgroup, pages
     from sparsemap.cli import _parse_size
 
@@ -64,7 +62,9 @@ def main() -> None:
     ok, why = cgroup.available()
     if not ok:
         raise SystemExit(f"skipped: no memory cgroup can be created here ({why})")
-    src = str(generate()["safetensors"])
+    from sparsemap.bench.synthetic import generate
+
+    src = str(generate("llama-1b") / "model.safetensors")
     dst = str(Path(src).with_name("converted.safetensors"))
     src_nbytes = os.path.getsize(src)
     results: dict[str, list[dict]] = {name: [] for name in LAYOUTS}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import pickle
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -63,3 +66,49 @@ def run_isolated(code: str, timeout: float = 120) -> dict:
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- hand-built torch pickles
+
+class FakeStorage:
+    """Stands for a storage in a hand-built pickle; pickled as a persistent id."""
+
+    def __init__(self, key: str, numel: int, storage_type: object = None) -> None:
+        self.key = key
+        self.numel = numel
+        self.storage_type = storage_type if storage_type is not None else torch.FloatStorage
+
+
+class FakeTensor:
+    """Pickles as ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)``."""
+
+    def __init__(self, storage: object, offset: object, size: object, stride: object) -> None:
+        self.args = (storage, offset, size, stride)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (torch._utils._rebuild_tensor_v2, (*self.args, False, OrderedDict()))
+
+
+class FakeTensorV3(FakeTensor):
+    """Pickles as ``_rebuild_tensor_v3(untyped storage, offset, size, stride, ..., dtype)`` (fp8, u16)."""
+
+    def __init__(self, storage: object, offset: object, size: object, stride: object,
+                 dtype: torch.dtype) -> None:
+        super().__init__(storage, offset, size, stride)
+        self.dtype = dtype
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (torch._utils._rebuild_tensor_v3, (*self.args, False, OrderedDict(), self.dtype))
+
+
+class _CheckpointPickler(pickle.Pickler):
+    def persistent_id(self, obj: object):  # type: ignore[no-untyped-def]
+        if isinstance(obj, FakeStorage):
+            return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
+        return None
+
+
+def pickle_checkpoint(obj: object) -> bytes:
+    buf = io.BytesIO()
+    _CheckpointPickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()

@@ -37,6 +37,8 @@ _LAZY = {
     "to_mapped": "sparsemap.lifecycle",
     "drop": "sparsemap.lifecycle",
     "from_pretrained": "sparsemap.models.hf",
+    "stream_tensors": "sparsemap.stream",
+    "StreamReport": "sparsemap.stream",
     "memory": None,
 }
 
@@ -47,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .loader import load, load_state_dict, skeleton
     from .models.hf import from_pretrained
     from .sparse_rows import RowController, rows
+    from .stream import StreamReport, stream_tensors
     from .writer import Layout, save
 
 
@@ -64,5 +67,6 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["Catalog", "Layout", "RowController", "SparsemapError", "TensorEntry", "convert", "drop", "errors", "from_pretrained",
-           "load", "load_state_dict", "memory", "open", "rows", "save", "skeleton", "to_mapped", "__version__"]
+__all__ = ["Catalog", "Layout", "RowController", "SparsemapError", "StreamReport", "TensorEntry", "__version__",
+           "convert", "drop", "errors", "from_pretrained", "load", "load_state_dict", "memory", "open", "rows", "save",
+           "skeleton", "stream_tensors", "to_mapped"]

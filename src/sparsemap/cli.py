@@ -6,9 +6,13 @@ Exit codes: 0 ok, 2 bad input (a missing or malformed file, a bad option),
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import click
@@ -136,22 +140,50 @@ def _size(nbytes: int) -> str:
 
 # ---------------------------------------------------------------- load
 
+@contextlib.contextmanager
+def _progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on a terminal (stderr), nothing otherwise; yields an advance(bytes) callback."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda _n: None
+        return
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
 @main.command()
 @click.argument("path", type=click.Path())
 @click.option("--dtype", type=click.Choice(DTYPES), default=None,
               help="Cast floating tensors (converts one tensor at a time). Default: keep the file's.")
 @click.option("--touch", is_flag=True, help="Read every tensor once after loading (pages fault in).")
 @click.option("--json", "as_json", is_flag=True, help="Print the memory report as JSON.")
-def load(path: str, dtype: str | None, touch: bool, as_json: bool) -> None:
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the tensors go: cpu (mapped, or streamed with --staging) or cuda:N (streamed).")
+@click.option("--staging", default=None, metavar="SIZE",
+              help="Stream through a ring of host buffers of this total size (e.g. 256M) instead of mapping.")
+@click.option("--readers", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Reader threads when streaming.")
+@click.option("--drop-cache", is_flag=True, help="When streaming, drop each range from the page cache once copied.")
+def load(path: str, dtype: str | None, touch: bool, as_json: bool, device: str, staging: str | None,
+         readers: int, drop_cache: bool) -> None:
     """Load a checkpoint into a bare state dict and report memory by phase.
 
     Shows what each step costs: importing torch, reading headers, mapping the
     tensors (zero-copy: file-backed, not anonymous), and with --touch reading
-    them all.
+    them all. With --staging (or a GPU device) the tensors are streamed with
+    large reads through a bounded ring of buffers instead, and the report
+    gives the speed.
 
     \b
-    Example:
+    Examples:
       sparsemap load model.safetensors --touch
+      sparsemap load model.safetensors --staging 256M --readers 4
+      sparsemap load model.safetensors --device cuda:0 --staging 256M --drop-cache
     """
     from .memory import PhaseTracker
 
@@ -163,8 +195,17 @@ def load(path: str, dtype: str | None, touch: bool, as_json: bool) -> None:
         from .loader import load_state_dict
     with tracker.phase("open (headers)"):
         cat = open_catalog(path)
-    with tracker.phase("map tensors" if dtype is None else f"load as {dtype}"):
-        state = load_state_dict(cat, dtype=getattr(torch, dtype) if dtype else None)
+    report = None
+    if staging is not None or device != "cpu":
+        from .stream import DEFAULT_STAGING, stream_tensors
+
+        with tracker.phase(f"stream to {device}"), _progress(f"streaming to {device}", cat.nbytes) as advance:
+            state, report = stream_tensors(cat, device=device, dtype=getattr(torch, dtype) if dtype else None,
+                                           staging=staging or DEFAULT_STAGING, readers=readers,
+                                           drop_cache=drop_cache, on_bytes=advance)
+    else:
+        with tracker.phase("map tensors" if dtype is None else f"load as {dtype}"):
+            state = load_state_dict(cat, dtype=getattr(torch, dtype) if dtype else None)
     if touch:
         with tracker.phase("touch every tensor"):
             for t in state.values():
@@ -172,10 +213,13 @@ def load(path: str, dtype: str | None, touch: bool, as_json: bool) -> None:
                     t.view(-1)[:: max(1, 4096 // t.element_size())].sum()  # one read per page
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     if as_json:
+        stream = {} if report is None else {"stream": {**asdict(report), "gb_per_s": report.gb_per_s}}
         click.echo(json.dumps({"path": cat.source, "tensors": len(state), "nbytes": nbytes,
-                               **tracker.to_dict()}, indent=1))
+                               **tracker.to_dict(), **stream}, indent=1))
         return
     click.echo(f"{cat.source}: {len(state)} tensors, {_size(nbytes)} ({cat.format})")
+    if report is not None:
+        click.echo(str(report))
     click.echo(tracker.table())
 
 
@@ -314,38 +358,110 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, dtype:
 
 # ---------------------------------------------------------------- bench
 
+def _parse_limits(text: str | None, model_nbytes: int) -> list[int | None]:
+    """'none,50%,1G' -> [None, half the model, 1 GiB]."""
+    if not text:
+        return [None]
+    out: list[int | None] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part.lower() == "none":
+            out.append(None)
+        elif part.endswith("%"):
+            try:
+                out.append(int(model_nbytes * float(part[:-1]) / 100))
+            except ValueError:
+                raise click.BadParameter(f"{part!r} is not a percentage like 50%") from None
+        else:
+            out.append(_parse_size(part))
+    return out
+
+
+def _bench_table(report: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    from .bench.runner import limit_label
+
+    gb = report["model_nbytes"] / 1e9
+    table = Table(title=f"{Path(report['model']).name}: {gb:.2f} GB, medians of {report['repeat']}; "
+                        f"cold sequential read {report['cold_read_bytes_per_s'] / 1e6:.0f} MB/s")
+    columns = ("strategy", "cache", "limit", "usable s", "forward s", "GB/s", "x read", "peak RSS MiB",
+               "peak anon MiB", "anon growth MiB", "peak file MiB", "cgroup peak MiB", "major faults", "read MiB", "note")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("strategy", "cache", "limit", "note") else "right")
+
+    def mib(v: float | None) -> str:
+        return "" if v is None else f"{v / 2**20:,.0f}"
+
+    for row in report["medians"]:
+        killed = f"OOM-killed {row['oom_killed']}/{row['attempts']}" if row["oom_killed"] else ""
+        head = (row["strategy"], row["cache"], limit_label(row["limit"]))
+        if row["runs"] == 0:
+            table.add_row(*head, *[""] * 11, killed or row["note"], style="red" if killed else "dim")
+            continue
+        table.add_row(*head, f"{row['usable_s']:.3f}", f"{row['forward_s']:.3f}", f"{row['effective_gbps']:.2f}",
+                      f"{row['vs_cold_read']:.2f}", mib(row["peak_rss"]), mib(row["peak_anon"]), mib(row["anon_growth"]),
+                      mib(row["peak_file"]), mib(row["cgroup_peak"]), f"{row['major_faults']:,.0f}",
+                      mib(row["read_bytes"]), killed or row["note"])
+    return table
+
+
+def _bench_folder(model: str) -> Path:
+    """A synthetic size's folder (written once) or a folder given by path."""
+    from .bench import synthetic
+
+    if Path(model).is_dir():
+        folder = Path(model)
+    elif model in synthetic.SIZES:
+        folder = synthetic.generate(model)
+    else:
+        raise click.BadParameter(f"{model!r} is neither a folder nor a synthetic size "
+                                 f"({', '.join(synthetic.SIZES)})", param_hint="MODEL")
+    if not (folder / "model.safetensors").is_file():
+        raise click.BadParameter(f"{folder} holds no model.safetensors (make one with a synthetic size)",
+                                 param_hint="MODEL")
+    return folder
+
+
 @main.command()
 @click.argument("model")
 @click.option("--strategies", default="all", show_default=True, metavar="A,B,...",
               help="Comma-separated strategy names (see --list), or 'all'.")
 @click.option("--cache", type=click.Choice(["cold", "warm", "both"]), default="both", show_default=True,
               help="cold: files dropped from the page cache (verified with mincore) before each run.")
-@click.option("--memory-limit", default=None, metavar="SIZE",
-              help="Run each strategy inside a memory cgroup of this size, e.g. 1G.")
+@click.option("--memory-limit", default=None, metavar="LIMITS",
+              help="Comma-separated memory limits, each a size (1G), a percentage of the model (50%) "
+                   "or 'none'; limited runs go inside a fresh memory cgroup and start cold.")
 @click.option("--repeat", type=click.IntRange(1, 50), default=1, show_default=True, help="Runs per cell; medians.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG: peak memory against time to a usable model.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the table as Markdown.")
+@click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Do not measure: show (and --plot, --markdown) a report written earlier by --json.")
 @click.option("--list", "list_only", is_flag=True, help="List the strategies and whether they can run here.")
 def bench(model: str, strategies: str, cache: str, memory_limit: str | None, repeat: int,
-          json_path: str | None, list_only: bool) -> None:
+          json_path: str | None, plot_path: str | None, markdown_path: str | None, from_json: str | None,
+          list_only: bool) -> None:
     """Measure every loading strategy on the same checkpoint, each in a fresh process.
 
     MODEL is a named synthetic size (llama-tiny, llama-0.1b, llama-1b,
-    llama-3b: random weights written once by safetensors, torch.save and
-    save_pretrained into $SPARSEMAP_CACHE/bench) or such a folder. For each run:
-    time to a usable model, one forward pass, peak RSS / anonymous /
-    file-backed memory, major faults and bytes read from disk.
+    llama-3b: random weights written once by safetensors, torch.save,
+    save_pretrained and tensorizer into $SPARSEMAP_CACHE/bench) or such a
+    folder. For each run: time to a usable model, one forward pass, effective
+    GB/s against the file's cold sequential read speed (measured first, in the
+    same run), peak RSS / anonymous / file-backed memory, the cgroup's peak,
+    major faults and bytes read from disk.
 
     \b
     Examples:
+      sparsemap bench --list llama-1b
       sparsemap bench llama-0.1b --repeat 3
-      sparsemap bench llama-1b --cache cold --memory-limit 1G --json results.json
+      sparsemap bench llama-1b --memory-limit none,50% --repeat 3 --json r.json --plot r.png
     """
-    from pathlib import Path
-
     from rich.console import Console
-    from rich.table import Table
 
-    from .bench import runner, synthetic
+    from .bench import runner
     from .bench.strategies import STRATEGIES, unavailable
 
     names = list(STRATEGIES) if strategies == "all" else [s.strip() for s in strategies.split(",")]
@@ -354,31 +470,34 @@ def bench(model: str, strategies: str, cache: str, memory_limit: str | None, rep
         raise click.BadParameter(f"unknown strategies {unknown}; known: {', '.join(STRATEGIES)}")
     if list_only:
         for n in names:
-            click.echo(f"{n}: {unavailable(n) or 'available'}")
+            click.echo(f"{n}: {unavailable(n) or 'available'} ({STRATEGIES[n].description})")
         return
-    folder = Path(model) if Path(model).is_dir() else synthetic.generate(model)
-    caches = ["cold", "warm"] if cache == "both" else [cache]
-    limit = _parse_size(memory_limit) if memory_limit else None
-    console = Console(stderr=True)
-    with console.status("benchmarking ...") as status:
-        report = runner.run(folder, names, caches, repeat=repeat, memory_limit=limit,
-                            on_result=lambda r: status.update(f"{r['strategy']} ({r['cache']}) done"))
-    table = Table(title=f"{folder.name}: {report['model_nbytes'] / 1e9:.2f} GB, medians of {repeat}")
-    for col in ("strategy", "cache", "usable s", "forward s", "peak RSS MiB", "peak anon MiB", "peak file MiB",
-                "major faults", "read MiB", "note"):
-        table.add_column(col, justify="left" if col in ("strategy", "cache", "note") else "right")
-    for row in report["medians"]:
-        if row["runs"] == 0:
-            table.add_row(row["strategy"], row["cache"], *[""] * 7, "OOM-killed" if row["oom_killed"] else row["note"])
-            continue
-        table.add_row(row["strategy"], row["cache"], f"{row['usable_s']:.3f}", f"{row['forward_s']:.3f}",
-                      f"{row['peak_rss'] / 2**20:.0f}", f"{row['peak_anon'] / 2**20:.0f}",
-                      f"{row['peak_file'] / 2**20:.0f}", f"{row['major_faults']:.0f}",
-                      f"{row['read_bytes'] / 2**20:.0f}", "OOM-killed" if row["oom_killed"] else row["note"])
-    Console().print(table)
+    if from_json:
+        report = json.loads(Path(from_json).read_text())
+    else:
+        folder = _bench_folder(model)
+        caches = ["cold", "warm"] if cache == "both" else [cache]
+        limits = _parse_limits(memory_limit, (folder / "model.safetensors").stat().st_size)
+        console = Console(stderr=True)
+        if console.is_terminal:
+            with console.status("benchmarking ...") as status:
+                report = runner.run(folder, names, caches, repeat=repeat, limits=limits, on_progress=status.update)
+        else:  # a log file: one line per run
+            report = runner.run(folder, names, caches, repeat=repeat, limits=limits,
+                                on_progress=lambda line: click.echo(line, err=True))
+    out = Console()
+    out.width = max(out.width, 200) if not out.is_terminal else out.width  # a file or pipe gets every column
+    out.print(_bench_table(report))
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=1))
         click.echo(f"wrote {json_path}")
+    if markdown_path:
+        Path(markdown_path).write_text(runner.markdown(report))
+        click.echo(f"wrote {markdown_path}")
+    if plot_path:
+        from .bench.plot import plot
+
+        click.echo(f"wrote {plot(report, plot_path)}")
 
 
 # ---------------------------------------------------------------- demo

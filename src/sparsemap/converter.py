@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats.catalog import Catalog
+from .errors import FileChangedError
+from .formats.catalog import Catalog, FileStamp
 from .formats.resolve import open_catalog
 from .mapped import TORCH_DTYPES, release_pages
 from .writer import Layout, Plan, Spec, plan, write
@@ -77,6 +78,11 @@ def convert(source: str | os.PathLike[str] | Catalog, destination: str | os.Path
     current: dict[str, torch.Tensor] = {}
 
     def get(name: str) -> torch.Tensor:
+        file = catalog[name].file
+        stamp = catalog.stamps.get(file)
+        if stamp is not None and FileStamp.of(file) != stamp:  # touching a truncated mapping is SIGBUS
+            raise FileChangedError(f"changed during conversion: {stamp.differences(FileStamp.of(file))}; "
+                                   f"{destination} was not written", path=file, tensor=name)
         current[name] = t = catalog.tensor(name)
         return t
 

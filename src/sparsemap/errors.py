@@ -184,6 +184,17 @@ class UninitializedTensorError(LoadError):
     """After loading, a parameter or buffer is still on the meta device."""
 
 
+# ---------------------------------------------------------------- files changing underneath
+
+class FileChangedError(SparsemapError, RuntimeError):
+    """A checkpoint was modified, truncated or replaced while sparsemap was reading or mapping it.
+
+    Raised before any page of the changed file is touched: reading a page past
+    the end of a truncated mapping would be SIGBUS, and re-reading a modified
+    one would mix old and new weights.
+    """
+
+
 # ---------------------------------------------------------------- sparse rows
 
 class RowError(BadInputError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -21,9 +22,11 @@ import torch
 from torch import nn
 
 from .errors import MissingKeysError, ShapeMismatchError, UnexpectedKeysError, UninitializedTensorError
-from .formats.catalog import Catalog
+from .formats.catalog import Catalog, TensorEntry
 from .formats.resolve import open_catalog
+from .stream import DEFAULT_STAGING, stream_tensors
 
+logger = logging.getLogger("sparsemap")
 M = TypeVar("M", bound=nn.Module)
 Source = str | os.PathLike[str] | Catalog
 Skip = Iterable[str] | Callable[[str], bool] | None
@@ -186,7 +189,8 @@ def plan(model: nn.Module, catalog: Catalog, skip: Skip = None) -> LoadPlan:
 # ---------------------------------------------------------------- loading
 
 def load(model: M | Callable[[], M], source: Source, *, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None, strict: bool = True, skip: Skip = None) -> M:
+         dtype: torch.dtype | None = None, strict: bool = True, skip: Skip = None,
+         staging: int | str | None = None, readers: int = 2, drop_cache: bool = False) -> M:
     """Load a checkpoint into a model built on the meta device, by mapping, not copying.
 
     Args:
@@ -202,6 +206,15 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
         skip: names or glob patterns (``"lm_head.*"``), or a predicate, of
             tensors to leave out: not loaded, their pages never touched; a model
             tensor that is skipped stays on the meta device.
+        staging: stream instead of mapping (:mod:`sparsemap.stream`): ``K``
+            reader threads fill a ring of host buffers of this total size
+            (``"256M"``) with large reads, copied to ``device`` as they fill;
+            host memory stays bounded by the ring. The default for a GPU
+            device is 256 MiB; on the CPU, streaming makes anonymous copies
+            (``None`` keeps zero-copy views). Quantized and laid-out tensors
+            are loaded mapped all the same.
+        readers: reader threads when streaming.
+        drop_cache: when streaming, drop each range from the page cache once copied.
 
     Returns:
         The model, with every parameter and persistent buffer replaced by the
@@ -227,8 +240,16 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
     the_plan.raise_for_errors(catalog.source, strict)
 
     device = torch.device(device)
+    if staging is None and device.type != "cpu":
+        staging = DEFAULT_STAGING
+    streamed: dict[str, torch.Tensor] = {}
+    if staging is not None:
+        plain = [name for _, name in the_plan.assignments if _streamable(catalog[name])]
+        streamed, report = stream_tensors(catalog, plain, device=device, dtype=dtype, staging=staging,
+                                          readers=readers, drop_cache=drop_cache)
+        logger.info("%s: %s", catalog.source, report)
     for slot, name in the_plan.assignments:
-        t = _converted(catalog.tensor(name), device, dtype)
+        t = streamed.pop(name) if name in streamed else _converted(catalog.tensor(name), device, dtype)
         old = slot.tensor
         assert old is not None
         if slot.kind == "param":
@@ -240,6 +261,10 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
                 module._buffers[attr] = t
     _check_materialized(model, the_plan.not_loaded, catalog.source, strict)
     return model
+
+
+def _streamable(entry: TensorEntry) -> bool:
+    return entry.encoding is None and entry.strides is None and entry.order is None
 
 
 def _converted(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import NotMappedError, TruncatedFileError, UnknownDtypeError
-from .formats.catalog import TensorEntry
+from .errors import FileChangedError, NotMappedError, TruncatedFileError, UnknownDtypeError
+from .formats.catalog import FileStamp, TensorEntry
 
 if TYPE_CHECKING:  # pragma: no cover
     from .formats.catalog import Catalog
@@ -69,11 +69,27 @@ class FileMapping(mmap.mmap):
         path: the file mapped.
         fd: a descriptor of that file, open while the mapping lives.
         address: the mapping's first byte (page-aligned).
+        stamp: the file's version when mapped.
     """
 
     path: str
     fd: int
     address: int
+    stamp: FileStamp
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`FileChangedError` if the mapped inode was truncated or modified since mapping.
+
+        Called before any operation that makes pages fault in from the file
+        again (evict, restore, prefetch): past a truncation that is SIGBUS, and
+        after an in-place rewrite it would mix new bytes into old weights. A
+        file *replaced* by rename is fine: the descriptor still reads the old inode.
+        """
+        now = FileStamp.of(self.fd)
+        if now != self.stamp:
+            raise FileChangedError(f"changed since it was mapped: {self.stamp.differences(now)}; its pages "
+                                   "cannot be read again safely (reload it from the file as it is now)",
+                                   path=self.path)
 
 
 # (address, rows, row stride in bytes) -> bytes each row owns, for views of padded rows.
@@ -92,15 +108,25 @@ _REGISTRY: weakref.WeakValueDictionary[int, FileMapping] = weakref.WeakValueDict
 _REGISTRY_LOCK = threading.Lock()
 
 
-def map_file(path: str, required_nbytes: int) -> FileMapping | None:
-    """Map ``path`` privately (copy-on-write), after checking it still holds ``required_nbytes``.
+def map_file(path: str, required_nbytes: int, stamp: FileStamp | None = None) -> FileMapping | None:
+    """Map ``path`` privately (copy-on-write), after checking it is still the file that was parsed.
 
     The check matters: touching a page past the end of a shrunken file is
-    SIGBUS, not an exception. Returns ``None`` for an empty file (nothing to map).
+    SIGBUS, not an exception, and a file replaced since its header was read
+    has other bytes at the header's offsets. Returns ``None`` for an empty file.
+
+    Args:
+        path: the file.
+        required_nbytes: how many bytes its tensors need.
+        stamp: the file's version when its header was parsed (``Catalog.stamps``).
     """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
-        file_nbytes = os.fstat(fd).st_size
+        now = FileStamp.of(fd)
+        if stamp is not None and now != stamp:
+            raise FileChangedError(f"changed since its header was read: {stamp.differences(now)}; "
+                                   "open it again", path=path)
+        file_nbytes = now.size
         if file_nbytes < required_nbytes:
             raise TruncatedFileError(f"file is {file_nbytes} bytes but its tensors need {required_nbytes} "
                                      "(was it truncated or replaced after it was opened?)", path=path)
@@ -111,7 +137,7 @@ def map_file(path: str, required_nbytes: int) -> FileMapping | None:
     except BaseException:
         os.close(fd)
         raise
-    mm.path, mm.fd = path, fd
+    mm.path, mm.fd, mm.stamp = path, fd, now
     # from_buffer pins the mapping only while the ctypes object lives: a moment.
     mm.address = ctypes.addressof(ctypes.c_char.from_buffer(mm))
     weakref.finalize(mm, os.close, fd)
@@ -149,13 +175,14 @@ class Mapper:
         # No reference back to the catalog: a cycle would keep every mapping
         # alive until the garbage collector runs, pinning pages in the cache.
         self._required = catalog.required_nbytes()
+        self._stamps = dict(catalog.stamps)
         self._maps: dict[str, FileMapping | None] = {}
         self._lock = threading.Lock()
 
     def mapping(self, path: str) -> FileMapping | None:
         with self._lock:
             if path not in self._maps:
-                self._maps[path] = map_file(path, self._required.get(path, 0))
+                self._maps[path] = map_file(path, self._required.get(path, 0), self._stamps.get(path))
             return self._maps[path]
 
     def tensor(self, entry: TensorEntry, *, stored_order: bool = False) -> torch.Tensor:

@@ -284,6 +284,7 @@ class RowController:
         """Give masked ``rows`` their file values again; returns pages mapped back from the file."""
         idx = self._rows(rows)
         with self._lock:
+            self.mapping.check_unchanged()  # pages come back from the file: it must be the one mapped
             back = idx[self._masked[idx]]
             if back.size == 0:
                 return 0
@@ -317,6 +318,7 @@ class RowController:
         """
         idx = self._rows(rows)
         with self._lock:
+            self.mapping.check_unchanged()  # released pages fault back from the file
             if strict:
                 self._strict_check(idx, "evict")
             selected = np.zeros(self.n_rows, dtype=bool)
@@ -339,6 +341,7 @@ class RowController:
         """Ask the kernel to read ``rows`` ahead (``MADV_WILLNEED``); returns at once."""
         idx = self._rows(rows)
         with self._lock:
+            self.mapping.check_unchanged()
             wanted = self._pages_touched(idx) & ~self._freeable()
             for first, stop in pages.runs(wanted):
                 pages.will_need(self._page_addr(first), (stop - first) * PAGE_SIZE)

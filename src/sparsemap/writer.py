@@ -17,9 +17,11 @@ import contextlib
 import ctypes
 import ctypes.util
 import fnmatch
+import glob
 import json
 import math
 import os
+import secrets
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -376,17 +378,43 @@ class _Sink:
             nbytes -= n
 
 
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete temporary files a killed writer of ``path`` left behind (their writer pid is gone)."""
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".")[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str]) -> Iterator[int]:
     """A file descriptor to write ``path`` with: temp file, fsync, rename, fsync of the folder.
 
     On any exception the temporary file is removed and ``path`` is untouched.
+    A writer killed outright (SIGKILL, power loss) leaves ``path`` untouched
+    too, and its temporary file is removed by the next write of ``path``.
     Writing to a new inode also means a process that has the old file mapped
     keeps reading the old bytes.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    remove_stale_temporaries(path)
+    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
         yield fd

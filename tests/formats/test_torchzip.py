@@ -23,7 +23,7 @@ import sparsemap
 from sparsemap import errors
 from sparsemap.errors import SparsemapError
 
-from ..helpers import assert_bit_identical, raises, random_tensor
+from ..helpers import FakeStorage, FakeTensor, FakeTensorV3, assert_bit_identical, pickle_checkpoint, raises, random_tensor
 
 # ---------------------------------------------------------------- helpers
 
@@ -63,50 +63,6 @@ def rezip(src: Path, dst: Path, *, drop: str | None = None, replace: dict[str, b
                     data = new
             zout.writestr(info.filename, data, compress_type=compression)
     return dst
-
-
-class FakeStorage:
-    """Stands for a storage in a hand-built pickle; pickled as a persistent id."""
-
-    def __init__(self, key: str, numel: int, storage_type: object = None) -> None:
-        self.key = key
-        self.numel = numel
-        self.storage_type = storage_type if storage_type is not None else torch.FloatStorage
-
-
-class FakeTensor:
-    """Pickles as ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)``."""
-
-    def __init__(self, storage: object, offset: object, size: object, stride: object) -> None:
-        self.args = (storage, offset, size, stride)
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (torch._utils._rebuild_tensor_v2, (*self.args, False, OrderedDict()))
-
-
-class FakeTensorV3(FakeTensor):
-    """Pickles as ``_rebuild_tensor_v3(untyped storage, offset, size, stride, ..., dtype)`` (fp8, u16)."""
-
-    def __init__(self, storage: object, offset: object, size: object, stride: object,
-                 dtype: torch.dtype) -> None:
-        super().__init__(storage, offset, size, stride)
-        self.dtype = dtype
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (torch._utils._rebuild_tensor_v3, (*self.args, False, OrderedDict(), self.dtype))
-
-
-class _CheckpointPickler(pickle.Pickler):
-    def persistent_id(self, obj: object):  # type: ignore[no-untyped-def]
-        if isinstance(obj, FakeStorage):
-            return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
-        return None
-
-
-def pickle_checkpoint(obj: object) -> bytes:
-    buf = io.BytesIO()
-    _CheckpointPickler(buf, protocol=2).dump(obj)
-    return buf.getvalue()
 
 
 def write_checkpoint(path: Path, pkl: bytes, storages: dict[str, bytes] | None = None) -> Path:

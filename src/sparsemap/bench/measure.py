@@ -2,9 +2,11 @@
 
 The parent starts the child (optionally inside a memory cgroup) and, while it
 runs, samples ``/proc/<pid>/status`` every millisecond for anonymous and
-file-backed resident memory (the kernel keeps no peak of either). When the
-child exits, ``wait4`` returns its exact peak RSS, major page faults and
-blocks read from disk. Sampling from the parent, which has nothing else to do,
+file-backed resident memory (the kernel keeps no peak of either) and for
+``VmHWM``, the kernel's peak RSS of the process. (Not ``wait4``'s
+``ru_maxrss``: Linux carries the parent's peak over into it across fork and
+exec, so a child of a large parent would report the parent's peak.) When the
+child exits, ``wait4`` returns its major page faults and blocks read from disk. Sampling from the parent, which has nothing else to do,
 avoids the GIL starvation an in-process sampler suffers. No torch here.
 """
 
@@ -28,7 +30,7 @@ class Measurement:
 
     exit_code: int
     wall_s: float
-    peak_rss: int  # exact: wait4's ru_maxrss
+    peak_rss: int  # VmHWM, the kernel's own peak of this process's RSS (last value read before exit)
     peak_anon: int  # sampled every interval
     peak_file: int  # sampled every interval
     major_faults: int
@@ -40,9 +42,9 @@ class Measurement:
     stderr: str = ""
 
 
-def _status(pid: int) -> tuple[int, int] | None:
-    """(RssAnon, RssFile) of a live process, or None once it is gone."""
-    anon = file = 0
+def _status(pid: int) -> tuple[int, int, int] | None:
+    """(RssAnon, RssFile, VmHWM) of a live process, or None once it is gone."""
+    anon = file = hwm = 0
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
@@ -50,9 +52,11 @@ def _status(pid: int) -> tuple[int, int] | None:
                     anon = int(line.split()[1]) * KiB
                 elif line.startswith(b"RssFile:"):
                     file = int(line.split()[1]) * KiB
+                elif line.startswith(b"VmHWM:"):
+                    hwm = int(line.split()[1]) * KiB
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return anon, file
+    return anon, file, hwm
 
 
 def run_measured(cmd: Sequence[str], *, memory_limit: int | None = None, interval_s: float = 0.001,
@@ -79,7 +83,7 @@ def run_measured(cmd: Sequence[str], *, memory_limit: int | None = None, interva
         start = time.perf_counter()
         proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                                 preexec_fn=group.enter_in_child if group is not None else None)
-        peaks = [0, 0, 0]  # anon, file, samples
+        peaks = [0, 0, 0, 0]  # anon, file, samples, VmHWM
         done = threading.Event()
 
         def sample() -> None:
@@ -88,6 +92,7 @@ def run_measured(cmd: Sequence[str], *, memory_limit: int | None = None, interva
                 if now is None:
                     return
                 peaks[0], peaks[1] = max(peaks[0], now[0]), max(peaks[1], now[1])
+                peaks[3] = max(peaks[3], now[2])
                 peaks[2] += 1
                 time.sleep(interval_s)
 
@@ -119,7 +124,7 @@ def run_measured(cmd: Sequence[str], *, memory_limit: int | None = None, interva
             cgroup_peak = group.peak_nbytes()
             oom = group.oom_kills() > 0
         return Measurement(
-            exit_code=proc.returncode, wall_s=wall, peak_rss=usage.ru_maxrss * KiB, peak_anon=peaks[0],
+            exit_code=proc.returncode, wall_s=wall, peak_rss=peaks[3], peak_anon=peaks[0],
             peak_file=peaks[1], major_faults=usage.ru_majflt, read_bytes=usage.ru_inblock * 512,
             samples=peaks[2], cgroup_peak=cgroup_peak, oom_killed=oom,
             stdout=outputs.get("out", b"").decode(errors="replace"),

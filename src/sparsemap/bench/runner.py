@@ -1,4 +1,12 @@
-"""The benchmark matrix: strategies x cache state (x memory limit), each run a fresh measured child."""
+"""The benchmark matrix: strategies x cache state x memory limit, each run a fresh measured child.
+
+Before the matrix, the model file is made cold and read once sequentially with
+large ``pread`` calls: that speed is the physical limit every strategy is
+compared with (``vs_cold_read``), measured on the same file in the same run.
+Limited runs always start cold: the page cache a warm file already holds is
+charged to whoever read it first, not to the group, so a "warm" limited run
+would hide the very memory the limit is there to count.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +15,25 @@ import os
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .. import pages
+from .. import cgroup, pages
 from .measure import run_measured
-from .strategies import unavailable
+from .strategies import STRATEGIES, unavailable
 
-# Which files each strategy reads (to make them cold or warm beforehand).
-FILES = {"naive": ["model.pt"], "torch.load mmap": ["model.pt"], "accelerate dispatch": ["sharded"],
-         "transformers from_pretrained": ["sharded"]}
+PEER_DISTRIBUTIONS = ("sparsemap", "torch", "safetensors", "transformers", "accelerate", "fastsafetensors",
+                      "runai-model-streamer", "tensorizer", "numpy")
 
 
-def _files(folder: Path, strategy: str) -> list[Path]:
+def strategy_files(folder: Path, strategy: str) -> list[Path]:
+    """The files ``strategy`` reads from ``folder`` (a folder entry stands for the files in it)."""
     out: list[Path] = []
-    for rel in FILES.get(strategy, ["model.safetensors"]):
+    for rel in STRATEGIES[strategy].files:
         path = folder / rel
         out.extend(sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path])
     return out
@@ -41,56 +51,198 @@ def prepare_cache(files: Iterable[Path], state: str) -> float:
     return statistics.mean(fractions) if fractions else 0.0
 
 
+def cold_read_speed(path: Path, repeat: int = 3) -> float:
+    """Median bytes/s of a cold sequential ``pread`` pass over ``path`` (each pass made cold first)."""
+    speeds = []
+    for _ in range(repeat):
+        pages.make_cold(path)
+        speeds.append(pages.sequential_read_speed(path))
+    pages.make_cold(path)
+    return statistics.median(speeds)
+
+
+def limit_label(limit: int | None) -> str:
+    return "none" if limit is None else f"{limit / 2**20:.0f} MiB"
+
+
 def run(folder: Path, strategies: list[str], caches: list[str], *, repeat: int = 1,
-        memory_limit: int | None = None,
+        limits: list[int | None] | None = None,
+        on_progress: Callable[[str], None] | None = None,
         on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run the matrix; returns machine description, per-run results and medians."""
-    nbytes = os.path.getsize(folder / "model.safetensors")
+    """Run the matrix; returns machine description, per-run results and medians.
+
+    Args:
+        folder: a synthetic folder (:mod:`.synthetic`): every layout of one model.
+        strategies: names from :data:`~.strategies.STRATEGIES`.
+        caches: ``"cold"`` and/or ``"warm"`` for the unlimited runs.
+        repeat: runs of each cell (medians are reported).
+        limits: memory limits in bytes; ``None`` is unlimited. Limited runs are cold.
+        on_progress: called with a line before each run.
+        on_result: called with each run's result.
+    """
+    limits = limits if limits is not None else [None]
+    model = folder / "model.safetensors"
+    nbytes = os.path.getsize(model)
+    notify = on_progress or (lambda _line: None)
+    skipped_limits: dict[int, str] = {}
+    if any(limit is not None for limit in limits):
+        ok, why = cgroup.available()
+        if not ok:
+            skipped_limits = {limit: why for limit in limits if limit is not None}
+    for name in strategies:
+        strategy = STRATEGIES[name]
+        if strategy.prepare is not None and unavailable(name) is None:
+            notify(f"preparing {name} (once, not timed)")
+            strategy.prepare(folder)
+    notify("measuring the cold sequential read speed of the file")
+    read_speed = cold_read_speed(model)
+    cells = [(limit, cache) for limit in limits for cache in (caches if limit is None else ["cold"])]
+    total = repeat * len(cells) * len(strategies)
     results: list[dict[str, Any]] = []
+
+    def emit(r: dict[str, Any]) -> None:
+        results.append(r)
+        if on_result:
+            on_result(r)
+
+    done = 0
     for i in range(repeat):
-        for cache in caches:
+        for limit, cache in cells:
             for name in strategies:
-                reason = unavailable(name)
+                done += 1
+                base = {"strategy": name, "cache": cache, "limit": limit, "run": i}
+                reason = unavailable(name) or skipped_limits.get(limit)  # type: ignore[arg-type]
                 if reason is not None:
                     if i == 0:
-                        results.append({"strategy": name, "cache": cache, "unavailable": reason})
-                        if on_result:
-                            on_result(results[-1])
+                        emit({**base, "unavailable": reason})
                     continue
-                cached = prepare_cache(_files(folder, name), cache)
+                notify(f"[{done}/{total}] {name}, {cache} cache, limit {limit_label(limit)}")
+                cached = prepare_cache(strategy_files(folder, name), cache)
                 m = run_measured([sys.executable, "-m", "sparsemap.bench.strategies", name, str(folder)],
-                                 memory_limit=memory_limit)
-                r: dict[str, Any] = {"strategy": name, "cache": cache, "run": i, "cached_before": cached,
+                                 memory_limit=limit)
+                r: dict[str, Any] = {**base, "cached_before": cached,
                                      **{k: v for k, v in asdict(m).items() if k not in ("stdout", "stderr")}}
                 if m.exit_code == 0:
                     r.update(json.loads(m.stdout.strip().splitlines()[-1]))
+                    r["anon_growth"] = r["peak_anon"] - r["baseline_anon"]
                 else:
-                    r["error"] = (m.stderr.strip().splitlines() or [f"exit {m.exit_code}"])[-1][-300:]
-                results.append(r)
-                if on_result:
-                    on_result(r)
-    return {"machine": machine(), "model_nbytes": nbytes, "memory_limit": memory_limit,
-            "results": results, "medians": medians(results)}
+                    r["error"] = ("killed by the memory limit" if m.oom_killed else
+                                  (m.stderr.strip().splitlines() or [f"exit {m.exit_code}"])[-1][-300:])
+                emit(r)
+    return {"machine": machine(model, read_speed), "model": str(folder), "model_nbytes": nbytes,
+            "cold_read_bytes_per_s": read_speed, "repeat": repeat, "results": results,
+            "medians": medians(results, nbytes, read_speed)}
 
 
-def medians(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keys = ("usable_s", "forward_s", "wall_s", "peak_rss", "peak_anon", "peak_file", "major_faults", "read_bytes")
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+MEDIAN_KEYS = ("usable_s", "forward_s", "wall_s", "peak_rss", "peak_anon", "anon_growth", "peak_file",
+               "cgroup_peak", "major_faults", "read_bytes")
+
+
+def medians(results: list[dict[str, Any]], model_nbytes: int, read_speed: float) -> list[dict[str, Any]]:
+    """One row per (strategy, cache, limit): medians of the runs that completed.
+
+    ``anon_growth`` is the peak anonymous memory above what the child held
+    after its imports, before loading began: the loading's own cost.
+    ``effective_gbps`` is the model's bytes over the time to a usable model
+    plus its first forward pass: by then every strategy has read every weight
+    (a mapped one reads them during that pass), so it is comparable across
+    strategies. ``vs_cold_read`` divides it by the file's cold ``pread`` speed.
+    """
+    groups: dict[tuple[str, str, int | None], list[dict[str, Any]]] = {}
     for r in results:
-        groups.setdefault((r["strategy"], r["cache"]), []).append(r)
+        groups.setdefault((r["strategy"], r["cache"], r["limit"]), []).append(r)
     out = []
-    for (name, cache), rs in groups.items():
+    for (name, cache, limit), rs in groups.items():
         ok = [r for r in rs if r.get("exit_code") == 0]
-        row: dict[str, Any] = {"strategy": name, "cache": cache, "runs": len(ok)}
+        row: dict[str, Any] = {"strategy": name, "cache": cache, "limit": limit, "runs": len(ok),
+                               "attempts": sum("exit_code" in r for r in rs)}
         if ok:
-            row.update({k: statistics.median(r[k] for r in ok) for k in keys})
-        row["oom_killed"] = any(r.get("oom_killed") for r in rs)
+            for k in MEDIAN_KEYS:
+                values = [r[k] for r in ok if r.get(k) is not None]
+                row[k] = statistics.median(values) if values else None
+            seconds = row["usable_s"] + row["forward_s"]
+            row["effective_gbps"] = model_nbytes / seconds / 1e9
+            row["vs_cold_read"] = model_nbytes / seconds / read_speed
+        elif any("wall_s" in r for r in rs):  # every run failed: how long until it was killed
+            row["wall_s"] = statistics.median(r["wall_s"] for r in rs if "wall_s" in r)
+        row["oom_killed"] = sum(bool(r.get("oom_killed")) for r in rs)
         row["note"] = next((r.get("unavailable") or r.get("error") for r in rs
                             if r.get("unavailable") or r.get("error")), "")
         out.append(row)
     return out
 
 
-def machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-            "kernel": platform.release(), "python": platform.python_version()}
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in PEER_DISTRIBUTIONS:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _filesystem(path: Path) -> str:
+    """The mount (device and type) ``path`` lives on, from /proc/self/mounts."""
+    best = ("", "?", "?")
+    target = str(path.resolve())
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                dev, mount, fstype = line.split()[:3]
+                if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best[0]):
+                    best = (mount, dev, fstype)
+    except OSError:
+        pass
+    return f"{best[1]} ({best[2]}) at {best[0]}"
+
+
+def machine(model: Path | None = None, read_speed: float | None = None) -> dict[str, Any]:
+    """Cores, RAM, kernel, CPU, the file's filesystem and cold read speed, and library versions."""
+    out: dict[str, Any] = {
+        "cpus": os.cpu_count(), "cpu": _cpu_model(),
+        "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "kernel": platform.release(), "python": platform.python_version(), "versions": _versions(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if model is not None:
+        out["filesystem"] = _filesystem(model)
+    if read_speed is not None:
+        out["cold_read_mb_per_s"] = round(read_speed / 1e6, 1)
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The medians as a Markdown table (for RESULTS files and issue threads)."""
+
+    def mib(v: float | None) -> str:
+        return "" if v is None else f"{v / 2**20:,.0f}"
+
+    head = ("strategy", "cache", "limit", "runs", "usable s", "forward s", "GB/s", "x cold read", "peak RSS MiB",
+            "peak anon MiB", "anon growth MiB", "peak file MiB", "cgroup peak MiB", "major faults", "read MiB",
+            "note")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["medians"]:
+        killed = f"OOM-killed {r['oom_killed']}/{r['attempts']}" if r["oom_killed"] else ""
+        note = (killed or r["note"]).replace("|", "/")
+        cells = [r["strategy"], r["cache"], limit_label(r["limit"]), f"{r['runs']}/{r['attempts']}"]
+        if r["runs"]:
+            cells += [f"{r['usable_s']:.3f}", f"{r['forward_s']:.3f}", f"{r['effective_gbps']:.2f}",
+                      f"{r['vs_cold_read']:.2f}", mib(r["peak_rss"]), mib(r["peak_anon"]), mib(r["anon_growth"]),
+                      mib(r["peak_file"]), mib(r["cgroup_peak"]), f"{r['major_faults']:,.0f}",
+                      mib(r["read_bytes"]), note]
+        else:
+            cells += [""] * 11 + [note]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -9,13 +9,43 @@ Peers that cannot be imported here are reported as unavailable with the reason.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One way of loading the checkpoint.
+
+    Attributes:
+        load: builds and loads the model from the synthetic folder (runs in the child).
+        description: one line for tables and ``--list``.
+        files: what it reads, relative to the folder (made cold or warm before each run).
+        imports: modules imported before the clock starts (loading is timed, not imports).
+        pip: the PyPI distribution that provides it, when it is a peer's library.
+        prepare: writes the strategy's own file once (tensorizer serializes), in the parent.
+    """
+
+    load: Callable[[Path], Any]
+    description: str
+    files: tuple[str, ...] = ("model.safetensors",)
+    imports: tuple[str, ...] = ()
+    pip: str | None = None
+    prepare: Callable[[Path], None] | None = None
+
+    def unavailable(self) -> str | None:
+        """Why this strategy cannot run here, or ``None``."""
+        missing = [m for m in self.imports if importlib.util.find_spec(m.split(".")[0]) is None]
+        if missing:
+            return f"{self.pip or missing[0]} is not installed (pip install {self.pip or missing[0]})"
+        return None
 
 
 def _config(folder: Path) -> Any:
@@ -33,6 +63,12 @@ def _skeleton_model(folder: Path) -> Any:
         return LlamaForCausalLM(_config(folder))
 
 
+def _assign(folder: Path, state: dict[str, Any]) -> Any:
+    model = _skeleton_model(folder)
+    model.load_state_dict(state, assign=True)
+    return model
+
+
 def naive(folder: Path) -> Any:
     """Random init in memory, torch.load of the whole file, load_state_dict (copies)."""
     import torch
@@ -47,29 +83,23 @@ def torch_mmap(folder: Path) -> Any:
     """Meta model + torch.load(mmap=True, weights_only=True) + load_state_dict(assign=True)."""
     import torch
 
-    model = _skeleton_model(folder)
-    model.load_state_dict(torch.load(folder / "model.pt", mmap=True, weights_only=True), assign=True)
-    return model
+    return _assign(folder, torch.load(folder / "model.pt", mmap=True, weights_only=True))
 
 
 def safetensors_load_file(folder: Path) -> Any:
     """Meta model + safetensors.torch.load_file + load_state_dict(assign=True)."""
     from safetensors.torch import load_file
 
-    model = _skeleton_model(folder)
-    model.load_state_dict(load_file(folder / "model.safetensors"), assign=True)
-    return model
+    return _assign(folder, load_file(folder / "model.safetensors"))
 
 
 def safetensors_safe_open(folder: Path) -> Any:
     """Meta model + safe_open, one get_tensor per tensor."""
     from safetensors import safe_open
 
-    model = _skeleton_model(folder)
     with safe_open(folder / "model.safetensors", framework="pt") as f:
         state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    model.load_state_dict(state, assign=True)
-    return model
+    return _assign(folder, state)
 
 
 def accelerate_dispatch(folder: Path) -> Any:
@@ -89,11 +119,63 @@ def transformers_from_pretrained(folder: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(folder / "sharded", dtype="auto")
 
 
+def fastsafetensors_cpu(folder: Path) -> Any:
+    """fastsafetensors' CPU path: fastsafe_open(nogds=True) reads the file into its own buffer."""
+    from fastsafetensors import fastsafe_open
+
+    with fastsafe_open(str(folder / "model.safetensors"), device="cpu", nogds=True) as f:
+        state = {name: f.get_tensor(name) for name in f.keys()}  # tensors keep the buffer alive
+    return _assign(folder, state)
+
+
+def runai_streamer(folder: Path) -> Any:
+    """Run:ai model streamer: SafetensorsStreamer.stream_file to CPU, its defaults (owned tensors)."""
+    from runai_model_streamer import SafetensorsStreamer
+
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_file(str(folder / "model.safetensors"))
+        state = dict(streamer.get_tensors())
+    return _assign(folder, state)
+
+
+TENSORIZER_FILE = "model.tensors"
+
+
+def tensorizer_serialize(folder: Path) -> None:
+    """Write the tensorizer file once, with tensorizer's own serializer, from the safetensors weights."""
+    target = folder / TENSORIZER_FILE
+    if target.is_file():
+        return
+    from safetensors.torch import load_file
+    from tensorizer import TensorSerializer
+
+    partial = target.with_name(target.name + ".partial")
+    serializer = TensorSerializer(str(partial))
+    serializer.write_state_dict(load_file(folder / "model.safetensors"))
+    serializer.close()
+    partial.rename(target)
+
+
+def tensorizer_deserialize(folder: Path) -> Any:
+    """tensorizer: TensorDeserializer of its own file to CPU, then assigned into the meta model."""
+    from tensorizer import TensorDeserializer
+
+    deserializer = TensorDeserializer(str(folder / TENSORIZER_FILE), device="cpu")
+    return _assign(folder, dict(deserializer.items()))
+
+
 def sparsemap_zero_copy(folder: Path) -> Any:
     """sparsemap.load: views of the mapped file."""
     from ..loader import load
 
     return load(_skeleton_model(folder), folder / "model.safetensors")
+
+
+def sparsemap_zero_copy_pt(folder: Path) -> Any:
+    """sparsemap.load of the torch.save zip: views of the mapped file, no unpickling of objects."""
+    from ..loader import load
+
+    return load(_skeleton_model(folder), folder / "model.pt")
 
 
 def sparsemap_materialized(folder: Path) -> Any:
@@ -107,50 +189,55 @@ def sparsemap_materialized(folder: Path) -> Any:
     return model
 
 
-def _needs(module: str, pip_name: str) -> str | None:
-    return None if importlib.util.find_spec(module) else f"{pip_name} is not installed"
-
-
-STRATEGIES: dict[str, tuple[Callable[[Path], Any], Callable[[], str | None]]] = {
-    "naive": (naive, lambda: None),
-    "torch.load mmap": (torch_mmap, lambda: None),
-    "safetensors load_file": (safetensors_load_file, lambda: None),
-    "safetensors safe_open": (safetensors_safe_open, lambda: None),
-    "accelerate dispatch": (accelerate_dispatch, lambda: _needs("accelerate", "accelerate")),
-    "transformers from_pretrained": (transformers_from_pretrained, lambda: None),
-    "fastsafetensors": (lambda f: None, lambda: _needs("fastsafetensors", "fastsafetensors")
-                        or "strategy not written yet"),
-    "run:ai streamer": (lambda f: None, lambda: _needs("runai_model_streamer", "runai-model-streamer")
-                        or "strategy not written yet"),
-    "tensorizer": (lambda f: None, lambda: _needs("tensorizer", "tensorizer") or "strategy not written yet"),
-    "sparsemap": (sparsemap_zero_copy, lambda: None),
-    "sparsemap materialized": (sparsemap_materialized, lambda: None),
+STRATEGIES: dict[str, Strategy] = {
+    "naive": Strategy(naive, "random init + torch.load + load_state_dict", files=("model.pt",)),
+    "torch.load mmap": Strategy(torch_mmap, "meta + torch.load(mmap=True) + assign=True", files=("model.pt",)),
+    "safetensors load_file": Strategy(safetensors_load_file, "meta + safetensors load_file + assign=True"),
+    "safetensors safe_open": Strategy(safetensors_safe_open, "meta + safe_open, get_tensor per tensor"),
+    "accelerate dispatch": Strategy(accelerate_dispatch, "init_empty_weights + load_checkpoint_and_dispatch",
+                                    files=("sharded",), imports=("accelerate",), pip="accelerate"),
+    "transformers from_pretrained": Strategy(transformers_from_pretrained, "from_pretrained (default path)",
+                                             files=("sharded",)),
+    "fastsafetensors": Strategy(fastsafetensors_cpu, "fastsafe_open(device='cpu', nogds=True)",
+                                imports=("fastsafetensors",), pip="fastsafetensors"),
+    "run:ai streamer": Strategy(runai_streamer, "SafetensorsStreamer.stream_file to CPU",
+                                imports=("runai_model_streamer",), pip="runai-model-streamer"),
+    "tensorizer": Strategy(tensorizer_deserialize, "TensorDeserializer(device='cpu') of its own file",
+                           files=(TENSORIZER_FILE,), imports=("tensorizer",), pip="tensorizer",
+                           prepare=tensorizer_serialize),
+    "sparsemap": Strategy(sparsemap_zero_copy, "sparsemap.load: views of the mapped file"),
+    "sparsemap .pt": Strategy(sparsemap_zero_copy_pt, "sparsemap.load of the torch.save file", files=("model.pt",)),
+    "sparsemap materialized": Strategy(sparsemap_materialized, "sparsemap.load, then copied to anonymous memory"),
 }
 
 
 def unavailable(name: str) -> str | None:
     """Why strategy ``name`` cannot run here, or ``None``."""
-    return STRATEGIES[name][1]()
+    return STRATEGIES[name].unavailable()
 
 
 def child(name: str, folder: str) -> dict[str, float]:
     """Run one strategy (in this fresh process): seconds to a usable model, then one forward pass."""
     start = time.perf_counter()
+    strategy = STRATEGIES[name]
     import safetensors.torch  # noqa: F401
     import torch
 
     # Libraries are imported before the clock starts: "usable" measures loading, not imports.
     from transformers import LlamaConfig, LlamaForCausalLM  # noqa: F401
 
-    if importlib.util.find_spec("accelerate"):
-        import accelerate  # noqa: F401
+    from ..memory import rss_anon
+
+    for module in strategy.imports:
+        importlib.import_module(module)
+    baseline_anon = rss_anon()  # what the interpreter and libraries hold before loading starts
     imported = time.perf_counter()
-    model = STRATEGIES[name][0](Path(folder)).eval()
+    model = strategy.load(Path(folder)).eval()
     usable = time.perf_counter()
     with torch.inference_mode():
         model(torch.arange(8).unsqueeze(0)).logits.float().sum().item()
     return {"import_s": imported - start, "usable_s": usable - imported,
-            "forward_s": time.perf_counter() - usable}
+            "forward_s": time.perf_counter() - usable, "baseline_anon": baseline_anon}
 
 
 if __name__ == "__main__":

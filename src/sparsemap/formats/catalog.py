@@ -10,9 +10,10 @@ one door to the data; it maps the file (see :mod:`sparsemap.mapped`).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .dtypes import ITEMSIZE
 
@@ -97,6 +98,31 @@ class TensorEntry:
         return min(self.offset & -self.offset, 1 << 20)
 
 
+class FileStamp(NamedTuple):
+    """What identifies one version of a file: device, inode, size and modification time."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path_or_fd: str | int) -> FileStamp:
+        st = os.stat(path_or_fd)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def differences(self, other: FileStamp) -> str:
+        """'size 100 -> 40, replaced (inode 5 -> 9)': what changed, for error messages."""
+        out = []
+        if (self.dev, self.ino) != (other.dev, other.ino):
+            out.append(f"replaced (inode {self.ino} -> {other.ino})")
+        if self.size != other.size:
+            out.append(f"size {self.size} -> {other.size} bytes")
+        if self.mtime_ns != other.mtime_ns and not out:
+            out.append("modified in place (same size, new modification time)")
+        return ", ".join(out)
+
+
 @dataclass
 class Catalog(Mapping[str, TensorEntry]):
     """Every tensor of a checkpoint, by name; see :func:`sparsemap.open`.
@@ -112,6 +138,8 @@ class Catalog(Mapping[str, TensorEntry]):
     format: str
     entries: dict[str, TensorEntry]
     metadata: dict[str, str] = field(default_factory=dict)
+    # Each file as it was when parsed: mapping checks it still is (see FileChangedError).
+    stamps: dict[str, FileStamp] = field(default_factory=dict, repr=False, compare=False)
     _mapper: Mapper | None = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:

@@ -110,6 +110,7 @@ def apply_layout(entries: list[TensorEntry], metadata: dict[str, str], path: str
             span = (last - offset + 1) * size
         else:
             span = 0
+        _check_no_overlap(shape, strides, name, path)
         if order is not None and (order_dim >= len(shape) or len(order) != shape[order_dim]):
             raise LayoutError(f"row order has {len(order)} entries for dimension {order_dim} of shape "
                               f"{list(shape)}", path=path, tensor=name)
@@ -125,6 +126,20 @@ def apply_layout(entries: list[TensorEntry], metadata: dict[str, str], path: str
                                dtype=base.dtype, shape=shape, strides=strides, order=order, order_dim=order_dim,
                                row_span=row_span))
     return out
+
+
+def _check_no_overlap(shape: tuple[int, ...], strides: tuple[int, ...], name: str, path: str) -> None:
+    """Refuse a view whose elements share bytes (rows that overlap cannot be masked one at a time).
+
+    Sufficient rule, met by every layout the writer makes: ordered by stride,
+    each dimension's stride reaches past everything the smaller ones span.
+    """
+    extent = 1
+    for d, s in sorted(((d, s) for d, s in zip(shape, strides, strict=True) if d > 1), key=lambda t: t[1]):
+        if s < extent:
+            raise LayoutError(f"view strides {list(strides)} with shape {list(shape)} make elements overlap "
+                              f"(a stride of {s} inside a span of {extent} elements)", path=path, tensor=name)
+        extent = s * (d - 1) + extent
 
 
 def _order(view: dict[str, Any], name: str, path: str) -> tuple[tuple[int, ...] | None, int]:

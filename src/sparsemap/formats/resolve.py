@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-from ..errors import LegacyPickleError, SourceNotFoundError, UnknownFormatError
-from .catalog import Catalog
+from ..errors import FileChangedError, LegacyPickleError, SourceNotFoundError, UnknownFormatError
+from .catalog import Catalog, FileStamp
 from .gguf import GGUF_MAGIC, open_gguf
 from .safetensors import open_safetensors
 from .sharded import open_sharded
@@ -72,6 +72,17 @@ def _pick_in_folder(folder: str) -> str:
 
 
 def _open_file(path: str) -> Catalog:
+    """Parse one file, and record which version of it was parsed (refusing one that changed meanwhile)."""
+    before = FileStamp.of(path)
+    catalog = _parse_file(path)
+    after = FileStamp.of(path)
+    if after != before:
+        raise FileChangedError(f"changed while its header was read: {before.differences(after)}", path=path)
+    catalog.stamps = {path: before}
+    return catalog
+
+
+def _parse_file(path: str) -> Catalog:
     with open(path, "rb") as f:
         prefix = f.read(16)
     if prefix.startswith(GGUF_MAGIC):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import DuplicateTensorError, MissingShardError, ShardIndexError
-from .catalog import Catalog, TensorEntry
+from .catalog import Catalog, FileStamp, TensorEntry
 
 # An index is a small JSON file; anything bigger is not an index.
 MAX_INDEX_NBYTES = 64 << 20
@@ -57,12 +57,14 @@ def open_sharded(index_path: str, open_file: Callable[[str], Catalog]) -> Catalo
     found: dict[str, list[TensorEntry]] = {}
     metadata: dict[str, str] = {}
     formats: set[str] = set()
+    stamps: dict[str, FileStamp] = {}
     for shard in shards:
         shard_path = os.path.join(folder, shard)
         if not os.path.isfile(shard_path):
             raise MissingShardError(f"shard {shard!r} named by the index is missing "
                                     f"({len(shards)} shards in all)", path=index_path)
         cat = open_file(shard_path)
+        stamps.update(cat.stamps)
         formats.add(cat.format)
         metadata.update(cat.metadata)
         for name, entry in cat.entries.items():
@@ -84,7 +86,7 @@ def open_sharded(index_path: str, open_file: Callable[[str], Catalog]) -> Catalo
         raise ShardIndexError(f"{len(missing)} tensors in the index are in no shard, e.g. "
                               f"{missing[0]!r} (index says {weight_map[missing[0]]!r})", path=index_path)
     fmt = "sharded-" + "+".join(sorted(formats))
-    return Catalog(source=index_path, format=fmt, entries=entries, metadata=metadata)
+    return Catalog(source=index_path, format=fmt, entries=entries, metadata=metadata, stamps=stamps)
 
 
 def index_metadata(index_path: str) -> dict[str, Any]:

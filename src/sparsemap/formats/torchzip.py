@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import pickle
 import struct
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -205,6 +207,9 @@ def sniff(prefix: bytes) -> str | None:
 def _member_data_offset(raw: io.BufferedReader, info: zipfile.ZipInfo, path: str) -> int:
     # The central directory's extra field can differ from the local one (torch
     # pads the local extra field to align data), so read the local header.
+    if not 0 <= info.header_offset <= os.fstat(raw.fileno()).st_size - 30:
+        raise CorruptCheckpointError(f"member {info.filename!r} starts at {info.header_offset}, outside the "
+                                     "file", path=path)
     raw.seek(info.header_offset)
     local = raw.read(30)
     if len(local) != 30 or local[:4] != ZIP_MAGIC:
@@ -212,6 +217,19 @@ def _member_data_offset(raw: io.BufferedReader, info: zipfile.ZipInfo, path: str
                                      f"{info.header_offset}", path=path)
     name_len, extra_len = struct.unpack("<HH", local[26:30])
     return info.header_offset + 30 + name_len + extra_len
+
+
+# What the zipfile module raises on a damaged member: bad headers, offsets, CRCs, compression.
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError,
+               RuntimeError, zlib.error)
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
+    try:
+        return archive.read(name)
+    except _ZIP_ERRORS as e:
+        raise CorruptCheckpointError(f"member {name!r} cannot be read: {type(e).__name__}: {e}",
+                                     path=path) from None
 
 
 def open_torch_zip(path: str) -> Catalog:
@@ -226,7 +244,7 @@ def open_torch_zip(path: str) -> Catalog:
         file_nbytes = raw.tell()
         try:
             archive = zipfile.ZipFile(raw)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+        except _ZIP_ERRORS as e:
             raise CorruptCheckpointError(f"not a readable zip archive: {e}", path=path) from None
         with archive:
             members = {i.filename: i for i in archive.infolist()}
@@ -237,12 +255,13 @@ def open_torch_zip(path: str) -> Catalog:
                     "(is this a torch.save checkpoint?)", path=path)
             root = pickles[0][: -len("data.pkl")]
             order = members.get(root + "byteorder")
-            if order is not None and archive.read(order).strip() not in (b"little", b""):
+            byteorder = _read_member(archive, order.filename, path).strip() if order is not None else b""
+            if byteorder not in (b"little", b""):
                 raise CorruptCheckpointError(
-                    f"big-endian checkpoint ({archive.read(order)!r}); only little-endian is supported",
-                    path=path)
+                    f"big-endian checkpoint ({byteorder!r}); only little-endian is supported", path=path)
+            pickled = _read_member(archive, pickles[0], path)
             try:
-                obj = _WeightsUnpickler(archive.read(pickles[0]), path).load()
+                obj = _WeightsUnpickler(pickled, path).load()
             except SparsemapError as e:
                 if e.path is None:  # raised by a rebuild function, which does not know the file
                     raise type(e)(e.detail, path=path, tensor=e.tensor) from None

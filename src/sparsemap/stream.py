@@ -1,0 +1,429 @@
+"""Streaming a checkpoint to a device through a bounded ring of host buffers.
+
+Mapping a file and copying from it costs host memory as large as the model
+(the page cache, or pinned copies) and reads the disk in page-sized faults.
+Here ``K`` reader threads fill a ring of host buffers (pinned for a GPU,
+plain for the CPU) with large ``pread`` calls, and the main thread copies each
+filled buffer to the destination tensors, on a CUDA stream that overlaps the
+next reads. Host memory stays bounded by the ring (``staging`` bytes) whatever
+the model's size; tensors larger than a buffer travel in pieces, small ones
+share a buffer. dtype casts happen on the destination after the bytes arrive,
+so the host never holds a converted copy.
+
+``O_DIRECT`` (reads that bypass the page cache) is used where the filesystem
+allows it and a short measurement on the first buffers shows it faster; a
+file already in the page cache is faster read through it.
+
+                 readers (K threads)                 main thread
+    file --pread--> [buf 0][buf 1]...[buf N-1] --copy--> destination tensors
+           <---------------- free buffers <--------------   (cast there)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import BadInputError, FileChangedError, SparsemapError, TruncatedFileError
+from .formats.catalog import Catalog, FileStamp, TensorEntry
+from .mapped import TORCH_DTYPES
+
+PAGE = 4096
+DEFAULT_STAGING = 256 << 20
+MAX_BUFFER = 64 << 20  # larger buffers add latency before the first copy, not speed
+MAX_GAP = 64 << 10  # tensors this close in a file share one read (the gap is read and ignored)
+DIRECT_TRIAL_CHUNKS = 4  # buffers read each way before choosing O_DIRECT or not
+
+
+class StreamError(SparsemapError, RuntimeError):
+    """Streaming failed for a reason that is not the file's fault (a device error, a stopped reader)."""
+
+
+# ---------------------------------------------------------------- the plan: which bytes go where
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Bytes ``[src, src + nbytes)`` of a chunk's buffer go to bytes ``[dst, dst + nbytes)`` of tensor ``name``."""
+
+    name: str
+    src: int
+    dst: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One read: ``nbytes`` of ``file`` from ``offset``, scattered into ``pieces``."""
+
+    file: str
+    offset: int
+    nbytes: int
+    pieces: tuple[Piece, ...]
+
+
+def plan_chunks(entries: Iterable[TensorEntry], buffer_nbytes: int, max_gap: int = MAX_GAP) -> list[Chunk]:
+    """Cut the entries' bytes into reads of at most ``buffer_nbytes``, in file order.
+
+    Neighbouring tensors (gaps up to ``max_gap``) share a read; a tensor
+    larger than a buffer spans several.
+    """
+    chunks: list[Chunk] = []
+    file, start, end, pieces = "", 0, 0, []  # the chunk being built
+
+    def flush() -> None:
+        if pieces:
+            chunks.append(Chunk(file, start, end - start, tuple(pieces)))
+
+    for e in sorted(entries, key=lambda e: (e.file, e.offset)):
+        done = 0
+        while done < e.nbytes:
+            pos = e.offset + done
+            fits = e.file == file and pieces and 0 <= pos - end <= max_gap and pos - start < buffer_nbytes
+            if not fits:
+                flush()
+                file, start, end, pieces = e.file, pos, pos, []
+            take = min(e.nbytes - done, buffer_nbytes - (pos - start))
+            pieces.append(Piece(e.name, pos - start, done, take))
+            done += take
+            end = pos + take
+    flush()
+    return chunks
+
+
+# ---------------------------------------------------------------- the ring
+
+
+class _Buffer:
+    """One staging buffer: page-aligned (for O_DIRECT), pinned for a GPU, with the event of its last copy."""
+
+    def __init__(self, nbytes: int, pinned: bool) -> None:
+        # One page of slack each side: an O_DIRECT read starts on the page below the data.
+        self.storage = torch.empty(nbytes + 3 * PAGE, dtype=torch.uint8, pin_memory=pinned)
+        base = self.storage.data_ptr()
+        self.start = -base % PAGE  # first page-aligned byte
+        self.nbytes = nbytes + 2 * PAGE
+        self.address = base + self.start
+        self.tensor = self.storage[self.start:self.start + self.nbytes]
+        self.copied: torch.cuda.Event | None = None  # set when a device copy from it is in flight
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        return memoryview((ctypes.c_char * nbytes).from_address(self.address + offset)).cast("B")
+
+    def wait_for_copies(self) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()
+            self.copied = None
+
+
+def parse_size(text: str | int) -> int:
+    """'256M', '1G', '64KiB', 4096 -> bytes."""
+    if isinstance(text, int):
+        if text < 1:
+            raise BadInputError(f"size {text} must be at least one byte")
+        return text
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    scale = units.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in units else t
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise BadInputError(f"{text!r} is not a size like 256M, 1G or 65536") from None
+    if value < 1:
+        raise BadInputError(f"size {text!r} must be at least one byte")
+    return int(value)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _direct_fd(path: str) -> int | None:
+    """An O_DIRECT descriptor of ``path``, or None where the filesystem refuses it (tmpfs, some FUSE)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | flag | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+
+
+@dataclass
+class _Files:
+    """Open descriptors per file: buffered always, O_DIRECT where allowed."""
+
+    buffered: dict[str, int] = field(default_factory=dict)
+    direct: dict[str, int | None] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    def open(self, paths: Iterable[str], want_direct: bool, stamps: dict[str, FileStamp]) -> None:
+        for p in paths:
+            self.buffered[p] = os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            now = FileStamp.of(self.buffered[p])
+            if p in stamps and now != stamps[p]:
+                raise FileChangedError(f"changed since its header was read: {stamps[p].differences(now)}; "
+                                       "open it again", path=p)
+            self.sizes[p] = now.size
+            self.direct[p] = _direct_fd(p) if want_direct else None
+
+    def close(self) -> None:
+        for fd in itertools.chain(self.buffered.values(), self.direct.values()):
+            if fd is not None:
+                os.close(fd)
+
+
+def _read_chunk(files: _Files, chunk: Chunk, buf: _Buffer, direct: bool) -> int:
+    """Read ``chunk`` into ``buf``; returns where its first byte landed in the buffer."""
+    fd = files.direct[chunk.file] if direct else None
+    if fd is not None:
+        lo = chunk.offset - chunk.offset % PAGE  # O_DIRECT: aligned offset, length and memory
+        hi = min(-(-(chunk.offset + chunk.nbytes) // PAGE) * PAGE, lo + buf.nbytes)
+        want, skip = hi - lo, chunk.offset - lo
+    else:
+        fd, lo, want, skip = files.buffered[chunk.file], chunk.offset, chunk.nbytes, 0
+    got = 0
+    while got < want:
+        n = os.preadv(fd, [buf.view(got, want - got)], lo + got)
+        if n == 0:
+            break
+        got += n
+    if got < skip + chunk.nbytes:
+        size = os.fstat(files.buffered[chunk.file]).st_size
+        raise TruncatedFileError(f"read {max(0, got - skip)} of {chunk.nbytes} bytes at offset {chunk.offset}: "
+                                 f"the file is {size} bytes (truncated while loading?)", path=chunk.file,
+                                 tensor=chunk.pieces[0].name)
+    return skip
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass(frozen=True)
+class StreamReport:
+    """What one streamed load did."""
+
+    nbytes: int
+    seconds: float
+    device: str
+    readers: int
+    buffers: int
+    buffer_nbytes: int
+    chunks: int
+    direct: bool  # O_DIRECT used after the trial
+    trial_mb_per_s: dict[str, float]  # the trial's speed each way ("direct", "buffered")
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        trial = ", ".join(f"{k} {v:,.0f} MB/s" for k, v in self.trial_mb_per_s.items()) or "no trial"
+        return (f"streamed {self.nbytes / 1e9:.2f} GB to {self.device} in {self.seconds:.2f} s "
+                f"({self.gb_per_s:.2f} GB/s) through {self.buffers} x {self.buffer_nbytes >> 20} MiB "
+                f"buffers, {self.readers} readers, {'O_DIRECT' if self.direct else 'page cache'} reads "
+                f"(trial: {trial})")
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def _ring_shape(staging: int, readers: int) -> tuple[int, int]:
+    """(buffers, data bytes each) for a ring of ``staging`` bytes.
+
+    One buffer per reader plus two (one being copied, one spare), each at
+    most :data:`MAX_BUFFER`; each buffer also holds three pages of slack for
+    O_DIRECT's aligned reads, counted inside ``staging`` when there is room.
+    """
+    count = max(1, min(readers + 2, staging // (4 * PAGE)))
+    each = min(MAX_BUFFER, staging // count)
+    count = max(1, staging // each)
+    return count, max(each - 3 * PAGE, min(each, PAGE))
+
+
+def stream_tensors(catalog: Catalog, names: Sequence[str] | None = None, *, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None, staging: int | str = DEFAULT_STAGING, readers: int = 2,
+                   direct: bool | None = None, drop_cache: bool = False,
+                   on_bytes: Callable[[int], None] | None = None) -> tuple[dict[str, torch.Tensor], StreamReport]:
+    """Read tensors of ``catalog`` into new tensors on ``device`` through a ring of ``staging`` bytes.
+
+    Args:
+        catalog: an opened checkpoint (:func:`sparsemap.open`).
+        names: which tensors (default: all). They must be plain stored
+            tensors (not quantized, not a layout view); others raise.
+        device: ``"cpu"`` (anonymous memory, plain buffers) or ``"cuda:N"``
+            (pinned buffers, copies on a side stream).
+        dtype: cast floating tensors to this, on the device, after the copy.
+        staging: the ring's total size (``"256M"``); at least one page.
+        readers: reader threads.
+        direct: O_DIRECT reads: ``None`` chooses by a short measurement,
+            ``True``/``False`` forces (``True`` falls back where refused).
+        drop_cache: drop each range from the page cache once copied.
+        on_bytes: called (in the calling thread) with the bytes of each chunk copied: a progress hook.
+
+    Returns:
+        ``(tensors by name, report)``.
+
+    Raises:
+        FileChangedError: a file is no longer the one the catalog parsed.
+        TruncatedFileError: the file ended early (truncated while loading);
+            every reader thread has stopped when it is raised.
+
+    Example:
+        >>> cat = sparsemap.open("model.safetensors")                           # doctest: +SKIP
+        >>> tensors, report = stream_tensors(cat, device="cuda:0", staging="256M", readers=4)
+        >>> print(report)
+    """
+    device = torch.device(device)
+    staging_nbytes = parse_size(staging)
+    if readers < 1:
+        raise BadInputError(f"readers must be at least 1, got {readers}")
+    entries = [catalog[n] for n in (names if names is not None else list(catalog))]
+    for e in entries:
+        if e.encoding is not None or e.strides is not None or e.order is not None:
+            raise BadInputError(f"tensor is stored {'quantized' if e.encoding else 'in a layout view'}; "
+                                "stream only plain tensors (load it mapped)", path=e.file, tensor=e.name)
+    n_buffers, buffer_nbytes = _ring_shape(staging_nbytes, readers)
+    chunks = plan_chunks(entries, buffer_nbytes)
+    gpu = device.type == "cuda"
+    out = {e.name: torch.empty(e.nbytes, dtype=torch.uint8, device=device) for e in entries}
+    remaining = {e.name: e.nbytes for e in entries}
+    by_name = {e.name: e for e in entries}
+    result: dict[str, torch.Tensor] = {}
+
+    def finish(name: str) -> None:
+        e = by_name[name]
+        t = out.pop(name).view(TORCH_DTYPES[e.dtype]).reshape(e.shape)
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)  # on the device: the host never holds a converted copy
+        result[name] = t
+
+    for e in entries:
+        if e.nbytes == 0:
+            finish(e.name)
+
+    files = _Files()
+    try:
+        files.open(sorted({c.file for c in chunks}), want_direct=direct is not False, stamps=catalog.stamps)
+    except BaseException:
+        files.close()
+        raise
+    ring = [_Buffer(buffer_nbytes, pinned=gpu) for _ in range(min(n_buffers, max(1, len(chunks))))]
+    free: queue.Queue[_Buffer] = queue.Queue()
+    for b in ring:
+        free.put(b)
+    ready: queue.Queue[tuple[int, _Buffer, int] | BaseException] = queue.Queue()
+    stop = threading.Event()
+    counter = itertools.count()
+    counter_lock = threading.Lock()
+    can_direct = any(fd is not None for fd in files.direct.values())
+    trial = {"direct": [0, 0.0], "buffered": [0, 0.0]}  # bytes, seconds
+    trial_n = DIRECT_TRIAL_CHUNKS if (direct is None and can_direct and len(chunks) >= 4 * DIRECT_TRIAL_CHUNKS) \
+        else 0
+    choice: dict[str, bool] = {}
+    trial_left = [2 * trial_n]
+    trial_done = threading.Condition()
+
+    def use_direct(i: int) -> bool:
+        """O_DIRECT for chunk ``i``? The first ``2 * trial_n`` alternate; the rest wait for the verdict."""
+        if direct is not None:
+            return bool(direct) and can_direct
+        if i < 2 * trial_n:
+            return i % 2 == 0
+        with trial_done:
+            while trial_left[0] and not stop.is_set():
+                trial_done.wait(0.05)
+            if "direct" not in choice:
+                d, b = trial["direct"], trial["buffered"]
+                choice["direct"] = bool(trial_n) and d[1] > 0 and b[1] > 0 and d[0] / d[1] > b[0] / b[1]
+            return choice["direct"]
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                with counter_lock:
+                    i = next(counter)
+                if i >= len(chunks):
+                    return
+                how = use_direct(i)  # before taking a buffer: a reader waiting for the verdict holds none
+                buf = None
+                while buf is None and not stop.is_set():
+                    try:
+                        buf = free.get(timeout=0.05)
+                    except queue.Empty:
+                        continue
+                if buf is None:
+                    return
+                buf.wait_for_copies()
+                started = time.perf_counter()
+                skip = _read_chunk(files, chunks[i], buf, how)
+                if i < 2 * trial_n:
+                    with trial_done:
+                        cell = trial["direct" if how else "buffered"]
+                        cell[0] += chunks[i].nbytes
+                        cell[1] += time.perf_counter() - started
+                        trial_left[0] -= 1
+                        trial_done.notify_all()
+                ready.put((i, buf, skip))
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
+            stop.set()
+            ready.put(e)
+
+    threads = [threading.Thread(target=reader, name=f"sparsemap-reader-{k}", daemon=True) for k in range(readers)]
+    copy_stream = torch.cuda.Stream(device=device) if gpu else None
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(len(chunks)):
+            item = ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            i, buf, skip = item
+            chunk = chunks[i]
+            if copy_stream is not None:
+                with torch.cuda.stream(copy_stream):
+                    _scatter(chunk, buf, skip, out, non_blocking=True)
+                    buf.copied = torch.cuda.Event()
+                    buf.copied.record(copy_stream)
+            else:
+                _scatter(chunk, buf, skip, out, non_blocking=False)
+            if drop_cache:
+                os.posix_fadvise(files.buffered[chunk.file], chunk.offset, chunk.nbytes, os.POSIX_FADV_DONTNEED)
+            free.put(buf)
+            if on_bytes is not None:
+                on_bytes(chunk.nbytes)
+            for p in chunk.pieces:
+                remaining[p.name] -= p.nbytes
+                if remaining[p.name] == 0:
+                    if copy_stream is not None:
+                        torch.cuda.current_stream(device).wait_stream(copy_stream)
+                    finish(p.name)
+        if copy_stream is not None:
+            copy_stream.synchronize()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        files.close()
+    seconds = time.perf_counter() - started
+    nbytes = sum(e.nbytes for e in entries)
+    speeds = {k: v[0] / v[1] / 1e6 for k, v in trial.items() if v[1] > 0}
+    report = StreamReport(nbytes=nbytes, seconds=seconds, device=str(device), readers=readers, buffers=len(ring),
+                          buffer_nbytes=buffer_nbytes, chunks=len(chunks),
+                          direct=use_direct(2 * trial_n) if chunks else False, trial_mb_per_s=speeds)
+    return result, report
+
+
+def _scatter(chunk: Chunk, buf: _Buffer, skip: int, out: dict[str, torch.Tensor], *, non_blocking: bool) -> None:
+    for p in chunk.pieces:
+        src = buf.tensor[skip + p.src: skip + p.src + p.nbytes]
+        out[p.name][p.dst:p.dst + p.nbytes].copy_(src, non_blocking=non_blocking)

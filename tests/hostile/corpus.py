@@ -1,0 +1,374 @@
+"""A corpus of malformed checkpoints, generated (never committed as binaries).
+
+Each :class:`Fault` writes one bad file (or folder) from a few literal bytes
+and names the exact sparsemap error it must raise and what the message must
+mention: the file, the tensor where there is one, and the numbers. Valid
+small files of every format (:func:`valid_files`) are the seeds for the
+truncation sweep and the fuzzers.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import pickle
+import struct
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparsemap import errors as E  # noqa: N812 - a short name keeps the table readable
+
+from ..helpers import FakeStorage, FakeTensor, pickle_checkpoint
+
+# ---------------------------------------------------------------- safetensors bytes
+
+
+def st(header: dict | bytes | str, data: bytes = b"", *, length: int | None = None) -> bytes:
+    """A safetensors file from a header (dict, JSON text or raw bytes) and a data section."""
+    raw = header if isinstance(header, bytes) else (header if isinstance(header, str) else json.dumps(header)).encode()
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + data
+
+
+def entry(dtype: str = "F32", shape: list = (2, 2), offsets: list = (0, 16)) -> dict:  # type: ignore[assignment]
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+def two(a: list, b: list) -> dict:
+    """Two F32 [2] tensors 'a' and 'b' at the given offsets."""
+    return {"a": entry(shape=[2], offsets=a), "b": entry(shape=[2], offsets=b)}
+
+
+def with_layout(views: dict | str, stored: dict | None = None, data: bytes = bytes(64)) -> bytes:
+    """A converted-layout file: stored tensors plus the sparsemap.layout document."""
+    stored = stored if stored is not None else {"w@rows": entry(shape=[4, 4], offsets=[0, 64])}
+    doc = views if isinstance(views, str) else json.dumps({"version": 1, "align": 4096, "page": 4096,
+                                                           "views": views})
+    return st({**stored, "__metadata__": {"sparsemap.layout": doc}}, data)
+
+
+def view(**kw: object) -> dict:
+    v = {"stored": "w@rows", "kind": "rows", "offset": 0, "shape": [4, 4], "strides": [4, 1]}
+    v.update(kw)
+    return v
+
+
+# ---------------------------------------------------------------- PyTorch zip
+
+
+def torch_zip(pkl: bytes, storages: dict[str, bytes] | None = None, *, prefix: str = "archive",
+              drop_pkl: bool = False) -> bytes:
+    """A torch.save-style zip: {prefix}/data.pkl, {prefix}/data/<key>, {prefix}/version."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        if not drop_pkl:
+            z.writestr(f"{prefix}/data.pkl", pkl)
+        z.writestr(f"{prefix}/version", "3\n")
+        for key, data in (storages or {}).items():
+            z.writestr(f"{prefix}/data/{key}", data)
+    return buf.getvalue()
+
+
+def tensor_pickle(size: tuple = (2, 2), stride: tuple = (2, 1), offset: int = 0, numel: int = 4,
+                  storage_type: object = None) -> bytes:
+    """Pickle bytes of {'w': _rebuild_tensor_v2(storage '0', offset, size, stride)}, every field free."""
+    return pickle_checkpoint({"w": FakeTensor(FakeStorage("0", numel, storage_type), offset, size, stride)})
+
+
+class _Reduce:
+    """Pickles as a call of module.name(*args): what a hostile file carries."""
+
+    def __init__(self, module: str, name: str, args: tuple) -> None:
+        self.module, self.name, self.args = module, name, args
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        import importlib
+
+        return getattr(importlib.import_module(self.module), self.name), self.args
+
+
+# ---------------------------------------------------------------- GGUF bytes
+
+GGUF_F32 = 0
+
+
+def gguf_string(s: str | bytes) -> bytes:
+    raw = s.encode() if isinstance(s, str) else s
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def gguf(*, magic: bytes = b"GGUF", version: int = 3, kv: list[bytes] | None = None,
+         tensors: list[tuple] | None = None, n_tensors: int | None = None, n_kv: int | None = None,
+         data: bytes | None = None, alignment: int = 32) -> bytes:
+    """A GGUF file from parts; ``tensors`` are (name, dims fastest-first, type, offset)."""
+    kv = kv if kv is not None else [gguf_string("general.architecture") + struct.pack("<I", 8) + gguf_string("x")]
+    tensors = tensors if tensors is not None else [("w", [4, 2], GGUF_F32, 0)]
+    head = magic + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
+                               len(kv) if n_kv is None else n_kv)
+    head += b"".join(kv)
+    for name, dims, ttype, offset in tensors:
+        head += gguf_string(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+        head += struct.pack("<IQ", ttype, offset)
+    head += bytes(-len(head) % alignment)
+    return head + (data if data is not None else bytes(32))
+
+
+def kv_u32(key: str, value: int) -> bytes:
+    return gguf_string(key) + struct.pack("<II", 4, value)
+
+
+# ---------------------------------------------------------------- the corpus
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One malformed input: how to write it, the error it must raise, what the message must say."""
+
+    name: str
+    fmt: str
+    write: Callable[[Path], Path]
+    error: type[E.SparsemapError]
+    needles: tuple[str, ...] = ()
+
+
+def _file(suffix: str, content: bytes) -> Callable[[Path], Path]:
+    def write(folder: Path) -> Path:
+        path = folder / f"bad{suffix}"
+        path.write_bytes(content)
+        return path
+
+    return write
+
+
+def _sharded(index: object, shards: dict[str, bytes], *, raw_index: bytes | None = None) -> Callable[[Path], Path]:
+    def write(folder: Path) -> Path:
+        for name, content in shards.items():
+            (folder / name).write_bytes(content)
+        path = folder / "model.safetensors.index.json"
+        path.write_bytes(raw_index if raw_index is not None else json.dumps(index).encode())
+        return path
+
+    return write
+
+
+SHARD_A = st({"a": entry(shape=[2], offsets=[0, 8])}, bytes(8))
+SHARD_B = st({"b": entry(shape=[2], offsets=[0, 8])}, bytes(8))
+SHARD_AB = st({"a": entry(shape=[2], offsets=[0, 8]), "b": entry(shape=[2], offsets=[8, 16])}, bytes(16))
+
+
+def _pt(content: bytes) -> Callable[[Path], Path]:
+    return _file(".pt", content)
+
+
+def _malicious(target: str) -> bytes:
+    return pickle.dumps(_Reduce("os", "system", (f"touch {target}",)), protocol=2)
+
+
+S, L, P, X, G = "safetensors", "layout", "pytorch zip", "shard index", "gguf"
+F = ".safetensors"
+
+FAULTS: list[Fault] = [
+    # ---- safetensors: the header
+    Fault("header shorter than 8 bytes", S, _file(F, b"\x05\x00\x00"), E.HeaderTooShortError, ("3 bytes",)),
+    Fault("header length beyond the file", S, _file(F, st({}, length=500)), E.HeaderTooLargeError,
+          ("500", "10 bytes")),
+    Fault("header length beyond the cap", S, _file(F, st({}, length=100_000_001)), E.HeaderTooLargeError,
+          ("100000001", "100000000")),
+    Fault("header length overflows 64 bits", S, _file(F, st({}, length=2**64 - 1)), E.HeaderTooLargeError,
+          (str(2**64 - 1),)),
+    Fault("header not UTF-8", S, _file(F, st(b'{"a\xff": 1}')), E.HeaderEncodingError, ("byte 3",)),
+    Fault("header not JSON", S, _file(F, st(b"{not json")), E.HeaderJSONError, ("not JSON",)),
+    Fault("header JSON not an object", S, _file(F, st(b"[1, 2]")), E.HeaderJSONError, ("list",)),
+    Fault("header nested too deep", S, _file(F, st(b"[" * 100_000)), E.HeaderJSONError, ("not JSON",)),
+    Fault("entry not an object", S, _file(F, st({"w": [1, 2]})), E.HeaderJSONError, ("'w'", "[1, 2]")),
+    Fault("entry missing data_offsets", S, _file(F, st({"w": {"dtype": "F32", "shape": [1]}})),
+          E.HeaderJSONError, ("'w'", "data_offsets")),
+    Fault("field twice in one entry", S,
+          _file(F, st(b'{"w": {"dtype": "F32", "dtype": "F16", "shape": [2], "data_offsets": [0, 8]}}', bytes(8))),
+          E.HeaderJSONError, ("'dtype'", "twice")),
+    Fault("unknown dtype", S, _file(F, st({"w": entry(dtype="F12")}, bytes(16))), E.UnknownDtypeError,
+          ("'w'", "'F12'")),
+    Fault("negative dim", S, _file(F, st({"w": entry(shape=[-2, 2])}, bytes(16))), E.InvalidShapeError,
+          ("'w'", "-2")),
+    Fault("non-integer dim", S, _file(F, st({"w": entry(shape=[2.5, 2])}, bytes(16))), E.InvalidShapeError,
+          ("'w'", "2.5")),
+    Fault("boolean dim", S, _file(F, st({"w": entry(shape=[True, 4])}, bytes(16))), E.InvalidShapeError,
+          ("'w'", "true")),
+    Fault("huge dim", S, _file(F, st({"w": entry(shape=[2**70])}, bytes(16))), E.SizeOverflowError,
+          ("'w'", str(2**70))),
+    Fault("numel overflow", S, _file(F, st({"w": entry(shape=[2**32, 2**32])}, bytes(16))), E.SizeOverflowError,
+          ("'w'", "2**63")),
+    Fault("nbytes mismatch", S, _file(F, st({"w": entry(shape=[3, 4], offsets=[0, 40])}, bytes(40))),
+          E.ByteLengthMismatchError, ("'w'", "40", "48")),
+    Fault("offsets reversed", S, _file(F, st({"w": entry(offsets=[16, 0])}, bytes(16))), E.InvalidOffsetsError,
+          ("'w'", "[16, 0]")),
+    Fault("negative offset", S, _file(F, st({"w": entry(offsets=[-16, 0])}, bytes(16))), E.InvalidOffsetsError,
+          ("'w'", "-16")),
+    Fault("offsets overlap", S, _file(F, st(two([0, 8], [4, 12]), bytes(12))), E.TensorOverlapError,
+          ("'b'", "'a'", "4", "8")),
+    Fault("offsets aliased", S, _file(F, st(two([0, 8], [0, 8]), bytes(8))), E.TensorOverlapError,
+          ("'b'", "'a'", "0")),
+    Fault("gap between tensors", S, _file(F, st(two([0, 8], [12, 20]), bytes(20))), E.TensorGapError,
+          ("'b'", "4 bytes", "8")),
+    Fault("tensor past the end", S, _file(F, st({"w": entry()}, bytes(10))), E.TruncatedFileError,
+          ("'w'", "16", "10")),
+    Fault("trailing bytes", S, _file(F, st({"w": entry()}, bytes(20))), E.TrailingBytesError, ("4 bytes", "16")),
+    Fault("duplicate tensor names", S,
+          _file(F, st(b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, '
+                      b'"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}', bytes(16))),
+          E.DuplicateTensorError, ("'w'", "twice")),
+    Fault("__metadata__ not a string map", S, _file(F, st({"__metadata__": {"n": 1}})), E.MetadataError,
+          ("__metadata__", '{"n": 1}')),
+    # ---- converted layout metadata
+    Fault("layout not JSON", L, _file(F, with_layout("{oops")), E.LayoutError, ("sparsemap.layout", "not JSON")),
+    Fault("layout of an unknown version", L,
+          _file(F, with_layout(json.dumps({"version": 9, "views": {}}))), E.LayoutError, ("version 1", "9")),
+    Fault("layout view malformed", L, _file(F, with_layout({"w": view(shape=[4, -4])})), E.LayoutError,
+          ("'w'", "-4")),
+    Fault("layout view outside its stored tensor", L, _file(F, with_layout({"w": view(shape=[5, 4])})),
+          E.LayoutError, ("'w'", "element 19", "16")),
+    Fault("layout view of a missing tensor", L, _file(F, with_layout({"w": view(stored="nope")})),
+          E.LayoutError, ("'w'", "'nope'")),
+    Fault("layout rows overlap (impossible row stride)", L,
+          _file(F, with_layout({"w": view(shape=[4, 4], strides=[2, 1])})), E.LayoutError,
+          ("'w'", "[2, 1]", "overlap")),
+    Fault("layout order not a permutation", L, _file(F, with_layout({"w": view(order=[0, 0, 1, 2])})),
+          E.LayoutError, ("'w'", "permutation")),
+    Fault("layout order of the wrong length", L, _file(F, with_layout({"w": view(order=[1, 0])})),
+          E.LayoutError, ("'w'", "2 entries", "[4, 4]")),
+    Fault("layout view name collides", L,
+          _file(F, with_layout({"x": view()}, stored={"w@rows": entry(shape=[4, 4], offsets=[0, 64]),
+                                                      "x": entry(shape=[1], offsets=[64, 68])},
+                               data=bytes(68))), E.LayoutError, ("'x'", "collides")),
+    # ---- PyTorch zip
+    Fault("pickle calls a global outside the allowlist", P, _pt(torch_zip(_malicious("/tmp/sparsemap-pwned"))),
+          E.UnsafePickleError, ("os", "system")),
+    Fault("legacy (non-zip) torch pickle", P, _pt(pickle.dumps({"w": 1}, protocol=2)), E.LegacyPickleError,
+          ("legacy",)),
+    Fault("zip without data.pkl", P, _pt(torch_zip(b"", drop_pkl=True)), E.CorruptCheckpointError,
+          ("data.pkl",)),
+    Fault("zip whose pickle is garbage", P, _pt(torch_zip(b"\x80\x02garbage")), E.CorruptCheckpointError,
+          ("data.pkl", "not a valid pickle")),
+    Fault("storage member missing", P, _pt(torch_zip(tensor_pickle())), E.CorruptCheckpointError, ("'0'",)),
+    Fault("storage smaller than it claims", P, _pt(torch_zip(tensor_pickle(), {"0": bytes(8)})),
+          E.StorageBoundsError, ("'0'", "4", "8")),
+    Fault("tensor view past its storage", P, _pt(torch_zip(tensor_pickle(size=(4, 4), stride=(4, 1)), {"0": bytes(16)})),
+          E.StorageBoundsError, ("'w'", "element 15", "4 F32")),
+    Fault("negative stride", P, _pt(torch_zip(tensor_pickle(stride=(-2, 1)), {"0": bytes(16)})),
+          E.InvalidShapeError, ("'w'", "-2")),
+    Fault("unknown storage type", P, _pt(torch_zip(tensor_pickle(storage_type=collections.Counter), {"0": bytes(16)})),
+          E.UnsafePickleError, ("Counter",)),
+    Fault("truncated zip", P, _pt(torch_zip(tensor_pickle(), {"0": bytes(16)})[:-30]), E.CorruptCheckpointError,
+          ("zip",)),
+    # ---- sharded index
+    Fault("index names a missing shard", X,
+          _sharded({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}, {"s1.safetensors": SHARD_A}),
+          E.MissingShardError, ("'s2.safetensors'",)),
+    Fault("tensor in two shards", X,
+          _sharded({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}},
+                   {"s1.safetensors": SHARD_A, "s2.safetensors": SHARD_AB}),
+          E.DuplicateTensorError, ("'a'", "2 shards")),
+    Fault("index not JSON", X, _sharded(None, {}, raw_index=b"{weight_map"), E.ShardIndexError, ("JSON",)),
+    Fault("index weight_map not a map", X, _sharded({"weight_map": ["a"]}, {}), E.ShardIndexError, ("weight_map",)),
+    Fault("shard path escapes the folder", X, _sharded({"weight_map": {"a": "../s1.safetensors"}}, {}),
+          E.ShardIndexError, ("'../s1.safetensors'",)),
+    Fault("tensor in the index but in no shard", X,
+          _sharded({"weight_map": {"a": "s1.safetensors", "c": "s1.safetensors"}}, {"s1.safetensors": SHARD_A}),
+          E.ShardIndexError, ("1 tensors", "'c'")),
+    # ---- GGUF
+    Fault("GGUF bad magic", G, _file(".gguf", gguf(magic=b"GGUX")), E.UnknownFormatError, ("47 47 55 58",)),
+    Fault("GGUF unsupported version", G, _file(".gguf", gguf(version=7)), E.GGUFError, ("version 7",)),
+    Fault("GGUF big-endian file", G, _file(".gguf", gguf(version=3 << 24)), E.GGUFError, ("big-endian",)),
+    Fault("GGUF tensor count beyond the file", G, _file(".gguf", gguf(n_tensors=2**60)), E.TruncatedFileError,
+          (str(2**60),)),
+    Fault("GGUF metadata count beyond the file", G, _file(".gguf", gguf(n_kv=2**40)), E.TruncatedFileError,
+          (str(2**40),)),
+    Fault("GGUF string length beyond the file", G,
+          _file(".gguf", gguf(kv=[struct.pack("<Q", 2**50) + b"key"])), E.TruncatedFileError, (str(2**50),)),
+    Fault("GGUF key not UTF-8", G, _file(".gguf", gguf(kv=[gguf_string(b"k\xff") + struct.pack("<II", 4, 1)])),
+          E.HeaderEncodingError, ("UTF-8",)),
+    Fault("GGUF unknown value type", G, _file(".gguf", gguf(kv=[gguf_string("k") + struct.pack("<I", 99)])),
+          E.MetadataError, ("'k'", "99")),
+    Fault("GGUF array of an unknown type", G,
+          _file(".gguf", gguf(kv=[gguf_string("k") + struct.pack("<IIQ", 9, 77, 1)])), E.MetadataError, ("'k'", "77")),
+    Fault("GGUF alignment not a power of two", G, _file(".gguf", gguf(kv=[kv_u32("general.alignment", 24)])),
+          E.MetadataError, ("24",)),
+    Fault("GGUF unknown tensor type", G, _file(".gguf", gguf(tensors=[("w", [4, 2], 99, 0)])), E.UnknownDtypeError,
+          ("'w'", "99")),
+    Fault("GGUF too many dimensions", G, _file(".gguf", gguf(tensors=[("w", [1] * 9, GGUF_F32, 0)])),
+          E.InvalidShapeError, ("'w'", "9 dimensions")),
+    Fault("GGUF huge dims", G, _file(".gguf", gguf(tensors=[("w", [2**40, 2**40], GGUF_F32, 0)])),
+          E.SizeOverflowError, ("'w'",)),
+    Fault("GGUF misaligned offset", G, _file(".gguf", gguf(tensors=[("w", [4, 2], GGUF_F32, 4)], data=bytes(64))),
+          E.InvalidOffsetsError, ("'w'", "4", "32")),
+    Fault("GGUF data past the end", G, _file(".gguf", gguf(tensors=[("w", [4, 2], GGUF_F32, 64)])),
+          E.TruncatedFileError, ("'w'",)),
+    Fault("GGUF tensors overlap", G,
+          _file(".gguf", gguf(tensors=[("a", [16], GGUF_F32, 0), ("b", [16], GGUF_F32, 32)], data=bytes(128))),
+          E.TensorOverlapError, ("'b'", "'a'", "32")),
+    Fault("GGUF duplicate tensor names", G,
+          _file(".gguf", gguf(tensors=[("w", [4], GGUF_F32, 0), ("w", [4], GGUF_F32, 32)], data=bytes(64))),
+          E.DuplicateTensorError, ("'w'",)),
+    Fault("GGUF row not a whole number of blocks", G,
+          _file(".gguf", gguf(tensors=[("w", [20, 2], 2, 0)], data=bytes(64))), E.InvalidShapeError,
+          ("'w'", "20", "32")),
+]
+
+
+# ---------------------------------------------------------------- valid seeds
+
+
+def valid_files(folder: Path) -> dict[str, Path]:
+    """Small valid files of every format, written by the real writers (the sweep's and fuzzers' seeds)."""
+    import gguf as gguf_pkg
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    import sparsemap
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    state = {"embed.weight": torch.randn(8, 16, generator=gen), "norm.weight": torch.randn(16, generator=gen),
+             "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3), "half": torch.randn(4, 4).to(torch.bfloat16)}
+    out = {"safetensors": folder / "model.safetensors", "pytorch zip": folder / "model.pt",
+           "layout": folder / "laid-out.safetensors", "gguf": folder / "model.gguf"}
+    save_file(state, out["safetensors"])
+    torch.save(state, out["pytorch zip"])
+    sparsemap.save(state, out["layout"], layout=sparsemap.Layout(align=64, pad_rows="embed.*",
+                                                                 transpose="half"))
+    writer = gguf_pkg.GGUFWriter(out["gguf"], "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.random.default_rng(0).standard_normal((8, 16), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(16, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    # Larger files, so the sweep also cuts beyond its first 4 KiB (at random offsets there).
+    big = {"embed.weight": torch.randn(256, 64, generator=gen), "norm.weight": torch.randn(64, generator=gen)}
+    out["safetensors 64K"] = folder / "big.safetensors"
+    save_file(big, out["safetensors 64K"])
+    out["pytorch zip 64K"] = folder / "big.pt"
+    torch.save(big, out["pytorch zip 64K"])
+    out["gguf Q8_0"] = folder / "q8.gguf"
+    writer = gguf_pkg.GGUFWriter(out["gguf Q8_0"], "llama")
+    q8 = gguf_pkg.GGMLQuantizationType.Q8_0
+    weights = np.random.default_rng(1).standard_normal((64, 256), dtype=np.float32)
+    writer.add_tensor("token_embd.weight", gguf_pkg.quants.quantize(weights, q8), raw_dtype=q8)
+    writer.add_tensor("output_norm.weight", np.ones(256, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    shards = folder / "sharded"
+    shards.mkdir(exist_ok=True)
+    save_file({"embed.weight": state["embed.weight"]}, shards / "model-00001-of-00002.safetensors")
+    save_file({"norm.weight": state["norm.weight"]}, shards / "model-00002-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {"embed.weight": "model-00001-of-00002.safetensors",
+                                            "norm.weight": "model-00002-of-00002.safetensors"}}
+    out["shard index"] = shards / "model.safetensors.index.json"
+    out["shard index"].write_text(json.dumps(index))
+    return out

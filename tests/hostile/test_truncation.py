@@ -1,0 +1,79 @@
+"""A valid file of each format cut at every byte offset (up to 4 KiB, then 1,000 random ones) never
+gives a crash or a partial result: a clean sparsemap error, or (cuts that only drop trailing padding)
+every tensor complete and bit-identical."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparsemap
+from sparsemap.errors import BadInputError
+
+from .corpus import valid_files
+
+EVERY_OFFSET_UP_TO = 4096
+RANDOM_BEYOND = 1000
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return valid_files(tmp_path_factory.mktemp("seeds"))
+
+
+def offsets(size: int, rng: random.Random) -> list[int]:
+    head = list(range(min(size, EVERY_OFFSET_UP_TO + 1)))
+    tail = range(EVERY_OFFSET_UP_TO + 1, size)
+    return head + (sorted(rng.sample(tail, min(RANDOM_BEYOND, len(tail)))) if len(tail) else [])
+
+
+def tensors_of(path: Path) -> dict[str, torch.Tensor]:
+    catalog = sparsemap.open(path)
+    return {name: catalog.tensor(name).clone() for name in catalog}
+
+
+def sweep(original: Path, target: Path, opened: Path, expected: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Cut ``original`` into ``target`` at every offset and open ``opened``; returns (cuts, complete)."""
+    content = original.read_bytes()
+    cuts = offsets(len(content), random.Random(len(content)))
+    complete = 0
+    for n in cuts:
+        target.write_bytes(content[:n])
+        try:
+            catalog = sparsemap.open(opened)
+        except BadInputError as e:
+            assert e.path, f"cut at {n}: error names no file: {e}"
+            continue
+        # Opened: only acceptable if nothing was lost.
+        assert set(catalog) == set(expected), f"cut at {n} of {len(content)} opened with missing tensors"
+        for name, want in expected.items():
+            assert torch.equal(catalog.tensor(name).view(torch.uint8), want.view(torch.uint8)), (n, name)
+        complete += 1
+    target.write_bytes(content)
+    return len(cuts), complete
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pytorch zip", "layout", "gguf", "safetensors 64K",
+                                 "pytorch zip 64K", "gguf Q8_0"])
+def test_truncated_file(fmt: str, seeds: dict[str, Path], tmp_path: Path) -> None:
+    original = seeds[fmt]
+    expected = tensors_of(original)
+    target = tmp_path / original.name
+    cuts, complete = sweep(original, target, target, expected)
+    assert cuts >= min(os.path.getsize(original), EVERY_OFFSET_UP_TO)
+    print(f"{fmt}: {cuts} cuts of a {os.path.getsize(original)}-byte file, {complete} complete")
+
+
+@pytest.mark.parametrize("member", ["model.safetensors.index.json", "model-00002-of-00002.safetensors"])
+def test_truncated_shard_folder(member: str, seeds: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "sharded"
+    shutil.copytree(seeds["shard index"].parent, folder)
+    index = folder / "model.safetensors.index.json"
+    expected = tensors_of(index)
+    cuts, _ = sweep(seeds["shard index"].parent / member, folder / member, index, expected)
+    assert cuts > 50
