@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import atheris
-
 import torch  # noqa: F401 - imported before instrumentation: only sparsemap's code is instrumented
 
 with atheris.instrument_imports(include=["sparsemap"]):

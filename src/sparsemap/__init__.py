@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from . import errors
 from .errors import SparsemapError
 from .formats import Catalog, TensorEntry
-from .formats import open_catalog as open  # noqa: A001 - the library's front door, as in safetensors
+from .formats import open_catalog as open
 
 __version__ = "0.1.0"
 

@@ -305,4 +305,4 @@ def load_state_dict(source: Source, *, device: str | torch.device = "cpu", dtype
             for name in catalog if not skipped(name)}
 
 
-__all__ = ["load", "load_state_dict", "plan", "skeleton", "LoadPlan"]
+__all__ = ["LoadPlan", "load", "load_state_dict", "plan", "skeleton"]

@@ -11,8 +11,9 @@ share a buffer. dtype casts happen on the destination after the bytes arrive,
 so the host never holds a converted copy.
 
 ``O_DIRECT`` (reads that bypass the page cache) is used where the filesystem
-allows it and a short measurement on the first buffers shows it faster; a
-file already in the page cache is faster read through it.
+allows it and a short measurement on the first buffers (a block read each
+way) shows it faster; a file already in the page cache is faster read
+through it.
 
                  readers (K threads)                 main thread
     file --pread--> [buf 0][buf 1]...[buf N-1] --copy--> destination tensors
@@ -204,6 +205,60 @@ def _read_chunk(files: _Files, chunk: Chunk, buf: _Buffer, direct: bool) -> int:
     return skip
 
 
+class _DirectChooser:
+    """O_DIRECT or the page cache: forced, or chosen by reading the first buffers both ways.
+
+    The first ``DIRECT_TRIAL_CHUNKS`` chunks are read with O_DIRECT, the next
+    as many through the page cache: each a sequential block, so the page
+    cache's readahead works as it would for the whole file. Every later chunk
+    waits for both blocks, then uses whichever moved more bytes per second of
+    its block's wall time. No trial for small loads, or where O_DIRECT is refused.
+    """
+
+    def __init__(self, forced: bool | None, possible: bool, n_chunks: int, stop: threading.Event) -> None:
+        self.forced, self.possible, self.stop = forced, possible, stop
+        trial = forced is None and possible and n_chunks >= 4 * DIRECT_TRIAL_CHUNKS
+        self.n_trial = 2 * DIRECT_TRIAL_CHUNKS if trial else 0
+        self.left = self.n_trial
+        self.blocks: dict[str, list[float]] = {}  # mode -> [bytes, first start, last end]
+        self.done = threading.Condition()
+        self.choice: bool | None = None
+
+    def use_direct(self, i: int) -> bool:
+        if self.forced is not None:
+            return self.forced and self.possible
+        if i < self.n_trial:
+            return i < self.n_trial // 2
+        with self.done:
+            while self.left and not self.stop.is_set():
+                self.done.wait(0.05)
+            return self.verdict()
+
+    def record(self, i: int, direct: bool, nbytes: int, start: float, end: float) -> None:
+        if i >= self.n_trial:
+            return
+        with self.done:
+            block = self.blocks.setdefault("direct" if direct else "buffered", [0, start, end])
+            block[0] += nbytes
+            block[1], block[2] = min(block[1], start), max(block[2], end)
+            self.left -= 1
+            self.done.notify_all()
+
+    def verdict(self) -> bool:
+        """What the chunks after the trial use."""
+        if self.forced is not None:
+            return self.forced and self.possible
+        if self.choice is None:
+            speeds = self.speeds()
+            self.choice = (bool(self.n_trial) and not self.left and len(speeds) == 2
+                           and speeds["direct"] > speeds["buffered"])
+        return self.choice
+
+    def speeds(self) -> dict[str, float]:
+        """MB/s of each trial block."""
+        return {k: b / (e - s) / 1e6 for k, (b, s, e) in self.blocks.items() if e > s}
+
+
 # ---------------------------------------------------------------- the report
 
 
@@ -282,6 +337,7 @@ def stream_tensors(catalog: Catalog, names: Sequence[str] | None = None, *, devi
         >>> tensors, report = stream_tensors(cat, device="cuda:0", staging="256M", readers=4)
         >>> print(report)
     """
+    started = time.perf_counter()
     device = torch.device(device)
     staging_nbytes = parse_size(staging)
     if readers < 1:
@@ -324,27 +380,7 @@ def stream_tensors(catalog: Catalog, names: Sequence[str] | None = None, *, devi
     stop = threading.Event()
     counter = itertools.count()
     counter_lock = threading.Lock()
-    can_direct = any(fd is not None for fd in files.direct.values())
-    trial = {"direct": [0, 0.0], "buffered": [0, 0.0]}  # bytes, seconds
-    trial_n = DIRECT_TRIAL_CHUNKS if (direct is None and can_direct and len(chunks) >= 4 * DIRECT_TRIAL_CHUNKS) \
-        else 0
-    choice: dict[str, bool] = {}
-    trial_left = [2 * trial_n]
-    trial_done = threading.Condition()
-
-    def use_direct(i: int) -> bool:
-        """O_DIRECT for chunk ``i``? The first ``2 * trial_n`` alternate; the rest wait for the verdict."""
-        if direct is not None:
-            return bool(direct) and can_direct
-        if i < 2 * trial_n:
-            return i % 2 == 0
-        with trial_done:
-            while trial_left[0] and not stop.is_set():
-                trial_done.wait(0.05)
-            if "direct" not in choice:
-                d, b = trial["direct"], trial["buffered"]
-                choice["direct"] = bool(trial_n) and d[1] > 0 and b[1] > 0 and d[0] / d[1] > b[0] / b[1]
-            return choice["direct"]
+    chooser = _DirectChooser(direct, any(fd is not None for fd in files.direct.values()), len(chunks), stop)
 
     def reader() -> None:
         try:
@@ -353,7 +389,7 @@ def stream_tensors(catalog: Catalog, names: Sequence[str] | None = None, *, devi
                     i = next(counter)
                 if i >= len(chunks):
                     return
-                how = use_direct(i)  # before taking a buffer: a reader waiting for the verdict holds none
+                how = chooser.use_direct(i)  # before taking a buffer: a reader waiting for the verdict holds none
                 buf = None
                 while buf is None and not stop.is_set():
                     try:
@@ -363,15 +399,9 @@ def stream_tensors(catalog: Catalog, names: Sequence[str] | None = None, *, devi
                 if buf is None:
                     return
                 buf.wait_for_copies()
-                started = time.perf_counter()
+                t0 = time.perf_counter()
                 skip = _read_chunk(files, chunks[i], buf, how)
-                if i < 2 * trial_n:
-                    with trial_done:
-                        cell = trial["direct" if how else "buffered"]
-                        cell[0] += chunks[i].nbytes
-                        cell[1] += time.perf_counter() - started
-                        trial_left[0] -= 1
-                        trial_done.notify_all()
+                chooser.record(i, how, chunks[i].nbytes, t0, time.perf_counter())
                 ready.put((i, buf, skip))
         except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
             stop.set()
@@ -379,7 +409,6 @@ def stream_tensors(catalog: Catalog, names: Sequence[str] | None = None, *, devi
 
     threads = [threading.Thread(target=reader, name=f"sparsemap-reader-{k}", daemon=True) for k in range(readers)]
     copy_stream = torch.cuda.Stream(device=device) if gpu else None
-    started = time.perf_counter()
     for t in threads:
         t.start()
     try:
@@ -416,10 +445,9 @@ def stream_tensors(catalog: Catalog, names: Sequence[str] | None = None, *, devi
         files.close()
     seconds = time.perf_counter() - started
     nbytes = sum(e.nbytes for e in entries)
-    speeds = {k: v[0] / v[1] / 1e6 for k, v in trial.items() if v[1] > 0}
     report = StreamReport(nbytes=nbytes, seconds=seconds, device=str(device), readers=readers, buffers=len(ring),
                           buffer_nbytes=buffer_nbytes, chunks=len(chunks),
-                          direct=use_direct(2 * trial_n) if chunks else False, trial_mb_per_s=speeds)
+                          direct=chooser.verdict(), trial_mb_per_s=chooser.speeds())
     return result, report
 
 

@@ -30,8 +30,7 @@ def test_anonymous_allocation_shows_as_anonymous_peak():
 def test_touched_file_mapping_shows_as_file_backed(tmp_path: Path):
     path = tmp_path / "data.bin"
     with open(path, "wb") as f:
-        for _ in range(300):
-            f.write(os.urandom(MiB))
+        f.writelines(os.urandom(MiB) for _ in range(300))
     code = (f"import mmap, time\nf = open({str(path)!r}, 'rb')\nm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
             "s = sum(m[i] for i in range(0, len(m), 4096))\ntime.sleep(0.3)\n")
     m = run_measured([*PYTHON, code])
@@ -44,8 +43,7 @@ def test_touched_file_mapping_shows_as_file_backed(tmp_path: Path):
 def test_cold_cache_preparation_leaves_the_file_non_resident(tmp_path: Path):
     path = tmp_path / "cold.bin"
     with open(path, "wb") as f:
-        for _ in range(64):
-            f.write(os.urandom(MiB))
+        f.writelines(os.urandom(MiB) for _ in range(64))
     pages.sequential_read_speed(path)  # warm it
     assert pages.file_cached_fraction(path) > 0.9
     assert pages.make_cold(path) < 0.01
@@ -75,8 +73,7 @@ def test_page_cache_of_a_cold_file_is_charged_to_the_limited_group(tmp_path: Pat
         pytest.skip(f"no memory cgroup can be created here: {why}")
     path = tmp_path / "charged.bin"
     with open(path, "wb") as f:
-        for _ in range(200):
-            f.write(os.urandom(MiB))
+        f.writelines(os.urandom(MiB) for _ in range(200))
     pages.make_cold(path)
     code = f"f = open({str(path)!r}, 'rb', buffering=0)\nwhile f.read(1 << 20): pass\n"
     m = run_measured([*PYTHON, code], memory_limit=1 << 30)

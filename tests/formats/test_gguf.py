@@ -19,8 +19,8 @@ from sparsemap.errors import SparsemapError
 from sparsemap.mapped import is_view_of_file
 
 gguf = pytest.importorskip("gguf")
-from gguf import GGMLQuantizationType as Q  # noqa: E402
-from gguf.quants import dequantize, quantize  # noqa: E402
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
 
 QUANTIZED = ["Q4_0", "Q4_1", "Q8_0"]
 

@@ -7,13 +7,11 @@ hand: a zip written with :mod:`zipfile` around a pickle we write ourselves.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import subprocess
 import sys
 import zipfile
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,15 @@ import sparsemap
 from sparsemap import errors
 from sparsemap.errors import SparsemapError
 
-from ..helpers import FakeStorage, FakeTensor, FakeTensorV3, assert_bit_identical, pickle_checkpoint, raises, random_tensor
+from ..helpers import (
+    FakeStorage,
+    FakeTensor,
+    FakeTensorV3,
+    assert_bit_identical,
+    pickle_checkpoint,
+    raises,
+    random_tensor,
+)
 
 # ---------------------------------------------------------------- helpers
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsemap import errors as E  # noqa: N812 - a short name keeps the table readable
+from sparsemap import errors as E
 
 from ..helpers import FakeStorage, FakeTensor, pickle_checkpoint
 

@@ -124,7 +124,7 @@ def fastsafetensors_cpu(folder: Path) -> Any:
     from fastsafetensors import fastsafe_open
 
     with fastsafe_open(str(folder / "model.safetensors"), device="cpu", nogds=True) as f:
-        state = {name: f.get_tensor(name) for name in f.keys()}  # tensors keep the buffer alive
+        state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - tensors keep the buffer alive
     return _assign(folder, state)
 
 

@@ -134,6 +134,8 @@ def _check_no_overlap(shape: tuple[int, ...], strides: tuple[int, ...], name: st
     Sufficient rule, met by every layout the writer makes: ordered by stride,
     each dimension's stride reaches past everything the smaller ones span.
     """
+    if 0 in shape:
+        return  # no elements, nothing to overlap
     extent = 1
     for d, s in sorted(((d, s) for d, s in zip(shape, strides, strict=True) if d > 1), key=lambda t: t[1]):
         if s < extent:
