@@ -77,6 +77,12 @@ def tensor_pickle(size: tuple = (2, 2), stride: tuple = (2, 1), offset: int = 0,
     return pickle_checkpoint({"w": FakeTensor(FakeStorage("0", numel, storage_type), offset, size, stride)})
 
 
+def member_offset_outside(zipped: bytes) -> bytes:
+    """The zip with its first central-directory entry's local-header offset pointing past the end."""
+    at = zipped.index(b"PK\x01\x02")
+    return zipped[:at + 42] + struct.pack("<I", 0x7FFF_FFF0) + zipped[at + 46:]
+
+
 class _Reduce:
     """Pickles as a call of module.name(*args): what a hostile file carries."""
 
@@ -260,6 +266,9 @@ FAULTS: list[Fault] = [
           E.InvalidShapeError, ("'w'", "-2")),
     Fault("unknown storage type", P, _pt(torch_zip(tensor_pickle(storage_type=collections.Counter), {"0": bytes(16)})),
           E.UnsafePickleError, ("Counter",)),
+    Fault("zip member offset outside the file (found by atheris)", P,
+          _pt(member_offset_outside(torch_zip(tensor_pickle(), {"0": bytes(16)}))), E.CorruptCheckpointError,
+          ("data.pkl", "cannot be read")),
     Fault("truncated zip", P, _pt(torch_zip(tensor_pickle(), {"0": bytes(16)})[:-30]), E.CorruptCheckpointError,
           ("zip",)),
     # ---- sharded index
