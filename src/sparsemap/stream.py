@@ -28,7 +28,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +36,7 @@ import torch
 from .errors import BadInputError, FileChangedError, SparsemapError, TruncatedFileError
 from .formats.catalog import Catalog, FileStamp, TensorEntry
 from .mapped import TORCH_DTYPES
+from .memory import rss_anon
 
 PAGE = 4096
 DEFAULT_STAGING = 256 << 20
@@ -275,6 +276,7 @@ class StreamReport:
     chunks: int
     direct: bool  # O_DIRECT used after the trial
     trial_mb_per_s: dict[str, float]  # the trial's speed each way ("direct", "buffered")
+    host_anon_growth: int = 0  # peak anonymous memory of this process above its start (CPU: includes the result)
 
     @property
     def gb_per_s(self) -> float:
@@ -285,7 +287,7 @@ class StreamReport:
         return (f"streamed {self.nbytes / 1e9:.2f} GB to {self.device} in {self.seconds:.2f} s "
                 f"({self.gb_per_s:.2f} GB/s) through {self.buffers} x {self.buffer_nbytes >> 20} MiB "
                 f"buffers, {self.readers} readers, {'O_DIRECT' if self.direct else 'page cache'} reads "
-                f"(trial: {trial})")
+                f"(trial: {trial}); host anonymous memory +{self.host_anon_growth / 2**20:,.0f} MiB")
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -349,106 +351,149 @@ def stream_tensors(catalog: Catalog, names: Sequence[str] | None = None, *, devi
                                 "stream only plain tensors (load it mapped)", path=e.file, tensor=e.name)
     n_buffers, buffer_nbytes = _ring_shape(staging_nbytes, readers)
     chunks = plan_chunks(entries, buffer_nbytes)
-    gpu = device.type == "cuda"
-    out = {e.name: torch.empty(e.nbytes, dtype=torch.uint8, device=device) for e in entries}
-    remaining = {e.name: e.nbytes for e in entries}
-    by_name = {e.name: e for e in entries}
-    result: dict[str, torch.Tensor] = {}
-
-    def finish(name: str) -> None:
-        e = by_name[name]
-        t = out.pop(name).view(TORCH_DTYPES[e.dtype]).reshape(e.shape)
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)  # on the device: the host never holds a converted copy
-        result[name] = t
-
-    for e in entries:
-        if e.nbytes == 0:
-            finish(e.name)
-
+    transfer = _Transfer(entries, device, dtype)
     files = _Files()
     try:
         files.open(sorted({c.file for c in chunks}), want_direct=direct is not False, stamps=catalog.stamps)
-    except BaseException:
+        ring = [_Buffer(buffer_nbytes, pinned=device.type == "cuda")
+                for _ in range(min(n_buffers, max(1, len(chunks))))]
+        with _Readers(chunks, files, ring, readers, direct) as filled:
+            transfer.copy_all(filled, files, drop_cache=drop_cache, on_bytes=on_bytes)
+    finally:
         files.close()
-        raise
-    ring = [_Buffer(buffer_nbytes, pinned=gpu) for _ in range(min(n_buffers, max(1, len(chunks))))]
-    free: queue.Queue[_Buffer] = queue.Queue()
-    for b in ring:
-        free.put(b)
-    ready: queue.Queue[tuple[int, _Buffer, int] | BaseException] = queue.Queue()
-    stop = threading.Event()
-    counter = itertools.count()
-    counter_lock = threading.Lock()
-    chooser = _DirectChooser(direct, any(fd is not None for fd in files.direct.values()), len(chunks), stop)
+    report = StreamReport(nbytes=sum(e.nbytes for e in entries), seconds=time.perf_counter() - started,
+                          device=str(device), readers=readers, buffers=len(ring), buffer_nbytes=buffer_nbytes,
+                          chunks=len(chunks), direct=filled.chooser.verdict(),
+                          trial_mb_per_s=filled.chooser.speeds(), host_anon_growth=transfer.host_anon_growth)
+    return transfer.result, report
 
-    def reader() -> None:
+
+class _Transfer:
+    """The destination side: one byte tensor per entry on the device, filled piece by piece.
+
+    A tensor is finished (viewed in its dtype, shaped, cast on the device if
+    asked) as soon as its last piece has arrived.
+    """
+
+    def __init__(self, entries: list[TensorEntry], device: torch.device, dtype: torch.dtype | None) -> None:
+        self.device, self.dtype = device, dtype
+        self.entries = {e.name: e for e in entries}
+        self.out = {e.name: torch.empty(e.nbytes, dtype=torch.uint8, device=device) for e in entries}
+        self.remaining = {e.name: e.nbytes for e in entries}
+        self.result: dict[str, torch.Tensor] = {}
+        self.copy_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
+        self.host_anon_growth = 0
+        for e in entries:
+            if e.nbytes == 0:
+                self._finish(e.name)
+
+    def copy_all(self, filled: _Readers, files: _Files, *, drop_cache: bool,
+                 on_bytes: Callable[[int], None] | None) -> None:
+        base = peak = rss_anon()
+        for chunk, buf, skip in filled:
+            if self.copy_stream is not None:
+                with torch.cuda.stream(self.copy_stream):
+                    _scatter(chunk, buf, skip, self.out, non_blocking=True)
+                    buf.copied = torch.cuda.Event()
+                    buf.copied.record(self.copy_stream)
+            else:
+                _scatter(chunk, buf, skip, self.out, non_blocking=False)
+            if drop_cache:
+                os.posix_fadvise(files.buffered[chunk.file], chunk.offset, chunk.nbytes, os.POSIX_FADV_DONTNEED)
+            filled.give_back(buf)
+            peak = max(peak, rss_anon())
+            if on_bytes is not None:
+                on_bytes(chunk.nbytes)
+            for p in chunk.pieces:
+                self.remaining[p.name] -= p.nbytes
+                if self.remaining[p.name] == 0:
+                    self._finish(p.name)
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()
+        self.host_anon_growth = peak - base
+
+    def _finish(self, name: str) -> None:
+        if self.copy_stream is not None:  # later work on the tensor waits for its copies
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        e = self.entries[name]
+        t = self.out.pop(name).view(TORCH_DTYPES[e.dtype]).reshape(e.shape)
+        if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
+            t = t.to(self.dtype)  # on the device: the host never holds a converted copy
+        self.result[name] = t
+
+
+class _Readers:
+    """``K`` threads reading chunks into free ring buffers; iterating yields them as they fill.
+
+    Chunks are handed out in file order; a buffer goes back to the readers
+    with :meth:`give_back`. A reader's exception stops the others and is
+    raised from the iteration. Leaving the ``with`` block stops and joins
+    every thread, whatever happened.
+    """
+
+    def __init__(self, chunks: list[Chunk], files: _Files, ring: list[_Buffer], readers: int,
+                 direct: bool | None) -> None:
+        self.chunks, self.files = chunks, files
+        self.free: queue.Queue[_Buffer] = queue.Queue()
+        for b in ring:
+            self.free.put(b)
+        self.ready: queue.Queue[tuple[int, _Buffer, int] | BaseException] = queue.Queue()
+        self.stop = threading.Event()
+        self.next_index = itertools.count()
+        self.index_lock = threading.Lock()
+        possible = any(fd is not None for fd in files.direct.values())
+        self.chooser = _DirectChooser(direct, possible, len(chunks), self.stop)
+        self.threads = [threading.Thread(target=self._run, name=f"sparsemap-reader-{k}", daemon=True)
+                        for k in range(readers)]
+
+    def __enter__(self) -> _Readers:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+    def __iter__(self) -> Iterator[tuple[Chunk, _Buffer, int]]:
+        for _ in range(len(self.chunks)):
+            item = self.ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            i, buf, skip = item
+            yield self.chunks[i], buf, skip
+
+    def give_back(self, buf: _Buffer) -> None:
+        self.free.put(buf)
+
+    def _take_buffer(self) -> _Buffer | None:
+        while not self.stop.is_set():
+            try:
+                return self.free.get(timeout=0.05)
+            except queue.Empty:
+                continue
+        return None
+
+    def _run(self) -> None:
         try:
-            while not stop.is_set():
-                with counter_lock:
-                    i = next(counter)
-                if i >= len(chunks):
+            while not self.stop.is_set():
+                with self.index_lock:
+                    i = next(self.next_index)
+                if i >= len(self.chunks):
                     return
-                how = chooser.use_direct(i)  # before taking a buffer: a reader waiting for the verdict holds none
-                buf = None
-                while buf is None and not stop.is_set():
-                    try:
-                        buf = free.get(timeout=0.05)
-                    except queue.Empty:
-                        continue
+                how = self.chooser.use_direct(i)  # before taking a buffer: one waiting for the verdict holds none
+                buf = self._take_buffer()
                 if buf is None:
                     return
                 buf.wait_for_copies()
                 t0 = time.perf_counter()
-                skip = _read_chunk(files, chunks[i], buf, how)
-                chooser.record(i, how, chunks[i].nbytes, t0, time.perf_counter())
-                ready.put((i, buf, skip))
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
-            stop.set()
-            ready.put(e)
-
-    threads = [threading.Thread(target=reader, name=f"sparsemap-reader-{k}", daemon=True) for k in range(readers)]
-    copy_stream = torch.cuda.Stream(device=device) if gpu else None
-    for t in threads:
-        t.start()
-    try:
-        for _ in range(len(chunks)):
-            item = ready.get()
-            if isinstance(item, BaseException):
-                raise item
-            i, buf, skip = item
-            chunk = chunks[i]
-            if copy_stream is not None:
-                with torch.cuda.stream(copy_stream):
-                    _scatter(chunk, buf, skip, out, non_blocking=True)
-                    buf.copied = torch.cuda.Event()
-                    buf.copied.record(copy_stream)
-            else:
-                _scatter(chunk, buf, skip, out, non_blocking=False)
-            if drop_cache:
-                os.posix_fadvise(files.buffered[chunk.file], chunk.offset, chunk.nbytes, os.POSIX_FADV_DONTNEED)
-            free.put(buf)
-            if on_bytes is not None:
-                on_bytes(chunk.nbytes)
-            for p in chunk.pieces:
-                remaining[p.name] -= p.nbytes
-                if remaining[p.name] == 0:
-                    if copy_stream is not None:
-                        torch.cuda.current_stream(device).wait_stream(copy_stream)
-                    finish(p.name)
-        if copy_stream is not None:
-            copy_stream.synchronize()
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-        files.close()
-    seconds = time.perf_counter() - started
-    nbytes = sum(e.nbytes for e in entries)
-    report = StreamReport(nbytes=nbytes, seconds=seconds, device=str(device), readers=readers, buffers=len(ring),
-                          buffer_nbytes=buffer_nbytes, chunks=len(chunks),
-                          direct=chooser.verdict(), trial_mb_per_s=chooser.speeds())
-    return result, report
+                skip = _read_chunk(self.files, self.chunks[i], buf, how)
+                self.chooser.record(i, how, self.chunks[i].nbytes, t0, time.perf_counter())
+                self.ready.put((i, buf, skip))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, which raises it
+            self.stop.set()
+            self.ready.put(e)
 
 
 def _scatter(chunk: Chunk, buf: _Buffer, skip: int, out: dict[str, torch.Tensor], *, non_blocking: bool) -> None:

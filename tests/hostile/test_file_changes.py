@@ -107,8 +107,8 @@ print(json.dumps(outcome))
 def test_file_truncated_while_mapped_is_detected_before_any_page_faults(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     write(path, 1.0)
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(CHILD), str(path)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(CHILD), str(path)], check=False,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode != -signal.SIGBUS, "a guarded operation touched a page past the end (SIGBUS)"
     assert proc.returncode == 0, proc.stderr[-2000:]
     import json

@@ -67,7 +67,7 @@ def test_atheris_target_runs_without_a_finding(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     proc = subprocess.run([sys.executable, str(ROOT / "fuzz" / "fuzz_open.py"), "-max_total_time=20",
                            f"-artifact_prefix={tmp_path}/", str(corpus)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                          check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     done = re.search(r"Done (\d+) runs in (\d+) second", proc.stderr)
     assert proc.returncode == 0 and done, proc.stderr[-3000:]
     assert int(done.group(1)) > 1000
