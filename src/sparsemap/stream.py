@@ -285,7 +285,7 @@ class StreamReport:
     def __str__(self) -> str:
         trial = ", ".join(f"{k} {v:,.0f} MB/s" for k, v in self.trial_mb_per_s.items()) or "no trial"
         return (f"streamed {self.nbytes / 1e9:.2f} GB to {self.device} in {self.seconds:.2f} s "
-                f"({self.gb_per_s:.2f} GB/s) through {self.buffers} x {self.buffer_nbytes >> 20} MiB "
+                f"({self.gb_per_s:.2f} GB/s) through {self.buffers} x {self.buffer_nbytes / 2**20:.0f} MiB "
                 f"buffers, {self.readers} readers, {'O_DIRECT' if self.direct else 'page cache'} reads "
                 f"(trial: {trial}); host anonymous memory +{self.host_anon_growth / 2**20:,.0f} MiB")
 
