@@ -424,3 +424,19 @@ def test_any_dict_round_trips_through_any_layout(case: tuple[dict[str, torch.Ten
             if name in tensors and name not in cast and name not in layout.transpose:
                 assert torch.equal(as_bytes(loaded[name]), as_bytes(want[name]))
         assert os.listdir(folder) == ["p.safetensors"]
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_and_no_others(tmp_path: Path) -> None:
+    from sparsemap.writer import atomic_write
+
+    dead = 2**22 + 12345  # above any pid_max default: never a live process
+    stale = tmp_path / f".a.safetensors.{dead}.abcdabcd.tmp"
+    other_destination = tmp_path / f".a.safetensors.5.{dead}.abcdabcd.tmp"  # a temporary of "a.safetensors.5"
+    live = tmp_path / f".a.safetensors.{os.getpid()}.abcdabcd.tmp"
+    for p in (stale, other_destination, live):
+        p.write_bytes(b"partial")
+    with atomic_write(tmp_path / "a.safetensors") as fd:
+        os.write(fd, b"complete")
+    assert not stale.exists()
+    assert other_destination.exists() and live.exists()
+    assert (tmp_path / "a.safetensors").read_bytes() == b"complete"

@@ -54,7 +54,7 @@ class StreamError(SparsemapError, RuntimeError):
 
 @dataclass(frozen=True)
 class Piece:
-    """Bytes ``[src, src + nbytes)`` of a chunk's buffer go to bytes ``[dst, dst + nbytes)`` of tensor ``name``."""
+    """Buffer bytes ``[src, src + nbytes)`` of a chunk go to bytes ``[dst, dst + nbytes)`` of ``name``."""
 
     name: str
     src: int
@@ -200,7 +200,8 @@ def _read_chunk(files: _Files, chunk: Chunk, buf: _Buffer, direct: bool) -> int:
         got += n
     if got < skip + chunk.nbytes:
         size = os.fstat(files.buffered[chunk.file]).st_size
-        raise TruncatedFileError(f"read {max(0, got - skip)} of {chunk.nbytes} bytes at offset {chunk.offset}: "
+        raise TruncatedFileError(f"read {max(0, got - skip)} of {chunk.nbytes} bytes at offset "
+                                 f"{chunk.offset}: "
                                  f"the file is {size} bytes (truncated while loading?)", path=chunk.file,
                                  tensor=chunk.pieces[0].name)
     return skip
@@ -276,7 +277,7 @@ class StreamReport:
     chunks: int
     direct: bool  # O_DIRECT used after the trial
     trial_mb_per_s: dict[str, float]  # the trial's speed each way ("direct", "buffered")
-    host_anon_growth: int = 0  # peak anonymous memory of this process above its start (CPU: includes the result)
+    host_anon_growth: int = 0  # peak anonymous memory above the start (a CPU destination counts in it)
 
     @property
     def gb_per_s(self) -> float:
@@ -306,10 +307,12 @@ def _ring_shape(staging: int, readers: int) -> tuple[int, int]:
     return count, max(each - 3 * PAGE, min(each, PAGE))
 
 
-def stream_tensors(catalog: Catalog, names: Sequence[str] | None = None, *, device: str | torch.device = "cpu",
+def stream_tensors(catalog: Catalog, names: Sequence[str] | None = None, *,
+                   device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None, staging: int | str = DEFAULT_STAGING, readers: int = 2,
                    direct: bool | None = None, drop_cache: bool = False,
-                   on_bytes: Callable[[int], None] | None = None) -> tuple[dict[str, torch.Tensor], StreamReport]:
+                   on_bytes: Callable[[int], None] | None = None
+                   ) -> tuple[dict[str, torch.Tensor], StreamReport]:
     """Read tensors of ``catalog`` into new tensors on ``device`` through a ring of ``staging`` bytes.
 
     Args:
@@ -399,7 +402,8 @@ class _Transfer:
             else:
                 _scatter(chunk, buf, skip, self.out, non_blocking=False)
             if drop_cache:
-                os.posix_fadvise(files.buffered[chunk.file], chunk.offset, chunk.nbytes, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(files.buffered[chunk.file], chunk.offset, chunk.nbytes,
+                                 os.POSIX_FADV_DONTNEED)
             filled.give_back(buf)
             peak = max(peak, rss_anon())
             if on_bytes is not None:
@@ -482,7 +486,8 @@ class _Readers:
                     i = next(self.next_index)
                 if i >= len(self.chunks):
                     return
-                how = self.chooser.use_direct(i)  # before taking a buffer: one waiting for the verdict holds none
+                # Asked before taking a buffer: a reader waiting for the trial's verdict holds none.
+                how = self.chooser.use_direct(i)
                 buf = self._take_buffer()
                 if buf is None:
                     return
@@ -496,7 +501,8 @@ class _Readers:
             self.ready.put(e)
 
 
-def _scatter(chunk: Chunk, buf: _Buffer, skip: int, out: dict[str, torch.Tensor], *, non_blocking: bool) -> None:
+def _scatter(chunk: Chunk, buf: _Buffer, skip: int, out: dict[str, torch.Tensor], *,
+             non_blocking: bool) -> None:
     for p in chunk.pieces:
         src = buf.tensor[skip + p.src: skip + p.src + p.nbytes]
         out[p.name][p.dst:p.dst + p.nbytes].copy_(src, non_blocking=non_blocking)

@@ -21,6 +21,7 @@ import glob
 import json
 import math
 import os
+import re
 import secrets
 import struct
 from collections.abc import Callable, Iterator, Mapping
@@ -379,11 +380,17 @@ class _Sink:
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Delete temporary files a killed writer of ``path`` left behind (their writer pid is gone)."""
+    """Delete temporary files a killed writer of ``path`` left behind (their writer pid is gone).
+
+    Only names exactly of :func:`atomic_write`'s form for this ``path``
+    (``.<name>.<pid>.<8 hex>.tmp``) are considered, so another destination's
+    temporaries (``a.safetensors.5`` next to ``a.safetensors``) are never touched.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp")
     removed = []
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2:].split(".")[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        match = pattern.fullmatch(tmp.name)
+        if match is None or _alive(int(match.group(1))):
             continue
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
