@@ -102,7 +102,7 @@ def test_reader_error_surfaces_and_no_thread_survives(tmp_path: Path) -> None:
 
 def test_bad_arguments_are_refused(every_dtype: Path) -> None:
     catalog = sparsemap.open(every_dtype)
-    for kwargs in ({"staging": "lots"}, {"staging": 0}, {"readers": 0}):
+    for kwargs in ({"staging": "lots"}, {"staging": 0}, {"staging": 100}, {"readers": 0}, {"names": ["nope"]}):
         with pytest.raises(BadInputError):
             stream_tensors(catalog, **kwargs)  # type: ignore[arg-type]
     assert parse_size("256M") == 256 << 20 and parse_size("1.5G") == 3 << 29 and parse_size("64KiB") == 65536

@@ -429,14 +429,24 @@ def test_any_dict_round_trips_through_any_layout(case: tuple[dict[str, torch.Ten
 def test_stale_temporaries_of_dead_writers_are_removed_and_no_others(tmp_path: Path) -> None:
     from sparsemap.writer import atomic_write
 
-    dead = 2**22 + 12345  # above any pid_max default: never a live process
-    stale = tmp_path / f".a.safetensors.{dead}.abcdabcd.tmp"
-    other_destination = tmp_path / f".a.safetensors.5.{dead}.abcdabcd.tmp"  # a temporary of "a.safetensors.5"
-    live = tmp_path / f".a.safetensors.{os.getpid()}.abcdabcd.tmp"
+    import subprocess
+    import sys
+
+    stale = tmp_path / ".a.safetensors.4242.abcdabcd.tmp"  # its writer died: nobody holds its lock
+    other_destination = tmp_path / ".a.safetensors.5.4242.abcdabcd.tmp"  # a temporary of "a.safetensors.5"
+    live = tmp_path / ".a.safetensors.33.abcdabcd.tmp"  # a writer elsewhere (another pid namespace) holds it
     for p in (stale, other_destination, live):
         p.write_bytes(b"partial")
-    with atomic_write(tmp_path / "a.safetensors") as fd:
-        os.write(fd, b"complete")
+    holder = subprocess.Popen([sys.executable, "-c", f"import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(live)!r}, os.O_WRONLY)\nfcntl.lockf(fd, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with atomic_write(tmp_path / "a.safetensors") as fd:
+            os.write(fd, b"complete")
+    finally:
+        holder.kill()
+        holder.wait()
     assert not stale.exists()
     assert other_destination.exists() and live.exists()
     assert (tmp_path / "a.safetensors").read_bytes() == b"complete"

@@ -80,9 +80,15 @@ def convert(source: str | os.PathLike[str] | Catalog, destination: str | os.Path
     def get(name: str) -> torch.Tensor:
         file = catalog[name].file
         stamp = catalog.stamps.get(file)
-        if stamp is not None and FileStamp.of(file) != stamp:  # touching a truncated mapping is SIGBUS
-            raise FileChangedError(f"changed during conversion: {stamp.differences(FileStamp.of(file))}; "
-                                   f"{destination} was not written", path=file, tensor=name)
+        if stamp is not None:  # touching a truncated mapping is SIGBUS: look first
+            try:
+                now = FileStamp.of(file)
+            except OSError as e:
+                raise FileChangedError(f"cannot be read any more ({e.strerror}); {destination} was not "
+                                       "written", path=file, tensor=name) from None
+            if now != stamp:
+                raise FileChangedError(f"changed during conversion: {stamp.differences(now)}; "
+                                       f"{destination} was not written", path=file, tensor=name)
         current[name] = t = catalog.tensor(name)
         return t
 

@@ -85,7 +85,12 @@ class FileMapping(mmap.mmap):
         after an in-place rewrite it would mix new bytes into old weights. A
         file *replaced* by rename is fine: the descriptor still reads the old inode.
         """
-        now = FileStamp.of(self.fd)
+        st = os.fstat(self.fd)
+        now = FileStamp.of_stat(st)
+        # Replacing the file by rename unlinks this inode, which moves its change time and nothing
+        # else: an unlinked inode (no name left to write through) only counts if size or mtime moved.
+        if st.st_nlink == 0:
+            now = now._replace(ctime_ns=self.stamp.ctime_ns)
         if now != self.stamp:
             raise FileChangedError(f"changed since it was mapped: {self.stamp.differences(now)}; its pages "
                                    "cannot be read again safely (reload it from the file as it is now)",
@@ -209,6 +214,7 @@ class Mapper:
             return torch.empty(entry.shape, dtype=dtype)
         mm = self.mapping(entry.file)
         assert mm is not None  # a non-empty tensor implies a non-empty file
+        mm.check_unchanged()  # one fstat: a view of a truncated file is SIGBUS on first touch
         if entry.encoding is not None:
             return _dequantize(mm, entry)
         flat = torch.frombuffer(mm, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset)

@@ -264,6 +264,7 @@ class RowController:
         """
         idx = self._rows(rows)
         with self._lock:
+            self.mapping.check_unchanged()  # zeroing edge pages faults them in from the file first
             if strict:
                 self._strict_check(idx, "mask")
             new = idx[~self._masked[idx]]

@@ -145,6 +145,13 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
+def _check_staging(nbytes: int) -> int:
+    if nbytes < PAGE:
+        raise BadInputError(f"staging of {nbytes} bytes is less than one page ({PAGE}): every read would "
+                            "be tiny; use at least 4K (256M is the default)")
+    return nbytes
+
+
 # ---------------------------------------------------------------- reading
 
 
@@ -344,10 +351,15 @@ def stream_tensors(catalog: Catalog, names: Sequence[str] | None = None, *,
     """
     started = time.perf_counter()
     device = torch.device(device)
-    staging_nbytes = parse_size(staging)
+    staging_nbytes = _check_staging(parse_size(staging))
     if readers < 1:
         raise BadInputError(f"readers must be at least 1, got {readers}")
-    entries = [catalog[n] for n in (names if names is not None else list(catalog))]
+    wanted = list(dict.fromkeys(names)) if names is not None else list(catalog)  # each name once
+    unknown = [n for n in wanted if n not in catalog]
+    if unknown:
+        raise BadInputError(f"{len(unknown)} tensors are not in the checkpoint, e.g. {unknown[0]!r}",
+                            path=catalog.source)
+    entries = [catalog[n] for n in wanted]
     for e in entries:
         if e.encoding is not None or e.strides is not None or e.order is not None:
             raise BadInputError(f"tensor is stored {'quantized' if e.encoding else 'in a layout view'}; "
@@ -392,6 +404,14 @@ class _Transfer:
 
     def copy_all(self, filled: _Readers, files: _Files, *, drop_cache: bool,
                  on_bytes: Callable[[int], None] | None) -> None:
+        try:
+            self._copy_all(filled, files, drop_cache=drop_cache, on_bytes=on_bytes)
+        finally:
+            if self.copy_stream is not None:  # copies in flight must end before their memory is freed
+                self.copy_stream.synchronize()
+
+    def _copy_all(self, filled: _Readers, files: _Files, *, drop_cache: bool,
+                  on_bytes: Callable[[int], None] | None) -> None:
         base = peak = rss_anon()
         for chunk, buf, skip in filled:
             if self.copy_stream is not None:

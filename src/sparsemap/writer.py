@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import fnmatch
 import glob
 import json
@@ -385,12 +386,14 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     Only names exactly of :func:`atomic_write`'s form for this ``path``
     (``.<name>.<pid>.<8 hex>.tmp``) are considered, so another destination's
     temporaries (``a.safetensors.5`` next to ``a.safetensors``) are never touched.
+    A live writer holds a lock on its temporary file for as long as it writes
+    (``lockf``), whatever its pid namespace or host; a file whose lock can be
+    taken at once has no writer left.
     """
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp")
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.\d+\.[0-9a-f]{{8}}\.tmp")
     removed = []
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        match = pattern.fullmatch(tmp.name)
-        if match is None or _alive(int(match.group(1))):
+        if pattern.fullmatch(tmp.name) is None or not _abandoned(tmp):
             continue
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -398,14 +401,19 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def _abandoned(tmp: Path) -> bool:
+    """True when no process holds ``tmp``'s write lock (its writer is gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
         return False
-    except PermissionError:
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing releases the lock we may have taken
 
 
 @contextlib.contextmanager
@@ -423,6 +431,7 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[int]:
     remove_stale_temporaries(path)
     tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    fcntl.lockf(fd, fcntl.LOCK_EX)  # "a writer is alive": released when the descriptor closes or we die
     try:
         yield fd
         os.fsync(fd)

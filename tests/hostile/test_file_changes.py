@@ -72,6 +72,20 @@ def test_file_rewritten_in_place_after_open_is_refused_at_mapping(tmp_path: Path
         catalog.tensor("norm")
 
 
+def test_rewrite_that_restores_the_modification_time_is_still_seen(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    write(path, 1.0)
+    catalog = sparsemap.open(path)
+    catalog.tensor("norm")  # mapped
+    st = os.stat(path)
+    with open(path, "r+b") as f:  # what cp -p or rsync --inplace -t do: new bytes, old mtime
+        f.seek(os.path.getsize(path) - 4)
+        f.write(b"\x00\x00\x80\x7f")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(FileChangedError, match="change time"):
+        catalog.tensor("emb")
+
+
 def test_file_truncated_after_open_is_refused_at_mapping(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     write(path, 1.0)
@@ -93,7 +107,8 @@ rows.mask([1, 2])
 os.truncate(path, os.path.getsize(path) // 2)
 outcome = {}
 for op, call in [("evict", lambda: rows.evict(range(100, 400))), ("restore", lambda: rows.restore([1, 2])),
-                 ("prefetch", lambda: rows.prefetch(range(400, 500))),
+                 ("prefetch", lambda: rows.prefetch(range(400, 500))), ("mask", lambda: rows.mask([450])),
+                 ("another tensor", lambda: catalog.tensor("norm")),
                  ("convert", lambda: sparsemap.convert(catalog, path + ".out"))]:
     try:
         call()
@@ -114,6 +129,6 @@ def test_file_truncated_while_mapped_is_detected_before_any_page_faults(tmp_path
     import json
 
     outcome = json.loads(proc.stdout.strip().splitlines()[-1])
-    for op in ("evict", "restore", "prefetch", "convert"):
+    for op in ("evict", "restore", "prefetch", "mask", "another tensor", "convert"):
         assert "size" in outcome[op] and path.name in outcome[op], (op, outcome[op])
     assert not Path(str(path) + ".out").exists()

@@ -13,6 +13,7 @@ avoids the GIL starvation an in-process sampler suffers. No torch here.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -110,7 +111,8 @@ def run_measured(cmd: Sequence[str], *, memory_limit: int | None = None, interva
             if pid:
                 break
             if deadline is not None and time.perf_counter() > deadline:
-                proc.kill()
+                deadline = None  # once: Popen.kill() could reap the child behind wait4's back
+                os.kill(proc.pid, signal.SIGKILL)
             time.sleep(0.001)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)

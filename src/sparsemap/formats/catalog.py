@@ -99,17 +99,26 @@ class TensorEntry:
 
 
 class FileStamp(NamedTuple):
-    """What identifies one version of a file: device, inode, size and modification time."""
+    """What identifies one version of a file: device, inode, size, modification and change times.
+
+    The change time (ctime) cannot be set back by a program the way the
+    modification time can (``cp -p``, ``rsync -t``, ``tar -x``), so an in-place
+    rewrite that restores the mtime is still seen.
+    """
 
     dev: int
     ino: int
     size: int
     mtime_ns: int
+    ctime_ns: int
 
     @classmethod
     def of(cls, path_or_fd: str | int) -> FileStamp:
-        st = os.stat(path_or_fd)
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls.of_stat(os.stat(path_or_fd))
+
+    @classmethod
+    def of_stat(cls, st: os.stat_result) -> FileStamp:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def differences(self, other: FileStamp) -> str:
         """'size 100 -> 40, replaced (inode 5 -> 9)': what changed, for error messages."""
@@ -118,8 +127,8 @@ class FileStamp(NamedTuple):
             out.append(f"replaced (inode {self.ino} -> {other.ino})")
         if self.size != other.size:
             out.append(f"size {self.size} -> {other.size} bytes")
-        if self.mtime_ns != other.mtime_ns and not out:
-            out.append("modified in place (same size, new modification time)")
+        if (self.mtime_ns, self.ctime_ns) != (other.mtime_ns, other.ctime_ns) and not out:
+            out.append("modified in place (same size, new modification or change time)")
         return ", ".join(out)
 
 

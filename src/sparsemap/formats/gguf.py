@@ -45,6 +45,12 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 _VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY = 8, 9
 MAX_ARRAY_NESTING = 8
+MAX_KEY_NBYTES = 65_535  # a metadata key is a dotted name, not data
+# The gguf package holds every metadata element as a numpy object: about 2 KB each
+# for strings, whatever their length. Real vocabularies have a few 100k tokens
+# and merges; this bounds what a hostile header can make the reader allocate.
+MAX_STRING_ELEMENTS = 2_000_000
+MAX_DIM = (1 << 63) - 1
 
 # GGML types stored as plain little-endian elements, by safetensors dtype name.
 PLAIN_TYPES: dict[str, str] = {
@@ -90,8 +96,15 @@ class _Cursor:
     def unpack(self, fmt: str, what: str) -> Any:
         return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt), what))[0]
 
-    def string(self, what: str) -> str:
+    def skip_string(self, what: str) -> None:
         n = self.unpack("Q", f"length of {what}")
+        self.skip(n, f"{what} ({n} bytes)")
+
+    def string(self, what: str, limit: int | None = None) -> str:
+        n = self.unpack("Q", f"length of {what}")
+        if limit is not None and n > limit:
+            raise MetadataError(f"{what} at offset {self.pos - 8} is {n} bytes long (at most {limit})",
+                                path=self.path)
         raw = self.take(n, f"{what} ({n} bytes)")
         try:
             return raw.decode("utf-8")
@@ -106,13 +119,21 @@ class _Cursor:
                                      f"{self.pos}, the file has {self.size - self.pos} left", path=self.path)
 
 
-def _skip_value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> Any:
-    """Read one metadata value (returned for scalars we need, skipped otherwise)."""
+def _skip_value(cur: _Cursor, vtype: int, key: str, counts: list[int], depth: int = 0) -> Any:
+    """Read one metadata value: integers are returned (general.alignment needs one), the rest skipped.
+
+    ``counts[0]`` tallies string elements across the header (see MAX_STRING_ELEMENTS).
+    """
     if vtype in _VALUE_SIZES:
         raw = cur.take(_VALUE_SIZES[vtype], f"value of {key!r}")
         return int.from_bytes(raw, "little") if vtype in (4, 10) else None
     if vtype == _STRING:
-        return cur.string(f"value of {key!r}")
+        counts[0] += 1
+        if counts[0] > MAX_STRING_ELEMENTS:
+            raise MetadataError(f"the header holds more than {MAX_STRING_ELEMENTS} strings (at {key!r})",
+                                path=cur.path)
+        cur.skip_string(f"value of {key!r}")
+        return None
     if vtype == _ARRAY:
         if depth >= MAX_ARRAY_NESTING:
             raise MetadataError(f"metadata {key!r} nests arrays over {MAX_ARRAY_NESTING} deep", path=cur.path)
@@ -123,9 +144,12 @@ def _skip_value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> Any:
         cur.at_least(count, _VALUE_SIZES.get(etype, 8), f"array {key!r} element")
         if etype in _VALUE_SIZES:
             cur.skip(count * _VALUE_SIZES[etype], f"array {key!r}")
-        else:
-            for _ in range(count):
-                _skip_value(cur, etype, key, depth + 1)
+            return None
+        if etype == _STRING and counts[0] + count > MAX_STRING_ELEMENTS:
+            raise MetadataError(f"metadata {key!r} holds {count} strings; the header may hold at most "
+                                f"{MAX_STRING_ELEMENTS} in all", path=cur.path)
+        for _ in range(count):
+            _skip_value(cur, etype, key, counts, depth + 1)
         return None
     raise MetadataError(f"metadata {key!r} has unknown value type {vtype} (known: 0-12)", path=cur.path)
 
@@ -157,10 +181,15 @@ def validate(f: Any, size: int, path: str) -> None:
     n_kv = cur.unpack("Q", "metadata count")
     cur.at_least(n_kv, 8 + 4, "metadata")  # each: a key length and a value type at least
     alignment = 32
+    keys: set[str] = set()
+    counts = [0]
     for _ in range(n_kv):
-        key = cur.string("metadata key")
+        key = cur.string("metadata key", limit=MAX_KEY_NBYTES)
+        if key in keys:
+            raise MetadataError(f"metadata key {key!r} appears twice", path=path)
+        keys.add(key)
         vtype = cur.unpack("I", f"value type of {key!r}")
-        value = _skip_value(cur, vtype, key)
+        value = _skip_value(cur, vtype, key, counts)
         if key == "general.alignment":
             if not isinstance(value, int) or value <= 0 or value & (value - 1):
                 raise MetadataError(f"general.alignment is {value!r}, not a power of two", path=path)
@@ -168,7 +197,7 @@ def validate(f: Any, size: int, path: str) -> None:
     cur.at_least(n_tensors, 8 + 4 + 4 + 8, "tensor")  # name length, n_dims, type, offset
     infos = []
     for i in range(n_tensors):
-        name = cur.string(f"name of tensor {i}")
+        name = cur.string(f"name of tensor {i}", limit=MAX_KEY_NBYTES)
         n_dims = cur.unpack("I", f"dimension count of {name!r}")
         if n_dims > MAX_DIMS:
             raise InvalidShapeError(f"{n_dims} dimensions (GGML allows at most {MAX_DIMS})", path=path, tensor=name)
@@ -180,7 +209,7 @@ def validate(f: Any, size: int, path: str) -> None:
         except (ValueError, KeyError):
             raise UnknownDtypeError(f"unknown GGML type {ttype}", path=path, tensor=name) from None
         numel = math.prod(dims)
-        if numel * type_size > MAX_NBYTES:
+        if any(d > MAX_DIM for d in dims) or numel * type_size > MAX_NBYTES:
             raise SizeOverflowError(f"dims {dims} of {GGMLQuantizationType(ttype).name} need more than 2**63 "
                                     "bytes", path=path, tensor=name)
         if dims and dims[0] % block:
