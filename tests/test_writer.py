@@ -427,10 +427,10 @@ def test_any_dict_round_trips_through_any_layout(case: tuple[dict[str, torch.Ten
 
 
 def test_stale_temporaries_of_dead_writers_are_removed_and_no_others(tmp_path: Path) -> None:
-    from sparsemap.writer import atomic_write
-
     import subprocess
     import sys
+
+    from sparsemap.writer import atomic_write
 
     stale = tmp_path / ".a.safetensors.4242.abcdabcd.tmp"  # its writer died: nobody holds its lock
     other_destination = tmp_path / ".a.safetensors.5.4242.abcdabcd.tmp"  # a temporary of "a.safetensors.5"
