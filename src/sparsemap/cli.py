@@ -240,14 +240,13 @@ def _read_profile(path: str) -> dict[str, tuple[float, ...]]:
 
 
 def _parse_size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "KI": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MI": 1 << 20, "MIB": 1 << 20,
-             "G": 1 << 30, "GI": 1 << 30, "GIB": 1 << 30}
-    t = text.strip().upper().removesuffix("B") if text.strip().upper() not in ("KIB", "MIB", "GIB") else text
-    number = t.rstrip("KMGI")
-    unit = t[len(number):]
-    if not number.isdigit() or unit not in units:
-        raise click.BadParameter(f"{text!r} is not a size like 4096, 16K, 64KiB or 2M")
-    return int(number) * units[unit]
+    """sparsemap.units.parse_size, with its error as a bad command-line value."""
+    from .units import parse_size
+
+    try:
+        return parse_size(text)
+    except BadInputError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 @main.command()
@@ -379,29 +378,16 @@ def _parse_limits(text: str | None, model_nbytes: int) -> list[int | None]:
 def _bench_table(report: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    from .bench.runner import limit_label
+    from .bench.runner import COLUMNS, cells
 
     gb = report["model_nbytes"] / 1e9
     table = Table(title=f"{Path(report['model']).name}: {gb:.2f} GB, medians of {report['repeat']}; "
                         f"cold sequential read {report['cold_read_bytes_per_s'] / 1e6:.0f} MB/s")
-    columns = ("strategy", "cache", "limit", "usable s", "forward s", "GB/s", "x read", "peak RSS MiB",
-               "peak anon MiB", "anon growth MiB", "peak file MiB", "cgroup peak MiB", "major faults", "read MiB", "note")
-    for col in columns:
+    for col in COLUMNS:
         table.add_column(col, justify="left" if col in ("strategy", "cache", "limit", "note") else "right")
-
-    def mib(v: float | None) -> str:
-        return "" if v is None else f"{v / 2**20:,.0f}"
-
     for row in report["medians"]:
-        killed = f"OOM-killed {row['oom_killed']}/{row['attempts']}" if row["oom_killed"] else ""
-        head = (row["strategy"], row["cache"], limit_label(row["limit"]))
-        if row["runs"] == 0:
-            table.add_row(*head, *[""] * 11, killed or row["note"], style="red" if killed else "dim")
-            continue
-        table.add_row(*head, f"{row['usable_s']:.3f}", f"{row['forward_s']:.3f}", f"{row['effective_gbps']:.2f}",
-                      f"{row['vs_cold_read']:.2f}", mib(row["peak_rss"]), mib(row["peak_anon"]), mib(row["anon_growth"]),
-                      mib(row["peak_file"]), mib(row["cgroup_peak"]), f"{row['major_faults']:,.0f}",
-                      mib(row["read_bytes"]), killed or row["note"])
+        style = None if row["runs"] else ("red" if row["oom_killed"] else "dim")
+        table.add_row(*cells(row), style=style)
     return table
 
 

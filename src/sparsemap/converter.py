@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import FileChangedError
-from .formats.catalog import Catalog, FileStamp
+from .formats.catalog import Catalog
 from .formats.resolve import open_catalog
 from .mapped import TORCH_DTYPES, release_pages
 from .writer import Layout, Plan, Spec, plan, write
@@ -78,17 +77,7 @@ def convert(source: str | os.PathLike[str] | Catalog, destination: str | os.Path
     current: dict[str, torch.Tensor] = {}
 
     def get(name: str) -> torch.Tensor:
-        file = catalog[name].file
-        stamp = catalog.stamps.get(file)
-        if stamp is not None:  # touching a truncated mapping is SIGBUS: look first
-            try:
-                now = FileStamp.of(file)
-            except OSError as e:
-                raise FileChangedError(f"cannot be read any more ({e.strerror}); {destination} was not "
-                                       "written", path=file, tensor=name) from None
-            if now != stamp:
-                raise FileChangedError(f"changed during conversion: {stamp.differences(now)}; "
-                                       f"{destination} was not written", path=file, tensor=name)
+        # The mapper checks the file is still the one parsed before serving each view (FileChangedError).
         current[name] = t = catalog.tensor(name)
         return t
 

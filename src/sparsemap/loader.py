@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from .errors import MissingKeysError, ShapeMismatchError, UnexpectedKeysError, UninitializedTensorError
-from .formats.catalog import Catalog, TensorEntry
+from .formats.catalog import Catalog
 from .formats.resolve import open_catalog
-from .stream import DEFAULT_STAGING, stream_tensors
+from .stream import DEFAULT_STAGING, stream_tensors, streamable
 
 logger = logging.getLogger("sparsemap")
 M = TypeVar("M", bound=nn.Module)
@@ -244,7 +244,7 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
         staging = DEFAULT_STAGING
     streamed: dict[str, torch.Tensor] = {}
     if staging is not None:
-        plain = [name for _, name in the_plan.assignments if _streamable(catalog[name])]
+        plain = [name for _, name in the_plan.assignments if streamable(catalog[name])]
         streamed, report = stream_tensors(catalog, plain, device=device, dtype=dtype, staging=staging,
                                           readers=readers, drop_cache=drop_cache)
         logger.info("%s: %s", catalog.source, report)
@@ -261,10 +261,6 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
                 module._buffers[attr] = t
     _check_materialized(model, the_plan.not_loaded, catalog.source, strict)
     return model
-
-
-def _streamable(entry: TensorEntry) -> bool:
-    return entry.encoding is None and entry.strides is None and entry.order is None
 
 
 def _converted(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:

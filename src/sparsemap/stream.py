@@ -33,20 +33,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import BadInputError, FileChangedError, SparsemapError, TruncatedFileError
+from .errors import BadInputError, FileChangedError, TruncatedFileError
 from .formats.catalog import Catalog, FileStamp, TensorEntry
 from .mapped import TORCH_DTYPES
 from .memory import rss_anon
+from .units import parse_size
 
 PAGE = 4096
 DEFAULT_STAGING = 256 << 20
 MAX_BUFFER = 64 << 20  # larger buffers add latency before the first copy, not speed
 MAX_GAP = 64 << 10  # tensors this close in a file share one read (the gap is read and ignored)
 DIRECT_TRIAL_CHUNKS = 4  # buffers read each way before choosing O_DIRECT or not
-
-
-class StreamError(SparsemapError, RuntimeError):
-    """Streaming failed for a reason that is not the file's fault (a device error, a stopped reader)."""
 
 
 # ---------------------------------------------------------------- the plan: which bytes go where
@@ -70,6 +67,11 @@ class Chunk:
     offset: int
     nbytes: int
     pieces: tuple[Piece, ...]
+
+
+def streamable(entry: TensorEntry) -> bool:
+    """Whether ``entry`` is plain stored bytes (not quantized, not a layout view), so it can be streamed."""
+    return entry.encoding is None and entry.strides is None and entry.order is None
 
 
 def plan_chunks(entries: Iterable[TensorEntry], buffer_nbytes: int, max_gap: int = MAX_GAP) -> list[Chunk]:
@@ -126,25 +128,6 @@ class _Buffer:
             self.copied = None
 
 
-def parse_size(text: str | int) -> int:
-    """'256M', '1G', '64KiB', 4096 -> bytes."""
-    if isinstance(text, int):
-        if text < 1:
-            raise BadInputError(f"size {text} must be at least one byte")
-        return text
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    scale = units.get(t[-1:], 1)
-    number = t[:-1] if t[-1:] in units else t
-    try:
-        value = float(number) * scale
-    except ValueError:
-        raise BadInputError(f"{text!r} is not a size like 256M, 1G or 65536") from None
-    if value < 1:
-        raise BadInputError(f"size {text!r} must be at least one byte")
-    return int(value)
-
-
 def _check_staging(nbytes: int) -> int:
     if nbytes < PAGE:
         raise BadInputError(f"staging of {nbytes} bytes is less than one page ({PAGE}): every read would "
@@ -172,7 +155,6 @@ class _Files:
 
     buffered: dict[str, int] = field(default_factory=dict)
     direct: dict[str, int | None] = field(default_factory=dict)
-    sizes: dict[str, int] = field(default_factory=dict)
 
     def open(self, paths: Iterable[str], want_direct: bool, stamps: dict[str, FileStamp]) -> None:
         for p in paths:
@@ -181,7 +163,6 @@ class _Files:
             if p in stamps and now != stamps[p]:
                 raise FileChangedError(f"changed since its header was read: {stamps[p].differences(now)}; "
                                        "open it again", path=p)
-            self.sizes[p] = now.size
             self.direct[p] = _direct_fd(p) if want_direct else None
 
     def close(self) -> None:
@@ -361,7 +342,7 @@ def stream_tensors(catalog: Catalog, names: Sequence[str] | None = None, *,
                             path=catalog.source)
     entries = [catalog[n] for n in wanted]
     for e in entries:
-        if e.encoding is not None or e.strides is not None or e.order is not None:
+        if not streamable(e):
             raise BadInputError(f"tensor is stored {'quantized' if e.encoding else 'in a layout view'}; "
                                 "stream only plain tensors (load it mapped)", path=e.file, tensor=e.name)
     n_buffers, buffer_nbytes = _ring_shape(staging_nbytes, readers)

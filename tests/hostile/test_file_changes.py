@@ -36,6 +36,13 @@ def write(path: Path, fill: float) -> dict[str, torch.Tensor]:
     return state
 
 
+def rewrite_last_value_in_place(path: Path) -> None:
+    """Same inode, same size, other bytes: the last float becomes +inf."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) - 4)
+        f.write(b"\x00\x00\x80\x7f")
+
+
 def test_replacing_by_rename_leaves_a_loaded_model_untouched(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     old = write(path, 1.0)
@@ -65,9 +72,7 @@ def test_file_rewritten_in_place_after_open_is_refused_at_mapping(tmp_path: Path
     path = tmp_path / "model.safetensors"
     write(path, 1.0)
     catalog = sparsemap.open(path)
-    with open(path, "r+b") as f:  # same inode, same size, other bytes
-        f.seek(os.path.getsize(path) - 4)
-        f.write(b"\x00\x00\x80\x7f")
+    rewrite_last_value_in_place(path)
     with pytest.raises(FileChangedError, match="modified in place"):
         catalog.tensor("norm")
 
@@ -78,9 +83,7 @@ def test_rewrite_that_restores_the_modification_time_is_still_seen(tmp_path: Pat
     catalog = sparsemap.open(path)
     catalog.tensor("norm")  # mapped
     st = os.stat(path)
-    with open(path, "r+b") as f:  # what cp -p or rsync --inplace -t do: new bytes, old mtime
-        f.seek(os.path.getsize(path) - 4)
-        f.write(b"\x00\x00\x80\x7f")
+    rewrite_last_value_in_place(path)  # then set the old mtime back, as cp -p or rsync --inplace -t do
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(FileChangedError, match="change time"):
         catalog.tensor("emb")

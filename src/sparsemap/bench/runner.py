@@ -223,26 +223,29 @@ def machine(model: Path | None = None, read_speed: float | None = None) -> dict[
     return out
 
 
-def markdown(report: dict[str, Any]) -> str:
-    """The medians as a Markdown table (for RESULTS files and issue threads)."""
+COLUMNS = ("strategy", "cache", "limit", "runs", "usable s", "forward s", "GB/s", "x cold read",
+           "peak RSS MiB", "peak anon MiB", "anon growth MiB", "peak file MiB", "cgroup peak MiB", "major faults",
+           "read MiB", "note")
+
+
+def cells(row: dict[str, Any]) -> list[str]:
+    """One median row as the strings of :data:`COLUMNS` (the terminal table and Markdown share them)."""
 
     def mib(v: float | None) -> str:
         return "" if v is None else f"{v / 2**20:,.0f}"
 
-    head = ("strategy", "cache", "limit", "runs", "usable s", "forward s", "GB/s", "x cold read", "peak RSS MiB",
-            "peak anon MiB", "anon growth MiB", "peak file MiB", "cgroup peak MiB", "major faults", "read MiB",
-            "note")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in report["medians"]:
-        killed = f"OOM-killed {r['oom_killed']}/{r['attempts']}" if r["oom_killed"] else ""
-        note = (killed or r["note"]).replace("|", "/")
-        cells = [r["strategy"], r["cache"], limit_label(r["limit"]), f"{r['runs']}/{r['attempts']}"]
-        if r["runs"]:
-            cells += [f"{r['usable_s']:.3f}", f"{r['forward_s']:.3f}", f"{r['effective_gbps']:.2f}",
-                      f"{r['vs_cold_read']:.2f}", mib(r["peak_rss"]), mib(r["peak_anon"]), mib(r["anon_growth"]),
-                      mib(r["peak_file"]), mib(r["cgroup_peak"]), f"{r['major_faults']:,.0f}",
-                      mib(r["read_bytes"]), note]
-        else:
-            cells += [""] * 11 + [note]
-        lines.append("| " + " | ".join(cells) + " |")
+    killed = f"OOM-killed {row['oom_killed']}/{row['attempts']}" if row["oom_killed"] else ""
+    out = [row["strategy"], row["cache"], limit_label(row["limit"]), f"{row['runs']}/{row['attempts']}"]
+    if not row["runs"]:
+        return [*out, *[""] * 11, killed or row["note"]]
+    return [*out, f"{row['usable_s']:.3f}", f"{row['forward_s']:.3f}", f"{row['effective_gbps']:.2f}",
+            f"{row['vs_cold_read']:.2f}", mib(row["peak_rss"]), mib(row["peak_anon"]), mib(row["anon_growth"]),
+            mib(row["peak_file"]), mib(row["cgroup_peak"]), f"{row['major_faults']:,.0f}", mib(row["read_bytes"]),
+            killed or row["note"]]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The medians as a Markdown table (for RESULTS files and issue threads)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in cells(r)) + " |" for r in report["medians"]]
     return "\n".join(lines) + "\n"
