@@ -42,14 +42,14 @@ def bit_identical(src: str, dst: str) -> tuple[bool, int]:
 
     import sparsemap
 
-    a, b = sparsemap.open(src), sparsemap.open(dst)
+    a, b = sparsemap.Checkpoint(src), sparsemap.Checkpoint(dst)
     if set(a) != set(b):
         return False, 0
     return all(torch.equal(a.tensor(n), b.tensor(n)) for n in a), len(a)
 
 
 def main() -> None:
-    from sparsemap import cgroup, pages
+    from sparsemap.bench import cgroup, disk
     from sparsemap.cli import _parse_size
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -71,12 +71,12 @@ def main() -> None:
     cold_reads, writes = [], []
     for i in range(args.repeat):
         for name, options in LAYOUTS.items():
-            assert pages.make_cold(src) < 0.01, "could not make the source cold"
-            cold_reads.append(pages.sequential_read_speed(src))
-            writes.append(pages.sequential_write_speed(Path(src).parent))
+            assert disk.make_cold(src) < 0.01, "could not make the source cold"
+            cold_reads.append(disk.sequential_read_speed(src))
+            writes.append(disk.sequential_write_speed(Path(src).parent))
             if os.path.exists(dst):
                 os.unlink(dst)
-            cached = pages.make_cold(src)
+            cached = disk.make_cold(src)
             with cgroup.MemoryLimit(limit) as group:
                 start = time.perf_counter()
                 proc = subprocess.run([sys.executable, "-m", "sparsemap.cli", "convert", src, dst, *options],

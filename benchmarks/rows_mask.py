@@ -28,8 +28,7 @@ ROWS, COLS = 65536, 2048
 
 
 def run(path: Path, repeat: int, label: str) -> None:
-    cat = sparsemap.open(path)
-    t = cat.tensor("emb")
+    t = sparsemap.Checkpoint(path).tensor("emb")
     reference = t.clone()
     nbytes = t.numel() * 4
     ctl = sparsemap.rows(t, name="emb")

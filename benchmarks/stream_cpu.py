@@ -26,7 +26,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from sparsemap import pages
+from sparsemap.bench import disk
 from sparsemap.bench.measure import run_measured
 from sparsemap.bench.runner import machine
 from sparsemap.bench.synthetic import generate
@@ -38,7 +38,7 @@ import json, sys, time
 import torch, sparsemap
 from sparsemap.memory import rss_anon
 way, path = sys.argv[1], sys.argv[2]
-catalog = sparsemap.open(path)
+catalog = sparsemap.Checkpoint(path)
 base = rss_anon()
 start = time.perf_counter()
 if way.startswith("stream"):
@@ -74,9 +74,9 @@ def main() -> None:
         for way in WAYS:
             # The physical limit, measured right before this run: this virtual disk's "cold" speed
             # follows the host's cache and drifts within minutes, so each run gets its own.
-            pages.make_cold(path)
-            cold = pages.sequential_read_speed(path)
-            cached = pages.make_cold(path)
+            disk.make_cold(path)
+            cold = disk.sequential_read_speed(path)
+            cached = disk.make_cold(path)
             m = run_measured([sys.executable, "-c", CHILD, way, str(path)])
             if m.exit_code != 0:
                 raise SystemExit(f"{way} failed: {m.stderr[-2000:]}")

@@ -69,7 +69,7 @@ def host_to_device_bandwidth() -> float:
 def main() -> None:
     import torch
 
-    from sparsemap import pages
+    from sparsemap.bench import disk
     from sparsemap.bench.measure import run_measured
     from sparsemap.bench.runner import machine
     from sparsemap.bench.synthetic import generate
@@ -88,13 +88,13 @@ def main() -> None:
         ways.append("fastsafetensors")
     rounds = []
     for r in range(args.repeat):
-        pages.make_cold(path)
-        disk = pages.sequential_read_speed(path)
+        disk.make_cold(path)
+        read_speed = disk.sequential_read_speed(path)
         h2d = host_to_device_bandwidth()
-        limit = min(disk, h2d)
-        row = {"disk_bytes_per_s": disk, "h2d_bytes_per_s": h2d, "runs": {}}
+        limit = min(read_speed, h2d)
+        row = {"disk_bytes_per_s": read_speed, "h2d_bytes_per_s": h2d, "runs": {}}
         for way in ways:
-            pages.make_cold(pt if way.startswith("torch") else path)
+            disk.make_cold(pt if way.startswith("torch") else path)
             m = run_measured([sys.executable, "-c", CHILD, way, str(path), str(pt), str(args.readers)])
             if m.exit_code != 0:
                 row["runs"][way] = {"error": m.stderr[-1000:]}
@@ -104,7 +104,7 @@ def main() -> None:
                        vs_limit=out["nbytes"] / out["seconds"] / limit)
             row["runs"][way] = out
             print(f"round {r + 1}: {way:24s} {out['seconds']:.2f} s {out['gb_per_s']:.2f} GB/s "
-                  f"= {out['vs_limit']:.2f} x min(disk {disk / 1e9:.2f}, h2d {h2d / 1e9:.2f} GB/s); "
+                  f"= {out['vs_limit']:.2f} x min(disk {read_speed / 1e9:.2f}, h2d {h2d / 1e9:.2f} GB/s); "
                   f"peak host anon {m.peak_anon / 2**20:.0f} MiB", file=sys.stderr)
         rounds.append(row)
     medians = {w: {k: statistics.median(r["runs"][w][k] for r in rounds if k in r["runs"][w])

@@ -29,9 +29,9 @@ TARGET = WORK / "input"
 def test_one_input(data: bytes) -> None:
     TARGET.write_bytes(data)
     try:
-        catalog = sparsemap.open(TARGET)
-        for name in catalog:
-            catalog.tensor(name)
+        ckpt = sparsemap.Checkpoint(TARGET)
+        for name in ckpt:
+            ckpt.tensor(name)
     except BadInputError:
         pass
 

@@ -38,16 +38,16 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 def assert_converted(dst: Path, want: dict[str, torch.Tensor]) -> sparsemap.Catalog:
     """``dst`` opens with exactly ``want``'s names, each bit-identical, every tensor on a page."""
-    cat = sparsemap.open(dst)
-    assert set(cat) == set(want)
+    ckpt = sparsemap.Checkpoint(dst)
+    assert set(ckpt) == set(want)
     for name, t in want.items():
-        got = cat.tensor(name)
+        got = ckpt.tensor(name)
         assert got.dtype == t.dtype and got.shape == t.shape, name
         assert torch.equal(as_bytes(got), as_bytes(t)), name
-    for name in cat:
-        if cat[name].nbytes and cat[name].strides is None:
-            assert cat[name].offset % 4096 == 0, name
-    return cat
+    for name in ckpt:
+        if ckpt.catalog[name].nbytes and ckpt.catalog[name].strides is None:
+            assert ckpt.catalog[name].offset % 4096 == 0, name
+    return ckpt
 
 
 def assert_summary(summary: ConvertSummary, dst: Path, n_tensors: int) -> None:
@@ -83,7 +83,7 @@ def test_convert_safetensors(tmp_path: Path) -> None:
     cat = assert_converted(dst, load_file(str(src)))
     assert_summary(summary, dst, len(tensors))
     assert summary.source == str(src)
-    assert cat.metadata["note"] == "kept"  # the source's own metadata strings travel
+    assert cat.catalog.metadata["note"] == "kept"  # the source's own metadata strings travel
 
 
 def test_convert_torch_pt_with_views_and_ties(tmp_path: Path) -> None:
@@ -119,7 +119,7 @@ def test_convert_sharded_folder(tmp_path: Path) -> None:
     summary = convert(folder, dst, layout=Layout(pad_rows=("*embed_tokens*",), transpose=("*down_proj*",)))
     cat = assert_converted(dst, want)
     assert_summary(summary, dst, len(want))
-    assert cat["model.embed_tokens.weight"].offset % 4096 == 0
+    assert cat.catalog["model.embed_tokens.weight"].offset % 4096 == 0
     # And the model still computes the same thing from the converted file.
     ids = torch.tensor([[1, 5, 9, 3]])
     loaded = sparsemap.load(lambda: LlamaForCausalLM(tiny_llama_config()), dst)
@@ -153,8 +153,8 @@ def test_convert_gguf_dequantizes(tmp_path: Path) -> None:
     assert not torch.equal(want["q8"], want["plain"])  # quantization is lossy: this checks the decoder
     cat = assert_converted(dst, want)
     assert_summary(summary, dst, 3)
-    assert cat["q8"].encoding is None and cat["q8"].dtype == "F32"  # a plain tensor now: mappable
-    assert cat.metadata["sparsemap.source_format"] == "gguf"
+    assert cat.catalog["q8"].encoding is None and cat.catalog["q8"].dtype == "F32"  # a plain tensor now: mappable
+    assert cat.catalog.metadata["sparsemap.source_format"] == "gguf"
 
 
 def test_convert_with_a_dtype_cast_and_bundles(tmp_path: Path) -> None:
@@ -204,9 +204,9 @@ def test_convert_keeps_anonymous_memory_bounded(tmp_path: Path) -> None:
         limit = max(sizes.values()) + 64 * MiB
         assert growth < limit, f"peak anonymous growth {growth / MiB:.0f} MiB, limit {limit / MiB:.0f} MiB"
         assert summary.tensors == 8 and summary.file_nbytes == dst.stat().st_size
-        a, b = sparsemap.open(src), sparsemap.open(dst)
+        a, b = sparsemap.Checkpoint(src), sparsemap.Checkpoint(dst)
         for name in sizes:
-            assert b[name].offset % 4096 == 0
+            assert b.catalog[name].offset % 4096 == 0
             assert torch.equal(a.tensor(name).view(torch.int32), b.tensor(name).view(torch.int32)), name
     finally:
         for p in (src, dst):
@@ -219,13 +219,13 @@ def test_existing_destination_is_replaced_atomically(tmp_path: Path) -> None:
     dst = tmp_path / "model.safetensors"
     old_values, new_values = torch.full((64, 64), 1.0), torch.full((64, 64), 2.0)
     sparsemap.save({"w": old_values}, dst)
-    held = sparsemap.open(dst).tensor("w")  # a reader that has the old file mapped
+    held = sparsemap.Checkpoint(dst).tensor("w")  # a reader that has the old file mapped
     assert torch.equal(held, old_values)
     src = tmp_path / "new.safetensors"
     save_file({"w": new_values}, str(src))
     convert(src, dst)
     assert torch.equal(held, old_values)  # still the old inode's bytes
-    assert torch.equal(sparsemap.open(dst).tensor("w"), new_values)
+    assert torch.equal(sparsemap.Checkpoint(dst).tensor("w"), new_values)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "new.safetensors"]
 
 
@@ -249,7 +249,7 @@ def test_cli_convert_prints_the_summary(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert f"wrote {dst}: 2 tensors" in result.output and "MB/s" in result.output
     cat = assert_converted(dst, load_file(str(src)))
-    assert cat["emb"].offset % (16 << 10) == 0 and cat["emb"].strides == (32, 1)
+    assert cat.catalog["emb"].offset % (16 << 10) == 0 and cat.catalog["emb"].strides == (32, 1)
     with safe_open(str(dst), framework="pt") as f:
         assert "emb@rows" in set(f.keys())
 

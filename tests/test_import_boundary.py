@@ -1,7 +1,17 @@
-"""The import boundary: parsing and validation never import torch.
+"""The import boundary and the pipeline's direction.
 
 Catalogs are built on machines that may not be able to afford torch (or the
-model); only :mod:`sparsemap.mapped` and what uses it may import it.
+model): parsing and validation never import torch, and neither do the CLI's
+entry, the measurement helpers or the model plumbing that runs before torch
+is needed. Inside the package, imports point down the pipeline only (format
+description, then mapping, then loading / writing / rows / streaming, then
+models, then bench and CLI), lazy imports in functions included, so no cycle
+can come back (the catalog once imported the mapper lazily, and the mapper
+the catalog).
+
+Every ``import`` and ``from ... import`` is read from the source with
+:mod:`ast`; relative imports (``from ..mapped import Mapper``) are resolved
+to the module they name.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ import json
 import struct
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -18,30 +29,86 @@ import pytest
 import sparsemap
 
 SRC = Path(sparsemap.__file__).resolve().parent
-TORCH_FREE = sorted(SRC.glob("formats/*.py")) + [SRC / p for p in (
-    "errors.py", "__init__.py", "pages.py", "memory.py", "cgroup.py", "cli.py", "models/assets.py",
-    "models/gguf_llama.py", "models/smollm2.py", "models/generate.py", "models/minilm.py", "bench/measure.py")]
+PACKAGE = "sparsemap"
+
+# Modules whose import must not import torch, directly or through the package.
+TORCH_FREE = (
+    "sparsemap", "sparsemap.errors", "sparsemap.units", "sparsemap.pages", "sparsemap.memory",
+    "sparsemap.durable", "sparsemap.cli", "sparsemap.formats.*", "sparsemap.models", "sparsemap.models.assets",
+    "sparsemap.models.gguf_llama", "sparsemap.models.smollm2", "sparsemap.models.generate",
+    "sparsemap.models.minilm", "sparsemap.models.demo", "sparsemap.bench", "sparsemap.bench.measure",
+    "sparsemap.bench.cgroup", "sparsemap.bench.disk", "sparsemap.bench.report", "sparsemap.bench.runner",
+)
+
+# The pipeline, bottom up. A module may import from its own layer or a lower one, never a higher one.
+LAYERS = (
+    ("sparsemap.errors", "sparsemap.units", "sparsemap.memory"),
+    ("sparsemap.formats.*", "sparsemap.formats"),
+    ("sparsemap.pages", "sparsemap.durable"),
+    ("sparsemap.mapped",),
+    ("sparsemap.checkpoint",),
+    ("sparsemap.loader", "sparsemap.writer", "sparsemap.converter", "sparsemap.sparse_rows", "sparsemap.stream",
+     "sparsemap.lifecycle"),
+    ("sparsemap.models.*", "sparsemap.models"),
+    ("sparsemap.bench.*", "sparsemap.bench"),
+    ("sparsemap.cli", "sparsemap"),
+)
 
 
-def _top_level_imports(tree: ast.Module) -> list[tuple[int, str]]:
-    """``(line, module)`` of every import that runs when the module is imported.
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
 
-    Walks module-level statements and the blocks they open (if/try/with), but
-    not function or class bodies (lazy imports are the point) nor
-    ``if TYPE_CHECKING:`` blocks.
+
+MODULES = {module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+
+
+def matches(name: str, pattern: str) -> bool:
+    return name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
+
+
+def layer_of(name: str) -> int:
+    for rank, patterns in enumerate(LAYERS):
+        if any(matches(name, p) for p in patterns):
+            return rank
+    raise AssertionError(f"{name} is in no layer of LAYERS: add it where it belongs in the pipeline")
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return ast.unparse(test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+
+
+def imports(tree: ast.Module, module: str, *, lazy: bool) -> list[tuple[int, str]]:
+    """``(line, absolute module)`` of the imports in ``tree``, relative ones resolved.
+
+    ``lazy=False``: only those that run when the module is imported (module
+    level and the blocks it opens: if/try/with/for). ``lazy=True``: function
+    and class bodies too. ``if TYPE_CHECKING:`` blocks never count.
+    ``from pkg import name`` counts as ``pkg.name`` when that is a module.
     """
+    is_package = MODULES.get(module, Path()).name == "__init__.py"
+    base = module.split(".") if is_package else module.split(".")[:-1]
     found: list[tuple[int, str]] = []
+
+    def resolve(node: ast.ImportFrom) -> str:
+        if node.level == 0:
+            return node.module or ""
+        anchor = base[: len(base) - (node.level - 1)]
+        return ".".join(anchor + ([node.module] if node.module else []))
 
     def visit(stmts: list[ast.stmt]) -> None:
         for node in stmts:
             if isinstance(node, ast.Import):
                 found.extend((node.lineno, a.name) for a in node.names)
             elif isinstance(node, ast.ImportFrom):
-                if node.level == 0 and node.module:
-                    found.append((node.lineno, node.module))
+                target = resolve(node)
+                for alias in node.names:
+                    sub = f"{target}.{alias.name}"
+                    found.append((node.lineno, sub if sub in MODULES else target))
             elif isinstance(node, ast.If):
-                test = ast.unparse(node.test)
-                if test not in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+                if not _is_type_checking(node.test):
                     visit(node.body)
                 visit(node.orelse)
             elif isinstance(node, ast.Try):
@@ -52,25 +119,70 @@ def _top_level_imports(tree: ast.Module) -> list[tuple[int, str]]:
                 visit(node.finalbody)
             elif isinstance(node, ast.With | ast.For | ast.While):
                 visit(node.body)
+            elif lazy and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                visit(node.body)
 
     visit(tree.body)
     return found
 
 
-def test_the_walker_sees_top_level_torch_imports() -> None:
-    source = ("import os\nimport torch.nn as nn\nfrom torch import Tensor\n"
+@cache
+def parsed(module: str) -> ast.Module:
+    return ast.parse(MODULES[module].read_text(), filename=str(MODULES[module]))
+
+
+def package_parents(name: str) -> list[str]:
+    """Importing ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__`` first."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in MODULES]
+
+
+def eager_closure(module: str) -> dict[str, list[str]]:
+    """Every module importing ``module`` runs, with the chain of imports that reaches it."""
+    chains = {module: [module]}
+    todo = [module]
+    while todo:
+        current = todo.pop()
+        targets = [t for _, t in imports(parsed(current), current, lazy=False)] if current in MODULES else []
+        for target in targets:
+            for step in (*package_parents(target), target):
+                if step not in chains:
+                    chains[step] = [*chains[current], step]
+                    if step in MODULES:
+                        todo.append(step)
+    return chains
+
+
+# ---------------------------------------------------------------- the walker itself
+
+def test_the_walker_resolves_relative_and_lazy_imports() -> None:
+    source = ("import os\nimport torch.nn as nn\nfrom torch import Tensor\nfrom .. import errors\n"
+              "from .dtypes import ITEMSIZE\nfrom ..mapped import map_file\n"
               "if TYPE_CHECKING:\n    import torch\n"
-              "def f():\n    import torch\n"
+              "def f():\n    import torch\n    from ..checkpoint import Checkpoint\n"
               "try:\n    import torch\nexcept ImportError:\n    pass\n")
-    modules = [m for _, m in _top_level_imports(ast.parse(source))]
-    assert modules == ["os", "torch.nn", "torch", "torch"]
+    tree = ast.parse(source)
+    eager = [m for _, m in imports(tree, "sparsemap.formats.catalog", lazy=False)]
+    assert eager == ["os", "torch.nn", "torch", "sparsemap.errors", "sparsemap.formats.dtypes", "sparsemap.mapped",
+                     "torch"]
+    every = [m for _, m in imports(tree, "sparsemap.formats.catalog", lazy=True)]
+    assert "sparsemap.checkpoint" in every and "sparsemap.checkpoint" not in eager
+    # In a package's __init__, "." is the package itself.
+    assert [m for _, m in imports(ast.parse("from .catalog import Catalog\n"), "sparsemap.formats", lazy=False)] \
+        == ["sparsemap.formats.catalog"]
 
 
-@pytest.mark.parametrize("path", TORCH_FREE, ids=[str(p.relative_to(SRC)) for p in TORCH_FREE])
-def test_no_top_level_torch_import(path: Path) -> None:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    bad = [(line, m) for line, m in _top_level_imports(tree) if m == "torch" or m.startswith("torch.")]
-    assert not bad, f"{path.relative_to(SRC)} imports torch at module level: {bad}"
+# ---------------------------------------------------------------- torch stays out
+
+def torch_free_modules() -> list[str]:
+    return [m for m in MODULES if any(matches(m, p) for p in TORCH_FREE)]
+
+
+@pytest.mark.parametrize("module", torch_free_modules())
+def test_importing_does_not_reach_torch(module: str) -> None:
+    chains = eager_closure(module)
+    leaks = [" -> ".join(chain) for name, chain in chains.items() if name == "torch" or name.startswith("torch.")]
+    assert not leaks, f"importing {module} imports torch: {leaks[0]}"
 
 
 def test_opening_checkpoints_does_not_import_torch(tmp_path: Path) -> None:
@@ -83,11 +195,10 @@ def test_opening_checkpoints_does_not_import_torch(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     pt = tmp_path / "m.pt"
     torch.save({"model": {"w": torch.ones(3, 2).t()}, "epoch": 1}, pt)
+    modules = ", ".join(sorted(m for m in MODULES if matches(m, "sparsemap.formats.*")))
     code = (
         "import sys\n"
-        "import sparsemap, sparsemap.errors, sparsemap.formats.safetensors, sparsemap.formats.catalog, "
-        "sparsemap.formats.torchzip, sparsemap.formats.sharded, sparsemap.formats.resolve, "
-        "sparsemap.formats.gguf, sparsemap.formats.dtypes\n"
+        f"import sparsemap, sparsemap.errors, {modules}\n"
         f"cat = sparsemap.open({str(path)!r})\n"
         "assert cat['w'].shape == (2, 2) and cat.metadata == {'format': 'pt'}, cat\n"
         "cat.summary()\n"
@@ -102,6 +213,66 @@ def test_opening_checkpoints_does_not_import_torch(tmp_path: Path) -> None:
     assert out.stdout.strip() == "ok"
 
 
+def test_import_sparsemap_loads_no_parser_it_may_not_need() -> None:
+    """``import sparsemap`` stays cheap: the format readers load on first use."""
+    code = ("import sys, sparsemap\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('sparsemap', 'gguf', 'zipfile', 'pickle', "
+            "'numpy'))))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    loaded = set(eval(out.stdout))  # a list literal printed by the child
+    assert not loaded & {"sparsemap.formats.torchzip", "sparsemap.formats.gguf", "sparsemap.formats.safetensors",
+                         "gguf", "zipfile", "numpy"}, sorted(loaded)
+
+
+# ---------------------------------------------------------------- the pipeline's direction
+
+def package_edges(*, lazy: bool) -> list[tuple[str, int, str]]:
+    """``(importer, line, imported)`` for every import of one package module by another."""
+    edges = []
+    for module in MODULES:
+        for line, target in imports(parsed(module), module, lazy=lazy):
+            if target == PACKAGE or target.startswith(PACKAGE + "."):
+                while target not in MODULES:  # from pkg.mod import name: the module is pkg.mod
+                    target = target.rpartition(".")[0]
+                if target != module:
+                    edges.append((module, line, target))
+    return edges
+
+
+def test_imports_point_down_the_pipeline_lazy_ones_included() -> None:
+    upward = [f"{src}:{line} imports {dst} (layer {layer_of(src)} -> {layer_of(dst)})"
+              for src, line, dst in package_edges(lazy=True)
+              if layer_of(dst) > layer_of(src) and src != PACKAGE]  # the root re-exports, lazily
+    assert not upward, "\n".join(upward)
+
+
+def test_the_format_layer_imports_nothing_above_it() -> None:
+    outside = [f"{src}:{line} imports {dst}" for src, line, dst in package_edges(lazy=True)
+               if matches(src, "sparsemap.formats.*") and layer_of(dst) > layer_of(src)]
+    assert not outside, "\n".join(outside)
+
+
+def test_no_import_cycles() -> None:
+    graph: dict[str, set[str]] = {m: set() for m in MODULES}
+    for src, _, dst in package_edges(lazy=True):
+        if src != PACKAGE:  # the package root re-exports; its lazy names are strings, not imports
+            graph[src].add(dst)
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt):] + [nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
 
 def test_public_functions_are_not_shadowed_by_submodules():
     """Importing a submodule binds its name in the package: no public function may share one."""
@@ -112,8 +283,5 @@ def test_public_functions_are_not_shadowed_by_submodules():
             "'skeleton', 'load_state_dict'):\n"
             "    assert callable(getattr(sparsemap, name)) and not isinstance(getattr(sparsemap, name), "
             "type(sparsemap)), name\n")
-    import subprocess
-    import sys
-
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

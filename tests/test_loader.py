@@ -14,7 +14,6 @@ from sparsemap.errors import (
     UnexpectedKeysError,
     UninitializedTensorError,
 )
-from sparsemap.mapped import is_view_of_file
 
 from .conftest import tiny_llama_config
 
@@ -32,10 +31,10 @@ def test_loaded_model_computes_what_transformers_computes(tiny_llama):
 
 def test_weights_are_zero_copy_views_of_the_file(tiny_llama):
     _, folder = tiny_llama
-    cat = sparsemap.open(folder)
-    model = sparsemap.load(lambda: LlamaForCausalLM(tiny_llama_config()), cat)
+    ckpt = sparsemap.Checkpoint(folder)
+    model = sparsemap.load(lambda: LlamaForCausalLM(tiny_llama_config()), ckpt)
     params = dict(model.named_parameters())
-    assert params and all(is_view_of_file(p, cat.mapper) for p in params.values())
+    assert params and all(ckpt.owns(p) for p in params.values())
     # The rotary inv_freq buffer is computed at construction, never saved: it must be real.
     assert all(b.device.type == "cpu" for b in model.buffers())
 
@@ -120,13 +119,13 @@ def test_strict_false_leaves_missing_on_meta_with_a_warning(tmp_path):
 def test_skip_never_touches_the_skipped_tensors(tiny_llama, monkeypatch):
     _, folder = tiny_llama
     served = []
-    original = sparsemap.mapped.Mapper.tensor
+    original = sparsemap.Checkpoint._serve
 
     def spy(self, entry, **kwargs):
         served.append(entry.name)
         return original(self, entry, **kwargs)
 
-    monkeypatch.setattr(sparsemap.mapped.Mapper, "tensor", spy)
+    monkeypatch.setattr(sparsemap.Checkpoint, "_serve", spy)
     model = sparsemap.load(lambda: LlamaForCausalLM(tiny_llama_config()), folder, skip=["lm_head.*"])
     assert "lm_head.weight" not in served and "model.embed_tokens.weight" in served
     assert model.lm_head.weight.is_meta

@@ -1,12 +1,9 @@
-"""sparsemap.mapped: one copy-on-write mapping per file, zero-copy views, and their lifetime."""
+"""sparsemap.mapped: a file mapping owns its descriptor and its tensors' row state, for its lifetime."""
 
 from __future__ import annotations
 
 import gc
-import json
 import os
-import struct
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,187 +12,60 @@ from safetensors.torch import save_file
 
 import sparsemap
 from sparsemap import errors
-from sparsemap.mapped import Mapper, is_view_of_file
-
-
-def st_file(path: Path, header: dict, data: bytes) -> Path:
-    """A safetensors file from a header dict, padded with spaces so the data section is 8-aligned."""
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-(8 + len(text)) % 8)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
-    return path
+from sparsemap.formats.catalog import FileStamp
+from sparsemap.mapped import DTYPE_NAMES, LIVE_MAPPINGS, TORCH_DTYPES, map_file, mapping_of, release_pages
 
 
 @pytest.fixture
 def model_file(tmp_path: Path) -> Path:
-    gen = torch.Generator().manual_seed(0)
-    tensors = {
-        "embed": torch.randn(64, 16, generator=gen),
-        "bias": torch.randn(16, generator=gen).half(),
-        "ids": torch.arange(10, dtype=torch.int64),
-        "flag": torch.tensor([True, False, True]),
-        "scalar": torch.tensor(1.25, dtype=torch.float64),
-    }
-    path = tmp_path / "model.safetensors"
-    save_file(tensors, str(path))
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(4096, dtype=torch.float32).reshape(4, 1024), "b": torch.ones(3)}, str(path))
     return path
 
 
-def maps_of(path: Path) -> list[str]:
-    """Lines of /proc/self/maps that map ``path``."""
-    with open("/proc/self/maps") as f:
-        return [line for line in f if line.rstrip().endswith(str(path))]
+def test_the_torch_dtype_table_derives_from_the_format_table() -> None:
+    from sparsemap.formats.dtypes import ITEMSIZE, TORCH_NAMES
+
+    assert set(TORCH_NAMES) == set(ITEMSIZE)
+    for name, dtype in TORCH_DTYPES.items():
+        assert dtype.itemsize == ITEMSIZE[name] and DTYPE_NAMES[dtype] == name
 
 
-# ---------------------------------------------------------------- one mapping, zero-copy views
-
-def test_tensors_of_one_file_share_one_mapping(model_file: Path) -> None:
-    cat = sparsemap.open(model_file)
-    assert cat.mapper.mapped_ranges() == {}  # nothing is mapped before the first tensor
-    views = {name: cat.tensor(name) for name in cat}
-    ranges = cat.mapper.mapped_ranges()
-    assert list(ranges) == [str(model_file)]
-    base, nbytes = ranges[str(model_file)]
-    assert nbytes == model_file.stat().st_size
-    for name, t in views.items():
-        assert base <= t.data_ptr() < base + nbytes
-        assert t.data_ptr() - base == cat[name].offset  # exactly where the header says
-        assert is_view_of_file(t, cat.mapper)
-    # Asking again maps nothing new and serves the same bytes.
-    assert cat.tensor("embed").data_ptr() == views["embed"].data_ptr()
-    assert cat.mapper.mapped_ranges() == ranges
+def test_map_file_refuses_a_file_that_is_not_the_version_parsed(model_file: Path) -> None:
+    stamp = FileStamp.of(str(model_file))
+    os.utime(model_file, ns=(stamp.mtime_ns + 10**9, stamp.mtime_ns + 10**9))
+    with pytest.raises(errors.FileChangedError, match="changed since its header was read"):
+        map_file(str(model_file), 0, stamp)
 
 
-def test_one_mapping_per_file_of_a_sharded_catalog(tmp_path: Path) -> None:
-    save_file({"a": torch.ones(8), "b": torch.zeros(4)}, str(tmp_path / "s1.safetensors"))
-    save_file({"c": torch.full((3,), 2.0)}, str(tmp_path / "s2.safetensors"))
-    index = {"metadata": {}, "weight_map": {"a": "s1.safetensors", "b": "s1.safetensors",
-                                            "c": "s2.safetensors"}}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    cat = sparsemap.open(tmp_path)
-    views = {name: cat.tensor(name) for name in cat}
-    ranges = cat.mapper.mapped_ranges()
-    assert set(ranges) == {str(tmp_path / "s1.safetensors"), str(tmp_path / "s2.safetensors")}
-    for name, t in views.items():
-        base, nbytes = ranges[cat[name].file]
-        assert base <= t.data_ptr() < base + nbytes
+def test_mapping_of_finds_the_mapping_of_any_view_and_only_of_views(model_file: Path) -> None:
+    t = sparsemap.Checkpoint(model_file).tensor("w")
+    mm = mapping_of(t)
+    assert mm.path == str(model_file) and mm.address <= t.data_ptr() < mm.end
+    assert mapping_of(t[2:]) is mm and mapping_of(t.t()) is mm
+    with pytest.raises(errors.NotMappedError, match="not a view of a file mapped by sparsemap"):
+        mapping_of(t.clone(), "w")
 
 
-def test_concurrent_first_use_maps_once(model_file: Path) -> None:
-    cat = sparsemap.open(model_file)
-    with ThreadPoolExecutor(8) as pool:
-        ptrs = list(pool.map(lambda _: cat.tensor("embed").data_ptr(), range(32)))
-    assert len(set(ptrs)) == 1
-    assert len(cat.mapper.mapped_ranges()) == 1
-
-
-def test_copies_are_not_views(model_file: Path) -> None:
-    cat = sparsemap.open(model_file)
-    t = cat.tensor("embed")
-    assert is_view_of_file(t, cat.mapper)
-    assert not is_view_of_file(t.clone(), cat.mapper)
-    assert not is_view_of_file(t, Mapper(sparsemap.open(model_file)))  # another mapper's mappings
-
-
-def test_empty_tensor_needs_no_mapping(tmp_path: Path) -> None:
-    path = tmp_path / "e.safetensors"
-    save_file({"e": torch.zeros(0, 4)}, str(path))
-    cat = sparsemap.open(path)
-    assert cat.tensor("e").shape == (0, 4)
-    assert cat.mapper.mapped_ranges() == {}
-
-
-# ---------------------------------------------------------------- copy-on-write
-
-def test_writing_into_a_view_does_not_change_the_file(model_file: Path) -> None:
-    before = model_file.read_bytes()
-    cat = sparsemap.open(model_file)
-    t = cat.tensor("embed")
-    original = t.clone()
-    t.fill_(42.0)
-    cat.tensor("ids")[3] = -7
-    assert torch.all(t == 42.0)
-    assert cat.tensor("embed").data_ptr() == t.data_ptr()
-    # The file, and a fresh reader of it, still see the original bytes.
-    assert model_file.read_bytes() == before
-    fresh = sparsemap.open(model_file)
-    assert torch.equal(fresh.tensor("embed"), original)
-    assert fresh.tensor("ids").tolist() == list(range(10))
-    del cat, t
+def test_row_state_lives_on_the_mapping_and_goes_with_it(tmp_path: Path) -> None:
+    path = tmp_path / "padded.safetensors"
+    sparsemap.save({"emb": torch.ones(8, 100)}, path, layout=sparsemap.Layout(pad_rows=("emb",)))
+    t = sparsemap.Checkpoint(path).tensor("emb")
+    mm = mapping_of(t)
+    assert mm.row_span(t) == t.stride(0) * 4  # each padded row owns its whole 512-byte slot
+    assert mm.row_span(t[:4]) is None  # a view of other rows is another key
+    ctl = sparsemap.rows(t)
+    assert list(mm.row_controllers.values()) == [ctl]
+    address = mm.address
+    del t, ctl, mm
     gc.collect()
-    assert model_file.read_bytes() == before
+    assert LIVE_MAPPINGS.containing(address, address + 1) is None  # the index held it weakly
 
 
-# ---------------------------------------------------------------- truncation
-
-@pytest.mark.parametrize("cut", [4, 200, None])
-def test_file_truncated_after_open_raises_instead_of_sigbus(model_file: Path, cut: int | None) -> None:
-    cat = sparsemap.open(model_file)
-    size = model_file.stat().st_size
-    new_size = 0 if cut is None else size - cut
-    os.truncate(model_file, new_size)
-    with pytest.raises(errors.FileChangedError) as info:  # the version parsed is not the one there now
-        cat.tensor("embed")
-    message = str(info.value)
-    assert str(model_file) in message
-    assert f"size {size} -> {new_size} bytes" in message
-
-
-def test_file_too_short_for_its_header_when_mapped(model_file: Path) -> None:
-    """Without a stamp (a catalog built by hand), the size check still refuses a short file."""
-    from sparsemap.mapped import map_file
-
-    size = model_file.stat().st_size
-    os.truncate(model_file, size - 4)
-    with pytest.raises(errors.TruncatedFileError, match=f"file is {size - 4} bytes but its tensors need {size}"):
-        map_file(str(model_file), size)
-
-
-# ---------------------------------------------------------------- misaligned data
-
-def test_misaligned_tensor_is_served_as_a_correct_copy(tmp_path: Path) -> None:
-    # One byte of U8, then F32 at data offset 1: unaligned for its 4-byte elements.
-    values = [1.5, -2.25, 2.0**40, float("inf")]  # exact in float32
-    header = {"byte": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
-              "f": {"dtype": "F32", "shape": [2, 2], "data_offsets": [1, 17]}}
-    path = st_file(tmp_path / "odd.safetensors", header, b"\x07" + struct.pack("<4f", *values))
-    cat = sparsemap.open(path)
-    assert cat["f"].offset % 8 == 1
-    assert not cat["f"].zero_copy and cat["byte"].zero_copy
-
-    f = cat.tensor("f")
-    assert f.dtype == torch.float32 and f.shape == (2, 2)
-    assert f.reshape(-1).tolist() == values
-    assert f.data_ptr() % 4 == 0
-    assert not is_view_of_file(f, cat.mapper)
-    assert (f * 2).reshape(-1).tolist() == [v * 2 for v in values]  # usable by kernels
-
-    b = cat.tensor("byte")
-    assert b.tolist() == [7] and is_view_of_file(b, cat.mapper)
-
-
-# ---------------------------------------------------------------- lifetime
-
-def test_view_outlives_its_catalog(model_file: Path) -> None:
-    cat = sparsemap.open(model_file)
-    t = cat.tensor("embed")
+def test_release_pages_leaves_anonymous_memory_alone(model_file: Path) -> None:
+    copy = torch.ones(4096 * 4)
+    assert release_pages(copy) == 0 and bool((copy == 1).all())  # MADV_DONTNEED would have zeroed it
+    t = sparsemap.Checkpoint(model_file).tensor("w")
     want = t.clone()
-    del cat
-    gc.collect()
-    churn = [torch.randn(256, 256) for _ in range(16)]  # reuse freed memory, if any was freed
-    assert torch.equal(t, want)
-    assert float(t.sum()) == float(want.sum())
-    del churn
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
-def test_mapping_is_released_with_the_last_view(model_file: Path) -> None:
-    cat = sparsemap.open(model_file)
-    t = cat.tensor("embed")
-    assert len(maps_of(model_file)) >= 1
-    del cat
-    gc.collect()
-    assert len(maps_of(model_file)) >= 1  # the view keeps it
-    del t
-    gc.collect()
-    assert maps_of(model_file) == []
+    release_pages(t)
+    assert torch.equal(t, want)  # faulted back from the file

@@ -72,7 +72,7 @@ def touch(t: torch.Tensor) -> None:
 def saved(path: Path, n_rows: int, n_cols: int, *, padded: bool = False, base: int = ONE) -> torch.Tensor:
     layout = sparsemap.Layout(pad_rows=("emb",)) if padded else None
     sparsemap.save({"emb": pattern_f32(n_rows, n_cols, base)}, path, layout=layout)
-    return sparsemap.open(path).tensor("emb")
+    return sparsemap.Checkpoint(path).tensor("emb")
 
 
 # ---------------------------------------------------------------- the acceptance test
@@ -87,7 +87,7 @@ def test_mask_and_evict_90_percent_of_a_512_mib_embedding(tmp_path: Path) -> Non
     del src
     gc.collect()
     try:
-        t = sparsemap.open(path).tensor("emb")
+        t = sparsemap.Checkpoint(path).tensor("emb")
         assert t.data_ptr() % PAGE_SIZE == 0 and t.shape == (n_rows, n_cols)
         # The pattern is what safetensors itself reads from the file (spot check, first and last rows).
         with safe_open(str(path), framework="pt") as f:
@@ -191,7 +191,7 @@ def test_rows_of_two_pages_each_free_exactly_their_pages(tmp_path: Path) -> None
 def test_rows_of_an_nd_tensor(tmp_path: Path) -> None:
     # Row-major N-D: the first dimension indexes rows of 4 x 512 float32 (8 KiB).
     sparsemap.save({"w": pattern_f32(64, 2048).view(64, 4, 512)}, tmp_path / "nd.safetensors")
-    t = sparsemap.open(tmp_path / "nd.safetensors").tensor("w")
+    t = sparsemap.Checkpoint(tmp_path / "nd.safetensors").tensor("w")
     ctl = sparsemap.rows(t)
     assert ctl.mask([1, 5, 63]) == 6
     check_rows(t.view(64, 2048), bool_rows(64, [1, 5, 63]))
@@ -289,10 +289,10 @@ def test_neighbouring_tensors_on_one_page_never_change_each_other(tmp_path: Path
     a_shape, b_shape, a_base, b_base = (30, 1500), (20, 1500), ONE, ONE + (1 << 24)
     save_file({"a": pattern_f32(*a_shape, a_base), "b": pattern_f32(*b_shape, b_base)}, str(path))
     file_bytes = path.read_bytes()
-    cat = sparsemap.open(path)
-    assert cat["b"].offset == cat["a"].end and cat["a"].offset % PAGE_SIZE != 0
-    assert cat["a"].end // PAGE_SIZE == cat["b"].offset // PAGE_SIZE  # one page holds both
-    a, b = cat.tensor("a"), cat.tensor("b")
+    ckpt = sparsemap.Checkpoint(path)
+    assert ckpt.catalog["b"].offset == ckpt.catalog["a"].end and ckpt.catalog["a"].offset % PAGE_SIZE != 0
+    assert ckpt.catalog["a"].end // PAGE_SIZE == ckpt.catalog["b"].offset // PAGE_SIZE  # one page holds both
+    a, b = ckpt.tensor("a"), ckpt.tensor("b")
     ca, cb = sparsemap.rows(a, name="a"), sparsemap.rows(b, name="b")
     none_a, none_b = np.zeros(a_shape[0], dtype=bool), np.zeros(b_shape[0], dtype=bool)
 
@@ -343,8 +343,8 @@ def test_masking_one_part_of_an_ffn_bundle_never_touches_the_others(tmp_path: Pa
                "l.mlp.down_proj.weight": pattern_f32(hidden, inter, bases["down"])}
     path = tmp_path / "bundle.safetensors"
     sparsemap.save(tensors, path, layout=sparsemap.Layout(bundle_ffn=True))
-    cat = sparsemap.open(path)
-    gate, up, down = (cat.tensor(f"l.mlp.{p}_proj.weight") for p in ("gate", "up", "down"))
+    ckpt = sparsemap.Checkpoint(path)
+    gate, up, down = (ckpt.tensor(f"l.mlp.{p}_proj.weight") for p in ("gate", "up", "down"))
     assert gate.stride(0) == up.stride(0) and gate.stride(0) >= 3 * hidden  # one record per neuron
     with pytest.raises(RowError, match="contiguous"):
         sparsemap.rows(down)  # a neuron of down is a column of the record: not a row view
@@ -524,7 +524,7 @@ def test_a_tensor_on_the_meta_device_or_scalar_is_refused(tmp_path: Path) -> Non
         sparsemap.rows(torch.empty(4, 4, device="meta"))
     sparsemap.save({"s": torch.tensor(1.0), "t": torch.ones(3)}, tmp_path / "s.safetensors")
     with pytest.raises(RowError):
-        sparsemap.rows(sparsemap.open(tmp_path / "s.safetensors").tensor("s"))
+        sparsemap.rows(sparsemap.Checkpoint(tmp_path / "s.safetensors").tensor("s"))
 
 
 @pytest.mark.parametrize(("rows", "want"), [
@@ -553,10 +553,47 @@ def test_row_arguments(tmp_path: Path, rows, want) -> None:
     check_rows(t, np.zeros(64, dtype=bool))
 
 
+def test_row_state_survives_a_controller_nobody_kept(tmp_path: Path) -> None:
+    """Regression: controllers lived in a weak global registry, so rows(t).mask(...) followed by
+    rows(t).restore(...) got a fresh controller that knew of no masked row, and restored nothing."""
+    t = saved(tmp_path / "plain.safetensors", 64, 1024)  # 4 KiB rows: rows 8..15 own whole pages
+    sparsemap.rows(t).mask(range(8, 16))
+    gc.collect()  # nothing but the mapping refers to that controller now
+    check_rows(t, bool_rows(64, range(8, 16)))
+    assert sparsemap.rows(t).masked[8:16].all()
+    assert sparsemap.rows(t).restore(range(8, 16)) == 8  # eight pages mapped back from the file
+    check_rows(t, np.zeros(64, dtype=bool))
+
+
+def test_rows_of_a_checkpoint_tensor_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "plain.safetensors"
+    t = saved(path, 64, 32)
+    ckpt = sparsemap.Checkpoint(path)
+    ctl = sparsemap.rows(ckpt, "emb")
+    assert sparsemap.rows(ckpt.tensor("emb")) is ctl and sparsemap.rows(t) is not ctl  # per mapping
+    ctl.mask([5])
+    check_rows(ckpt.tensor("emb"), bool_rows(64, [5]))
+    with pytest.raises(RowError, match="name the checkpoint's tensor"):
+        sparsemap.rows(ckpt)
+
+
+def test_a_controller_outliving_its_mapping_refuses_instead_of_remapping(tmp_path: Path) -> None:
+    path = tmp_path / "plain.safetensors"
+    t = saved(path, 64, 1024)
+    ctl = sparsemap.rows(t)
+    ctl.mask([1])
+    del t
+    gc.collect()  # the last view is gone: the file is unmapped, its address range is no longer ours
+    for op in (lambda: ctl.restore([1]), lambda: ctl.mask([2]), lambda: ctl.evict([3]),
+               lambda: ctl.prefetch([4]), ctl.residency):
+        with pytest.raises(NotMappedError, match="mapping these rows lived in was released"):
+            op()
+
+
 def test_one_controller_per_tensor(tmp_path: Path) -> None:
     path = tmp_path / "plain.safetensors"
     t = saved(path, 64, 32)
-    again = sparsemap.open(path).tensor("emb")  # another catalog maps the file again: a new tensor
+    again = sparsemap.Checkpoint(path).tensor("emb")  # another catalog maps the file again: a new tensor
     ctl = sparsemap.rows(t)
     assert sparsemap.rows(t) is ctl
     assert sparsemap.rows(t[:]) is ctl  # same rows of the same mapping

@@ -122,14 +122,11 @@ def test_host_anonymous_memory_stays_within_the_ring(tmp_path: Path) -> None:
         with AnonSampler() as sampler:
             tensors, report = stream_tensors(catalog, staging="64M", readers=2, drop_cache=True)
         ok = all(bool((t[0, :8] == __import__("torch").arange(8, dtype=t.dtype)).all()) for t in tensors.values())
-        print(json.dumps({{"growth": sampler.peak - base, "nbytes": report.nbytes, "ok": ok,
-                          "reported": report.host_anon_growth}}))
+        print(json.dumps({{"growth": sampler.peak - base, "nbytes": report.nbytes, "ok": ok}}))
     """, timeout=300)
     assert result["ok"]
     beyond = result["growth"] - result["nbytes"]
     assert beyond <= (64 << 20) + (64 << 20), f"{beyond / 2**20:.0f} MiB beyond the destination"
-    # The report's own figure (sampled between chunks) agrees with the outside sampler's.
-    assert result["nbytes"] <= result["reported"] <= result["growth"] + (8 << 20)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the pinned-buffer GPU path needs one")

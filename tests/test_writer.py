@@ -2,7 +2,9 @@
 
 Round trips compare bit for bit (random bit patterns: NaNs, infinities and
 subnormals included). Layout checks read the raw header, so they do not rely
-on sparsemap's own reader to tell where tensors are.
+on sparsemap's own reader to tell where tensors are. What the planner decides
+(offsets, views, header) is tested without torch in ``tests/formats/test_planner.py``;
+temporary files and writeback in ``tests/test_durable.py``.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 import sparsemap
+from sparsemap.errors import LayoutOptionError
 from sparsemap.formats.layout import LAYOUT_KEY, PAD_PREFIX
-from sparsemap.writer import Layout, LayoutOptionError, Spec, plan, write
+from sparsemap.formats.planner import Layout, Spec, plan
+from sparsemap.mapped import DTYPE_NAMES, TORCH_DTYPES
+from sparsemap.writer import write
 
 from .helpers import random_tensor
 
@@ -62,10 +67,10 @@ def assert_bit_identical(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 def assert_round_trip(path: Path, want: dict[str, torch.Tensor]) -> None:
-    cat = sparsemap.open(path)
-    assert set(cat) == set(want)
+    ckpt = sparsemap.Checkpoint(path)
+    assert set(ckpt) == set(want)
     for name, t in want.items():
-        assert_bit_identical(cat.tensor(name), t)
+        assert_bit_identical(ckpt.tensor(name), t)
 
 
 # ---------------------------------------------------------------- round trips
@@ -212,9 +217,10 @@ def test_special_layouts_round_trip_and_open_in_safetensors(tmp_path: Path) -> N
     cat = sparsemap.open(path)
     assert set(cat) == set(tensors)
     assert_round_trip(path, tensors)
-    mapped = cat.tensor("x.mlp.down_proj.weight")
+    ckpt = sparsemap.Checkpoint(cat)
+    mapped = ckpt.tensor("x.mlp.down_proj.weight")
     assert mapped.stride() == (1, bundle.shape[1])  # a strided view of the bundle, not a copy
-    assert cat.mapper.mapped_ranges()
+    assert ckpt.owns(mapped)
 
 
 def test_pad_rows_geometry(tmp_path: Path) -> None:
@@ -275,11 +281,21 @@ def test_dtype_cast_casts_only_floating_tensors(tmp_path: Path) -> None:
     path = tmp_path / "half.safetensors"
     sparsemap.save(tensors, path, layout=Layout(dtype=torch.float16, pad_rows=("f32",)))
     cat = sparsemap.open(path)
+    ckpt = sparsemap.Checkpoint(cat)
     for name, t in tensors.items():
         want = t.to(torch.float16) if t.is_floating_point() else t
         assert cat[name].dtype == ("F16" if t.is_floating_point() else cat[name].dtype)
-        assert_bit_identical(cat.tensor(name), want)
+        assert_bit_identical(ckpt.tensor(name), want)
     assert cat["ids"].dtype == "I64" and cat["mask"].dtype == "BOOL" and cat["q"].dtype == "I8"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "bfloat16", "BF16"])
+def test_the_cast_dtype_may_be_a_torch_dtype_or_a_name(tmp_path: Path, dtype: object) -> None:
+    tensors = {"w": random_tensor(torch.float32, (4, 8), gen(8)), "ids": torch.arange(3)}
+    sparsemap.save(tensors, tmp_path / "named.safetensors", layout=Layout(dtype="BF16"))
+    sparsemap.save(tensors, tmp_path / "given.safetensors", layout=Layout(dtype=dtype))
+    assert (tmp_path / "given.safetensors").read_bytes() == (tmp_path / "named.safetensors").read_bytes()
+    assert_round_trip(tmp_path / "given.safetensors", {"w": tensors["w"].bfloat16(), "ids": tensors["ids"]})
 
 
 def _ffn(inter: int, hidden: int) -> dict[str, torch.Tensor]:
@@ -315,6 +331,8 @@ def test_refused_inputs_name_the_tensor(tmp_path: Path) -> None:
         sparsemap.save({"m": torch.empty(3, device="meta")}, path)
     with pytest.raises(LayoutOptionError, match="n: not a tensor"):
         sparsemap.save({"n": [1, 2]}, path)  # type: ignore[dict-item]
+    with pytest.raises(LayoutOptionError, match="c: dtype torch.bits8 has no safetensors name"):
+        sparsemap.save({"c": torch.empty(2, dtype=torch.bits8)}, path)
     bad = ffn_dict(gen(7))
     bad["x.mlp.down_proj.weight"] = torch.zeros(10, 23)
     with pytest.raises(LayoutOptionError, match="x.mlp.down_proj.weight has 23 rows"):
@@ -323,14 +341,14 @@ def test_refused_inputs_name_the_tensor(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
-# ---------------------------------------------------------------- atomic writes
+# ---------------------------------------------------------------- a file appears whole or not at all
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
     dest = tmp_path / "model.safetensors"
     sparsemap.save({"old": torch.ones(3)}, dest)
     old_bytes = dest.read_bytes()
     tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(5)}
-    the_plan = plan([Spec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], Layout())
+    the_plan = plan([Spec(n, tuple(t.shape), DTYPE_NAMES[t.dtype]) for n, t in tensors.items()], Layout())
     calls = []
 
     def get(name: str) -> torch.Tensor:
@@ -353,10 +371,10 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> 
 def test_a_reader_holding_the_old_file_keeps_its_values(tmp_path: Path) -> None:
     dest = tmp_path / "model.safetensors"
     sparsemap.save({"w": torch.ones(2048)}, dest)
-    old = sparsemap.open(dest).tensor("w")
+    old = sparsemap.Checkpoint(dest).tensor("w")
     sparsemap.save({"w": torch.full((2048,), 2.0)}, dest)
     assert torch.equal(old, torch.ones(2048))  # a new inode: the old mapping is intact
-    assert torch.equal(sparsemap.open(dest).tensor("w"), torch.full((2048,), 2.0))
+    assert torch.equal(sparsemap.Checkpoint(dest).tensor("w"), torch.full((2048,), 2.0))
 
 
 # ---------------------------------------------------------------- property: any dict, any layout
@@ -403,11 +421,11 @@ def test_any_dict_round_trips_through_any_layout(case: tuple[dict[str, torch.Ten
         path = Path(folder) / "p.safetensors"
         sparsemap.save(tensors, path, layout=layout)
         cast = {n for n, t in tensors.items() if layout.dtype is not None and t.is_floating_point()}
-        want = {n: (t.to(layout.dtype) if n in cast else t) for n, t in tensors.items()}
-        cat = sparsemap.open(path)
-        assert set(cat) == set(want)
+        want = {n: (t.to(TORCH_DTYPES[layout.dtype]) if n in cast else t) for n, t in tensors.items()}
+        ckpt = sparsemap.Checkpoint(path)
+        assert set(ckpt) == set(want)
         for name, t in want.items():
-            got = cat.tensor(name)
+            got = ckpt.tensor(name)
             if name in cast:  # casts may give a NaN another payload; every other value is exact
                 assert got.dtype == t.dtype
                 torch.testing.assert_close(got, t, rtol=0, atol=0, equal_nan=True)
@@ -425,28 +443,3 @@ def test_any_dict_round_trips_through_any_layout(case: tuple[dict[str, torch.Ten
                 assert torch.equal(as_bytes(loaded[name]), as_bytes(want[name]))
         assert os.listdir(folder) == ["p.safetensors"]
 
-
-def test_stale_temporaries_of_dead_writers_are_removed_and_no_others(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    from sparsemap.writer import atomic_write
-
-    stale = tmp_path / ".a.safetensors.4242.abcdabcd.tmp"  # its writer died: nobody holds its lock
-    other_destination = tmp_path / ".a.safetensors.5.4242.abcdabcd.tmp"  # a temporary of "a.safetensors.5"
-    live = tmp_path / ".a.safetensors.33.abcdabcd.tmp"  # a writer elsewhere (another pid namespace) holds it
-    for p in (stale, other_destination, live):
-        p.write_bytes(b"partial")
-    holder = subprocess.Popen([sys.executable, "-c", f"import fcntl, os, sys, time\n"
-                               f"fd = os.open({str(live)!r}, os.O_WRONLY)\nfcntl.lockf(fd, fcntl.LOCK_EX)\n"
-                               "print('locked', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with atomic_write(tmp_path / "a.safetensors") as fd:
-            os.write(fd, b"complete")
-    finally:
-        holder.kill()
-        holder.wait()
-    assert not stale.exists()
-    assert other_destination.exists() and live.exists()
-    assert (tmp_path / "a.safetensors").read_bytes() == b"complete"

@@ -26,6 +26,7 @@ from .formats import open_catalog as open
 __version__ = "0.1.0"
 
 _LAZY = {
+    "Checkpoint": "sparsemap.checkpoint",
     "load": "sparsemap.loader",
     "load_state_dict": "sparsemap.loader",
     "skeleton": "sparsemap.loader",
@@ -44,6 +45,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import memory
+    from .checkpoint import Checkpoint
     from .converter import convert
     from .lifecycle import drop, to_mapped
     from .loader import load, load_state_dict, skeleton
@@ -67,6 +69,6 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["Catalog", "Layout", "RowController", "SparsemapError", "StreamReport", "TensorEntry", "__version__",
+__all__ = ["Catalog", "Checkpoint", "Layout", "RowController", "SparsemapError", "StreamReport", "TensorEntry", "__version__",
            "convert", "drop", "errors", "from_pretrained", "load", "load_state_dict", "memory", "open", "rows", "save",
            "skeleton", "stream_tensors", "to_mapped"]

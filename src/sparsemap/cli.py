@@ -1,4 +1,4 @@
-"""The ``sparsemap`` command line: inspect, load, convert, run, demo.
+"""The ``sparsemap`` command line: inspect, load, convert, run, bench, demo.
 
 Exit codes: 0 ok, 2 bad input (a missing or malformed file, a bad option),
 1 failure (anything else). Errors print one line; ``--debug`` adds the traceback.
@@ -375,22 +375,6 @@ def _parse_limits(text: str | None, model_nbytes: int) -> list[int | None]:
     return out
 
 
-def _bench_table(report: dict[str, Any]) -> Any:
-    from rich.table import Table
-
-    from .bench.runner import COLUMNS, cells
-
-    gb = report["model_nbytes"] / 1e9
-    table = Table(title=f"{Path(report['model']).name}: {gb:.2f} GB, medians of {report['repeat']}; "
-                        f"cold sequential read {report['cold_read_bytes_per_s'] / 1e6:.0f} MB/s")
-    for col in COLUMNS:
-        table.add_column(col, justify="left" if col in ("strategy", "cache", "limit", "note") else "right")
-    for row in report["medians"]:
-        style = None if row["runs"] else ("red" if row["oom_killed"] else "dim")
-        table.add_row(*cells(row), style=style)
-    return table
-
-
 def _bench_folder(model: str) -> Path:
     """A synthetic size's folder (written once) or a folder given by path."""
     from .bench import synthetic
@@ -447,6 +431,7 @@ def bench(model: str, strategies: str, cache: str, memory_limit: str | None, rep
     """
     from rich.console import Console
 
+    from .bench import report as tables
     from .bench import runner
     from .bench.strategies import STRATEGIES, unavailable
 
@@ -473,12 +458,12 @@ def bench(model: str, strategies: str, cache: str, memory_limit: str | None, rep
                                 on_progress=lambda line: click.echo(line, err=True))
     out = Console()
     out.width = max(out.width, 200) if not out.is_terminal else out.width  # a file or pipe gets every column
-    out.print(_bench_table(report))
+    out.print(tables.table(report))
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=1))
         click.echo(f"wrote {json_path}")
     if markdown_path:
-        Path(markdown_path).write_text(runner.markdown(report))
+        Path(markdown_path).write_text(tables.markdown(report))
         click.echo(f"wrote {markdown_path}")
     if plot_path:
         from .bench.plot import plot
@@ -515,102 +500,18 @@ def demo(which: str, prompt: str, max_new_tokens: int, tolerance: float) -> None
       sparsemap demo --prompt "Name three planets." --max-new-tokens 40
       sparsemap demo --model minilm
     """
+    from .models.demo import compare_minilm, compare_smollm2
+
+    def progress(line: str) -> None:
+        click.echo(line, err=True)
+
     if which == "minilm":
-        _demo_minilm(tolerance)
-        return
-    from .models import generate, smollm2
-
-    folder = smollm2.prepare()
-    gguf = smollm2.gguf_path(quiet=True)
-    click.echo(f"model: SmolLM2-135M-Instruct; sparsemap loads {folder}, transformers loads {gguf.name}")
-    click.echo(f"prompt: {prompt}")
-    ways = {"sparsemap (lean)": ("sparsemap-lean", str(folder)),
-            "sparsemap + transformers model": ("sparsemap-transformers", str(folder)),
-            "transformers (GGUF)": ("transformers", str(gguf))}
-    runs = {}
-    for label, (way, model) in ways.items():
-        click.echo(f"running {label} in a fresh process ...", err=True)
-        runs[label] = generate.run_child(way, model, prompt, max_new_tokens)
-    for label, r in runs.items():
-        click.echo(f"\n{label} answers: {r['answer'].strip()}")
-        click.echo(r["table"].replace("memory by phase", f"{label}: memory by phase"))
-    figs = {label: generate.figures(r) for label, r in runs.items()}
-    ref = figs["transformers (GGUF)"]
-    labels = list(runs)
-
-    def row(title: str, key: str, fmt: str, ratio: bool = True) -> tuple[str, ...]:
-        cells = [fmt.format(figs[lb][key] / (2**20 if "MiB" in title else 1)) for lb in labels]
-        if ratio:
-            cells = [c if lb == labels[-1] else f"{c} ({figs[lb][key] / ref[key]:.2f}x)"
-                     for c, lb in zip(cells, labels)]
-        return (title, *cells)
-
-    rows = [("", *labels),
-            row("load: tokenizer + weights, s", "load_s", "{:.2f}"),
-            row("first token, s after loading began", "first_token_s", "{:.2f}"),
-            row("weights: anonymous MiB added", "weights_anon", "{:+.1f}", ratio=False),
-            row("peak anonymous MiB (whole run)", "peak_anon", "{:.0f}"),
-            row("peak RSS MiB (whole run)", "peak_rss", "{:.0f}"),
-            row("tokens/s after the first", "tokens_per_s", "{:.1f}", ratio=False)]
-    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    click.echo("\n(ratios: against transformers' GGUF loading)")
-    for r in rows:
-        click.echo("  ".join([r[0].ljust(w[0])] + [c.rjust(w[i + 1]) for i, c in enumerate(r[1:])]))
-    same = all(r["tokens"] == runs[labels[-1]]["tokens"] for r in runs.values())
-    click.echo(f"\nsame tokens from all three: {'yes' if same else 'NO'}. "
-               f"`import torch` alone costs {runs[labels[0]]['tracker']['phases'][0]['after']['anon'] / 2**20:.0f} "
-               "MiB anonymous in every process.")
-    if not same:
+        result = compare_minilm(tolerance, on_intro=click.echo, on_progress=progress)
+    else:
+        result = compare_smollm2(prompt, max_new_tokens, on_intro=click.echo, on_progress=progress)
+    click.echo(result.text)
+    if not result.same:
         sys.exit(EXIT_FAILURE)
-
-
-def _demo_minilm(tolerance: float) -> None:
-    from .models import assets, minilm
-
-    folder = assets.fetch(assets.MINILM)
-    click.echo(f"model: {folder}")
-    results = {}
-    for way in ("sparsemap", "sentence-transformers"):
-        click.echo(f"running {way} in a fresh process ...", err=True)
-        results[way] = minilm.run_child(way, folder)
-    ours, ref = results["sparsemap"], results["sentence-transformers"]
-    for r in (ours, ref):
-        click.echo("\n" + r["table"])
-    diff = max(abs(a - b) for ra, rb in zip(ours["embeddings"], ref["embeddings"]) for a, b in zip(ra, rb))
-    click.echo("\n" + _summary(ours["tracker"], ref["tracker"]))
-    ok = diff <= tolerance
-    click.echo(f"\nembeddings of {len(minilm.SENTENCES)} sentences: max |sparsemap - sentence-transformers| "
-               f"= {diff:.2e} ({'match' if ok else 'MISMATCH'}, tolerance {tolerance:g})")
-    if not ok:
-        sys.exit(EXIT_FAILURE)
-
-
-def _summary(ours: dict[str, Any], ref: dict[str, Any]) -> str:
-    """Model loading (tokenizer + weights) and whole-run peaks, side by side (MiB).
-
-    Both ways have phases "import transformers", then loading (one phase or
-    two), then "first forward"; loading is everything in between.
-    """
-    def loading(t: dict[str, Any]) -> dict[str, Any]:
-        phases = t["phases"]
-        names = [p["name"] for p in phases]
-        first, last = names.index("import transformers") + 1, names.index("first forward")
-        before, after = phases[first - 1]["after"], phases[last - 1]["after"]
-        return {"time": sum(p["seconds"] for p in phases[first:last]),
-                "anon": (after["anon"] - before["anon"]) / (1 << 20),
-                "file": (after["file"] - before["file"]) / (1 << 20),
-                "peak_anon": max(p["peak_anon"] for p in phases) / (1 << 20),
-                "peak_rss": max(p["peak_rss"] for p in phases) / (1 << 20)}
-
-    a, b = loading(ours), loading(ref)
-    rows = [("tokenizer + weights", "sparsemap", "sentence-transformers"),
-            ("  seconds", f"{a['time']:.3f}", f"{b['time']:.3f}"),
-            ("  anonymous MiB added", f"{a['anon']:+.1f}", f"{b['anon']:+.1f}"),
-            ("  file-backed MiB added", f"{a['file']:+.1f}", f"{b['file']:+.1f}"),
-            ("whole run, peak anon MiB", f"{a['peak_anon']:.1f}", f"{b['peak_anon']:.1f}"),
-            ("whole run, peak RSS MiB", f"{a['peak_rss']:.1f}", f"{b['peak_rss']:.1f}")]
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join(f"{r[0].ljust(w[0])}  {r[1].rjust(w[1])}  {r[2].rjust(w[2])}" for r in rows)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoint import Checkpoint, Source
 from .formats.catalog import Catalog
-from .formats.resolve import open_catalog
-from .mapped import TORCH_DTYPES, release_pages
-from .writer import Layout, Plan, Spec, plan, write
+from .formats.reserved import LAYOUT_KEY
+from .formats.planner import Layout, Plan, Spec, plan
+from .writer import write
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,14 @@ class ConvertSummary:
 
 
 
-def convert(source: str | os.PathLike[str] | Catalog, destination: str | os.PathLike[str], *,
+def convert(source: Source | Checkpoint, destination: str | os.PathLike[str], *,
             layout: Layout | None = None,
             on_bytes: Callable[[int], None] | None = None) -> ConvertSummary:
     """Convert a checkpoint to a safetensors file with the given layout.
 
     Args:
-        source: any checkpoint :func:`sparsemap.open` reads, or its catalog.
+        source: any checkpoint :func:`sparsemap.open` reads, its catalog, or a
+            :class:`~sparsemap.Checkpoint`.
         destination: the output file; written atomically, so an interrupted
             conversion leaves it as it was.
         layout: alignment, dtype cast, row padding, transposition, bundles.
@@ -67,24 +69,25 @@ def convert(source: str | os.PathLike[str] | Catalog, destination: str | os.Path
     Example:
         >>> convert("model.gguf", "model.safetensors", layout=Layout(dtype=torch.bfloat16))  # doctest: +SKIP
     """
-    catalog = source if isinstance(source, Catalog) else open_catalog(source)
+    ckpt = Checkpoint.of(source)
+    catalog = ckpt.catalog
     layout = layout or Layout()
     start = time.perf_counter()
-    specs = [Spec(e.name, e.shape, TORCH_DTYPES[e.dtype], (e.file, e.offset, e.nbytes, e.dtype, e.shape, e.strides)
+    specs = [Spec(e.name, e.shape, e.dtype, (e.file, e.offset, e.nbytes, e.dtype, e.shape, e.strides)
                   if e.encoding is None and e.nbytes else None)
              for e in catalog.values()]
     the_plan: Plan = plan(specs, layout, _kept_metadata(catalog))
     current: dict[str, torch.Tensor] = {}
 
     def get(name: str) -> torch.Tensor:
-        # The mapper checks the file is still the one parsed before serving each view (FileChangedError).
-        current[name] = t = catalog.tensor(name)
+        # The checkpoint checks the file is still the one parsed before serving each view (FileChangedError).
+        current[name] = t = ckpt.tensor(name)
         return t
 
     def done(name: str) -> None:
         t = current.pop(name, None)
         if t is not None:
-            release_pages(t, drop_cache=True)  # written: give its pages back
+            ckpt.release(t, drop_cache=True)  # written: give its pages back
 
     write(the_plan, get, destination, on_bytes=on_bytes, on_tensor=done)
     return ConvertSummary(source=catalog.source, destination=os.fspath(destination), tensors=len(catalog),
@@ -96,6 +99,4 @@ def _kept_metadata(catalog: Catalog) -> dict[str, str]:
     """Source metadata worth carrying over: safetensors' own strings (not GGUF's key-values)."""
     if catalog.format != "safetensors":
         return {"sparsemap.source_format": catalog.format}
-    from .formats.layout import LAYOUT_KEY
-
     return {k: v for k, v in catalog.metadata.items() if k != LAYOUT_KEY}

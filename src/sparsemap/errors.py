@@ -154,6 +154,10 @@ class UnsupportedQuantizationError(FormatError):
     """A GGUF tensor uses a quantization sparsemap cannot dequantize."""
 
 
+class GGUFArchitectureError(FormatError):
+    """The GGUF file's architecture or tensor names are not ones sparsemap maps to transformers."""
+
+
 # ---------------------------------------------------------------- loading into a model
 
 class LoadError(BadInputError):
@@ -207,3 +211,19 @@ class NotMappedError(RowError):
 
 class RowAlignmentError(RowError):
     """Rows share pages with data that is kept, and the caller asked for whole pages only."""
+
+
+# ---------------------------------------------------------------- writing files
+
+class LayoutOptionError(BadInputError):
+    """The layout asked for cannot be applied to these tensors."""
+
+
+# ---------------------------------------------------------------- the machine and the network
+
+class AssetError(SparsemapError):
+    """A model asset could not be fetched or extracted."""
+
+
+class CgroupUnavailable(SparsemapError):
+    """No memory cgroup can be created here (not Linux, not root, no memory controller...)."""

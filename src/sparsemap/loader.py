@@ -15,20 +15,19 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import nn
 
+from .checkpoint import Checkpoint
+from .checkpoint import Source as CheckpointSource
 from .errors import MissingKeysError, ShapeMismatchError, UnexpectedKeysError, UninitializedTensorError
 from .formats.catalog import Catalog
-from .formats.resolve import open_catalog
-from .stream import DEFAULT_STAGING, stream_tensors, streamable
 
 logger = logging.getLogger("sparsemap")
 M = TypeVar("M", bound=nn.Module)
-Source = str | os.PathLike[str] | Catalog
+Source = CheckpointSource | Checkpoint
 Skip = Iterable[str] | Callable[[str], bool] | None
 
 # How many names an error message lists before "... and N more".
@@ -74,32 +73,51 @@ def skeleton() -> Iterator[None]:
 
 # ---------------------------------------------------------------- what the model wants
 
-@dataclass
 class _Slot:
     """One tensor of the model, under every name that refers to it (ties)."""
 
-    names: list[str]
-    places: list[tuple[nn.Module, str]] = field(default_factory=list)
-    kind: str = "param"  # or "buffer"
-    tensor: torch.Tensor | None = None
+    __slots__ = ("kind", "names", "places", "tensor")
+
+    def __init__(self, kind: str, tensor: torch.Tensor) -> None:
+        self.kind = kind  # "param" or "buffer"
+        self.tensor = tensor  # as the model holds it before loading (a meta tensor, usually)
+        self.names: list[str] = []
+        self.places: list[tuple[nn.Module, str]] = []
+
+    def now(self) -> torch.Tensor | None:
+        """What the model holds in this slot now."""
+        module, attr = self.places[0]
+        return (module._parameters if self.kind == "param" else module._buffers).get(attr)
 
 
-def _slots(model: nn.Module) -> list[_Slot]:
-    """Group the model's parameters and persistent buffers by identity: tied weights share a slot."""
+class ModelTensors(NamedTuple):
+    """The model's tensors, from one walk over its modules."""
+
+    slots: list[_Slot]  # parameters and persistent buffers, grouped by identity: tied weights share one
+    computed: list[tuple[str, nn.Module, str]]  # (name, module, attr) of non-persistent buffers
+
+
+def model_tensors(model: nn.Module) -> ModelTensors:
+    """Walk the model once: its parameters and persistent buffers by identity, and its computed buffers."""
     by_id: dict[int, _Slot] = {}
+    computed = []
     for prefix, module in model.named_modules(remove_duplicate=False):
         dot = f"{prefix}." if prefix else ""
         for attr, p in module._parameters.items():
             if p is not None:
-                slot = by_id.setdefault(id(p), _Slot(names=[], kind="param", tensor=p))
+                slot = by_id.setdefault(id(p), _Slot("param", p))
                 slot.names.append(dot + attr)
                 slot.places.append((module, attr))
         for attr, b in module._buffers.items():
-            if b is not None and attr not in module._non_persistent_buffers_set:
-                slot = by_id.setdefault(id(b), _Slot(names=[], kind="buffer", tensor=b))
-                slot.names.append(dot + attr)
-                slot.places.append((module, attr))
-    return list(by_id.values())
+            if b is None:
+                continue
+            if attr in module._non_persistent_buffers_set:
+                computed.append((dot + attr, module, attr))
+                continue
+            slot = by_id.setdefault(id(b), _Slot("buffer", b))
+            slot.names.append(dot + attr)
+            slot.places.append((module, attr))
+    return ModelTensors(list(by_id.values()), computed)
 
 
 def skip_predicate(skip: Skip) -> Callable[[str], bool]:
@@ -118,8 +136,7 @@ def _listing(items: list[str]) -> str:
     return f"\n  {shown}{more}"
 
 
-@dataclass
-class LoadPlan:
+class LoadPlan(NamedTuple):
     """Which checkpoint tensor goes to which model slot, and what does not fit."""
 
     assignments: list[tuple[_Slot, str]]
@@ -127,7 +144,8 @@ class LoadPlan:
     unexpected: list[str]
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
     skipped: list[str]
-    not_loaded: set[str] = field(default_factory=set)  # model names left as they are: skipped or missing
+    not_loaded: set[str]  # model names left as they are: skipped or missing
+    model: ModelTensors  # the walk the plan was made from, for the check after loading
 
     def raise_for_errors(self, source: str, strict: bool) -> None:
         sections = []
@@ -157,7 +175,8 @@ def plan(model: nn.Module, catalog: Catalog, skip: Skip = None) -> LoadPlan:
     assignments, missing, mismatched, skipped = [], [], [], []
     claimed: set[str] = set()
     not_loaded: set[str] = set()
-    for slot in _slots(model):
+    walked = model_tensors(model)
+    for slot in walked.slots:
         wanted = [n for n in slot.names if not skipped_fn(n)]
         if not wanted:
             skipped.extend(slot.names)
@@ -165,12 +184,11 @@ def plan(model: nn.Module, catalog: Catalog, skip: Skip = None) -> LoadPlan:
             continue
         found = next((n for n in wanted if n in catalog), None)
         if found is None:
-            missing.append(" = ".join(wanted) + f" {tuple(slot.tensor.shape)}")  # type: ignore[union-attr]
+            missing.append(" = ".join(wanted) + f" {tuple(slot.tensor.shape)}")
             not_loaded.update(slot.names)
             continue
         claimed.update(n for n in slot.names if n in catalog)
         shape = catalog[found].shape
-        assert slot.tensor is not None
         if tuple(slot.tensor.shape) != shape:
             mismatched.append((found, shape, tuple(slot.tensor.shape)))
             continue
@@ -183,7 +201,7 @@ def plan(model: nn.Module, catalog: Catalog, skip: Skip = None) -> LoadPlan:
             skipped.append(name)
         else:
             unexpected.append(f"{name} {catalog[name].shape}")
-    return LoadPlan(assignments, missing, unexpected, mismatched, sorted(set(skipped)), not_loaded)
+    return LoadPlan(assignments, missing, unexpected, mismatched, sorted(set(skipped)), not_loaded, walked)
 
 
 # ---------------------------------------------------------------- loading
@@ -197,7 +215,8 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
         model: a module whose parameters are on the meta device (see
             :func:`skeleton`), or a zero-argument factory, built under
             :func:`skeleton`. Real parameters are replaced all the same.
-        source: a checkpoint path (any format :func:`sparsemap.open` reads) or a catalog.
+        source: a checkpoint path (any format :func:`sparsemap.open` reads), a
+            catalog, or a :class:`~sparsemap.Checkpoint` (whose mappings are reused).
         device: where the weights go. ``"cpu"`` keeps them as views of the file.
         dtype: cast floating-point tensors to this dtype (integer and bool
             tensors keep theirs). ``None`` keeps the checkpoint's dtypes.
@@ -235,23 +254,27 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
     if not isinstance(model, nn.Module):
         with skeleton():
             model = model()
-    catalog = source if isinstance(source, Catalog) else open_catalog(source)
-    the_plan = plan(model, catalog, skip)
-    the_plan.raise_for_errors(catalog.source, strict)
+    ckpt = Checkpoint.of(source)
+    the_plan = plan(model, ckpt.catalog, skip)
+    the_plan.raise_for_errors(ckpt.source, strict)
 
     device = torch.device(device)
-    if staging is None and device.type != "cpu":
-        staging = DEFAULT_STAGING
     streamed: dict[str, torch.Tensor] = {}
-    if staging is not None:
-        plain = [name for _, name in the_plan.assignments if streamable(catalog[name])]
-        streamed, report = stream_tensors(catalog, plain, device=device, dtype=dtype, staging=staging,
+    if staging is not None or device.type != "cpu":  # a GPU is always streamed to
+        from .stream import DEFAULT_STAGING, stream_tensors, streamable
+
+        staging = DEFAULT_STAGING if staging is None else staging
+        plain = [name for _, name in the_plan.assignments if streamable(ckpt.catalog[name])]
+        streamed, report = stream_tensors(ckpt, plain, device=device, dtype=dtype, staging=staging,
                                           readers=readers, drop_cache=drop_cache)
-        logger.info("%s: %s", catalog.source, report)
-    for slot, name in the_plan.assignments:
-        t = streamed.pop(name) if name in streamed else _converted(catalog.tensor(name), device, dtype)
+        logger.info("%s: %s", ckpt.source, report)
+    slots = {name: slot for slot, name in the_plan.assignments}
+    mapped = ckpt.tensors(name for name in slots if name not in streamed)  # one file check per file
+    for name, t in (*streamed.items(), *mapped):
+        slot = slots[name]
+        if name not in streamed:
+            t = _converted(t, device, dtype)
         old = slot.tensor
-        assert old is not None
         if slot.kind == "param":
             new: torch.Tensor = nn.Parameter(t, requires_grad=old.requires_grad and t.is_floating_point())
             for module, attr in slot.places:
@@ -259,7 +282,7 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
         else:
             for module, attr in slot.places:
                 module._buffers[attr] = t
-    _check_materialized(model, the_plan.not_loaded, catalog.source, strict)
+    _check_materialized(the_plan, ckpt.source, strict)
     return model
 
 
@@ -271,11 +294,11 @@ def _converted(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None)
     return t.to(device=device, dtype=target)
 
 
-def _check_materialized(model: nn.Module, not_loaded: set[str], source: str, strict: bool) -> None:
+def _check_materialized(the_plan: LoadPlan, source: str, strict: bool) -> None:
     """Refuse tensors still on meta that nobody asked to leave there (skipped and missing are reported)."""
-    left = [name for name, t in (*model.named_parameters(remove_duplicate=False),
-                                 *model.named_buffers(remove_duplicate=False))
-            if t.device.type == "meta" and name not in not_loaded]
+    left = [name for slot in the_plan.model.slots if (t := slot.now()) is not None and t.is_meta
+            for name in slot.names if name not in the_plan.not_loaded]
+    left += [name for name, module, attr in the_plan.model.computed if module._buffers[attr].is_meta]
     if not left:
         return
     message = (f"{len(left)} tensors are still on the meta device after loading; the checkpoint cannot "
@@ -294,11 +317,11 @@ def load_state_dict(source: Source, *, device: str | torch.device = "cpu", dtype
         >>> sd = sparsemap.load_state_dict("model.safetensors")   # doctest: +SKIP
         >>> model.load_state_dict(sd, assign=True)
     """
-    catalog = source if isinstance(source, Catalog) else open_catalog(source)
+    ckpt = Checkpoint.of(source)
     skipped = skip_predicate(skip)
     device = torch.device(device)
-    return {name: _converted(catalog.tensor(name), device, dtype)
-            for name in catalog if not skipped(name)}
+    return {name: _converted(t, device, dtype)
+            for name, t in ckpt.tensors(name for name in ckpt if not skipped(name))}
 
 
 __all__ = ["LoadPlan", "load", "load_state_dict", "plan", "skeleton"]

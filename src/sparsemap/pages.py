@@ -17,7 +17,6 @@ Two residency facts, not one:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 
@@ -25,7 +24,9 @@ import numpy as np
 
 PAGE_SIZE: int = mmap.PAGESIZE
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# The C library is already loaded into the process: dlopen(NULL) reaches its symbols without
+# ctypes.util.find_library, which runs ldconfig (milliseconds at every import).
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                        ctypes.c_long]
@@ -181,71 +182,3 @@ def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     edges = np.flatnonzero(np.diff(padded))
     return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
-
-# ---------------------------------------------------------------- whole files
-
-def file_cached_fraction(path: str | os.PathLike[str]) -> float:
-    """Fraction of ``path``'s pages in the page cache (mincore over a fresh mapping; reads nothing)."""
-    with open(path, "rb") as f:
-        nbytes = os.fstat(f.fileno()).st_size
-        if nbytes == 0:
-            return 0.0
-        # Private and writable only so ctypes can take its address; never written.
-        mm = mmap.mmap(f.fileno(), nbytes, flags=mmap.MAP_PRIVATE, prot=PROT_RW)
-    holder = ctypes.c_char.from_buffer(mm)
-    try:
-        return float(in_page_cache(ctypes.addressof(holder), nbytes).mean())
-    finally:
-        del holder
-        mm.close()
-
-
-def make_cold(path: str | os.PathLike[str]) -> float:
-    """Drop ``path`` from the page cache; returns the fraction still cached after (0.0 when it worked).
-
-    Dirty pages cannot be dropped, so the file is synced first. Pages another
-    process has mapped stay.
-    """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    return file_cached_fraction(path)
-
-
-def sequential_read_speed(path: str | os.PathLike[str], chunk_nbytes: int = 16 << 20) -> float:
-    """Bytes per second of one sequential ``pread`` pass over the file (cold or warm as it is)."""
-    import time
-
-    buf = bytearray(chunk_nbytes)
-    view = memoryview(buf)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        start, offset = time.perf_counter(), 0
-        while n := os.preadv(fd, [view], offset):
-            offset += n
-        return offset / (time.perf_counter() - start)
-    finally:
-        os.close(fd)
-
-
-def sequential_write_speed(folder: str | os.PathLike[str], nbytes: int = 1 << 30,
-                           chunk_nbytes: int = 16 << 20) -> float:
-    """Bytes per second of writing ``nbytes`` to a new file in ``folder`` and syncing it (then removed)."""
-    import tempfile
-    import time
-
-    block = bytes(chunk_nbytes)
-    fd, path = tempfile.mkstemp(dir=folder, prefix=".sparsemap-write-speed.")
-    try:
-        start, written = time.perf_counter(), 0
-        while written < nbytes:
-            written += os.write(fd, block[: min(chunk_nbytes, nbytes - written)])
-        os.fdatasync(fd)
-        return written / (time.perf_counter() - start)
-    finally:
-        os.close(fd)
-        os.unlink(path)

@@ -30,6 +30,15 @@ Which pages an operation may remap: only pages made wholly of bytes this
 tensor owns. Other pages (at the edges, or holding gaps) are only ever written
 byte by byte, so operations on two tensors never undo each other.
 
+State and ownership: the controller of a tensor's rows is kept by the file
+mapping the tensor is a view of (:class:`~sparsemap.mapped.FileMapping`), for
+the mapping's lifetime, so :func:`rows` always returns the controller that
+knows which rows are masked, whether or not the caller kept it. A controller
+refers back to its mapping weakly; once every view and the checkpoint are
+gone, the file is unmapped and a controller still held raises
+:class:`~sparsemap.errors.NotMappedError` instead of remapping pages that are
+no longer ours.
+
 Caveats:
 * Mapped weights are copy-on-write. An in-place write by the program into a
   row is lost when that row's pages are evicted or restored.
@@ -53,8 +62,9 @@ import numpy as np
 import torch
 
 from . import pages
-from .errors import RowAlignmentError, RowError
-from .mapped import FileMapping, mapping_of, row_span_of
+from .checkpoint import Checkpoint
+from .errors import NotMappedError, RowAlignmentError, RowError
+from .mapped import FileMapping, mapping_of
 from .pages import PAGE_SIZE
 
 Rows = int | slice | range | Iterable[int] | np.ndarray | torch.Tensor
@@ -97,8 +107,9 @@ class Residency:
 class RowController:
     """Row-level control of the physical memory behind one mapped tensor.
 
-    Get one with :func:`rows` (which returns the same controller for the same
-    tensor, so two callers never disagree about which rows are masked).
+    Get one with :func:`rows`, which returns the same controller for the same
+    rows of the same mapping (the mapping keeps it), so two callers never
+    disagree about which rows are masked.
 
     Example:
         >>> emb = model.get_input_embeddings().weight          # doctest: +SKIP
@@ -108,11 +119,16 @@ class RowController:
         >>> ctl.restore(range(1000, 50000)) # the file's values again
     """
 
-    def __init__(self, tensor: torch.Tensor, *, name: str | None = None, row_span: int | None = None) -> None:
+    def __init__(self, tensor: torch.Tensor, mapping: FileMapping, *, name: str | None = None,
+                 row_span: int | None = None) -> None:
         self.name = name
         if tensor.device.type != "cpu" or tensor.dim() == 0:
             raise RowError("needs a CPU tensor with at least one dimension", tensor=name)
-        self.mapping: FileMapping = mapping_of(tensor, name)
+        # Weak: the mapping keeps this controller, and a strong reference back would make a cycle
+        # that keeps the file mapped until the garbage collector runs.
+        self._mapping = weakref.ref(mapping)
+        self.path = mapping.path
+        mapping_address = mapping.address
         itemsize = tensor.element_size()
         shape, strides = tuple(tensor.shape), tuple(tensor.stride())
         expected = 1
@@ -133,7 +149,7 @@ class RowController:
                            f"its stride {self.row_stride}", tensor=name)
         self.address = tensor.data_ptr()  # first byte of row 0
         self.end = self.address + (self.n_rows - 1) * self.row_stride + self.row_span
-        self.file_offset = self.address - self.mapping.address
+        self.file_offset = self.address - mapping_address
         self.page_first = self.address // PAGE_SIZE * PAGE_SIZE
         n_pages = -(-(self.end - self.page_first) // PAGE_SIZE)
         self.n_pages = n_pages
@@ -153,6 +169,16 @@ class RowController:
                                 & (row < self.n_rows))
         self._masked = np.zeros(self.n_rows, dtype=bool)
         self._lock = threading.RLock()
+
+    @property
+    def mapping(self) -> FileMapping:
+        """The mapping the rows live in; :class:`NotMappedError` once it is gone."""
+        mm = self._mapping()
+        if mm is None:
+            raise NotMappedError("the file mapping these rows lived in was released (every view of it and "
+                                 "its checkpoint are gone); get the controller of a live tensor with "
+                                 "sparsemap.rows()", path=self.path, tensor=self.name)
+        return mm
 
     # ------------------------------------------------------------ row and page sets
 
@@ -248,7 +274,7 @@ class RowController:
                 f"{self.row_nbytes} bytes, {self.row_stride} apart, starting at byte {self.file_offset} of the "
                 f"file ({self.file_offset % PAGE_SIZE} past a {PAGE_SIZE}-byte page). Write a layout where each "
                 f"row owns whole pages with `sparsemap convert SRC DST --pad-rows '{self.name or 'NAME'}'`",
-                path=self.mapping.path, tensor=self.name)
+                path=self.path, tensor=self.name)
 
     # ------------------------------------------------------------ operations
 
@@ -264,7 +290,8 @@ class RowController:
         """
         idx = self._rows(rows)
         with self._lock:
-            self.mapping.check_unchanged()  # zeroing edge pages faults them in from the file first
+            mm = self.mapping  # held for the operation: the pages below are its own
+            mm.check_unchanged()  # zeroing edge pages faults them in from the file first
             if strict:
                 self._strict_check(idx, "mask")
             new = idx[~self._masked[idx]]
@@ -285,7 +312,8 @@ class RowController:
         """Give masked ``rows`` their file values again; returns pages mapped back from the file."""
         idx = self._rows(rows)
         with self._lock:
-            self.mapping.check_unchanged()  # pages come back from the file: it must be the one mapped
+            mm = self.mapping  # held for the operation: the pages below are its own
+            mm.check_unchanged()  # pages come back from the file: it must be the one mapped
             back = idx[self._masked[idx]]
             if back.size == 0:
                 return 0
@@ -294,15 +322,14 @@ class RowController:
             clean = touched & self._page_owned & (self._rows_in_pages(self._masked) == 0)
             for first, stop in pages.runs(clean):
                 addr = self._page_addr(first)
-                pages.map_file_over(addr, (stop - first) * PAGE_SIZE, self.mapping.fd,
-                                    addr - self.mapping.address)
+                pages.map_file_over(addr, (stop - first) * PAGE_SIZE, mm.fd, addr - mm.address)
             # Pages that still hold masked rows (or neighbours) get the restored bytes copied in.
             for addr, nbytes in self._segments_outside(back, clean):
                 buf = (ctypes.c_char * nbytes).from_address(addr)
-                got = os.preadv(self.mapping.fd, [memoryview(buf).cast("B")], addr - self.mapping.address)
+                got = os.preadv(mm.fd, [memoryview(buf).cast("B")], addr - mm.address)
                 if got != nbytes:
-                    raise OSError(f"{self.mapping.path}: short read restoring {nbytes} bytes at "
-                                  f"{addr - self.mapping.address} (got {got}; was the file truncated?)")
+                    raise OSError(f"{mm.path}: short read restoring {nbytes} bytes at "
+                                  f"{addr - mm.address} (got {got}; was the file truncated?)")
             return int(clean.sum())
 
     def evict(self, rows: Rows, *, drop_cache: bool = False, strict: bool = False) -> int:
@@ -319,7 +346,8 @@ class RowController:
         """
         idx = self._rows(rows)
         with self._lock:
-            self.mapping.check_unchanged()  # released pages fault back from the file
+            mm = self.mapping
+            mm.check_unchanged()  # released pages fault back from the file
             if strict:
                 self._strict_check(idx, "evict")
             selected = np.zeros(self.n_rows, dtype=bool)
@@ -335,14 +363,15 @@ class RowController:
                 nbytes = (stop - first) * PAGE_SIZE
                 pages.release(addr, nbytes)
                 if drop_cache:
-                    pages.drop_cache(self.mapping.fd, addr - self.mapping.address, nbytes)
+                    pages.drop_cache(mm.fd, addr - mm.address, nbytes)
             return int(releasable.sum())
 
     def prefetch(self, rows: Rows) -> None:
         """Ask the kernel to read ``rows`` ahead (``MADV_WILLNEED``); returns at once."""
         idx = self._rows(rows)
         with self._lock:
-            self.mapping.check_unchanged()
+            mm = self.mapping  # held for the operation (raises if it is gone)
+            mm.check_unchanged()
             wanted = self._pages_touched(idx) & ~self._freeable()
             for first, stop in pages.runs(wanted):
                 pages.will_need(self._page_addr(first), (stop - first) * PAGE_SIZE)
@@ -356,7 +385,9 @@ class RowController:
     def residency(self) -> Residency:
         """Row and page residency now: in this process (pagemap) and in the page cache (mincore)."""
         with self._lock:
+            mm = self.mapping  # held while its pages are read (raises if it is gone)
             nbytes = self.n_pages * PAGE_SIZE
+            assert mm.address <= self.address < mm.end
             entries = pages.pagemap(self.page_first, nbytes)
             present = (entries & np.uint64(1 << 63)) != 0
             private = present & ((entries & np.uint64(1 << 61)) == 0)
@@ -378,27 +409,44 @@ def _fraction(per_page: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.n
     return (cum[last + 1] - cum[first]) / (last - first + 1)
 
 
-_CONTROLLERS: weakref.WeakValueDictionary[tuple[int, ...], RowController] = weakref.WeakValueDictionary()
-_CONTROLLERS_LOCK = threading.Lock()
+def rows(tensor: torch.Tensor | Checkpoint, name: str | None = None) -> RowController:
+    """The row controller of a mapped tensor: the same one for the same rows of the same mapping.
 
-
-def rows(tensor: torch.Tensor, *, name: str | None = None) -> RowController:
-    """The row controller of a mapped tensor (the same one for the same rows of the same mapping).
+    The file mapping keeps the controller (and so which rows are masked) for
+    as long as it lives: calling ``rows(t)`` again, without keeping the first
+    controller, finds the same state.
 
     A view of rows padded by the layout compiler (``convert --pad-rows``) owns
     its padding, so whole padded slots are freed; any other strided view owns
     only its rows' bytes.
 
+    Args:
+        tensor: a view of a file sparsemap mapped (a parameter of a loaded
+            model, a tensor a :class:`~sparsemap.Checkpoint` served), or a
+            checkpoint, with ``name`` naming its tensor. A tensor stored with
+            reordered rows is controlled in stored order.
+        name: the tensor's name, for messages (required with a checkpoint).
+
     Raises:
         NotMappedError: the tensor is not a view of a file sparsemap mapped.
         RowError: its rows are not contiguous, or overlap.
+
+    Example:
+        >>> sparsemap.rows(model.embed.weight).mask(range(1000, 50000))    # doctest: +SKIP
+        >>> sparsemap.rows(model.embed.weight).restore(range(1000, 50000))  # the same controller
     """
-    span = row_span_of(tensor)
+    if isinstance(tensor, Checkpoint):
+        if name is None:
+            raise RowError("name the checkpoint's tensor: rows(checkpoint, 'embed.weight')",
+                           path=tensor.source)
+        tensor = tensor.tensor(name, stored_order=True)
+    mm = mapping_of(tensor, name)
+    span = mm.row_span(tensor)
     key = (tensor.data_ptr(), tensor.shape[0] if tensor.dim() else 0, tensor.stride(0) if tensor.dim() else 0,
            tensor.numel(), tensor.element_size(), span or 0)
-    with _CONTROLLERS_LOCK:
-        ctl = _CONTROLLERS.get(key)
+    with mm.lock:
+        ctl = mm.row_controllers.get(key)
         if ctl is None:
-            ctl = RowController(tensor, name=name, row_span=span)
-            _CONTROLLERS[key] = ctl
-        return ctl
+            ctl = RowController(tensor, mm, name=name, row_span=span)
+            mm.row_controllers[key] = ctl
+        return ctl  # type: ignore[no-any-return]

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checkpoint import Checkpoint, Source
 from .errors import BadInputError, FileChangedError, TruncatedFileError
-from .formats.catalog import Catalog, FileStamp, TensorEntry
+from .formats.catalog import FileStamp, TensorEntry
 from .mapped import TORCH_DTYPES
-from .memory import rss_anon
 from .units import parse_size
 
 PAGE = 4096
@@ -265,7 +265,6 @@ class StreamReport:
     chunks: int
     direct: bool  # O_DIRECT used after the trial
     trial_mb_per_s: dict[str, float]  # the trial's speed each way ("direct", "buffered")
-    host_anon_growth: int = 0  # peak anonymous memory above the start (a CPU destination counts in it)
 
     @property
     def gb_per_s(self) -> float:
@@ -276,7 +275,7 @@ class StreamReport:
         return (f"streamed {self.nbytes / 1e9:.2f} GB to {self.device} in {self.seconds:.2f} s "
                 f"({self.gb_per_s:.2f} GB/s) through {self.buffers} x {self.buffer_nbytes / 2**20:.0f} MiB "
                 f"buffers, {self.readers} readers, {'O_DIRECT' if self.direct else 'page cache'} reads "
-                f"(trial: {trial}); host anonymous memory +{self.host_anon_growth / 2**20:,.0f} MiB")
+                f"(trial: {trial})")
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -295,7 +294,7 @@ def _ring_shape(staging: int, readers: int) -> tuple[int, int]:
     return count, max(each - 3 * PAGE, min(each, PAGE))
 
 
-def stream_tensors(catalog: Catalog, names: Sequence[str] | None = None, *,
+def stream_tensors(source: Source | Checkpoint, names: Sequence[str] | None = None, *,
                    device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None, staging: int | str = DEFAULT_STAGING, readers: int = 2,
                    direct: bool | None = None, drop_cache: bool = False,
@@ -304,7 +303,8 @@ def stream_tensors(catalog: Catalog, names: Sequence[str] | None = None, *,
     """Read tensors of ``catalog`` into new tensors on ``device`` through a ring of ``staging`` bytes.
 
     Args:
-        catalog: an opened checkpoint (:func:`sparsemap.open`).
+        source: a checkpoint path, catalog or :class:`~sparsemap.Checkpoint`
+            (streaming reads the files with ``pread``; it maps nothing).
         names: which tensors (default: all). They must be plain stored
             tensors (not quantized, not a layout view); others raise.
         device: ``"cpu"`` (anonymous memory, plain buffers) or ``"cuda:N"``
@@ -315,7 +315,9 @@ def stream_tensors(catalog: Catalog, names: Sequence[str] | None = None, *,
         direct: O_DIRECT reads: ``None`` chooses by a short measurement,
             ``True``/``False`` forces (``True`` falls back where refused).
         drop_cache: drop each range from the page cache once copied.
-        on_bytes: called (in the calling thread) with the bytes of each chunk copied: a progress hook.
+        on_bytes: called (in the calling thread) with the bytes of each chunk copied, after its
+            buffer is handed back: a progress hook, and where a caller measures host memory
+            (the streamer itself reads no ``/proc`` file).
 
     Returns:
         ``(tensors by name, report)``.
@@ -326,11 +328,12 @@ def stream_tensors(catalog: Catalog, names: Sequence[str] | None = None, *,
             every reader thread has stopped when it is raised.
 
     Example:
-        >>> cat = sparsemap.open("model.safetensors")                           # doctest: +SKIP
-        >>> tensors, report = stream_tensors(cat, device="cuda:0", staging="256M", readers=4)
+        >>> tensors, report = stream_tensors("model.safetensors", device="cuda:0", staging="256M",
+        ...                                  readers=4)                       # doctest: +SKIP
         >>> print(report)
     """
     started = time.perf_counter()
+    catalog = Checkpoint.of(source).catalog
     device = torch.device(device)
     staging_nbytes = _check_staging(parse_size(staging))
     if readers < 1:
@@ -360,7 +363,7 @@ def stream_tensors(catalog: Catalog, names: Sequence[str] | None = None, *,
     report = StreamReport(nbytes=sum(e.nbytes for e in entries), seconds=time.perf_counter() - started,
                           device=str(device), readers=readers, buffers=len(ring), buffer_nbytes=buffer_nbytes,
                           chunks=len(chunks), direct=filled.chooser.verdict(),
-                          trial_mb_per_s=filled.chooser.speeds(), host_anon_growth=transfer.host_anon_growth)
+                          trial_mb_per_s=filled.chooser.speeds())
     return transfer.result, report
 
 
@@ -378,7 +381,6 @@ class _Transfer:
         self.remaining = {e.name: e.nbytes for e in entries}
         self.result: dict[str, torch.Tensor] = {}
         self.copy_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
-        self.host_anon_growth = 0
         for e in entries:
             if e.nbytes == 0:
                 self._finish(e.name)
@@ -393,7 +395,6 @@ class _Transfer:
 
     def _copy_all(self, filled: _Readers, files: _Files, *, drop_cache: bool,
                   on_bytes: Callable[[int], None] | None) -> None:
-        base = peak = rss_anon()
         for chunk, buf, skip in filled:
             if self.copy_stream is not None:
                 with torch.cuda.stream(self.copy_stream):
@@ -406,7 +407,6 @@ class _Transfer:
                 os.posix_fadvise(files.buffered[chunk.file], chunk.offset, chunk.nbytes,
                                  os.POSIX_FADV_DONTNEED)
             filled.give_back(buf)
-            peak = max(peak, rss_anon())
             if on_bytes is not None:
                 on_bytes(chunk.nbytes)
             for p in chunk.pieces:
@@ -415,7 +415,6 @@ class _Transfer:
                     self._finish(p.name)
         if self.copy_stream is not None:
             self.copy_stream.synchronize()
-        self.host_anon_growth = peak - base
 
     def _finish(self, name: str) -> None:
         if self.copy_stream is not None:  # later work on the tensor waits for its copies

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsemap import cgroup, pages
+from sparsemap.bench import cgroup, disk
 from sparsemap.bench.measure import run_measured
 
 MiB = 1 << 20
@@ -44,9 +44,9 @@ def test_cold_cache_preparation_leaves_the_file_non_resident(tmp_path: Path):
     path = tmp_path / "cold.bin"
     with open(path, "wb") as f:
         f.writelines(os.urandom(MiB) for _ in range(64))
-    pages.sequential_read_speed(path)  # warm it
-    assert pages.file_cached_fraction(path) > 0.9
-    assert pages.make_cold(path) < 0.01
+    disk.sequential_read_speed(path)  # warm it
+    assert disk.file_cached_fraction(path) > 0.9
+    assert disk.make_cold(path) < 0.01
     # A reader now really goes to the disk: the child's rusage counts the blocks read.
     code = f"f = open({str(path)!r}, 'rb', buffering=0)\nwhile f.read(1 << 20): pass\n"
     m = run_measured([*PYTHON, code])
@@ -74,7 +74,7 @@ def test_page_cache_of_a_cold_file_is_charged_to_the_limited_group(tmp_path: Pat
     path = tmp_path / "charged.bin"
     with open(path, "wb") as f:
         f.writelines(os.urandom(MiB) for _ in range(200))
-    pages.make_cold(path)
+    disk.make_cold(path)
     code = f"f = open({str(path)!r}, 'rb', buffering=0)\nwhile f.read(1 << 20): pass\n"
     m = run_measured([*PYTHON, code], memory_limit=1 << 30)
     assert m.exit_code == 0, m.stderr

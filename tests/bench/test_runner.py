@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from sparsemap import cgroup
-from sparsemap.bench import runner, synthetic
+from sparsemap.bench import cgroup, runner, synthetic
 from sparsemap.bench.strategies import STRATEGIES, unavailable
 from sparsemap.cli import _parse_limits, main
 

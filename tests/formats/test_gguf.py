@@ -16,7 +16,6 @@ import torch
 import sparsemap
 from sparsemap import errors
 from sparsemap.errors import SparsemapError
-from sparsemap.mapped import is_view_of_file
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q
@@ -80,69 +79,69 @@ def raises_any(path: Path, *allowed: type[SparsemapError]) -> SparsemapError:
 # ---------------------------------------------------------------- round trips
 
 def test_shapes_are_row_major(gguf_file: Path) -> None:
-    cat = sparsemap.open(gguf_file)
+    ckpt = sparsemap.Checkpoint(gguf_file)
     reader = gguf.GGUFReader(str(gguf_file))
-    assert cat.format == "gguf"
-    assert set(cat) == {t.name for t in reader.tensors}
+    assert ckpt.format == "gguf"
+    assert set(ckpt) == {t.name for t in reader.tensors}
     for t in reader.tensors:
         dims = [int(d) for d in t.shape]
-        assert cat[t.name].shape == tuple(reversed(dims))
-        assert cat.tensor(t.name).shape == cat[t.name].shape
-    assert cat["f32"].shape == (8, 64)
-    assert cat["f32_3d"].shape == (2, 3, 5)
-    assert cat["Q4_0"].shape == (8, 64)
+        assert ckpt.catalog[t.name].shape == tuple(reversed(dims))
+        assert ckpt.tensor(t.name).shape == ckpt.catalog[t.name].shape
+    assert ckpt.catalog["f32"].shape == (8, 64)
+    assert ckpt.catalog["f32_3d"].shape == (2, 3, 5)
+    assert ckpt.catalog["Q4_0"].shape == (8, 64)
 
 
 def test_plain_tensors_are_zero_copy_views_of_the_readers_bytes(gguf_file: Path) -> None:
-    cat = sparsemap.open(gguf_file)
+    ckpt = sparsemap.Checkpoint(gguf_file)
     reader = gguf.GGUFReader(str(gguf_file))
     plain = [t for t in reader.tensors if t.tensor_type.name not in QUANTIZED]
     assert {t.name for t in plain} >= {"f32", "f16", "i8", "i16", "i32"}
     for t in plain:
-        e = cat[t.name]
+        e = ckpt.catalog[t.name]
         assert e.encoding is None and e.dtype == t.tensor_type.name
         assert e.offset == t.data_offset and e.nbytes == t.n_bytes
-        got = cat.tensor(t.name)
-        assert is_view_of_file(got, cat.mapper), t.name
+        got = ckpt.tensor(t.name)
+        assert ckpt.owns(got), t.name
         want = np.ascontiguousarray(t.data).view(np.uint8).reshape(-1)
         assert got.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() == want.tobytes()
 
 
 def test_plain_values_match_what_was_written(gguf_file: Path, weights: np.ndarray) -> None:
-    cat = sparsemap.open(gguf_file)
-    assert np.array_equal(cat.tensor("f32").numpy(), weights)
-    assert np.array_equal(cat.tensor("f16").numpy(), weights.astype(np.float16))
-    if "bf16" in cat:
+    ckpt = sparsemap.Checkpoint(gguf_file)
+    assert np.array_equal(ckpt.tensor("f32").numpy(), weights)
+    assert np.array_equal(ckpt.tensor("f16").numpy(), weights.astype(np.float16))
+    if "bf16" in ckpt:
         # bf16 is f32 with the low 16 bits rounded off; compare through torch.
-        assert cat.tensor("bf16").dtype == torch.bfloat16
-        assert torch.allclose(cat.tensor("bf16").float(), torch.from_numpy(weights), rtol=1e-2, atol=1e-2)
+        assert ckpt.tensor("bf16").dtype == torch.bfloat16
+        assert torch.allclose(ckpt.tensor("bf16").float(), torch.from_numpy(weights), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("qtype", QUANTIZED)
 def test_quantized_tensors_dequantize_exactly(gguf_file: Path, qtype: str) -> None:
-    cat = sparsemap.open(gguf_file)
+    ckpt = sparsemap.Checkpoint(gguf_file)
     reader = gguf.GGUFReader(str(gguf_file))
     (t,) = [t for t in reader.tensors if t.name == qtype]
-    e = cat[qtype]
+    e = ckpt.catalog[qtype]
     assert e.encoding == qtype and e.dtype == "F32"
     assert e.offset == t.data_offset and e.nbytes == t.n_bytes
     want = dequantize(t.data, Q[qtype]).reshape(e.shape)
-    got = cat.tensor(qtype)
+    got = ckpt.tensor(qtype)
     assert got.dtype == torch.float32 and got.shape == (8, 64)
     assert np.array_equal(got.numpy(), want)
-    assert not is_view_of_file(got, cat.mapper)  # dequantized: a copy by design
+    assert not ckpt.owns(got)  # dequantized: a copy by design
 
 
 def test_metadata_scalars(gguf_file: Path) -> None:
-    cat = sparsemap.open(gguf_file)
-    assert cat.metadata["general.architecture"] == "llama"
-    assert cat.metadata["test.answer"] == "42"
-    assert cat.metadata["test.note"] == "sparsemap"
+    ckpt = sparsemap.Checkpoint(gguf_file)
+    assert ckpt.catalog.metadata["general.architecture"] == "llama"
+    assert ckpt.catalog.metadata["test.answer"] == "42"
+    assert ckpt.catalog.metadata["test.note"] == "sparsemap"
 
 
 def test_folder_with_one_gguf(gguf_file: Path) -> None:
-    cat = sparsemap.open(gguf_file.parent)
-    assert cat.source == str(gguf_file)
+    ckpt = sparsemap.Checkpoint(gguf_file.parent)
+    assert ckpt.source == str(gguf_file)
 
 
 # ---------------------------------------------------------------- damaged files

@@ -1,7 +1,7 @@
 """sparsemap.formats.safetensors: round trips against the reference writer, and one test per rule.
 
 Round trips write with ``safetensors.torch.save_file`` and compare, bit for bit,
-what ``sparsemap.open(...).tensor(name)`` serves with ``load_file``. Each
+what ``sparsemap.Checkpoint(...).tensor(name)`` serves with ``load_file``. Each
 validation rule has a test built from a few literal bytes that asserts the
 exact error class and that its message names the file, the tensor and the
 numbers involved.
@@ -81,21 +81,21 @@ def header_of(path: Path) -> tuple[int, dict]:
 def check_round_trip(path: Path) -> sparsemap.Catalog:
     """Open ``path`` with sparsemap and compare every tensor and offset with the reference reader."""
     want = load_file(str(path))
-    cat = sparsemap.open(path)
-    assert cat.format == "safetensors"
-    assert set(cat) == set(want)
+    ckpt = sparsemap.Checkpoint(path)
+    assert ckpt.format == "safetensors"
+    assert set(ckpt) == set(want)
     header_nbytes, header = header_of(path)
     header.pop("__metadata__", None)
     for name, ref in want.items():
-        e = cat[name]
+        e = ckpt.catalog[name]
         begin, end = header[name]["data_offsets"]
         assert e.offset == 8 + header_nbytes + begin
         assert e.nbytes == end - begin
         assert e.shape == tuple(header[name]["shape"])
         assert e.dtype == header[name]["dtype"]
         assert e.file == str(path)
-        assert_bit_identical(cat.tensor(name), ref)
-    return cat
+        assert_bit_identical(ckpt.tensor(name), ref)
+    return ckpt
 
 
 # ---------------------------------------------------------------- round trips
@@ -115,8 +115,8 @@ def test_round_trip_every_dtype(tmp_path: Path, st_name: str, torch_name: str) -
     path = tmp_path / f"{st_name}.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt", "dtype": st_name})
     cat = check_round_trip(path)
-    assert cat.metadata == {"format": "pt", "dtype": st_name}
-    assert cat["scalar"].shape == ()
+    assert cat.catalog.metadata == {"format": "pt", "dtype": st_name}
+    assert cat.catalog["scalar"].shape == ()
     assert cat.tensor("empty").shape == (0, 3)
 
 
@@ -145,23 +145,23 @@ def test_round_trip_4_mib_tensor(tmp_path: Path) -> None:
 
 def test_empty_file_with_empty_header_is_an_empty_catalog(tmp_path: Path) -> None:
     path = st_file(tmp_path, b"{}")
-    cat = sparsemap.open(path)
-    assert len(cat) == 0 and cat.metadata == {}
+    ckpt = sparsemap.Checkpoint(path)
+    assert len(ckpt) == 0 and ckpt.catalog.metadata == {}
 
 
 def test_header_padding_with_spaces_is_accepted(tmp_path: Path) -> None:
     # The format pads the header with spaces so the data section is 8-aligned.
     header = json.dumps({"w": entry("F32", [2], 0, 8)}).encode() + b"   "
     path = st_file(tmp_path, header, struct.pack("<2f", 1.5, -2.0))
-    assert sparsemap.open(path).tensor("w").tolist() == [1.5, -2.0]
+    assert sparsemap.Checkpoint(path).tensor("w").tolist() == [1.5, -2.0]
 
 
 def test_empty_tensors_may_share_an_offset(tmp_path: Path) -> None:
     # Zero-byte tensors claim no bytes, so two at one offset do not overlap.
     header = {"a": entry("F32", [0], 0, 0), "b": entry("F32", [0, 2], 0, 0), "c": entry("U8", [1], 0, 1)}
-    cat = sparsemap.open(st_file(tmp_path, header, b"\x07"))
-    assert cat.tensor("a").shape == (0,) and cat.tensor("b").shape == (0, 2)
-    assert cat.tensor("c").tolist() == [7]
+    ckpt = sparsemap.Checkpoint(st_file(tmp_path, header, b"\x07"))
+    assert ckpt.tensor("a").shape == (0,) and ckpt.tensor("b").shape == (0, 2)
+    assert ckpt.tensor("c").tolist() == [7]
 
 
 # Regression: resolve._open_file once sniffed pickle magic before safetensors,
@@ -362,9 +362,9 @@ def test_metadata_not_a_string_map(tmp_path: Path, metadata: object) -> None:
 
 def test_metadata_string_map_is_kept(tmp_path: Path) -> None:
     header = {"__metadata__": {"format": "pt", "note": "ünïcode"}, "w": entry("U8", [1], 0, 1)}
-    cat = sparsemap.open(st_file(tmp_path, header, b"\x05"))
-    assert cat.metadata == {"format": "pt", "note": "ünïcode"}
-    assert list(cat) == ["w"]
+    ckpt = sparsemap.Checkpoint(st_file(tmp_path, header, b"\x05"))
+    assert ckpt.catalog.metadata == {"format": "pt", "note": "ünïcode"}
+    assert list(ckpt) == ["w"]
 
 
 def test_duplicate_tensor_names(tmp_path: Path) -> None:

@@ -124,35 +124,35 @@ def test_sharded_round_trip(request: pytest.FixtureRequest, llama: torch.nn.Modu
     wm = weight_map(folder)
     shards = sorted(set(wm.values()))
     assert len(shards) >= 3
-    cat = sparsemap.open(folder if via == "folder" else index_path(folder))
-    assert cat.source == str(index_path(folder))
+    ckpt = sparsemap.Checkpoint(folder if via == "folder" else index_path(folder))
+    assert ckpt.source == str(index_path(folder))
     fmt = "safetensors" if kind == "st_folder" else "torch-zip"
-    assert cat.format == f"sharded-{fmt}"
-    assert sorted(Path(f).name for f in cat.files) == shards
+    assert ckpt.format == f"sharded-{fmt}"
+    assert sorted(Path(f).name for f in ckpt.files) == shards
 
     expected = llama.state_dict()
-    assert set(cat) == set(expected) == set(wm)
+    assert set(ckpt) == set(expected) == set(wm)
     for shard in shards:
         for name, ref in load_shard(folder / shard).items():
-            assert cat[name].file == str(folder / shard)
-            assert_bit_identical(cat.tensor(name), ref)
+            assert ckpt.catalog[name].file == str(folder / shard)
+            assert_bit_identical(ckpt.tensor(name), ref)
     for name, ref in expected.items():
-        assert_bit_identical(cat.tensor(name), ref)
+        assert_bit_identical(ckpt.tensor(name), ref)
 
 
 def test_sharded_safetensors_match_transformers_loader(st_folder: Path) -> None:
     loaded = transformers.LlamaForCausalLM.from_pretrained(st_folder).state_dict()
-    cat = sparsemap.open(st_folder)
-    assert set(cat) == set(loaded)
+    ckpt = sparsemap.Checkpoint(st_folder)
+    assert set(ckpt) == set(loaded)
     for name, ref in loaded.items():
-        assert_bit_identical(cat.tensor(name), ref)
+        assert_bit_identical(ckpt.tensor(name), ref)
 
 
 def test_one_mapping_per_shard(st_folder: Path) -> None:
-    cat = sparsemap.open(st_folder)
-    for name in cat:
-        cat.tensor(name)
-    assert set(cat.mapper.mapped_ranges()) == set(cat.files)
+    ckpt = sparsemap.Checkpoint(st_folder)
+    for name in ckpt:
+        ckpt.tensor(name)
+    assert set(ckpt.mapped_ranges()) == set(ckpt.files)
 
 
 # ---------------------------------------------------------------- faults

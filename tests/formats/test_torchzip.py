@@ -1,6 +1,6 @@
 """sparsemap.formats.torchzip: torch.save checkpoints round trip; hostile and broken ones are refused.
 
-Round trips compare ``sparsemap.open(...).tensor(name)`` bit for bit with
+Round trips compare ``sparsemap.Checkpoint(...).tensor(name)`` bit for bit with
 ``torch.load(path, weights_only=True)``. Malformed checkpoints are built by
 hand: a zip written with :mod:`zipfile` around a pickle we write ourselves.
 """
@@ -47,12 +47,12 @@ def flatten(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
 
 def check_round_trip(path: Path) -> sparsemap.Catalog:
     want = flatten(torch.load(path, weights_only=True))
-    cat = sparsemap.open(path)
-    assert cat.format == "torch-zip"
-    assert set(cat) == set(want)
+    ckpt = sparsemap.Checkpoint(path)
+    assert ckpt.format == "torch-zip"
+    assert set(ckpt) == set(want)
     for name, ref in want.items():
-        assert_bit_identical(cat.tensor(name), ref)
-    return cat
+        assert_bit_identical(ckpt.tensor(name), ref)
+    return ckpt
 
 
 def rezip(src: Path, dst: Path, *, drop: str | None = None, replace: dict[str, bytes] | None = None,
@@ -135,13 +135,13 @@ def test_round_trip_views_ties_and_parameters(tmp_path: Path) -> None:
     torch.save(sd, path)
     cat = check_round_trip(path)
 
-    assert cat["every_other_column"].strides == (8, 2)
-    assert cat["transposed"].strides == (1, 8)
-    assert cat["x"].strides is None and cat["row_slice"].strides is None
-    assert cat["row_slice"].offset == cat["x"].offset + 16 * 4
-    assert cat["tail"].offset == cat["head"].offset + 5 * 4
+    assert cat.catalog["every_other_column"].strides == (8, 2)
+    assert cat.catalog["transposed"].strides == (1, 8)
+    assert cat.catalog["x"].strides is None and cat.catalog["row_slice"].strides is None
+    assert cat.catalog["row_slice"].offset == cat.catalog["x"].offset + 16 * 4
+    assert cat.catalog["tail"].offset == cat.catalog["head"].offset + 5 * 4
     # Ties are one range of bytes, counted once.
-    assert (cat["tied_a"].offset, cat["tied_a"].nbytes) == (cat["tied_b"].offset, cat["tied_b"].nbytes)
+    assert (cat.catalog["tied_a"].offset, cat.catalog["tied_a"].nbytes) == (cat.catalog["tied_b"].offset, cat.catalog["tied_b"].nbytes)
     assert cat.tensor("tied_a").data_ptr() == cat.tensor("tied_b").data_ptr()
     assert cat.tensor("tail").data_ptr() == cat.tensor("head").data_ptr() + 5 * 4
     assert cat.tensor("every_other_column").data_ptr() == cat.tensor("x").data_ptr()
@@ -160,11 +160,9 @@ def test_nested_checkpoint_flattens_to_dotted_names(tmp_path: Path) -> None:
 def test_top_level_storage_alignment_is_zero_copy(tmp_path: Path) -> None:
     path = tmp_path / "a.pt"
     torch.save({"w": torch.randn(16, 16)}, path)
-    cat = sparsemap.open(path)
-    assert cat["w"].zero_copy
-    from sparsemap.mapped import is_view_of_file
-
-    assert is_view_of_file(cat.tensor("w"), cat.mapper)
+    ckpt = sparsemap.Checkpoint(path)
+    assert ckpt.catalog["w"].zero_copy
+    assert ckpt.owns(ckpt.tensor("w"))
 
 
 def test_bert_pytorch_model_bin(tmp_path: Path) -> None:
@@ -183,7 +181,7 @@ def test_bert_pytorch_model_bin(tmp_path: Path) -> None:
             f.unlink()
         torch.save(model.state_dict(), bin_path)
     cat = check_round_trip(bin_path)
-    from_folder = sparsemap.open(folder)
+    from_folder = sparsemap.Checkpoint(folder)
     assert from_folder.source == str(bin_path)
     assert set(from_folder) == set(cat)
     for name, t in model.state_dict().items():
@@ -280,8 +278,8 @@ def test_build_opcode_cannot_poison_later_files(tmp_path: Path) -> None:
     code = ("import sparsemap\n"
             f"try:\n    sparsemap.open({str(evil)!r})\n    print('opened')\n"
             "except sparsemap.errors.FormatError as e:\n    print(type(e).__name__)\n"
-            f"cat = sparsemap.open({str(good)!r})\n"
-            "print(cat['w'].dtype, cat.tensor('w').tolist())\n")
+            f"ckpt = sparsemap.Checkpoint({str(good)!r})\n"
+            "print(ckpt.catalog['w'].dtype, ckpt.tensor('w').tolist())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     refusal, dtype, *values = out.stdout.split()
@@ -321,9 +319,9 @@ def test_hand_built_checkpoint_is_read_like_torch_reads_it(tmp_path: Path) -> No
     data = torch.arange(6, dtype=torch.float32)
     sd = {"w": FakeTensor(FakeStorage("0", 6), 1, (2, 2), (2, 1))}
     path = write_checkpoint(tmp_path / "ok.pt", pickle_checkpoint(sd), {"0": data.numpy().tobytes()})
-    cat = sparsemap.open(path)
-    assert cat.tensor("w").tolist() == [[1.0, 2.0], [3.0, 4.0]]
-    assert torch.equal(cat.tensor("w"), torch.load(path, weights_only=True)["w"])
+    ckpt = sparsemap.Checkpoint(path)
+    assert ckpt.tensor("w").tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    assert torch.equal(ckpt.tensor("w"), torch.load(path, weights_only=True)["w"])
 
 
 def test_hand_built_untyped_storage_checkpoint(tmp_path: Path) -> None:
@@ -333,7 +331,7 @@ def test_hand_built_untyped_storage_checkpoint(tmp_path: Path) -> None:
     sd = {"w": FakeTensorV3(storage, 1, (2, 2), (1, 2), torch.uint16)}
     path = write_checkpoint(tmp_path / "v3.pt", pickle_checkpoint(sd), {"0": data.numpy().tobytes()})
     want = torch.load(path, weights_only=True)["w"]
-    got = sparsemap.open(path).tensor("w")
+    got = sparsemap.Checkpoint(path).tensor("w")
     assert_bit_identical(got, want)
     assert got.tolist() == [[1, 3], [2, 4]]
 

@@ -54,7 +54,7 @@ def test_malicious_pickle_never_runs(tmp_path: Path) -> None:
 
 def test_valid_seeds_open(tmp_path: Path) -> None:
     for fmt, path in valid_files(tmp_path).items():
-        catalog = sparsemap.open(path)
-        assert len(catalog) >= 2, fmt
-        for name in catalog:
-            catalog.tensor(name)
+        ckpt = sparsemap.Checkpoint(path)
+        assert len(ckpt) >= 2, fmt
+        for name in ckpt:
+            ckpt.tensor(name)

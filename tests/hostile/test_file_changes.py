@@ -55,7 +55,7 @@ def test_replacing_by_rename_leaves_a_loaded_model_untouched(tmp_path: Path) -> 
     controller.mask([3])
     controller.restore([3])
     assert torch.equal(state["emb"], old["emb"])
-    assert sparsemap.open(path).tensor("norm")[0].item() == 2.0  # opening again sees the new file
+    assert sparsemap.Checkpoint(path).tensor("norm")[0].item() == 2.0  # opening again sees the new file
 
 
 def test_converting_onto_a_mapped_file_keeps_the_loaders_data(tmp_path: Path) -> None:
@@ -65,37 +65,37 @@ def test_converting_onto_a_mapped_file_keeps_the_loaders_data(tmp_path: Path) ->
     state = sparsemap.load_state_dict(path)
     sparsemap.convert(other, path)
     assert torch.equal(state["emb"], old["emb"]) and torch.equal(state["norm"], old["norm"])
-    assert sparsemap.open(path).tensor("norm").abs().sum().item() == 0
+    assert sparsemap.Checkpoint(path).tensor("norm").abs().sum().item() == 0
 
 
 def test_file_rewritten_in_place_after_open_is_refused_at_mapping(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     write(path, 1.0)
-    catalog = sparsemap.open(path)
+    ckpt = sparsemap.Checkpoint(path)
     rewrite_last_value_in_place(path)
     with pytest.raises(FileChangedError, match="modified in place"):
-        catalog.tensor("norm")
+        ckpt.tensor("norm")
 
 
 def test_rewrite_that_restores_the_modification_time_is_still_seen(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     write(path, 1.0)
-    catalog = sparsemap.open(path)
-    catalog.tensor("norm")  # mapped
+    ckpt = sparsemap.Checkpoint(path)
+    ckpt.tensor("norm")  # mapped
     st = os.stat(path)
     rewrite_last_value_in_place(path)  # then set the old mtime back, as cp -p or rsync --inplace -t do
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(FileChangedError, match="change time"):
-        catalog.tensor("emb")
+        ckpt.tensor("emb")
 
 
 def test_file_truncated_after_open_is_refused_at_mapping(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     write(path, 1.0)
-    catalog = sparsemap.open(path)
+    ckpt = sparsemap.Checkpoint(path)
     os.truncate(path, os.path.getsize(path) // 2)
     with pytest.raises(FileChangedError, match="size"):
-        catalog.tensor("emb")
+        ckpt.tensor("emb")
 
 
 CHILD = """
@@ -103,16 +103,16 @@ import os, sys, json
 import sparsemap
 from sparsemap.errors import FileChangedError
 path = sys.argv[1]
-catalog = sparsemap.open(path)
-state = sparsemap.load_state_dict(catalog)
+ckpt = sparsemap.Checkpoint(path)
+state = sparsemap.load_state_dict(ckpt)
 rows = sparsemap.rows(state["emb"])
 rows.mask([1, 2])
 os.truncate(path, os.path.getsize(path) // 2)
 outcome = {}
 for op, call in [("evict", lambda: rows.evict(range(100, 400))), ("restore", lambda: rows.restore([1, 2])),
                  ("prefetch", lambda: rows.prefetch(range(400, 500))), ("mask", lambda: rows.mask([450])),
-                 ("another tensor", lambda: catalog.tensor("norm")),
-                 ("convert", lambda: sparsemap.convert(catalog, path + ".out"))]:
+                 ("another tensor", lambda: ckpt.tensor("norm")),
+                 ("convert", lambda: sparsemap.convert(ckpt, path + ".out"))]:
     try:
         call()
         outcome[op] = "ran"

@@ -50,13 +50,13 @@ def test_mutated_file_opens_cleanly_or_fails_cleanly(content: bytes, tmp_path_fa
     path = tmp_path_factory.getbasetemp() / "mutated.bin"
     path.write_bytes(content)
     try:
-        catalog = sparsemap.open(path)
+        ckpt = sparsemap.Checkpoint(path)
     except BadInputError as e:
         assert e.path == str(path)
         return
-    for name in catalog:  # whatever opened reads in full, in its declared shape
-        entry = catalog[name]
-        tensor = catalog.tensor(name)
+    for name in ckpt:  # whatever opened reads in full, in its declared shape
+        entry = ckpt.catalog[name]
+        tensor = ckpt.tensor(name)
         assert tuple(tensor.shape) == tuple(entry.shape), name
 
 

@@ -33,8 +33,8 @@ def offsets(size: int, rng: random.Random) -> list[int]:
 
 
 def tensors_of(path: Path) -> dict[str, torch.Tensor]:
-    catalog = sparsemap.open(path)
-    return {name: catalog.tensor(name).clone() for name in catalog}
+    ckpt = sparsemap.Checkpoint(path)
+    return {name: ckpt.tensor(name).clone() for name in ckpt}
 
 
 def sweep(original: Path, target: Path, opened: Path, expected: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -45,14 +45,14 @@ def sweep(original: Path, target: Path, opened: Path, expected: dict[str, torch.
     for n in cuts:
         target.write_bytes(content[:n])
         try:
-            catalog = sparsemap.open(opened)
+            ckpt = sparsemap.Checkpoint(opened)
         except BadInputError as e:
             assert e.path, f"cut at {n}: error names no file: {e}"
             continue
         # Opened: only acceptable if nothing was lost.
-        assert set(catalog) == set(expected), f"cut at {n} of {len(content)} opened with missing tensors"
+        assert set(ckpt) == set(expected), f"cut at {n} of {len(content)} opened with missing tensors"
         for name, want in expected.items():
-            assert torch.equal(catalog.tensor(name).view(torch.uint8), want.view(torch.uint8)), (n, name)
+            assert torch.equal(ckpt.tensor(name).view(torch.uint8), want.view(torch.uint8)), (n, name)
         complete += 1
     target.write_bytes(content)
     return len(cuts), complete

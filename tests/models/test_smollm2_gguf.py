@@ -12,13 +12,13 @@ import sparsemap
 
 @pytest.mark.model
 def test_every_tensor_equals_gguf_dequantization(smollm2_gguf):
-    cat = sparsemap.open(smollm2_gguf)
+    ckpt = sparsemap.Checkpoint(smollm2_gguf)
     reader = GGUFReader(smollm2_gguf)
-    assert len(cat) == len(reader.tensors) == 272
-    encodings = {e.encoding for e in cat.values()}
+    assert len(ckpt) == len(reader.tensors) == 272
+    encodings = {e.encoding for e in ckpt.catalog.values()}
     assert {"Q4_1", "Q8_0", None} <= encodings
     for t in reader.tensors:
-        ours = cat.tensor(t.name)
+        ours = ckpt.tensor(t.name)
         assert tuple(ours.shape) == tuple(reversed(t.shape.tolist())), t.name
         expected = dequantize(t.data, t.tensor_type).reshape(ours.shape)
         assert np.array_equal(ours.numpy(), expected), t.name
@@ -26,6 +26,6 @@ def test_every_tensor_equals_gguf_dequantization(smollm2_gguf):
 
 @pytest.mark.model
 def test_metadata_exposes_the_architecture(smollm2_gguf):
-    cat = sparsemap.open(smollm2_gguf)
-    assert cat.metadata["general.architecture"] == "llama"
-    assert cat.metadata["llama.block_count"] == "30"
+    ckpt = sparsemap.Checkpoint(smollm2_gguf)
+    assert ckpt.catalog.metadata["general.architecture"] == "llama"
+    assert ckpt.catalog.metadata["llama.block_count"] == "30"

@@ -6,8 +6,9 @@ file-backed resident memory (the kernel keeps no peak of either) and for
 ``VmHWM``, the kernel's peak RSS of the process. (Not ``wait4``'s
 ``ru_maxrss``: Linux carries the parent's peak over into it across fork and
 exec, so a child of a large parent would report the parent's peak.) When the
-child exits, ``wait4`` returns its major page faults and blocks read from disk. Sampling from the parent, which has nothing else to do,
-avoids the GIL starvation an in-process sampler suffers. No torch here.
+child exits, ``wait4`` returns its major page faults and blocks read from
+disk. Sampling from the parent, which has nothing else to do, avoids the GIL
+starvation an in-process sampler suffers. No torch here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..cgroup import MemoryLimit
+from .cgroup import MemoryLimit
 
 KiB = 1024
 
@@ -67,7 +68,7 @@ def run_measured(cmd: Sequence[str], *, memory_limit: int | None = None, interva
     Args:
         cmd: the command (a fresh interpreter, typically).
         memory_limit: run it inside a new memory cgroup of this many bytes
-            (:class:`~sparsemap.cgroup.MemoryLimit`); ``oom_killed`` tells if the
+            (:class:`~sparsemap.bench.cgroup.MemoryLimit`); ``oom_killed`` tells if the
             kernel killed it for lack of memory.
         interval_s: sampling interval for the anonymous / file-backed peaks.
         timeout_s: kill the child after this long.

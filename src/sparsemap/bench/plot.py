@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .runner import limit_label
+from .report import limit_label
 
 MiB = 2**20
 

@@ -5,7 +5,8 @@ large ``pread`` calls: that speed is the physical limit every strategy is
 compared with (``vs_cold_read``), measured on the same file in the same run.
 Limited runs always start cold: the page cache a warm file already holds is
 charged to whoever read it first, not to the group, so a "warm" limited run
-would hide the very memory the limit is there to count.
+would hide the very memory the limit is there to count. The tables that
+show a report are in :mod:`.report`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .. import cgroup, pages
+from . import cgroup, disk
 from .measure import run_measured
+from .report import limit_label
 from .strategies import STRATEGIES, unavailable
 
 PEER_DISTRIBUTIONS = ("sparsemap", "torch", "safetensors", "transformers", "accelerate", "fastsafetensors",
@@ -44,10 +46,10 @@ def prepare_cache(files: Iterable[Path], state: str) -> float:
     fractions = []
     for f in files:
         if state == "cold":
-            fractions.append(pages.make_cold(f))
+            fractions.append(disk.make_cold(f))
         else:
-            pages.sequential_read_speed(f)
-            fractions.append(pages.file_cached_fraction(f))
+            disk.sequential_read_speed(f)
+            fractions.append(disk.file_cached_fraction(f))
     return statistics.mean(fractions) if fractions else 0.0
 
 
@@ -55,14 +57,10 @@ def cold_read_speed(path: Path, repeat: int = 3) -> float:
     """Median bytes/s of a cold sequential ``pread`` pass over ``path`` (each pass made cold first)."""
     speeds = []
     for _ in range(repeat):
-        pages.make_cold(path)
-        speeds.append(pages.sequential_read_speed(path))
-    pages.make_cold(path)
+        disk.make_cold(path)
+        speeds.append(disk.sequential_read_speed(path))
+    disk.make_cold(path)
     return statistics.median(speeds)
-
-
-def limit_label(limit: int | None) -> str:
-    return "none" if limit is None else f"{limit / 2**20:.0f} MiB"
 
 
 def run(folder: Path, strategies: list[str], caches: list[str], *, repeat: int = 1,
@@ -222,30 +220,3 @@ def machine(model: Path | None = None, read_speed: float | None = None) -> dict[
         out["cold_read_mb_per_s"] = round(read_speed / 1e6, 1)
     return out
 
-
-COLUMNS = ("strategy", "cache", "limit", "runs", "usable s", "forward s", "GB/s", "x cold read",
-           "peak RSS MiB", "peak anon MiB", "anon growth MiB", "peak file MiB", "cgroup peak MiB", "major faults",
-           "read MiB", "note")
-
-
-def cells(row: dict[str, Any]) -> list[str]:
-    """One median row as the strings of :data:`COLUMNS` (the terminal table and Markdown share them)."""
-
-    def mib(v: float | None) -> str:
-        return "" if v is None else f"{v / 2**20:,.0f}"
-
-    killed = f"OOM-killed {row['oom_killed']}/{row['attempts']}" if row["oom_killed"] else ""
-    out = [row["strategy"], row["cache"], limit_label(row["limit"]), f"{row['runs']}/{row['attempts']}"]
-    if not row["runs"]:
-        return [*out, *[""] * 11, killed or row["note"]]
-    return [*out, f"{row['usable_s']:.3f}", f"{row['forward_s']:.3f}", f"{row['effective_gbps']:.2f}",
-            f"{row['vs_cold_read']:.2f}", mib(row["peak_rss"]), mib(row["peak_anon"]), mib(row["anon_growth"]),
-            mib(row["peak_file"]), mib(row["cgroup_peak"]), f"{row['major_faults']:,.0f}", mib(row["read_bytes"]),
-            killed or row["note"]]
-
-
-def markdown(report: dict[str, Any]) -> str:
-    """The medians as a Markdown table (for RESULTS files and issue threads)."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(c.replace("|", "/") for c in cells(r)) + " |" for r in report["medians"]]
-    return "\n".join(lines) + "\n"

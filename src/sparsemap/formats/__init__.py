@@ -1,6 +1,8 @@
-"""Checkpoint formats: parse and validate headers into a :class:`Catalog`. No torch here."""
+"""Checkpoint formats: what a path holds, then each file's header parsed and validated into a
+frozen :class:`Catalog`. No torch here (a test enforces it)."""
 
-from .catalog import Catalog, TensorEntry
-from .resolve import open_catalog
+from .catalog import Catalog, FileStamp, TensorEntry
+from .dispatch import open_catalog
+from .source import ModelSource, resolve_source
 
-__all__ = ["Catalog", "TensorEntry", "open_catalog"]
+__all__ = ["Catalog", "FileStamp", "ModelSource", "TensorEntry", "open_catalog", "resolve_source"]

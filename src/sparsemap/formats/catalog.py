@@ -1,10 +1,12 @@
 """The catalog: where every tensor of a checkpoint lives, read from headers only.
 
-A :class:`Catalog` maps each tensor name to a :class:`TensorEntry` (file, byte
-offset, byte length, dtype, shape). Building one reads headers, never tensor
-data, and imports no torch: a catalog can be inspected, validated and planned
-over on a machine that cannot hold the model. ``catalog.tensor(name)`` is the
-one door to the data; it maps the file (see :mod:`sparsemap.mapped`).
+A :class:`Catalog` is a frozen description: each tensor name maps to a
+:class:`TensorEntry` (file, byte offset, byte length, dtype, shape), and each
+file to the :class:`FileStamp` it had when its header was parsed. Building one
+reads headers, never tensor data, and imports no torch: a catalog can be
+inspected, validated and planned over on a machine that cannot hold the model.
+The data is served by the torch side, :class:`sparsemap.Checkpoint`, which
+owns the mappings.
 """
 
 from __future__ import annotations
@@ -13,14 +15,9 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from .dtypes import ITEMSIZE
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
-    from ..mapped import Mapper
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -32,9 +29,9 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor's bytes are, and how to read them.
+class TensorEntry(NamedTuple):
+    """Where one tensor's bytes are, and how to read them. Immutable (a named tuple: cheap to define
+    at import and to build by the hundred thousand; ``entry._replace(name=...)`` makes a changed copy).
 
     Attributes:
         name: the tensor's name in the checkpoint.
@@ -132,24 +129,30 @@ class FileStamp(NamedTuple):
         return ", ".join(out)
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Catalog(Mapping[str, TensorEntry]):
-    """Every tensor of a checkpoint, by name; see :func:`sparsemap.open`.
+    """Every tensor of a checkpoint, by name; see :func:`sparsemap.open`. Frozen, torch-free.
+
+    Attributes:
+        source: the path opened (a file, or a shard index).
+        format: ``"safetensors"``, ``"torch-zip"``, ``"gguf"``, ``"sharded-<formats>"``, ...
+        entries: tensor name -> where its bytes are.
+        metadata: the file's string metadata (safetensors ``__metadata__``, GGUF scalars).
+        stamps: each file as it was when its header was parsed; the torch side
+            refuses a file that no longer matches (:class:`~sparsemap.errors.FileChangedError`).
 
     Example:
         >>> cat = sparsemap.open("model.safetensors")        # doctest: +SKIP
         >>> cat["embed.weight"].shape, cat["embed.weight"].offset
         ((50304, 768), 8192)
-        >>> w = cat.tensor("embed.weight")                     # a zero-copy view
+        >>> sparsemap.Checkpoint(cat).tensor("embed.weight")  # a zero-copy view (torch)
     """
 
     source: str
     format: str
-    entries: dict[str, TensorEntry]
-    metadata: dict[str, str] = field(default_factory=dict)
-    # Each file as it was when parsed: mapping checks it still is (see FileChangedError).
-    stamps: dict[str, FileStamp] = field(default_factory=dict, repr=False, compare=False)
-    _mapper: Mapper | None = field(default=None, repr=False, compare=False)
+    entries: Mapping[str, TensorEntry]
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    stamps: Mapping[str, FileStamp] = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:
         return (f"Catalog({self.source!r}, format={self.format!r}, tensors={len(self.entries)}, "
@@ -157,6 +160,9 @@ class Catalog(Mapping[str, TensorEntry]):
 
     def __getitem__(self, name: str) -> TensorEntry:
         return self.entries[name]
+
+    def __contains__(self, name: object) -> bool:  # the ABC's version goes through __getitem__ and a try
+        return name in self.entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.entries)
@@ -184,25 +190,6 @@ class Catalog(Mapping[str, TensorEntry]):
         for e in self.entries.values():
             need[e.file] = max(need.get(e.file, 0), e.end)
         return need
-
-    # The data door. Imports torch lazily so that the catalog itself stays torch-free.
-    def tensor(self, name: str, *, stored_order: bool = False) -> torch.Tensor:
-        """The tensor ``name``: a zero-copy view of the mapped file where possible.
-
-        Args:
-            stored_order: for a tensor whose rows were reordered by a usage
-                profile, return the zero-copy view in stored order (``entry.order``
-                maps it back) instead of a copy in logical order.
-        """
-        return self.mapper.tensor(self.entries[name], stored_order=stored_order)
-
-    @property
-    def mapper(self) -> Mapper:
-        if self._mapper is None:
-            from ..mapped import Mapper
-
-            self._mapper = Mapper(self)
-        return self._mapper
 
     def summary(self) -> dict[str, Any]:
         """Totals for reports: tensors, bytes, dtypes, files."""

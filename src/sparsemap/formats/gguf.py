@@ -36,9 +36,9 @@ from ..errors import (
     UnknownDtypeError,
     UnsupportedQuantizationError,
 )
-from .catalog import Catalog, TensorEntry
+from .catalog import Catalog, FileStamp, TensorEntry
+from .source import GGUF_MAGIC
 
-GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
 # Metadata value types: fixed sizes by type id (gguf.GGUFValueType); 8 = string, 9 = array.
@@ -236,8 +236,8 @@ def validate(f: Any, size: int, path: str) -> None:
                                      path=path, tensor=b)
 
 
-def open_gguf(path: str) -> Catalog:
-    """Index a GGUF file's tensors; read no tensor data."""
+def open_gguf(path: str, stamp: FileStamp) -> Catalog:
+    """Index a GGUF file's tensors; read no tensor data. ``stamp``: the file's version when opened."""
     from gguf import GGUFReader, GGUFValueType
 
     with open(path, "rb") as f:
@@ -280,7 +280,7 @@ def open_gguf(path: str) -> Catalog:
         if key.startswith("GGUF.") or not field.types or field.types[0] == GGUFValueType.ARRAY:
             continue
         metadata[key] = str(_scalar(field))
-    return Catalog(source=path, format="gguf", entries=entries, metadata=metadata)
+    return Catalog(source=path, format="gguf", entries=entries, metadata=metadata, stamps={path: stamp})
 
 
 def _scalar(field: Any) -> Any:

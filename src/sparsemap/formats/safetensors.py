@@ -33,9 +33,9 @@ from ..errors import (
     TruncatedFileError,
     UnknownDtypeError,
 )
-from .catalog import Catalog, TensorEntry
+from .catalog import Catalog, FileStamp, TensorEntry
 from .dtypes import ITEMSIZE
-from .layout import apply_layout
+from .reserved import LAYOUT_KEY
 
 # The reference implementation refuses headers over 100 MB; a header that big
 # would already be a denial of service for json.loads.
@@ -196,14 +196,18 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def open_safetensors(path: str) -> Catalog:
+def open_safetensors(path: str, stamp: FileStamp) -> Catalog:
     """Read and validate a safetensors file's header; map nothing.
 
     A file written by sparsemap's layout compiler comes back in its logical
-    form: padding dropped, special layouts given as strided views.
+    form: padding dropped, special layouts given as strided views. ``stamp``
+    is the file's version when opened (recorded in the catalog).
     """
     header, file_nbytes = read_header(path)
     entries, metadata = validate(header, file_nbytes, path)
-    entries = apply_layout(entries, metadata, path)
+    if LAYOUT_KEY in metadata:  # written by the layout compiler; other files never load its reader
+        from .layout import apply_layout
+
+        entries = apply_layout(entries, metadata, path)
     return Catalog(source=path, format="safetensors",
-                   entries={e.name: e for e in entries}, metadata=metadata)
+                   entries={e.name: e for e in entries}, metadata=metadata, stamps={path: stamp})

@@ -34,13 +34,9 @@ from ..errors import (
     UnknownDtypeError,
     UnsafePickleError,
 )
-from .catalog import Catalog, TensorEntry, contiguous_strides
-from .dtypes import ITEMSIZE
-
-ZIP_MAGIC = b"PK\x03\x04"
-# Any pickle of protocol 2 to 5 starts with PROTO n; torch.save's legacy format
-# is one (protocol 2, then a pickled magic number).
-PICKLE_PROTOS = tuple(bytes([0x80, n]) for n in range(2, 6))
+from .catalog import Catalog, FileStamp, TensorEntry, contiguous_strides
+from .dtypes import FROM_TORCH_NAME, ITEMSIZE
+from .source import LEGACY_HINT, PICKLE_PROTOS, ZIP_MAGIC
 
 # Legacy typed-storage classes name the element type.
 STORAGE_DTYPES: dict[str, str] = {
@@ -49,19 +45,6 @@ STORAGE_DTYPES: dict[str, str] = {
     "ByteStorage": "U8", "BoolStorage": "BOOL", "ComplexFloatStorage": "C64",
     "ComplexDoubleStorage": "C128",
 }
-# Newer checkpoints may name a torch dtype (``torch.float8_e4m3fn``) instead.
-TORCH_DTYPES: dict[str, str] = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-    "uint16": "U16", "uint32": "U32", "uint64": "U64", "complex64": "C64", "complex128": "C128",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e4m3fnuz": "F8_E4M3FNUZ",
-    "float8_e5m2fnuz": "F8_E5M2FNUZ", "float8_e8m0fnu": "F8_E8M0",
-}
-LEGACY_HINT = (
-    "convert it once, in an environment you trust, with "
-    "python -c \"import torch; torch.save(torch.load('OLD', weights_only=True), 'NEW.pt')\" "
-    "(or save it as safetensors)")
-
 
 # ---------------------------------------------------------------- inert records the pickle builds
 # pickle's BUILD opcode calls __setstate__, or writes into __dict__: a hostile
@@ -164,7 +147,8 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 for _name, _dtype in STORAGE_DTYPES.items():
     _ALLOWED[("torch", _name)] = _StorageType(_dtype)
-for _name, _dtype in TORCH_DTYPES.items():
+# Newer checkpoints may name a torch dtype (``torch.float8_e4m3fn``) instead.
+for _name, _dtype in FROM_TORCH_NAME.items():
     _ALLOWED[("torch", _name)] = _StorageType(_dtype)
 
 
@@ -195,15 +179,6 @@ class _WeightsUnpickler(pickle.Unpickler):
 
 # ---------------------------------------------------------------- the archive
 
-def sniff(prefix: bytes) -> str | None:
-    """``"zip"``, ``"legacy"`` or ``None`` from a file's first bytes."""
-    if prefix.startswith(ZIP_MAGIC):
-        return "zip"
-    if prefix.startswith(PICKLE_PROTOS):
-        return "legacy"
-    return None
-
-
 def _member_data_offset(raw: io.BufferedReader, info: zipfile.ZipInfo, path: str) -> int:
     # The central directory's extra field can differ from the local one (torch
     # pads the local extra field to align data), so read the local header.
@@ -232,13 +207,16 @@ def _read_member(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
                                      path=path) from None
 
 
-def open_torch_zip(path: str) -> Catalog:
-    """Index a torch zip checkpoint's tensors without reading their data or running pickle code."""
+def open_torch_zip(path: str, stamp: FileStamp) -> Catalog:
+    """Index a torch zip checkpoint's tensors without reading their data or running pickle code.
+
+    ``stamp`` is the file's version when opened (recorded in the catalog).
+    """
     with open(path, "rb") as raw:
-        kind = sniff(raw.read(4))
-        if kind == "legacy":
+        magic = raw.read(4)
+        if magic.startswith(PICKLE_PROTOS):
             raise LegacyPickleError(f"a legacy (pre-1.6, non-zip) torch pickle; {LEGACY_HINT}", path=path)
-        if kind != "zip":
+        if magic != ZIP_MAGIC:
             raise CorruptCheckpointError("not a zip archive", path=path)
         raw.seek(0, io.SEEK_END)
         file_nbytes = raw.tell()
@@ -297,7 +275,7 @@ def open_torch_zip(path: str) -> Catalog:
                             f"of the file ({file_nbytes} bytes)", path=path, tensor=name)
                     storages[st.key] = (start, member.file_size)
                 entries[name] = _entry(name, rec, storages[st.key], path)
-    return Catalog(source=path, format="torch-zip", entries=entries)
+    return Catalog(source=path, format="torch-zip", entries=entries, stamps={path: stamp})
 
 
 def _short(value: Any, limit: int = 120) -> str:

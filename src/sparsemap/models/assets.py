@@ -18,11 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import SparsemapError
-
-
-class AssetError(SparsemapError):
-    """A model asset could not be fetched or extracted."""
+from ..errors import AssetError
 
 
 @dataclass(frozen=True)

@@ -21,50 +21,54 @@ from typing import Any
 
 from .. import memory
 from ..errors import BadInputError, SourceNotFoundError
+from ..formats.source import ModelSource, resolve_source
 
 ALIASES = {"smollm2": "SmolLM2-135M-Instruct", "smollm2-135m-instruct": "SmolLM2-135M-Instruct"}
 
 
-def resolve_model(model: str) -> Path:
-    """A path, or the name of a model sparsemap knows (fetched and converted on first use)."""
-    name = ALIASES.get(model.lower())
+def resolve_model(model: str | Path | ModelSource) -> ModelSource:
+    """What a model argument holds: a path, or the name of a model sparsemap knows (fetched and
+    converted on first use). No torch.
+
+    Raises:
+        SourceNotFoundError: no such path and no such name.
+    """
+    if isinstance(model, ModelSource):
+        return model
+    name = ALIASES.get(str(model).lower())
     if name is not None and not Path(model).exists():
         from . import smollm2
 
-        return smollm2.prepare()
-    path = Path(model)
-    if not path.exists():
+        return resolve_source(smollm2.prepare())
+    if not Path(model).exists():
         raise SourceNotFoundError(f"no such model file or folder (known names: {', '.join(sorted(ALIASES))})",
-                                  path=path)
-    return path
+                                  path=Path(model))
+    return resolve_source(model)
 
 
-def check_model(path: Path) -> None:
+def check_model(source: ModelSource) -> None:
     """Refuse what is not a model before anything heavy runs (no torch): clear errors, exit code 2."""
-    from ..formats.resolve import open_catalog
-    from .gguf_llama import find_gguf, hf_catalog
+    from ..formats.dispatch import open_catalog
+    from .gguf_llama import hf_catalog
 
-    gguf = find_gguf(path)
-    if gguf is not None:
-        hf_catalog(open_catalog(gguf))  # the architecture and tensor names must map to transformers'
-        return
-    open_catalog(path)  # the weights: missing shards, malformed files, not a checkpoint at all
-    folder = path if path.is_dir() else path.parent
-    if not (folder / "config.json").is_file():
-        raise SourceNotFoundError("no config.json next to the weights", path=folder)
+    catalog = open_catalog(source)  # the weights: missing shards, malformed files, not a checkpoint at all
+    if source.is_gguf:
+        hf_catalog(catalog)  # the architecture and tensor names must map to transformers'
+    elif source.config is None:
+        raise SourceNotFoundError("no config.json next to the weights", path=source.folder)
 
 
-def load_tokenizer(path: Path) -> Any:
+def load_tokenizer(source: ModelSource) -> Any:
+    """transformers' tokenizer of the model: from the folder, or built from a GGUF's header."""
     from transformers import AutoTokenizer
 
-    folder = path if path.is_dir() else path.parent
     try:
-        if path.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
-        return AutoTokenizer.from_pretrained(folder)
+        if source.is_gguf:
+            return AutoTokenizer.from_pretrained(source.folder, gguf_file=Path(source.weights).name)
+        return AutoTokenizer.from_pretrained(source.folder)
     except (OSError, ValueError) as e:
         raise BadInputError(f"no usable tokenizer next to the model ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]})", path=folder) from None
+                            f"{str(e).splitlines()[0][:200]})", path=source.folder) from None
 
 
 class TransformersEngine:
@@ -72,15 +76,15 @@ class TransformersEngine:
 
     libraries = "transformers"
 
-    def __init__(self, load_model: Callable[[Path], Any]) -> None:
+    def __init__(self, load_model: Callable[[ModelSource], Any]) -> None:
         self.load_model = load_model
 
     def import_libraries(self) -> None:
         # transformers imports lazily: name the classes so their modules load here.
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
-    def load_tokenizer(self, path: Path) -> Any:
-        return load_tokenizer(path)
+    def load_tokenizer(self, source: ModelSource) -> Any:
+        return load_tokenizer(source)
 
     def prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
         if not getattr(tokenizer, "chat_template", None):
@@ -129,15 +133,15 @@ class LeanEngine:
         import jinja2  # noqa: F401
         import tokenizers  # noqa: F401
 
-    def load_tokenizer(self, path: Path) -> Any:
+    def load_tokenizer(self, source: ModelSource) -> Any:
         from .llama import ChatTokenizer
 
-        return ChatTokenizer(path if path.is_dir() else path.parent)
+        return ChatTokenizer(Path(source.folder))
 
-    def load_model(self, path: Path) -> Any:
+    def load_model(self, source: ModelSource) -> Any:
         from .llama import load
 
-        return load(path if path.is_dir() else path.parent, dtype=self.dtype)
+        return load(source, dtype=self.dtype)
 
     def prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
         return list(tokenizer.prompt_ids(prompt))
@@ -150,28 +154,30 @@ class LeanEngine:
         return str(tokenizer.decode(ids))
 
 
-def pick_engine(path: Path, engine: str, dtype: Any = None) -> TransformersEngine | LeanEngine:
+def pick_engine(model: str | Path | ModelSource, engine: str,
+                dtype: Any = None) -> TransformersEngine | LeanEngine:
     """``lean`` for Llama folders with a tokenizer.json (``auto``), else transformers."""
     if engine == "transformers":
         return TransformersEngine(sparsemap_loader(dtype))
-    reason = _lean_refusal(path)
+    source = resolve_model(model)
+    reason = _lean_refusal(source)
     if engine == "lean" and reason is not None:
         raise BadInputError(f"the lean engine cannot run this model: {reason} (use --engine transformers)",
-                            path=path)
+                            path=source.path)
     return LeanEngine(dtype) if reason is None else TransformersEngine(sparsemap_loader(dtype))
 
 
-def _lean_refusal(path: Path) -> str | None:
-    """Why the lean engine cannot run ``path`` (``auto`` then falls back to transformers), or ``None``."""
+def _lean_refusal(source: ModelSource) -> str | None:
+    """Why the lean engine cannot run ``source`` (``auto`` then falls back to transformers), or ``None``."""
     from .llama import read_config, unsupported
 
-    if path.suffix == ".gguf" or not path.is_dir():
-        return "it runs converted folders, not single files (convert a GGUF with `sparsemap convert`)"
-    if not (path / "tokenizer.json").is_file():
+    if source.is_gguf:
+        return "it runs converted folders, not GGUF files (convert a GGUF with `sparsemap convert`)"
+    if source.tokenizer is None:
         return "the folder has no tokenizer.json"
-    if not (path / "config.json").is_file():
+    if source.config is None:
         return "the folder has no config.json"
-    return unsupported(read_config(path))
+    return unsupported(read_config(Path(source.folder)))
 
 
 def answer(engine: TransformersEngine | LeanEngine, model: str, prompt: str, *,
@@ -184,17 +190,17 @@ def answer(engine: TransformersEngine | LeanEngine, model: str, prompt: str, *,
     weights + prompt + first token): what a user waits for.
     """
     tracker = tracker or memory.PhaseTracker()
-    path = resolve_model(model)
-    check_model(path)
+    source = resolve_model(model)
+    check_model(source)
     with tracker.phase("import torch"):
         import torch  # noqa: F401
     with tracker.phase(f"import {engine.libraries}"):
         engine.import_libraries()
     load_start = time.perf_counter()
     with tracker.phase("tokenizer"):
-        tokenizer = engine.load_tokenizer(path)
+        tokenizer = engine.load_tokenizer(source)
     with tracker.phase("weights"):
-        lm = engine.load_model(path)
+        lm = engine.load_model(source)
     ids = engine.prompt_ids(tokenizer, prompt)
     new: list[int] = []
     shown = [""]
@@ -216,7 +222,7 @@ def answer(engine: TransformersEngine | LeanEngine, model: str, prompt: str, *,
     first = first_token_at[0] if first_token_at else end
     decode_tokens = max(len(tokens) - 1, 0)
     report = {
-        "model": str(path), "engine": type(engine).__name__, "prompt": prompt,
+        "model": source.path, "engine": type(engine).__name__, "prompt": prompt,
         "answer": engine.decode(tokenizer, tokens), "tokens": tokens, "new_tokens": len(tokens),
         "load_s": sum(p.seconds for p in tracker.phases if p.name in ("tokenizer", "weights")),
         "first_token_s": first - load_start,
@@ -227,25 +233,22 @@ def answer(engine: TransformersEngine | LeanEngine, model: str, prompt: str, *,
     return report
 
 
-def sparsemap_loader(dtype: Any = None) -> Callable[[Path], Any]:
-    def load_model(path: Path) -> Any:
+def sparsemap_loader(dtype: Any = None) -> Callable[[ModelSource], Any]:
+    def load_model(source: ModelSource) -> Any:
         from .hf import from_pretrained
 
-        return from_pretrained(path, dtype=dtype)
+        return from_pretrained(source, dtype=dtype)
 
     return load_model
 
 
-def transformers_gguf_loader(path: Path) -> Any:
+def transformers_gguf_loader(source: ModelSource) -> Any:
     """transformers' own loading of a GGUF file (dequantizes every tensor into memory)."""
     from transformers import AutoModelForCausalLM
 
-    from .gguf_llama import find_gguf
-
-    gguf = find_gguf(path)
-    if gguf is None:
-        raise SourceNotFoundError("no single .gguf file here", path=path)
-    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    if not source.is_gguf:
+        raise SourceNotFoundError("transformers' GGUF loading needs a GGUF file", path=source.path)
+    return AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=Path(source.weights).name).eval()
 
 
 def run_child(way: str, model: str, prompt: str, max_new_tokens: int) -> dict[str, Any]:
@@ -291,7 +294,7 @@ def _child_main(argv: list[str]) -> None:
     if way == "transformers":
         engine: TransformersEngine | LeanEngine = TransformersEngine(transformers_gguf_loader)
     else:  # "sparsemap" (auto), "sparsemap-lean", "sparsemap-transformers"
-        engine = pick_engine(resolve_model(model), {"sparsemap-transformers": "transformers"}.get(way, "auto"))
+        engine = pick_engine(model, {"sparsemap-transformers": "transformers"}.get(way, "auto"))
     report = answer(engine, model, prompt, max_new_tokens=int(max_new), tracker=tracker)
     print(json.dumps(report))
 

@@ -12,11 +12,9 @@ which loads zero-copy.
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from pathlib import Path
 
-from ..errors import FormatError
+from ..errors import GGUFArchitectureError
 from ..formats.catalog import Catalog, TensorEntry
 
 GLOBAL_NAMES = {
@@ -37,21 +35,6 @@ LAYER_NAMES = {
 }
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
 SUPPORTED_ARCHITECTURES = ("llama",)
-
-
-class GGUFArchitectureError(FormatError):
-    """The GGUF file's architecture or tensor names are not ones sparsemap maps to transformers."""
-
-
-def find_gguf(path: Path) -> Path | None:
-    """The GGUF a model path means: the file itself, or the one .gguf in a folder without config.json."""
-    if path.is_file() and path.suffix == ".gguf":
-        return path
-    if path.is_dir() and not (path / "config.json").exists():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return ggufs[0]
-    return None
 
 
 def hf_name(name: str) -> str | None:
@@ -104,8 +87,9 @@ def hf_catalog(catalog: Catalog) -> Catalog:
             order = rotary_order(e.shape[0], n_heads)
         elif hf.endswith("k_proj.weight"):
             order = rotary_order(e.shape[0], n_kv_heads)
-        entries[hf] = dataclasses.replace(e, name=hf, order=order, order_dim=0)
-    return Catalog(source=catalog.source, format="gguf:hf-llama", entries=entries, metadata=dict(meta))
+        entries[hf] = e._replace(name=hf, order=order, order_dim=0)
+    return Catalog(source=catalog.source, format="gguf:hf-llama", entries=entries, metadata=dict(meta),
+                   stamps=catalog.stamps)
 
 
 def llama_config_kwargs(catalog: Catalog) -> dict[str, object]:

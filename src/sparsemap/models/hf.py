@@ -11,7 +11,6 @@ header, tensors renamed to transformers' names, dequantized on access).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,33 +18,36 @@ from torch import nn
 
 from ..errors import BadInputError, SourceNotFoundError
 from ..formats.catalog import Catalog
-from ..formats.resolve import open_catalog
+from ..formats.dispatch import open_catalog
+from ..formats.source import ModelSource, resolve_source
 from ..loader import Skip, load, skeleton, skip_predicate
-from .gguf_llama import find_gguf, hf_catalog, llama_config_kwargs
+from .gguf_llama import hf_catalog, llama_config_kwargs
 
 
-def resolve(source: str | os.PathLike[str], config: Any = None) -> tuple[Catalog, Any]:
-    """The catalog (with transformers' names) and the transformers config of a source."""
+def resolve(source: str | os.PathLike[str] | ModelSource, config: Any = None) -> tuple[Catalog, Any]:
+    """The catalog (with transformers' names) and the transformers config of a source.
+
+    What the path holds is decided by :func:`~sparsemap.formats.source.resolve_source`:
+    GGUF weights come with their header as the config and are renamed (and
+    their q/k rows put back in transformers' order); other weights need a
+    ``config.json`` beside them, or ``config=``.
+    """
     from transformers import AutoConfig, LlamaConfig
 
-    path = Path(source)
-    if not path.exists():
-        raise SourceNotFoundError("no such file or folder", path=path)
-    gguf = find_gguf(path)
-    if gguf is not None:
-        raw = open_catalog(gguf)
+    src = source if isinstance(source, ModelSource) else resolve_source(source)
+    if src.is_gguf:
+        raw = open_catalog(src)
         return hf_catalog(raw), config or LlamaConfig(**llama_config_kwargs(raw))
     if config is None:
-        folder = path if path.is_dir() else path.parent
-        if not (folder / "config.json").is_file():
-            raise SourceNotFoundError(f"no config.json next to the weights; pass config= (looked in {folder})",
-                                      path=path)
+        if src.config is None:
+            raise SourceNotFoundError(f"no config.json next to the weights; pass config= (looked in "
+                                      f"{src.folder})", path=src.path)
         try:
-            config = AutoConfig.from_pretrained(folder)
+            config = AutoConfig.from_pretrained(src.folder)
         except ValueError as e:  # an unknown model_type, a malformed config
             raise BadInputError(f"transformers cannot read config.json: {str(e).splitlines()[0][:200]}",
-                                path=folder / "config.json") from None
-    return open_catalog(path), config
+                                path=src.config) from None
+    return open_catalog(src), config
 
 
 def _model_class(config: Any) -> type[nn.Module]:
@@ -77,7 +79,7 @@ def _ignored(model: nn.Module, skip: Skip) -> Skip:
                          or any(p.search(name) for p in patterns))
 
 
-def from_pretrained(source: str | os.PathLike[str], *, config: Any = None, dtype: torch.dtype | None = None,
+def from_pretrained(source: str | os.PathLike[str] | ModelSource, *, config: Any = None, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", model_class: type[nn.Module] | None = None,
                     skip: Skip = None, strict: bool = True) -> nn.Module:
     """A transformers model with weights mapped from ``source``, in eval mode.
@@ -97,15 +99,15 @@ def from_pretrained(source: str | os.PathLike[str], *, config: Any = None, dtype
         >>> model = sparsemap.from_pretrained("SmolLM2-135M-Instruct/")      # doctest: +SKIP
         >>> model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=8)
     """
-    catalog, config = resolve(source, config)
+    src = source if isinstance(source, ModelSource) else resolve_source(source)
+    catalog, config = resolve(src, config)
     cls = model_class or _model_class(config)
     with skeleton():
         model = cls(config)
     load(model, catalog, device=device, dtype=dtype, skip=_ignored(model, skip), strict=strict)
     model.eval()
-    folder = Path(source) if Path(source).is_dir() else Path(source).parent
-    if hasattr(model, "generation_config") and (folder / "generation_config.json").is_file():
+    if hasattr(model, "generation_config") and src.generation_config is not None:
         from transformers import GenerationConfig
 
-        model.generation_config = GenerationConfig.from_pretrained(folder)
+        model.generation_config = GenerationConfig.from_pretrained(src.folder)
     return model

@@ -11,6 +11,7 @@ zero-copy, and a golden test checks that both generate the same tokens.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BadInputError
+from ..formats.source import ModelSource, resolve_source
 
 
 @dataclass(frozen=True)
@@ -257,13 +259,16 @@ class Llama(nn.Module):
         return out
 
 
-def load(folder: Path, dtype: torch.dtype | None = None) -> Llama:
-    """The lean model with weights mapped from ``folder`` (zero-copy when dtype matches)."""
+def load(source: str | os.PathLike[str] | ModelSource, dtype: torch.dtype | None = None) -> Llama:
+    """The lean model with weights mapped from ``source`` (a folder, or its resolved source),
+    zero-copy when dtype matches."""
     from ..loader import load as load_weights
 
-    s = LlamaShape.from_folder(folder)
-    # Old checkpoints saved rotary caches; this runtime computes them.
-    return load_weights(Llama(s), folder, dtype=dtype, skip=["*.rotary_emb.inv_freq"]).eval()  # built on meta already: no skeleton needed
+    if not isinstance(source, ModelSource):
+        source = resolve_source(source)
+    s = LlamaShape.from_folder(Path(source.folder))
+    # Old checkpoints saved rotary caches; this runtime computes them. Built on meta already: no skeleton.
+    return load_weights(Llama(s), source, dtype=dtype, skip=["*.rotary_emb.inv_freq"]).eval()
 
 
 class ChatTokenizer:

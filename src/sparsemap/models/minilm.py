@@ -37,10 +37,10 @@ def build_model(folder: str | os.PathLike[str]) -> BertModel:
     """
     from transformers import BertConfig, BertModel
 
-    import sparsemap
+    from .hf import from_pretrained
 
     config = BertConfig.from_pretrained(folder)
-    return sparsemap.from_pretrained(folder, config=config, model_class=BertModel)
+    return from_pretrained(folder, config=config, model_class=BertModel)
 
 
 def mean_pooled(model: BertModel, tokenizer: Any, sentences: list[str], max_length: int = 256) -> torch.Tensor:

@@ -40,7 +40,7 @@ def prepare(*, quiet: bool = False) -> Path:
     if (target / ".complete").is_file():
         return target
     from ..converter import convert
-    from ..formats.resolve import open_catalog
+    from ..formats.dispatch import open_catalog
 
     gguf = gguf_path(quiet=quiet)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ Used by benchmarks and tests to show what a process does when memory is
 really short (the kernel reclaims page cache, then kills). The group is a child
 of the cgroup this process is in, created on entry and removed on exit.
 Page cache is charged to the group that first touches a page, so make a file
-cold before a limited run, or the limit measures nothing. No torch here.
+cold before a limited run (:func:`.disk.make_cold`), or the limit measures nothing. No torch here.
 """
 
 from __future__ import annotations
@@ -15,13 +15,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import SparsemapError
+from ..errors import CgroupUnavailable
 
 ROOT = Path("/sys/fs/cgroup")
-
-
-class CgroupUnavailable(SparsemapError):
-    """No memory cgroup can be created here (not Linux, not root, no memory controller...)."""
 
 
 def _own_group() -> tuple[str, Path]:

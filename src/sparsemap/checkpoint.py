@@ -1,0 +1,214 @@
+"""The torch side of a checkpoint: its files mapped, its tensors served as views.
+
+A :class:`~sparsemap.formats.catalog.Catalog` says where every tensor's bytes
+are and imports no torch. A :class:`Checkpoint` is what reads them: it maps
+each file on first use (one copy-on-write mapping per file, see
+:mod:`sparsemap.mapped`) and serves each tensor as a zero-copy view of it.
+Every consumer of tensor data (loading, converting, streaming, sparse rows)
+takes a Checkpoint, or anything :meth:`Checkpoint.of` turns into one: a path,
+a catalog. That is the one place a source is normalised.
+
+Copies happen only where a view cannot serve: quantized GGUF data
+(dequantized), data whose offset is not a multiple of its element size, and
+rows a usage profile reordered, put back in logical order (unless
+``stored_order=True``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+
+from .formats.catalog import Catalog, TensorEntry
+from .formats.dispatch import open_catalog
+from .formats.source import ModelSource
+from .mapped import FileMapping, map_file, release_pages, torch_dtype
+
+Source = str | os.PathLike[str] | ModelSource | Catalog
+
+
+class Checkpoint(Mapping[str, torch.Tensor]):
+    """A checkpoint's files, mapped on first use, and its tensors as zero-copy views.
+
+    A lazy state dict: ``ckpt[name]`` is ``ckpt.tensor(name)``, so
+    ``model.load_state_dict(ckpt, assign=True)`` works as with a dict (the
+    entries, offsets and dtypes are in ``ckpt.catalog``). Owns its mappings
+    (each mapping owns the row state of its tensors). Views keep their mapping
+    alive on their own, so a tensor outlives the checkpoint that served it.
+    Thread-safe.
+
+    Args:
+        source: a checkpoint path (anything :func:`sparsemap.open` reads), a
+            resolved :class:`~sparsemap.formats.source.ModelSource`, or a catalog.
+
+    Example:
+        >>> ckpt = sparsemap.Checkpoint("model.safetensors")      # doctest: +SKIP
+        >>> w = ckpt.tensor("embed.weight")                        # a view of the mapped file
+        >>> ckpt.catalog["embed.weight"].offset
+        8192
+        >>> model.load_state_dict(ckpt, assign=True)               # every tensor, zero-copy
+    """
+
+    def __init__(self, source: Source) -> None:
+        self.catalog: Catalog = source if isinstance(source, Catalog) else open_catalog(source)
+        self._required = self.catalog.required_nbytes()
+        self._maps: dict[str, FileMapping | None] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, source: Source | Checkpoint) -> Checkpoint:
+        """``source`` itself if it is a Checkpoint, else a new one over it."""
+        return source if isinstance(source, Checkpoint) else cls(source)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.catalog!r}, mapped={len(self.mapped_ranges())} of {len(self.files)} files)"
+
+    def close(self) -> None:
+        """Let go of this checkpoint's mappings; views already served keep theirs alive (and stay valid).
+
+        A file is unmapped when nothing refers to its mapping any more. Serving
+        a tensor after ``close()`` maps the file again.
+        """
+        with self._lock:
+            self._maps.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ the catalog's names
+
+    @property
+    def source(self) -> str:
+        return self.catalog.source
+
+    @property
+    def format(self) -> str:
+        return self.catalog.format
+
+    @property
+    def files(self) -> list[str]:
+        return self.catalog.files
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.catalog)
+
+    def __len__(self) -> int:
+        return len(self.catalog)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.catalog
+
+    # ------------------------------------------------------------ mappings
+
+    def mapping(self, path: str) -> FileMapping | None:
+        """The mapping of ``path`` (made now if it is the first use); ``None`` for an empty file."""
+        with self._lock:
+            if path not in self._maps:
+                self._maps[path] = map_file(path, self._required.get(path, 0), self.catalog.stamps.get(path))
+            return self._maps[path]
+
+    def mapped_ranges(self) -> dict[str, tuple[int, int]]:
+        """``{file: (address, nbytes)}`` of each mapping made so far."""
+        with self._lock:
+            return {path: (mm.address, len(mm)) for path, mm in self._maps.items() if mm is not None}
+
+    def owns(self, t: torch.Tensor) -> bool:
+        """Whether ``t``'s data lies inside one of this checkpoint's mappings (i.e. it is zero-copy)."""
+        ptr = t.data_ptr()
+        return t.device.type == "cpu" and any(base <= ptr < base + n for base, n in self.mapped_ranges().values())
+
+    def release(self, t: torch.Tensor, *, drop_cache: bool = False) -> int:
+        """Give back the pages of a view served here (they fault back from the file); bytes released."""
+        return release_pages(t, drop_cache=drop_cache) if self.owns(t) else 0
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`~sparsemap.errors.FileChangedError` if a mapped file changed: one ``fstat`` each."""
+        with self._lock:
+            mappings = [mm for mm in self._maps.values() if mm is not None]
+        for mm in mappings:
+            mm.check_unchanged()
+
+    # ------------------------------------------------------------ tensors
+
+    def tensor(self, name: str, *, stored_order: bool = False) -> torch.Tensor:
+        """The tensor ``name``: a zero-copy view of the mapped file where possible.
+
+        Checks first that its file is still the one parsed (a view of a
+        truncated file is SIGBUS on first touch): one ``fstat``.
+
+        Args:
+            name: the tensor's name in the catalog.
+            stored_order: for a tensor whose rows were reordered by a usage
+                profile, return the zero-copy view in stored order (the
+                entry's ``order`` maps it back) instead of a copy in logical order.
+
+        Raises:
+            KeyError: no such tensor.
+            FileChangedError: its file was modified, truncated or replaced since it was parsed.
+        """
+        return self._serve(self.catalog[name], stored_order=stored_order, check=True)
+
+    def tensors(self, names: Iterable[str] | None = None, *,
+                stored_order: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` for each of ``names`` (default: all), lazily, one check per file.
+
+        What loading uses: each file is checked once, when its first tensor is
+        served, not once per tensor.
+        """
+        checked: set[str] = set()
+        for name in self.catalog if names is None else names:
+            entry = self.catalog[name]
+            fresh = entry.file not in checked
+            checked.add(entry.file)
+            yield name, self._serve(entry, stored_order=stored_order, check=fresh)
+
+    def _serve(self, entry: TensorEntry, *, stored_order: bool, check: bool) -> torch.Tensor:
+        view = self._stored(entry, check=check)
+        if entry.order is None or stored_order:
+            return view
+        # stored slice k is logical slice order[k]: logical i is stored inverse[i]
+        inverse = torch.empty(len(entry.order), dtype=torch.int64)
+        inverse[torch.tensor(entry.order, dtype=torch.int64)] = torch.arange(len(entry.order))
+        return view.index_select(entry.order_dim, inverse)
+
+    def _stored(self, entry: TensorEntry, *, check: bool) -> torch.Tensor:
+        """The entry as stored: a view of the mapping (a copy if quantized or misaligned)."""
+        dtype = torch_dtype(entry.dtype, path=entry.file, tensor=entry.name)
+        if entry.numel == 0:
+            # frombuffer refuses count=0; an empty tensor owns no bytes anyway.
+            return torch.empty(entry.shape, dtype=dtype)
+        mm = self.mapping(entry.file)
+        assert mm is not None  # a non-empty tensor implies a non-empty file
+        if check:
+            mm.check_unchanged()
+        if entry.encoding is not None:
+            return _dequantize(mm, entry)
+        flat = torch.frombuffer(mm, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset)
+        if entry.offset % dtype.itemsize != 0:
+            flat = flat.clone()  # misaligned for this dtype; torch kernels assume alignment
+        view = flat.view(dtype)
+        view = view.as_strided(entry.shape, entry.strides) if entry.strides is not None else view.view(entry.shape)
+        if entry.row_span is not None:
+            mm.record_row_span(view, entry.row_span)
+        return view
+
+
+def _dequantize(mm: FileMapping, entry: TensorEntry) -> torch.Tensor:
+    """A quantized GGUF tensor as float32: a copy, made by the ``gguf`` package."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    raw = np.frombuffer(mm, dtype=np.uint8, count=entry.nbytes, offset=entry.offset)
+    qtype = GGMLQuantizationType[entry.encoding]  # type: ignore[misc]
+    values = dequantize(raw.reshape(-1), qtype)  # (numel,) float32
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(entry.shape)

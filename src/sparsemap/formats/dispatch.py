@@ -1,0 +1,75 @@
+"""``sparsemap.open``: hand a resolved source to its format's reader, and stamp what was read. No torch.
+
+Which file and which format come from :func:`~sparsemap.formats.source.resolve_source`;
+this module only dispatches. The readers are imported on first use, so
+``import sparsemap`` does not pay for zip, pickle or GGUF support it may never use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from ..errors import FileChangedError
+from .catalog import Catalog, FileStamp
+from .source import ModelSource, resolve_source, sniff_format
+
+
+def open_catalog(path: str | os.PathLike[str] | ModelSource) -> Catalog:
+    """Index the checkpoint at ``path`` (a file, an index, or a folder) without reading tensor data.
+
+    Args:
+        path: a ``.safetensors`` file, a torch zip checkpoint (``.pt``, ``.pth``,
+            ``.bin``), a ``.gguf`` file, a ``*.index.json`` shard index, a
+            folder holding one of these under a Hugging Face file name, or a
+            :class:`~sparsemap.formats.source.ModelSource` already resolved.
+
+    Returns:
+        A frozen :class:`~sparsemap.formats.catalog.Catalog`, with each file's stamp.
+
+    Raises:
+        SourceNotFoundError: nothing there, or a folder with no checkpoint.
+        UnknownFormatError: a file in no format we read.
+        FormatError: a file in a known format that breaks its rules (a subclass names the rule).
+        FileChangedError: a file changed while its header was read.
+
+    Example:
+        >>> cat = sparsemap.open("SmolLM2/")            # doctest: +SKIP
+        >>> len(cat), cat.format
+        (272, 'safetensors')
+    """
+    source = path if isinstance(path, ModelSource) else resolve_source(path)
+    if source.format == "sharded":
+        from .sharded import open_sharded
+
+        return open_sharded(source.weights, open_file=_open_shard)
+    return _open_file(source.weights, source.format)
+
+
+def _open_shard(path: str) -> Catalog:
+    return _open_file(path, sniff_format(path))
+
+
+def _reader(fmt: str) -> Callable[[str, FileStamp], Catalog]:
+    if fmt == "safetensors":
+        from .safetensors import open_safetensors
+
+        return open_safetensors
+    if fmt == "torch-zip":
+        from .torchzip import open_torch_zip
+
+        return open_torch_zip
+    assert fmt == "gguf", fmt  # resolve_source names no other single-file format
+    from .gguf import open_gguf
+
+    return open_gguf
+
+
+def _open_file(path: str, fmt: str) -> Catalog:
+    """Parse one file, recording which version of it was parsed (refusing one that changed meanwhile)."""
+    before = FileStamp.of(path)
+    catalog = _reader(fmt)(path, before)
+    after = FileStamp.of(path)
+    if after != before:
+        raise FileChangedError(f"changed while its header was read: {before.differences(after)}", path=path)
+    return catalog

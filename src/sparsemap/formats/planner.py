@@ -1,0 +1,465 @@
+"""The planner: every stored tensor of a laid-out file, its offset, and the views that undo it. No torch.
+
+Planning needs names, shapes and dtypes only, so a conversion is decided (and
+its size, padding and layout errors known) before any tensor data is touched,
+on a machine that may not hold the model. :func:`plan` turns a list of
+:class:`Spec` and a :class:`Layout` into a :class:`Plan`: the stored
+:class:`Record` of each tensor in file order (alignment gaps become padding
+tensors), the :class:`~sparsemap.formats.layout.LayoutView` of each tensor in
+a special layout, and the finished safetensors header. :mod:`sparsemap.writer`
+then streams the data into it.
+
+Every special layout is one stored ``(n_rows, row stride)`` matrix whose rows
+hold one or more logical tensors side by side:
+
+- ``rows``: a tensor's rows, each padded so rows share no page needlessly
+  (rows of a page or more start on a page; smaller rows are padded to a power
+  of two so a page holds a whole number of them), or reordered by a usage profile;
+- ``transpose``: a 2-D tensor's columns as rows (a down projection's neurons);
+- ``bundle``: one FFN neuron's gate row, up row and down column in one record.
+
+Dtypes are safetensors names (``"F32"``, ``"BF16"``); sizes and
+floating-ness come from :mod:`sparsemap.formats.dtypes`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from ..errors import LayoutOptionError
+from .catalog import contiguous_strides
+from .dtypes import FLOATING, ITEMSIZE, name_of
+from .layout import LayoutDocument, LayoutView
+from .reserved import LAYOUT_KEY, PAD_PREFIX, SUFFIXES, is_reserved
+
+# Rows are padded to at most a 64 KiB page (the largest base page in use, arm64's)
+# even when tensors are aligned to 2 MiB huge pages: 2 MiB rows would multiply the file.
+MAX_ROW_PAGE = 64 << 10
+
+FFN_FAMILIES = (
+    # (gate, up, down): each a suffix after the layer prefix; down is stored transposed.
+    ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"),  # Llama
+    (None, "intermediate.dense.weight", "output.dense.weight"),  # BERT
+    ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"),  # GGUF
+)
+
+
+# ---------------------------------------------------------------- the options
+
+@dataclass(frozen=True, init=False)
+class Layout:
+    """How tensors are laid out in a written file. Options are keyword-only.
+
+    Attributes:
+        align: byte alignment of the data section and of every tensor
+            (4 KiB pages by default; 16 KiB or 64 KiB for other page sizes, 2 MiB
+            for huge pages). A power of two.
+        dtype: cast floating-point tensors to this dtype while writing. Given
+            as a torch dtype (``torch.bfloat16``) or a name (``"bfloat16"``,
+            ``"BF16"``); stored as the safetensors name (``"BF16"``).
+        pad_rows: glob patterns of tensors whose rows are padded so each row
+            starts on a page (rows of a page or more), or a page holds a whole
+            number of rows (smaller rows, padded to a power of two). One
+            pattern may be given as a plain string.
+        transpose: glob patterns of 2-D tensors stored transposed, so a column
+            (one FFN neuron of a down projection) becomes a row.
+        bundle_ffn: store each FFN neuron's gate, up and down weights as one
+            padded record (Llama's ``mlp.{gate,up,down}_proj``, BERT's
+            ``intermediate.dense`` and ``output.dense``; down is transposed).
+        page: the page rows are padded to; default ``min(align, 64 KiB)``.
+        reorder: usage counts per row, by tensor name (``{"emb.weight": [count
+            of row 0, count of row 1, ...]}``; for a transposed or bundled
+            down projection, one count per neuron). Rows are stored hottest
+            first, so rows used together share pages. Loading undoes the order
+            with a copy; sparse consumers read the stored order without one.
+
+    Example:
+        >>> Layout(dtype="bfloat16", pad_rows="*embed_tokens*").dtype, Layout().row_page
+        ('BF16', 4096)
+    """
+
+    align: int
+    dtype: str | None
+    pad_rows: tuple[str, ...]
+    transpose: tuple[str, ...]
+    bundle_ffn: bool
+    page: int | None
+    reorder: Mapping[str, Sequence[float]] | None
+
+    def __init__(self, *, align: int = 4096, dtype: object = None, pad_rows: str | Iterable[str] = (),
+                 transpose: str | Iterable[str] = (), bundle_ffn: bool = False, page: int | None = None,
+                 reorder: Mapping[str, Sequence[float]] | None = None) -> None:
+        # The one place options are normalised; the planner reads only the normalised fields.
+        for what, value in (("align", align), ("page", page)):
+            if value is not None and (value <= 0 or value & (value - 1)):
+                raise LayoutOptionError(f"{what} must be a power of two, got {value}")
+        name = None
+        if dtype is not None:
+            try:
+                name = name_of(dtype)
+            except KeyError:
+                raise LayoutOptionError(f"dtype must be a torch dtype or a safetensors dtype name, "
+                                        f"got {dtype!r}") from None
+        set_ = object.__setattr__  # frozen: assign once, here
+        set_(self, "align", align)
+        set_(self, "dtype", name)
+        set_(self, "pad_rows", _patterns("pad_rows", pad_rows))
+        set_(self, "transpose", _patterns("transpose", transpose))
+        set_(self, "bundle_ffn", bool(bundle_ffn))
+        set_(self, "page", page)
+        set_(self, "reorder", dict(reorder) if reorder is not None else None)
+
+    @property
+    def row_page(self) -> int:
+        """The page padded rows are fitted to."""
+        return self.page or min(self.align, MAX_ROW_PAGE)
+
+    def output_dtype(self, dtype: str) -> str:
+        """The dtype a tensor of ``dtype`` is written as: the cast applies to floating-point tensors only."""
+        return self.dtype if self.dtype is not None and dtype in FLOATING else dtype
+
+    def document(self, views: dict[str, LayoutView]) -> LayoutDocument:
+        """The layout document a file written with these options and ``views`` records."""
+        return LayoutDocument(align=self.align, page=self.row_page, dtype=self.dtype, pad_rows=self.pad_rows,
+                              transpose=self.transpose, bundle_ffn=self.bundle_ffn,
+                              reorder=tuple(sorted(self.reorder or {})), views=views)
+
+
+def _patterns(what: str, value: str | Iterable[str]) -> tuple[str, ...]:
+    # A bare string is one pattern, not a sequence of one-character patterns ("*" among them).
+    patterns = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(p, str) for p in patterns):
+        raise LayoutOptionError(f"{what} must be glob patterns (strings), got {list(patterns)!r}")
+    return patterns
+
+
+# ---------------------------------------------------------------- what goes in the file
+
+@dataclass(frozen=True)
+class Spec:
+    """What the planner needs to know of a source tensor, without its data.
+
+    Attributes:
+        name: the tensor's name; also its name in the file unless stored in a special layout.
+        shape: its shape.
+        dtype: its safetensors dtype name (``"F32"``); see :mod:`sparsemap.formats.dtypes`.
+        identity: equal (and not ``None``) for tensors that share their bytes
+            (tied weights); the first is stored, the others become aliases.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    identity: object = None
+
+
+@dataclass(frozen=True)
+class Part:
+    """One logical tensor inside a row record: its rows, or its columns if transposed."""
+
+    name: str
+    transposed: bool
+    col_offset: int  # elements into the record's row
+    n_cols: int  # elements it adds to each record row
+
+
+@dataclass(frozen=True)
+class Record:
+    """One stored tensor of the output, as the header lists it.
+
+    Attributes:
+        name: its name in the file (suffixed for a special layout, see :data:`SUFFIXES`).
+        dtype: safetensors dtype name, after any cast.
+        shape: its stored shape; ``(n_rows, row stride)`` for a row record.
+        kind: ``"plain"``, ``"rows"``, ``"transpose"``, ``"bundle"`` or ``"pad"``.
+        parts: for a row record, the logical tensors side by side in each row.
+        offset: bytes from the start of the data section.
+        order: for reordered rows, stored row ``k`` holds logical row ``order[k]``.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    kind: str
+    parts: tuple[Part, ...] = ()
+    offset: int = 0
+    order: tuple[int, ...] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A file decided down to the byte, before any data is read.
+
+    Attributes:
+        records: every stored tensor in file order, padding tensors included.
+        views: logical name -> view, for each tensor not stored plainly under its own name.
+        header: the safetensors header (JSON, padded with spaces), without its 8-byte length.
+        data_start: byte offset of the data section in the file (a multiple of the alignment).
+    """
+
+    records: tuple[Record, ...]
+    views: dict[str, LayoutView]
+    header: bytes
+    data_start: int
+
+    @property
+    def file_nbytes(self) -> int:
+        last = self.records[-1] if self.records else None
+        return self.data_start + (last.offset + last.nbytes if last else 0)
+
+    @property
+    def padding_nbytes(self) -> int:
+        """Bytes of the file that hold no tensor value: padding tensors, row padding, header padding."""
+        pad = sum(r.nbytes for r in self.records if r.kind == "pad")
+        for r in self.records:
+            if r.parts:
+                n_rows, stride = r.shape  # (n_rows, row stride)
+                pad += (stride - sum(p.n_cols for p in r.parts)) * n_rows * ITEMSIZE[r.dtype]
+        return pad + (self.data_start - 8 - len(self.header.rstrip(b" ")))
+
+
+# ---------------------------------------------------------------- planning
+
+def plan(specs: Sequence[Spec], layout: Layout, metadata: Mapping[str, str] | None = None) -> Plan:
+    """Decide every stored tensor, its offset and the layout views; touch no data.
+
+    Args:
+        specs: the source tensors, in the order they are written (bundles go first).
+        layout: alignment, cast and special layouts.
+        metadata: extra ``__metadata__`` strings (``"format": "pt"`` is added if absent).
+
+    Returns:
+        The :class:`Plan`: records, views and header.
+
+    Raises:
+        LayoutOptionError: a name reserved or given twice, an unknown dtype, a
+            layout these tensors cannot take (a 3-D tensor transposed, a bundle
+            whose members disagree, a profile of the wrong length), or bad metadata.
+
+    Example:
+        >>> p = plan([Spec("emb", (50, 12), "F32"), Spec("bias", (12,), "F32")], Layout(pad_rows="emb"))
+        >>> p.views["emb"].stored, p.views["emb"].strides, p.data_start, p.file_nbytes
+        ('emb@rows', (16, 1), 4096, 8240)
+    """
+    by_name = _index(specs)
+    _check_metadata(metadata)
+    records, views = _stored(specs, by_name, layout)
+    laid = _place(records, layout.align)
+    header, data_start = _header(laid, views, layout, metadata)
+    return Plan(tuple(laid), views, header, data_start)
+
+
+def _index(specs: Sequence[Spec]) -> dict[str, Spec]:
+    """Specs by name, refusing what would make a file that does not reopen as the same tensors."""
+    by_name: dict[str, Spec] = {}
+    suffixes = ", ".join(s for s in SUFFIXES.values() if s)
+    for s in specs:
+        if s.name in by_name:
+            raise LayoutOptionError(f"{s.name}: two tensors have this name")
+        # Stored names of special layouts and padding tensors live in a namespace
+        # of their own, so a source tensor can never collide with one.
+        if is_reserved(s.name):
+            raise LayoutOptionError(f"{s.name}: names starting with {PAD_PREFIX!r} or ending in "
+                                    f"{suffixes} are reserved for stored layouts")
+        if s.dtype not in ITEMSIZE:
+            raise LayoutOptionError(f"{s.name}: dtype {s.dtype!r} has no safetensors name")
+        if not all(type(d) is int and d >= 0 for d in s.shape):
+            raise LayoutOptionError(f"{s.name}: shape must be non-negative integers, got {list(s.shape)}")
+        by_name[s.name] = s
+    return by_name
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> None:
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise LayoutOptionError(f"metadata must map strings to strings, got {key!r}: {value!r}")
+        if key == LAYOUT_KEY:
+            raise LayoutOptionError(f"metadata key {LAYOUT_KEY!r} is the planner's to write")
+
+
+def _stored(specs: Sequence[Spec], by_name: dict[str, Spec],
+            layout: Layout) -> tuple[list[Record], dict[str, LayoutView]]:
+    """The stored records (unplaced, in write order) and the views of tensors not stored plainly."""
+    records: list[Record] = []
+    views: dict[str, LayoutView] = {}
+    bundled: set[str] = set()
+    if layout.bundle_ffn:
+        for members in _ffn_bundles(by_name):
+            names = [s.name for s, _ in members]
+            if bundled.intersection(names):
+                continue  # already in another family's bundle
+            stored = _common_prefix(names) + SUFFIXES["bundle"]
+            if any(r.name == stored for r in records):  # prefixes such as "a." and "a_" strip to one name
+                raise LayoutOptionError(f"{stored}: two FFN bundles would be stored under this name")
+            record, member_views = _row_record(stored, "bundle", members, layout, pad=True)
+            records.append(record)
+            views.update(member_views)
+            bundled.update(names)
+    stored_by_identity: dict[object, Spec] = {}  # tied tensors: the one written
+    for s in specs:
+        if s.name in bundled:
+            continue
+        first = stored_by_identity.get(s.identity) if s.identity is not None else None
+        if first is not None:
+            views[s.name] = _tied_view(s, first, views.get(first.name))
+            continue
+        if s.identity is not None:
+            stored_by_identity[s.identity] = s
+        record, own_views = _own_record(s, layout)
+        records.append(record)
+        views.update(own_views)
+    return records, views
+
+
+def _own_record(s: Spec, layout: Layout) -> tuple[Record, dict[str, LayoutView]]:
+    """The record of a tensor stored on its own: plainly, transposed, or as (padded, reordered) rows."""
+    if _matches(s.name, layout.transpose):  # 2-D only: _row_record refuses any other
+        return _row_record(s.name + SUFFIXES["transpose"], "transpose", [(s, True)], layout,
+                           pad=_matches(s.name, layout.pad_rows))
+    # A 1-D tensor's rows are single elements: padding them would only waste space.
+    pad = _matches(s.name, layout.pad_rows) and len(s.shape) >= 2
+    reordered = s.name in (layout.reorder or {}) and len(s.shape) >= 1
+    if pad or reordered:
+        return _row_record(s.name + SUFFIXES["rows"], "rows", [(s, False)], layout, pad=pad)
+    return Record(s.name, layout.output_dtype(s.dtype), s.shape, "plain"), {}
+
+
+def _row_record(stored: str, kind: str, members: list[tuple[Spec, bool]], layout: Layout, *,
+                pad: bool) -> tuple[Record, dict[str, LayoutView]]:
+    """One stored ``(n_rows, row stride)`` matrix holding ``members`` side by side, and a view of each.
+
+    ``members`` are ``(spec, transposed)``: a member's rows (or, transposed,
+    its columns) are laid next to the others' in each stored row.
+    """
+    dtypes = {layout.output_dtype(s.dtype) for s, _ in members}
+    if len(dtypes) != 1:
+        raise LayoutOptionError(f"{stored}: cannot bundle tensors of different dtypes {sorted(dtypes)}")
+    dtype = dtypes.pop()
+    itemsize = ITEMSIZE[dtype]
+    parts: list[Part] = []
+    n_rows: int | None = None
+    n_cols = 0  # elements of one stored row before padding
+    for s, transposed in members:
+        if transposed and len(s.shape) != 2:
+            raise LayoutOptionError(f"{s.name}: only 2-D tensors can be transposed, shape is {list(s.shape)}")
+        rows_here = s.shape[1] if transposed else s.shape[0]
+        cols = s.shape[0] if transposed else math.prod(s.shape[1:])
+        if n_rows is not None and rows_here != n_rows:
+            raise LayoutOptionError(f"{stored}: {s.name} has {rows_here} rows, the others {n_rows}")
+        n_rows = rows_here
+        parts.append(Part(s.name, transposed, n_cols, cols))
+        n_cols += cols
+    assert n_rows is not None  # members is never empty
+    stride = _row_stride(n_cols * itemsize, itemsize, layout.row_page) if pad else n_cols
+    order = _row_order([s.name for s, _ in members], n_rows, layout.reorder or {})
+    record = Record(stored, dtype, (n_rows, stride), kind, tuple(parts), order=order)  # (n_rows, stride)
+    views = {}
+    for (s, _), p in zip(members, parts, strict=True):
+        # A transposed member's logical row i is stored column i: step 1 along it, a stored row across.
+        strides = (1, stride) if p.transposed else (stride, *contiguous_strides(s.shape[1:]))
+        order_dim = 1 if p.transposed and order is not None else 0
+        views[s.name] = LayoutView(stored, kind, p.col_offset, s.shape, strides, order, order_dim)
+    return record, views
+
+
+def _tied_view(s: Spec, first: Spec, first_view: LayoutView | None) -> LayoutView:
+    """The view of ``s``, whose bytes are those of ``first`` (already planned)."""
+    if (s.shape, s.dtype) != (first.shape, first.dtype):
+        raise LayoutOptionError(f"{s.name}: tied to {first.name!r} but is {s.dtype} {list(s.shape)}, "
+                                f"it {first.dtype} {list(first.shape)}")
+    if first_view is not None:
+        return first_view  # the first has a special layout: share its recipe
+    return LayoutView(first.name, "alias", 0, s.shape, contiguous_strides(s.shape))
+
+
+def _place(records: list[Record], align: int) -> list[Record]:
+    """Records with their offsets: each starts on an ``align`` boundary; gaps become padding tensors."""
+    laid: list[Record] = []
+    cursor = 0
+    for r in records:
+        # An empty tensor needs no alignment, and aligning it would make a gap for nothing.
+        start = _round_up(cursor, align) if r.nbytes else cursor
+        if start > cursor:
+            laid.append(Record(f"{PAD_PREFIX}{len(laid)}", "U8", (start - cursor,), "pad", offset=cursor))
+        laid.append(replace(r, offset=start))
+        cursor = start + r.nbytes
+    return laid
+
+
+def _header(laid: list[Record], views: dict[str, LayoutView], layout: Layout,
+            metadata: Mapping[str, str] | None) -> tuple[bytes, int]:
+    """``(header, data start)``: the header padded with spaces (allowed by the format) to align the data."""
+    meta = dict(metadata or {})
+    meta.setdefault("format", "pt")
+    if views or any(r.kind == "pad" for r in laid) or layout.align > 1:
+        meta[LAYOUT_KEY] = layout.document(views).to_json()
+    doc: dict[str, object] = {"__metadata__": meta}
+    for r in laid:
+        doc[r.name] = {"dtype": r.dtype, "shape": list(r.shape),
+                       "data_offsets": [r.offset, r.offset + r.nbytes]}
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    data_start = _round_up(8 + len(header), layout.align)
+    return header + b" " * (data_start - 8 - len(header)), data_start
+
+
+# ---------------------------------------------------------------- helpers
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _row_stride(row_nbytes: int, itemsize: int, page: int) -> int:
+    """Row stride in elements: a multiple of the page, or a power of two dividing it (0 for empty rows)."""
+    if row_nbytes == 0:
+        return 0
+    if row_nbytes >= page:
+        stride = _round_up(row_nbytes, page)
+    else:
+        stride = max(1 << (row_nbytes - 1).bit_length(), itemsize)
+    return stride // itemsize
+
+
+def _ffn_bundles(specs: Mapping[str, Spec]) -> list[list[tuple[Spec, bool]]]:
+    """Groups of ``(spec, transposed)`` forming FFN neuron bundles, family by family."""
+    bundles = []
+    for gate, up, down in FFN_FAMILIES:
+        for name in specs:
+            if not name.endswith(up):
+                continue
+            prefix = name[: -len(up)]
+            members = [(prefix + gate, False)] if gate else []
+            members += [(prefix + up, False), (prefix + down, True)]
+            if all(m in specs for m, _ in members):
+                bundles.append([(specs[m], transposed) for m, transposed in members])
+    return bundles
+
+
+def _common_prefix(names: list[str]) -> str:
+    prefix = os.path.commonprefix(names)
+    return prefix.rstrip("._") or names[0]
+
+
+def _row_order(members: list[str], n_rows: int,
+               profile: Mapping[str, Sequence[float]]) -> tuple[int, ...] | None:
+    """Stored-row order from the first member with a profile: hottest first, ties in row order."""
+    for m in members:
+        counts = profile.get(m)
+        if counts is None:
+            continue
+        if len(counts) != n_rows:
+            raise LayoutOptionError(f"{m}: usage profile has {len(counts)} counts for {n_rows} rows")
+        return tuple(sorted(range(n_rows), key=lambda i: -counts[i]))
+    return None
