@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup models demo test bench clean
+.PHONY: setup models demo test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,11 @@ models: $(STAMP)
 demo: models
 	$(VENV)/bin/sparsemap demo
 
-test: models
+test: models lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks fuzz
 
 bench: $(STAMP)
 	$(VENV)/bin/sparsemap bench llama-1b --memory-limit none,50% --repeat 3 \

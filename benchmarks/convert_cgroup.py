@@ -84,7 +84,8 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 peak, kills = group.peak_nbytes(), group.oom_kills()
             inner = re.search(r" in ([0-9.]+) s,", proc.stdout)
-            run = {"exit": proc.returncode, "seconds": seconds, "convert_s": float(inner.group(1)) if inner else None,
+            run = {"exit": proc.returncode, "seconds": seconds,
+                   "convert_s": float(inner.group(1)) if inner else None,
                    "cgroup_peak": peak, "oom_kills": kills,
                    "source_cached_before": cached, "stdout": proc.stdout.strip()[-300:],
                    "stderr": proc.stderr.strip()[-300:]}
@@ -103,8 +104,8 @@ def main() -> None:
     lines = [f"source: {src_nbytes / 1e9:.2f} GB bf16 safetensors; memory limit {limit / 2**20:.0f} MiB; "
              f"cold sequential pread {cold / 1e6:.0f} MB/s, durable write {write_speed / 1e6:.0f} MB/s "
              f"(medians of {len(cold_reads)}, same run)", "",
-             "| layout | runs ok | wall s (incl. start-up) | convert s | MB/s | vs cold read | vs disk write | "
-             "cgroup peak MiB | OOM kills | output GB | bit-identical |",
+             "| layout | runs ok | wall s (incl. start-up) | convert s | MB/s | vs cold read | "
+             "vs disk write | cgroup peak MiB | OOM kills | output GB | bit-identical |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for name, runs in results.items():
@@ -113,18 +114,21 @@ def main() -> None:
         inner = statistics.median(r["convert_s"] for r in good) if good else float("nan")
         mbps = src_nbytes / 1e6 / inner if good else 0.0
         checked = [r.get("bit_identical") for r in good if "bit_identical" in r]
-        summary[name] = {"runs": len(runs), "ok": len(good), "median_s": med, "convert_s": inner, "MBps": mbps,
-                         "ratio_to_cold_read": mbps * 1e6 / cold, "ratio_to_write": mbps * 1e6 / write_speed,
+        summary[name] = {"runs": len(runs), "ok": len(good), "median_s": med, "convert_s": inner,
+                         "MBps": mbps, "ratio_to_cold_read": mbps * 1e6 / cold,
+                         "ratio_to_write": mbps * 1e6 / write_speed,
                          "cgroup_peak_max": max((r["cgroup_peak"] or 0) for r in runs),
-                         "oom_kills": sum(r["oom_kills"] for r in runs), "bit_identical": all(checked) and bool(checked)}
+                         "oom_kills": sum(r["oom_kills"] for r in runs),
+                         "bit_identical": all(checked) and bool(checked)}
         s = summary[name]
         lines.append(f"| {name} | {s['ok']}/{s['runs']} | {med:.1f} | {inner:.1f} | {mbps:.0f} | "
                      f"{s['ratio_to_cold_read']:.2f}x | {s['ratio_to_write']:.2f}x | "
                      f"{s['cgroup_peak_max'] / 2**20:.0f} | {s['oom_kills']} | "
-                     f"{(good[0]['dst_nbytes'] / 1e9) if good else 0:.2f} | {'yes' if s['bit_identical'] else 'NO'} |")
+                     f"{(good[0]['dst_nbytes'] / 1e9) if good else 0:.2f} | "
+                    f"{'yes' if s['bit_identical'] else 'NO'} |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"source_nbytes": src_nbytes, "limit": limit, "cold_read_Bps": cold_reads,
-                                           "write_Bps": writes,
+    Path(args.json).write_text(json.dumps({"source_nbytes": src_nbytes, "limit": limit,
+                                           "cold_read_Bps": cold_reads, "write_Bps": writes,
                                            "summary": summary, "runs": results}, indent=1))
     print("\n".join(lines))
 

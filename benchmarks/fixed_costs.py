@@ -1,4 +1,5 @@
-"""Fixed costs: ``import sparsemap`` + ``sparsemap.load`` against safetensors' ``load_file`` + ``load_state_dict``.
+"""Fixed costs: ``import sparsemap`` + ``sparsemap.load`` against safetensors'
+``load_file`` + ``load_state_dict``.
 
 What a user pays before any weight is read: importing the library and
 turning a checkpoint's header into a model's parameters. Each way runs in a
@@ -101,8 +102,8 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {w: [] for w in WAYS}
     for r in range(args.repeat):
         for way in WAYS if r % 2 == 0 else reversed(WAYS):
-            proc = subprocess.run([sys.executable, "-c", CHILD, way, str(path), str(spec)], capture_output=True,
-                                  text=True, env=env, check=False)
+            proc = subprocess.run([sys.executable, "-c", CHILD, way, str(path), str(spec)],
+                                  capture_output=True, text=True, env=env, check=False)
             if proc.returncode != 0:
                 raise SystemExit(f"{way} failed:\n{proc.stderr[-2000:]}")
             runs[way].append(json.loads(proc.stdout.strip().splitlines()[-1]))

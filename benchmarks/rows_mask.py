@@ -52,7 +52,8 @@ def run(path: Path, repeat: int, label: str) -> None:
         ctl.evict(rows)
         evict_drops.append((before - Snapshot.take().rss) / (len(rows) * COLS * 4))
         assert torch.equal(t, reference)
-    print(f"| {label} | {repeat} | {statistics.median(mask_ms):.1f} | {100 * statistics.median(drops):.1f}% | "
+    print(f"| {label} | {repeat} | {statistics.median(mask_ms):.1f} | "
+          f"{100 * statistics.median(drops):.1f}% | "
           f"{100 * statistics.median(page_sp):.1f}% | {statistics.median(restore_ms):.1f} | "
           f"{100 * statistics.median(evict_drops):.1f}% | yes |")
 

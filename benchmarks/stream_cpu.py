@@ -1,4 +1,5 @@
-"""Streaming a 2.2 GB checkpoint into anonymous memory, cold cache, against the disk's cold read speed (issue 7).
+"""Streaming a 2.2 GB checkpoint into anonymous memory, cold cache, against the
+disk's cold read speed (issue 7).
 
 The checkpoint is `sparsemap bench`'s llama-1b (random bf16 weights, written
 once by safetensors). Each round, interleaved so drift hits all alike, and for each way: the
@@ -58,8 +59,8 @@ nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
 print(json.dumps({"seconds": seconds, "nbytes": nbytes, "base_anon": base, **extra}))
 """
 
-WAYS = ["stream:256M:2:auto", "stream:256M:4:auto", "stream:64M:2:auto", "stream:256M:2:off", "stream:256M:2:on",
-        "mapped+copy", "safetensors load_file+copy"]
+WAYS = ["stream:256M:2:auto", "stream:256M:4:auto", "stream:64M:2:auto", "stream:256M:2:off",
+        "stream:256M:2:on", "mapped+copy", "safetensors load_file+copy"]
 
 
 def main() -> None:
@@ -86,7 +87,8 @@ def main() -> None:
                        vs_cold_read=out["nbytes"] / out["seconds"] / cold,
                        anon_beyond_destination=m.peak_anon - out["base_anon"] - out["nbytes"])
             row["runs"][way] = out
-            print(f"round {r + 1}: {way:26s} {out['gb_per_s']:.2f} GB/s = {out['vs_cold_read']:.2f} x cold read "
+            print(f"round {r + 1}: {way:26s} {out['gb_per_s']:.2f} GB/s = "
+                  f"{out['vs_cold_read']:.2f} x cold read "
                   f"({cold / 1e9:.2f} GB/s just before); anon beyond destination "
                   f"{out['anon_beyond_destination'] / 2**20:+.0f} MiB", file=sys.stderr)
         rounds.append(row)
@@ -101,8 +103,8 @@ def main() -> None:
     for way, m in medians.items():
         print(f"{way:24s} {m['seconds']:7.2f} {m['gb_per_s']:6.2f} {m['vs_cold_read']:12.2f} "
               f"{m['anon_beyond_destination'] / 2**20:21.0f}")
-    Path(args.json).write_text(json.dumps({"machine": machine(path, cold), "file": str(path), "rounds": rounds,
-                                           "medians": medians}, indent=1))
+    Path(args.json).write_text(json.dumps({"machine": machine(path, cold), "file": str(path),
+                                           "rounds": rounds, "medians": medians}, indent=1))
     print(f"wrote {args.json}")
 
 

@@ -146,7 +146,8 @@ def test_file_too_short_for_its_header_when_mapped(model_file: Path) -> None:
 
     size = model_file.stat().st_size
     os.truncate(model_file, size - 4)
-    with pytest.raises(errors.TruncatedFileError, match=f"file is {size - 4} bytes but its tensors need {size}"):
+    with pytest.raises(errors.TruncatedFileError,
+                       match=f"file is {size - 4} bytes but its tensors need {size}"):
         map_file(str(model_file), size)
 
 

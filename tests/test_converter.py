@@ -153,7 +153,8 @@ def test_convert_gguf_dequantizes(tmp_path: Path) -> None:
     assert not torch.equal(want["q8"], want["plain"])  # quantization is lossy: this checks the decoder
     cat = assert_converted(dst, want)
     assert_summary(summary, dst, 3)
-    assert cat.catalog["q8"].encoding is None and cat.catalog["q8"].dtype == "F32"  # a plain tensor now: mappable
+    # q8 is a plain tensor now: mappable
+    assert cat.catalog["q8"].encoding is None and cat.catalog["q8"].dtype == "F32"
     assert cat.catalog.metadata["sparsemap.source_format"] == "gguf"
 
 

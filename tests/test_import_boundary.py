@@ -34,10 +34,11 @@ PACKAGE = "sparsemap"
 # Modules whose import must not import torch, directly or through the package.
 TORCH_FREE = (
     "sparsemap", "sparsemap.errors", "sparsemap.units", "sparsemap.pages", "sparsemap.memory",
-    "sparsemap.durable", "sparsemap.cli", "sparsemap.formats.*", "sparsemap.models", "sparsemap.models.assets",
-    "sparsemap.models.gguf_llama", "sparsemap.models.smollm2", "sparsemap.models.generate",
-    "sparsemap.models.minilm", "sparsemap.models.demo", "sparsemap.bench", "sparsemap.bench.measure",
-    "sparsemap.bench.cgroup", "sparsemap.bench.disk", "sparsemap.bench.report", "sparsemap.bench.runner",
+    "sparsemap.durable", "sparsemap.cli", "sparsemap.formats.*", "sparsemap.models",
+    "sparsemap.models.assets", "sparsemap.models.gguf_llama", "sparsemap.models.smollm2",
+    "sparsemap.models.generate", "sparsemap.models.minilm", "sparsemap.models.demo", "sparsemap.bench",
+    "sparsemap.bench.measure", "sparsemap.bench.cgroup", "sparsemap.bench.disk", "sparsemap.bench.report",
+    "sparsemap.bench.runner",
 )
 
 # The pipeline, bottom up. A module may import from its own layer or a lower one, never a higher one.
@@ -47,8 +48,8 @@ LAYERS = (
     ("sparsemap.pages", "sparsemap.durable"),
     ("sparsemap.mapped",),
     ("sparsemap.checkpoint",),
-    ("sparsemap.loader", "sparsemap.writer", "sparsemap.converter", "sparsemap.sparse_rows", "sparsemap.stream",
-     "sparsemap.lifecycle"),
+    ("sparsemap.loader", "sparsemap.writer", "sparsemap.converter", "sparsemap.sparse_rows",
+     "sparsemap.stream", "sparsemap.lifecycle"),
     ("sparsemap.models.*", "sparsemap.models"),
     ("sparsemap.bench.*", "sparsemap.bench"),
     ("sparsemap.cli", "sparsemap"),
@@ -117,9 +118,8 @@ def imports(tree: ast.Module, module: str, *, lazy: bool) -> list[tuple[int, str
                     visit(handler.body)
                 visit(node.orelse)
                 visit(node.finalbody)
-            elif isinstance(node, ast.With | ast.For | ast.While):
-                visit(node.body)
-            elif lazy and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            elif (isinstance(node, ast.With | ast.For | ast.While)
+                  or (lazy and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef))):
                 visit(node.body)
 
     visit(tree.body)
@@ -163,13 +163,13 @@ def test_the_walker_resolves_relative_and_lazy_imports() -> None:
               "try:\n    import torch\nexcept ImportError:\n    pass\n")
     tree = ast.parse(source)
     eager = [m for _, m in imports(tree, "sparsemap.formats.catalog", lazy=False)]
-    assert eager == ["os", "torch.nn", "torch", "sparsemap.errors", "sparsemap.formats.dtypes", "sparsemap.mapped",
-                     "torch"]
+    assert eager == ["os", "torch.nn", "torch", "sparsemap.errors", "sparsemap.formats.dtypes",
+                     "sparsemap.mapped", "torch"]
     every = [m for _, m in imports(tree, "sparsemap.formats.catalog", lazy=True)]
     assert "sparsemap.checkpoint" in every and "sparsemap.checkpoint" not in eager
     # In a package's __init__, "." is the package itself.
-    assert [m for _, m in imports(ast.parse("from .catalog import Catalog\n"), "sparsemap.formats", lazy=False)] \
-        == ["sparsemap.formats.catalog"]
+    assert [m for _, m in imports(ast.parse("from .catalog import Catalog\n"), "sparsemap.formats",
+                                  lazy=False)] == ["sparsemap.formats.catalog"]
 
 
 # ---------------------------------------------------------------- torch stays out
@@ -181,7 +181,8 @@ def torch_free_modules() -> list[str]:
 @pytest.mark.parametrize("module", torch_free_modules())
 def test_importing_does_not_reach_torch(module: str) -> None:
     chains = eager_closure(module)
-    leaks = [" -> ".join(chain) for name, chain in chains.items() if name == "torch" or name.startswith("torch.")]
+    leaks = [" -> ".join(chain) for name, chain in chains.items()
+             if name == "torch" or name.startswith("torch.")]
     assert not leaks, f"importing {module} imports torch: {leaks[0]}"
 
 
@@ -220,8 +221,8 @@ def test_import_sparsemap_loads_no_parser_it_may_not_need() -> None:
             "'numpy'))))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     loaded = set(eval(out.stdout))  # a list literal printed by the child
-    assert not loaded & {"sparsemap.formats.torchzip", "sparsemap.formats.gguf", "sparsemap.formats.safetensors",
-                         "gguf", "zipfile", "numpy"}, sorted(loaded)
+    assert not loaded & {"sparsemap.formats.torchzip", "sparsemap.formats.gguf",
+                         "sparsemap.formats.safetensors", "gguf", "zipfile", "numpy"}, sorted(loaded)
 
 
 # ---------------------------------------------------------------- the pipeline's direction
@@ -263,7 +264,7 @@ def test_no_import_cycles() -> None:
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle = path[path.index(nxt):] + [nxt]
+                cycle = [*path[path.index(nxt):], nxt]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt, [*path, nxt])

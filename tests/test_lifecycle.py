@@ -44,14 +44,16 @@ def test_to_mapped_gives_the_anonymous_memory_back(tmp_path: Path) -> None:
         returned = sparsemap.to_mapped(model, {str(tmp_path / "weights.safetensors")!r})
         gc.collect()
         after = Snapshot.take().anon
-        mapped = all(mapping_of(p, n) is not None and isinstance(p, nn.Parameter) for n, p in model.named_parameters())
+        mapped = all(mapping_of(p, n) is not None and isinstance(p, nn.Parameter)
+                     for n, p in model.named_parameters())
         with torch.no_grad():
             same = torch.equal(model(x), before_out)
         print(json.dumps({{"nbytes": nbytes, "fell": before - after, "is_model": returned is model,
                           "mapped": mapped, "same": same, "run_anon": Snapshot.take().anon - after}}))
     """)
     assert r["nbytes"] >= 256 * MiB
-    assert r["fell"] >= 0.9 * r["nbytes"], f"anonymous memory fell {r['fell'] / MiB:.0f} MiB of {r['nbytes'] / MiB:.0f}"
+    assert r["fell"] >= 0.9 * r["nbytes"], (f"anonymous memory fell {r['fell'] / MiB:.0f} MiB of "
+                                            f"{r['nbytes'] / MiB:.0f}")
     assert r["is_model"] and r["mapped"] and r["same"]
     assert r["run_anon"] < 32 * MiB  # running it reads file pages, it does not copy them
 
@@ -175,7 +177,7 @@ def test_tied_names_dropped_together_count_their_pages_once(tmp_path: Path) -> N
 
 def test_dropping_an_unknown_parameter_raises_key_error(tmp_path: Path) -> None:
     model = mapped_model(tmp_path)
-    with pytest.raises(KeyError, match="0.nope"):
+    with pytest.raises(KeyError, match=r"0.nope"):
         sparsemap.drop(model, ["0.nope"])
     assert model[0].weight.device.type == "cpu"
 
@@ -183,5 +185,5 @@ def test_dropping_an_unknown_parameter_raises_key_error(tmp_path: Path) -> None:
 def test_dropping_a_name_under_an_unknown_module_raises_key_error(tmp_path: Path) -> None:
     # Regression: get_submodule's AttributeError escaped.
     model = mapped_model(tmp_path)
-    with pytest.raises(KeyError, match="nope.weight"):
+    with pytest.raises(KeyError, match=r"nope.weight"):
         sparsemap.drop(model, ["nope.weight"])

@@ -435,7 +435,7 @@ def test_readers_see_true_values_while_rows_are_evicted_masked_and_restored(tmp_
         def run(seed: int) -> None:
             try:
                 fn(np.random.default_rng(seed))
-            except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            except BaseException as e:  # reported by the main thread
                 errors.append(e)
                 stop.set()
         return run

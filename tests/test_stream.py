@@ -1,4 +1,5 @@
-"""sparsemap.stream: the bounded ring of host buffers, tested with a CPU destination (and a GPU where present)."""
+"""sparsemap.stream: the bounded ring of host buffers, tested with a CPU destination
+(and a GPU where present)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def every_dtype(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize(("staging", "readers", "direct"), [
-    ("256M", 2, None), ("64K", 3, None), (PAGE, 1, False), (PAGE, 4, False), ("1M", 2, True), ("1M", 2, False)])
+    ("256M", 2, None), ("64K", 3, None), (PAGE, 1, False), (PAGE, 4, False), ("1M", 2, True),
+    ("1M", 2, False)])
 def test_streamed_tensors_are_bit_identical(every_dtype: Path, staging: object, readers: int,
                                             direct: bool | None) -> None:
     want = load_file(every_dtype)
@@ -62,7 +64,7 @@ def test_chunk_plan_covers_every_byte_once(every_dtype: Path) -> None:
     for c in chunks:
         assert 0 < c.nbytes <= 64 << 10
         for p in c.pieces:
-            assert 0 <= p.src and p.src + p.nbytes <= c.nbytes
+            assert p.src >= 0 and p.src + p.nbytes <= c.nbytes
             assert p.dst == covered.get(p.name, 0)  # pieces of a tensor arrive in order, no holes
             covered[p.name] = p.dst + p.nbytes
     assert covered == {e.name: e.nbytes for e in catalog.values() if e.nbytes}
@@ -102,7 +104,8 @@ def test_reader_error_surfaces_and_no_thread_survives(tmp_path: Path) -> None:
 
 def test_bad_arguments_are_refused(every_dtype: Path) -> None:
     catalog = sparsemap.open(every_dtype)
-    for kwargs in ({"staging": "lots"}, {"staging": 0}, {"staging": 100}, {"readers": 0}, {"names": ["nope"]}):
+    for kwargs in ({"staging": "lots"}, {"staging": 0}, {"staging": 100}, {"readers": 0},
+                   {"names": ["nope"]}):
         with pytest.raises(BadInputError):
             stream_tensors(catalog, **kwargs)  # type: ignore[arg-type]
     assert parse_size("256M") == 256 << 20 and parse_size("1.5G") == 3 << 29 and parse_size("64KiB") == 65536
@@ -121,7 +124,8 @@ def test_host_anonymous_memory_stays_within_the_ring(tmp_path: Path) -> None:
         base = rss_anon()
         with AnonSampler() as sampler:
             tensors, report = stream_tensors(catalog, staging="64M", readers=2, drop_cache=True)
-        ok = all(bool((t[0, :8] == __import__("torch").arange(8, dtype=t.dtype)).all()) for t in tensors.values())
+        ok = all(bool((t[0, :8] == __import__("torch").arange(8, dtype=t.dtype)).all())
+                 for t in tensors.values())
         print(json.dumps({{"growth": sampler.peak - base, "nbytes": report.nbytes, "ok": ok}}))
     """, timeout=300)
     assert result["ok"]
@@ -129,7 +133,8 @@ def test_host_anonymous_memory_stays_within_the_ring(tmp_path: Path) -> None:
     assert beyond <= (64 << 20) + (64 << 20), f"{beyond / 2**20:.0f} MiB beyond the destination"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the pinned-buffer GPU path needs one")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device: the pinned-buffer GPU path needs one")
 def test_gpu_destination_is_bit_identical(every_dtype: Path) -> None:
     got, report = stream_tensors(sparsemap.open(every_dtype), device="cuda:0", staging="1M", readers=2)
     for name, t in load_file(every_dtype).items():

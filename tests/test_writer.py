@@ -325,17 +325,17 @@ def test_empty_tensors_in_row_layouts(tmp_path: Path, tensors: dict[str, torch.T
 
 def test_refused_inputs_name_the_tensor(tmp_path: Path) -> None:
     path = tmp_path / "x.safetensors"
-    with pytest.raises(LayoutOptionError, match="'cube'|cube: only 2-D"):
+    with pytest.raises(LayoutOptionError, match=r"'cube'|cube: only 2-D"):
         sparsemap.save({"cube": torch.zeros(2, 3, 4)}, path, layout=Layout(transpose=("cube",)))
     with pytest.raises(LayoutOptionError, match="m: on the meta device"):
         sparsemap.save({"m": torch.empty(3, device="meta")}, path)
     with pytest.raises(LayoutOptionError, match="n: not a tensor"):
         sparsemap.save({"n": [1, 2]}, path)  # type: ignore[dict-item]
-    with pytest.raises(LayoutOptionError, match="c: dtype torch.bits8 has no safetensors name"):
+    with pytest.raises(LayoutOptionError, match=r"c: dtype torch.bits8 has no safetensors name"):
         sparsemap.save({"c": torch.empty(2, dtype=torch.bits8)}, path)
     bad = ffn_dict(gen(7))
     bad["x.mlp.down_proj.weight"] = torch.zeros(10, 23)
-    with pytest.raises(LayoutOptionError, match="x.mlp.down_proj.weight has 23 rows"):
+    with pytest.raises(LayoutOptionError, match=r"x.mlp.down_proj.weight has 23 rows"):
         sparsemap.save(bad, path, layout=Layout(bundle_ffn=True))
     assert not path.exists()
     assert os.listdir(tmp_path) == []

@@ -69,6 +69,6 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["Catalog", "Checkpoint", "Layout", "RowController", "SparsemapError", "StreamReport", "TensorEntry", "__version__",
-           "convert", "drop", "errors", "from_pretrained", "load", "load_state_dict", "memory", "open", "rows", "save",
-           "skeleton", "stream_tensors", "to_mapped"]
+__all__ = ["Catalog", "Checkpoint", "Layout", "RowController", "SparsemapError", "StreamReport",
+           "TensorEntry", "__version__", "convert", "drop", "errors", "from_pretrained", "load",
+           "load_state_dict", "memory", "open", "rows", "save", "skeleton", "stream_tensors", "to_mapped"]

@@ -124,7 +124,8 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def owns(self, t: torch.Tensor) -> bool:
         """Whether ``t``'s data lies inside one of this checkpoint's mappings (i.e. it is zero-copy)."""
         ptr = t.data_ptr()
-        return t.device.type == "cpu" and any(base <= ptr < base + n for base, n in self.mapped_ranges().values())
+        return t.device.type == "cpu" and any(base <= ptr < base + n
+                                              for base, n in self.mapped_ranges().values())
 
     def release(self, t: torch.Tensor, *, drop_cache: bool = False) -> int:
         """Give back the pages of a view served here (they fault back from the file); bytes released."""
@@ -196,7 +197,8 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         if entry.offset % dtype.itemsize != 0:
             flat = flat.clone()  # misaligned for this dtype; torch kernels assume alignment
         view = flat.view(dtype)
-        view = view.as_strided(entry.shape, entry.strides) if entry.strides is not None else view.view(entry.shape)
+        view = (view.as_strided(entry.shape, entry.strides) if entry.strides is not None
+                else view.view(entry.shape))
         if entry.row_span is not None:
             mm.record_row_span(view, entry.row_span)
         return view

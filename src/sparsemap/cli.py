@@ -116,8 +116,8 @@ def inspect(path: str, as_json: bool, limit: int | None) -> None:
     shown = rows if limit is None else rows[:limit]
     for r in shown:
         dtype = r["dtype"] if r["encoding"] is None else f"{r['encoding']}→{r['dtype']}"
-        cells = [r["name"], dtype, "×".join(map(str, r["shape"])) or "scalar", f"{r['nbytes']:,}",
-                 f"{r['offset']:,}", _size(r["alignment"])]
+        shape = "×".join(map(str, r["shape"])) or "scalar"  # noqa: RUF001 - users see a multiplication sign
+        cells = [r["name"], dtype, shape, f"{r['nbytes']:,}", f"{r['offset']:,}", _size(r["alignment"])]
         if multi_file:
             cells.append(r["file"].rsplit("/", 1)[-1])
         table.add_row(*cells)
@@ -168,7 +168,8 @@ def _progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
               help="Stream through a ring of host buffers of this total size (e.g. 256M) instead of mapping.")
 @click.option("--readers", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Reader threads when streaming.")
-@click.option("--drop-cache", is_flag=True, help="When streaming, drop each range from the page cache once copied.")
+@click.option("--drop-cache", is_flag=True,
+              help="When streaming, drop each range from the page cache once copied.")
 def load(path: str, dtype: str | None, touch: bool, as_json: bool, device: str, staging: str | None,
          readers: int, drop_cache: bool) -> None:
     """Load a checkpoint into a bare state dict and report memory by phase.
@@ -266,8 +267,8 @@ def _parse_size(text: str) -> int:
 @click.option("--bundle-ffn", is_flag=True,
               help="Store each FFN neuron's gate, up and down weights together as one padded record.")
 @click.option("--reorder", "profile", type=click.Path(dir_okay=False), default=None, metavar="PROFILE.json",
-              help="Usage profile: JSON {tensor name: [count per row]}. Rows are stored hottest first so rows "
-                   "used together share pages (loading puts them back in order, with a copy).")
+              help="Usage profile: JSON {tensor name: [count per row]}. Rows are stored hottest first so "
+                   "rows used together share pages (loading puts them back in order, with a copy).")
 def convert(src: str, dst: str, dtype: str | None, align: str, pad_rows: tuple[str, ...],
             transpose: tuple[str, ...], bundle_ffn: bool, profile: str | None) -> None:
     """Write SRC as an aligned safetensors file DST, with an optional row layout.
@@ -295,8 +296,8 @@ def convert(src: str, dst: str, dtype: str | None, align: str, pad_rows: tuple[s
                     pad_rows=pad_rows, transpose=transpose, bundle_ffn=bundle_ffn,
                     reorder=_read_profile(profile) if profile else None)
     catalog = open_catalog(src)
-    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
+    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True) as progress:
         task = progress.add_task(f"converting {len(catalog)} tensors", total=None)
         summary = run_convert(catalog, dst, layout=layout, on_bytes=lambda n: progress.advance(task, n))
@@ -314,9 +315,11 @@ def convert(src: str, dst: str, dtype: str | None, align: str, pad_rows: tuple[s
               help="0 for greedy decoding; above 0 samples.")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None,
               help="Cast the weights (one tensor at a time; no longer zero-copy). Default: the file's.")
-@click.option("--engine", type=click.Choice(["auto", "lean", "transformers"]), default="auto", show_default=True,
+@click.option("--engine", type=click.Choice(["auto", "lean", "transformers"]), default="auto",
+              show_default=True,
               help="lean: sparsemap's own Llama with the tokenizers library (no transformers import); "
-                   "transformers: sparsemap.from_pretrained; auto: lean for Llama folders, else transformers.")
+                   "transformers: sparsemap.from_pretrained; auto: lean for Llama folders, "
+                   "else transformers.")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer and measurements as JSON.")
 def run(model: str, prompt: str, max_new_tokens: int, temperature: float, dtype: str | None, engine: str,
         as_json: bool) -> None:
@@ -351,7 +354,8 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, dtype:
     click.echo(f"weights: +{fig['weights_file'] / 2**20:.1f} MiB file-backed, "
                f"+{fig['weights_anon'] / 2**20:.1f} MiB anonymous at load "
                "(pages fault in as file-backed while generating)")
-    click.echo(f"load {report['load_s']:.2f} s; first token {report['first_token_s']:.2f} s after loading began; "
+    click.echo(f"load {report['load_s']:.2f} s; "
+               f"first token {report['first_token_s']:.2f} s after loading began; "
                f"{report['new_tokens']} tokens, {report['tokens_per_s']:.1f} tokens/s after the first")
 
 
@@ -401,8 +405,10 @@ def _bench_folder(model: str) -> Path:
 @click.option("--memory-limit", default=None, metavar="LIMITS",
               help="Comma-separated memory limits, each a size (1G), a percentage of the model (50%) "
                    "or 'none'; limited runs go inside a fresh memory cgroup and start cold.")
-@click.option("--repeat", type=click.IntRange(1, 50), default=1, show_default=True, help="Runs per cell; medians.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
+@click.option("--repeat", type=click.IntRange(1, 50), default=1, show_default=True,
+              help="Runs per cell; medians.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write results as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG: peak memory against time to a usable model.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
@@ -452,7 +458,8 @@ def bench(model: str, strategies: str, cache: str, memory_limit: str | None, rep
         console = Console(stderr=True)
         if console.is_terminal:
             with console.status("benchmarking ...") as status:
-                report = runner.run(folder, names, caches, repeat=repeat, limits=limits, on_progress=status.update)
+                report = runner.run(folder, names, caches, repeat=repeat, limits=limits,
+                                    on_progress=status.update)
         else:  # a log file: one line per run
             report = runner.run(folder, names, caches, repeat=repeat, limits=limits,
                                 on_progress=lambda line: click.echo(line, err=True))
@@ -477,7 +484,8 @@ DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
 @main.command()
-@click.option("--model", "which", type=click.Choice(["smollm2", "minilm"]), default="smollm2", show_default=True,
+@click.option("--model", "which", type=click.Choice(["smollm2", "minilm"]), default="smollm2",
+              show_default=True,
               help="smollm2: a language model answers a prompt; minilm: sentence embeddings.")
 @click.option("--prompt", default=DEMO_PROMPT, show_default=True, help="The prompt (smollm2).")
 @click.option("--max-new-tokens", type=click.IntRange(1, 512), default=32, show_default=True)

@@ -18,8 +18,8 @@ import torch
 
 from .checkpoint import Checkpoint, Source
 from .formats.catalog import Catalog
-from .formats.reserved import LAYOUT_KEY
 from .formats.planner import Layout, Plan, Spec, plan
+from .formats.reserved import LAYOUT_KEY
 from .writer import write
 
 

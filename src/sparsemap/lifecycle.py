@@ -51,7 +51,8 @@ class DropReport:
     lingering: dict[str, list[str]] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        lines = [f"dropped {len(self.dropped)} tensors, released {self.released_nbytes / 2**20:.1f} MiB of pages"]
+        lines = [f"dropped {len(self.dropped)} tensors, "
+                 f"released {self.released_nbytes / 2**20:.1f} MiB of pages"]
         for name, refs in self.lingering.items():
             lines.append(f"  {name} is still referenced (its memory is not free): " + "; ".join(refs))
         return "\n".join(lines)

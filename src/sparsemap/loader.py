@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
-import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple, TypeVar

@@ -279,7 +279,8 @@ class PhaseTracker:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [f"{title} (MiB)"]
         for i, r in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+            lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w)
+                                   for j, (c, w) in enumerate(zip(r, widths, strict=True))))
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
         return "\n".join(lines)

@@ -93,11 +93,13 @@ def map_file_over(addr: int, nbytes: int, fd: int, offset: int) -> None:
     """Map ``fd`` at ``offset`` privately (copy-on-write) over ``[addr, addr + nbytes)``."""
     _check_aligned(addr, nbytes, "map_file_over")
     if offset % PAGE_SIZE:
-        raise ValueError(f"map_file_over: file offset {offset} is not a multiple of the page size {PAGE_SIZE}")
+        raise ValueError(f"map_file_over: file offset {offset} is not a multiple of the page size "
+                         f"{PAGE_SIZE}")
     if nbytes == 0:
         return
     got = _libc.mmap(addr, nbytes, PROT_RW, mmap.MAP_PRIVATE | MAP_FIXED, fd, offset)
-    _check(got != MAP_FAILED and got == addr, f"mmap(fd {fd}, offset {offset}, MAP_FIXED, {addr:#x}, {nbytes})")
+    _check(got != MAP_FAILED and got == addr,
+           f"mmap(fd {fd}, offset {offset}, MAP_FIXED, {addr:#x}, {nbytes})")
 
 
 def madvise(addr: int, nbytes: int, advice: int) -> None:
@@ -180,5 +182,5 @@ def runs(mask: np.ndarray) -> list[tuple[int, int]]:
         return []
     padded = np.concatenate(([False], mask, [False])).astype(np.int8)
     edges = np.flatnonzero(np.diff(padded))
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 

@@ -132,9 +132,10 @@ class RowController:
         itemsize = tensor.element_size()
         shape, strides = tuple(tensor.shape), tuple(tensor.stride())
         expected = 1
-        for d, s in zip(reversed(shape[1:]), reversed(strides[1:])):
+        for d, s in zip(reversed(shape[1:]), reversed(strides[1:]), strict=True):
             if d != 1 and s != expected:
-                raise RowError(f"each row must be contiguous; shape {shape} has strides {strides}", tensor=name)
+                raise RowError(f"each row must be contiguous; shape {shape} has strides {strides}",
+                               tensor=name)
             expected *= d
         self.n_rows = shape[0]
         self.row_nbytes = expected * itemsize
@@ -165,8 +166,8 @@ class RowController:
             self._page_owned = (first_byte >= 0) & (page_start + PAGE_SIZE <= self.end)
         else:  # gaps between rows are not ours: a page must lie inside one row
             row = first_byte // stride
-            self._page_owned = ((first_byte >= 0) & (last_byte // stride == row) & (last_byte - row * stride < span)
-                                & (row < self.n_rows))
+            self._page_owned = ((first_byte >= 0) & (last_byte // stride == row)
+                                & (last_byte - row * stride < span) & (row < self.n_rows))
         self._masked = np.zeros(self.n_rows, dtype=bool)
         self._lock = threading.RLock()
 
@@ -204,7 +205,8 @@ class RowController:
     def _slot_pages(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """First and last page index (into this tensor's pages) of the bytes each row owns."""
         start = self.address + rows * self.row_stride
-        return (start - self.page_first) // PAGE_SIZE, (start + self.row_span - 1 - self.page_first) // PAGE_SIZE
+        return ((start - self.page_first) // PAGE_SIZE,
+                (start + self.row_span - 1 - self.page_first) // PAGE_SIZE)
 
     def _pages_touched(self, rows: np.ndarray) -> np.ndarray:
         """(n_pages,) bool: pages that any of ``rows``' slots touch."""
@@ -240,7 +242,7 @@ class RowController:
         cum_out = np.concatenate(([0], np.cumsum(~pages_mask, dtype=np.int64)))
         has_out = (cum_out[last + 1] - cum_out[first]) > 0
         rows, first, last = rows[has_out], first[has_out], last[has_out]
-        for r, f, last_page in zip(rows.tolist(), first.tolist(), last.tolist()):
+        for r, f, last_page in zip(rows.tolist(), first.tolist(), last.tolist(), strict=True):
             s = self.address + r * self.row_stride
             e = s + self.row_nbytes
             if f == last_page:
@@ -271,9 +273,10 @@ class RowController:
         if stuck:
             raise RowAlignmentError(
                 f"cannot {op} {rows.size} rows without keeping {stuck} shared pages: rows are "
-                f"{self.row_nbytes} bytes, {self.row_stride} apart, starting at byte {self.file_offset} of the "
-                f"file ({self.file_offset % PAGE_SIZE} past a {PAGE_SIZE}-byte page). Write a layout where each "
-                f"row owns whole pages with `sparsemap convert SRC DST --pad-rows '{self.name or 'NAME'}'`",
+                f"{self.row_nbytes} bytes, {self.row_stride} apart, starting at byte {self.file_offset} of "
+                f"the file ({self.file_offset % PAGE_SIZE} past a {PAGE_SIZE}-byte page). "
+                f"Write a layout where each row owns whole pages with "
+                f"`sparsemap convert SRC DST --pad-rows '{self.name or 'NAME'}'`",
                 path=self.path, tensor=self.name)
 
     # ------------------------------------------------------------ operations

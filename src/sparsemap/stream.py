@@ -496,7 +496,7 @@ class _Readers:
                 skip = _read_chunk(self.files, self.chunks[i], buf, how)
                 self.chooser.record(i, how, self.chunks[i].nbytes, t0, time.perf_counter())
                 self.ready.put((i, buf, skip))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller, which raises it
+        except BaseException as e:  # handed to the caller, which raises it
             self.stop.set()
             self.ready.put(e)
 

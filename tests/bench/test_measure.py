@@ -31,7 +31,8 @@ def test_touched_file_mapping_shows_as_file_backed(tmp_path: Path):
     path = tmp_path / "data.bin"
     with open(path, "wb") as f:
         f.writelines(os.urandom(MiB) for _ in range(300))
-    code = (f"import mmap, time\nf = open({str(path)!r}, 'rb')\nm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+    code = (f"import mmap, time\nf = open({str(path)!r}, 'rb')\n"
+            "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
             "s = sum(m[i] for i in range(0, len(m), 4096))\ntime.sleep(0.3)\n")
     m = run_measured([*PYTHON, code])
     assert m.exit_code == 0, m.stderr
@@ -79,4 +80,5 @@ def test_page_cache_of_a_cold_file_is_charged_to_the_limited_group(tmp_path: Pat
     m = run_measured([*PYTHON, code], memory_limit=1 << 30)
     assert m.exit_code == 0, m.stderr
     assert m.peak_anon < 30 * MiB  # the child itself holds little ...
-    assert m.cgroup_peak is not None and m.cgroup_peak >= 0.9 * 200 * MiB  # ... but the cache it read is charged
+    # ... but the cache it read is charged
+    assert m.cgroup_peak is not None and m.cgroup_peak >= 0.9 * 200 * MiB

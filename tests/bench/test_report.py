@@ -47,7 +47,7 @@ def test_markdown_has_one_cell_per_column_and_escapes_pipes() -> None:
 def test_the_terminal_table_shows_the_same_cells_with_the_model_and_read_speed_in_its_title() -> None:
     table = report.table(_report(DONE, KILLED))
     assert [c.header for c in table.columns] == list(report.COLUMNS)
-    by_column = [list(x) for x in zip(report.cells(DONE), report.cells(KILLED))]
+    by_column = [list(x) for x in zip(report.cells(DONE), report.cells(KILLED), strict=True)]
     assert [list(c.cells) for c in table.columns] == by_column
     assert [r.style for r in table.rows] == [None, "red"]
     console = Console(width=400, record=True)

@@ -81,8 +81,8 @@ def test_medians_and_effective_speed_from_known_runs() -> None:
            "peak_rss": 1, "peak_anon": 1, "anon_growth": 1, "peak_file": 1, "cgroup_peak": None,
            "major_faults": 1, "read_bytes": 1}
     runs = [{**run, "usable_s": u} for u in (0.5, 1.5, 9.0)]
-    killed = {"strategy": "k", "cache": "cold", "limit": 1, "exit_code": -9, "oom_killed": True, "wall_s": 2.0,
-              "error": "killed by the memory limit"}
+    killed = {"strategy": "k", "cache": "cold", "limit": 1, "exit_code": -9, "oom_killed": True,
+              "wall_s": 2.0, "error": "killed by the memory limit"}
     rows = {r["strategy"]: r for r in runner.medians([*runs, killed], 4_000_000_000, 2e9)}
     assert rows["s"]["usable_s"] == 1.5 and rows["s"]["runs"] == 3
     assert rows["s"]["effective_gbps"] == pytest.approx(4.0 / 2.0)  # 4 GB over usable + forward = 2 s

@@ -7,6 +7,7 @@ reverse of GGUF's fastest-first dims.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,8 @@ from sparsemap import errors
 from sparsemap.errors import SparsemapError
 
 gguf = pytest.importorskip("gguf")
-from gguf import GGMLQuantizationType as Q
-from gguf.quants import dequantize, quantize
+from gguf import GGMLQuantizationType as Q  # noqa: E402 - only after importorskip found gguf
+from gguf.quants import dequantize, quantize  # noqa: E402 - only after importorskip found gguf
 
 QUANTIZED = ["Q4_0", "Q4_1", "Q8_0"]
 
@@ -57,10 +58,8 @@ def gguf_file(tmp_path_factory: pytest.TempPathFactory, weights: np.ndarray) -> 
         "i16": (rng.integers(-30000, 30000, (3, 5)).astype(np.int16), None),
         "i32": (rng.integers(-2**31, 2**31, (3, 5)).astype(np.int32), None),
     }
-    try:
+    with contextlib.suppress(Exception):  # an old gguf package that cannot write BF16
         tensors["bf16"] = (quantize(weights, Q.BF16), Q.BF16)
-    except Exception:  # an old gguf package that cannot write BF16
-        pass
     for q in QUANTIZED:
         tensors[q] = (quantize(weights, Q[q]), Q[q])
     return _write(tmp_path_factory.mktemp("gguf") / "model.gguf", tensors)

@@ -141,7 +141,8 @@ def test_round_trip_views_ties_and_parameters(tmp_path: Path) -> None:
     assert cat.catalog["row_slice"].offset == cat.catalog["x"].offset + 16 * 4
     assert cat.catalog["tail"].offset == cat.catalog["head"].offset + 5 * 4
     # Ties are one range of bytes, counted once.
-    assert (cat.catalog["tied_a"].offset, cat.catalog["tied_a"].nbytes) == (cat.catalog["tied_b"].offset, cat.catalog["tied_b"].nbytes)
+    assert ((cat.catalog["tied_a"].offset, cat.catalog["tied_a"].nbytes)
+            == (cat.catalog["tied_b"].offset, cat.catalog["tied_b"].nbytes))
     assert cat.tensor("tied_a").data_ptr() == cat.tensor("tied_b").data_ptr()
     assert cat.tensor("tail").data_ptr() == cat.tensor("head").data_ptr() + 5 * 4
     assert cat.tensor("every_other_column").data_ptr() == cat.tensor("x").data_ptr()

@@ -28,7 +28,8 @@ from ..helpers import FakeStorage, FakeTensor, pickle_checkpoint
 
 def st(header: dict | bytes | str, data: bytes = b"", *, length: int | None = None) -> bytes:
     """A safetensors file from a header (dict, JSON text or raw bytes) and a data section."""
-    raw = header if isinstance(header, bytes) else (header if isinstance(header, str) else json.dumps(header)).encode()
+    raw = (header if isinstance(header, bytes)
+           else (header if isinstance(header, str) else json.dumps(header)).encode())
     return struct.pack("<Q", len(raw) if length is None else length) + raw + data
 
 
@@ -109,13 +110,15 @@ def gguf(*, magic: bytes = b"GGUF", version: int = 3, kv: list[bytes] | None = N
          tensors: list[tuple] | None = None, n_tensors: int | None = None, n_kv: int | None = None,
          data: bytes | None = None, alignment: int = 32) -> bytes:
     """A GGUF file from parts; ``tensors`` are (name, dims fastest-first, type, offset)."""
-    kv = kv if kv is not None else [gguf_string("general.architecture") + struct.pack("<I", 8) + gguf_string("x")]
+    kv = kv if kv is not None else [gguf_string("general.architecture") + struct.pack("<I", 8)
+                                    + gguf_string("x")]
     tensors = tensors if tensors is not None else [("w", [4, 2], GGUF_F32, 0)]
     head = magic + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
                                len(kv) if n_kv is None else n_kv)
     head += b"".join(kv)
     for name, dims, ttype, offset in tensors:
-        head += gguf_string(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+        head += (gguf_string(name) + struct.pack("<I", len(dims))
+                 + b"".join(struct.pack("<Q", d) for d in dims))
         head += struct.pack("<IQ", ttype, offset)
     head += bytes(-len(head) % alignment)
     return head + (data if data is not None else bytes(32))
@@ -148,7 +151,8 @@ def _file(suffix: str, content: bytes) -> Callable[[Path], Path]:
     return write
 
 
-def _sharded(index: object, shards: dict[str, bytes], *, raw_index: bytes | None = None) -> Callable[[Path], Path]:
+def _sharded(index: object, shards: dict[str, bytes], *,
+             raw_index: bytes | None = None) -> Callable[[Path], Path]:
     def write(folder: Path) -> Path:
         for name, content in shards.items():
             (folder / name).write_bytes(content)
@@ -192,7 +196,8 @@ FAULTS: list[Fault] = [
     Fault("entry missing data_offsets", S, _file(F, st({"w": {"dtype": "F32", "shape": [1]}})),
           E.HeaderJSONError, ("'w'", "data_offsets")),
     Fault("field twice in one entry", S,
-          _file(F, st(b'{"w": {"dtype": "F32", "dtype": "F16", "shape": [2], "data_offsets": [0, 8]}}', bytes(8))),
+          _file(F, st(b'{"w": {"dtype": "F32", "dtype": "F16", "shape": [2], "data_offsets": [0, 8]}}',
+                      bytes(8))),
           E.HeaderJSONError, ("'dtype'", "twice")),
     Fault("unknown dtype", S, _file(F, st({"w": entry(dtype="F12")}, bytes(16))), E.UnknownDtypeError,
           ("'w'", "'F12'")),
@@ -204,14 +209,14 @@ FAULTS: list[Fault] = [
           ("'w'", "true")),
     Fault("huge dim", S, _file(F, st({"w": entry(shape=[2**70])}, bytes(16))), E.SizeOverflowError,
           ("'w'", str(2**70))),
-    Fault("numel overflow", S, _file(F, st({"w": entry(shape=[2**32, 2**32])}, bytes(16))), E.SizeOverflowError,
-          ("'w'", "2**63")),
+    Fault("numel overflow", S, _file(F, st({"w": entry(shape=[2**32, 2**32])}, bytes(16))),
+          E.SizeOverflowError, ("'w'", "2**63")),
     Fault("nbytes mismatch", S, _file(F, st({"w": entry(shape=[3, 4], offsets=[0, 40])}, bytes(40))),
           E.ByteLengthMismatchError, ("'w'", "40", "48")),
-    Fault("offsets reversed", S, _file(F, st({"w": entry(offsets=[16, 0])}, bytes(16))), E.InvalidOffsetsError,
-          ("'w'", "[16, 0]")),
-    Fault("negative offset", S, _file(F, st({"w": entry(offsets=[-16, 0])}, bytes(16))), E.InvalidOffsetsError,
-          ("'w'", "-16")),
+    Fault("offsets reversed", S, _file(F, st({"w": entry(offsets=[16, 0])}, bytes(16))),
+          E.InvalidOffsetsError, ("'w'", "[16, 0]")),
+    Fault("negative offset", S, _file(F, st({"w": entry(offsets=[-16, 0])}, bytes(16))),
+          E.InvalidOffsetsError, ("'w'", "-16")),
     Fault("offsets overlap", S, _file(F, st(two([0, 8], [4, 12]), bytes(12))), E.TensorOverlapError,
           ("'b'", "'a'", "4", "8")),
     Fault("offsets aliased", S, _file(F, st(two([0, 8], [0, 8]), bytes(8))), E.TensorOverlapError,
@@ -220,7 +225,8 @@ FAULTS: list[Fault] = [
           ("'b'", "4 bytes", "8")),
     Fault("tensor past the end", S, _file(F, st({"w": entry()}, bytes(10))), E.TruncatedFileError,
           ("'w'", "16", "10")),
-    Fault("trailing bytes", S, _file(F, st({"w": entry()}, bytes(20))), E.TrailingBytesError, ("4 bytes", "16")),
+    Fault("trailing bytes", S, _file(F, st({"w": entry()}, bytes(20))), E.TrailingBytesError,
+          ("4 bytes", "16")),
     Fault("duplicate tensor names", S,
           _file(F, st(b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, '
                       b'"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}', bytes(16))),
@@ -228,7 +234,8 @@ FAULTS: list[Fault] = [
     Fault("__metadata__ not a string map", S, _file(F, st({"__metadata__": {"n": 1}})), E.MetadataError,
           ("__metadata__", '{"n": 1}')),
     # ---- converted layout metadata
-    Fault("layout not JSON", L, _file(F, with_layout("{oops")), E.LayoutError, ("sparsemap.layout", "not JSON")),
+    Fault("layout not JSON", L, _file(F, with_layout("{oops")), E.LayoutError,
+          ("sparsemap.layout", "not JSON")),
     Fault("layout of an unknown version", L,
           _file(F, with_layout(json.dumps({"version": 9, "views": {}}))), E.LayoutError, ("version 1", "9")),
     Fault("layout view malformed", L, _file(F, with_layout({"w": view(shape=[4, -4])})), E.LayoutError,
@@ -249,8 +256,8 @@ FAULTS: list[Fault] = [
                                                       "x": entry(shape=[1], offsets=[64, 68])},
                                data=bytes(68))), E.LayoutError, ("'x'", "collides")),
     # ---- PyTorch zip
-    Fault("pickle calls a global outside the allowlist", P, _pt(torch_zip(_malicious("/tmp/sparsemap-pwned"))),
-          E.UnsafePickleError, ("os", "system")),
+    Fault("pickle calls a global outside the allowlist", P,
+          _pt(torch_zip(_malicious("/tmp/sparsemap-pwned"))), E.UnsafePickleError, ("os", "system")),
     Fault("legacy (non-zip) torch pickle", P, _pt(pickle.dumps({"w": 1}, protocol=2)), E.LegacyPickleError,
           ("legacy",)),
     Fault("zip without data.pkl", P, _pt(torch_zip(b"", drop_pkl=True)), E.CorruptCheckpointError,
@@ -260,31 +267,36 @@ FAULTS: list[Fault] = [
     Fault("storage member missing", P, _pt(torch_zip(tensor_pickle())), E.CorruptCheckpointError, ("'0'",)),
     Fault("storage smaller than it claims", P, _pt(torch_zip(tensor_pickle(), {"0": bytes(8)})),
           E.StorageBoundsError, ("'0'", "4", "8")),
-    Fault("tensor view past its storage", P, _pt(torch_zip(tensor_pickle(size=(4, 4), stride=(4, 1)), {"0": bytes(16)})),
+    Fault("tensor view past its storage", P,
+          _pt(torch_zip(tensor_pickle(size=(4, 4), stride=(4, 1)), {"0": bytes(16)})),
           E.StorageBoundsError, ("'w'", "element 15", "4 F32")),
     Fault("negative stride", P, _pt(torch_zip(tensor_pickle(stride=(-2, 1)), {"0": bytes(16)})),
           E.InvalidShapeError, ("'w'", "-2")),
-    Fault("unknown storage type", P, _pt(torch_zip(tensor_pickle(storage_type=collections.Counter), {"0": bytes(16)})),
+    Fault("unknown storage type", P,
+          _pt(torch_zip(tensor_pickle(storage_type=collections.Counter), {"0": bytes(16)})),
           E.UnsafePickleError, ("Counter",)),
     Fault("zip member offset outside the file (found by atheris)", P,
           _pt(member_offset_outside(torch_zip(tensor_pickle(), {"0": bytes(16)}))), E.CorruptCheckpointError,
           ("data.pkl", "cannot be read")),
-    Fault("truncated zip", P, _pt(torch_zip(tensor_pickle(), {"0": bytes(16)})[:-30]), E.CorruptCheckpointError,
-          ("zip",)),
+    Fault("truncated zip", P, _pt(torch_zip(tensor_pickle(), {"0": bytes(16)})[:-30]),
+          E.CorruptCheckpointError, ("zip",)),
     # ---- sharded index
     Fault("index names a missing shard", X,
-          _sharded({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}, {"s1.safetensors": SHARD_A}),
+          _sharded({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}},
+                   {"s1.safetensors": SHARD_A}),
           E.MissingShardError, ("'s2.safetensors'",)),
     Fault("tensor in two shards", X,
           _sharded({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}},
                    {"s1.safetensors": SHARD_A, "s2.safetensors": SHARD_AB}),
           E.DuplicateTensorError, ("'a'", "2 shards")),
     Fault("index not JSON", X, _sharded(None, {}, raw_index=b"{weight_map"), E.ShardIndexError, ("JSON",)),
-    Fault("index weight_map not a map", X, _sharded({"weight_map": ["a"]}, {}), E.ShardIndexError, ("weight_map",)),
+    Fault("index weight_map not a map", X, _sharded({"weight_map": ["a"]}, {}), E.ShardIndexError,
+          ("weight_map",)),
     Fault("shard path escapes the folder", X, _sharded({"weight_map": {"a": "../s1.safetensors"}}, {}),
           E.ShardIndexError, ("'../s1.safetensors'",)),
     Fault("tensor in the index but in no shard", X,
-          _sharded({"weight_map": {"a": "s1.safetensors", "c": "s1.safetensors"}}, {"s1.safetensors": SHARD_A}),
+          _sharded({"weight_map": {"a": "s1.safetensors", "c": "s1.safetensors"}},
+                   {"s1.safetensors": SHARD_A}),
           E.ShardIndexError, ("1 tensors", "'c'")),
     # ---- GGUF
     Fault("GGUF bad magic", G, _file(".gguf", gguf(magic=b"GGUX")), E.UnknownFormatError, ("47 47 55 58",)),
@@ -297,26 +309,30 @@ FAULTS: list[Fault] = [
     Fault("GGUF string length beyond the file", G,
           _file(".gguf", gguf(kv=[gguf_string("k") + struct.pack("<IQ", 8, 2**50) + b"value"])),
           E.TruncatedFileError, (str(2**50),)),
-    Fault("GGUF key not UTF-8", G, _file(".gguf", gguf(kv=[gguf_string(b"k\xff") + struct.pack("<II", 4, 1)])),
+    Fault("GGUF key not UTF-8", G,
+          _file(".gguf", gguf(kv=[gguf_string(b"k\xff") + struct.pack("<II", 4, 1)])),
           E.HeaderEncodingError, ("UTF-8",)),
     Fault("GGUF unknown value type", G, _file(".gguf", gguf(kv=[gguf_string("k") + struct.pack("<I", 99)])),
           E.MetadataError, ("'k'", "99")),
     Fault("GGUF array of an unknown type", G,
-          _file(".gguf", gguf(kv=[gguf_string("k") + struct.pack("<IIQ", 9, 77, 1)])), E.MetadataError, ("'k'", "77")),
+          _file(".gguf", gguf(kv=[gguf_string("k") + struct.pack("<IIQ", 9, 77, 1)])),
+          E.MetadataError, ("'k'", "77")),
     Fault("GGUF alignment not a power of two", G, _file(".gguf", gguf(kv=[kv_u32("general.alignment", 24)])),
           E.MetadataError, ("24",)),
-    Fault("GGUF unknown tensor type", G, _file(".gguf", gguf(tensors=[("w", [4, 2], 99, 0)])), E.UnknownDtypeError,
-          ("'w'", "99")),
+    Fault("GGUF unknown tensor type", G, _file(".gguf", gguf(tensors=[("w", [4, 2], 99, 0)])),
+          E.UnknownDtypeError, ("'w'", "99")),
     Fault("GGUF too many dimensions", G, _file(".gguf", gguf(tensors=[("w", [1] * 9, GGUF_F32, 0)])),
           E.InvalidShapeError, ("'w'", "9 dimensions")),
     Fault("GGUF huge dims", G, _file(".gguf", gguf(tensors=[("w", [2**40, 2**40], GGUF_F32, 0)])),
           E.SizeOverflowError, ("'w'",)),
-    Fault("GGUF misaligned offset", G, _file(".gguf", gguf(tensors=[("w", [4, 2], GGUF_F32, 4)], data=bytes(64))),
+    Fault("GGUF misaligned offset", G,
+          _file(".gguf", gguf(tensors=[("w", [4, 2], GGUF_F32, 4)], data=bytes(64))),
           E.InvalidOffsetsError, ("'w'", "4", "32")),
     Fault("GGUF data past the end", G, _file(".gguf", gguf(tensors=[("w", [4, 2], GGUF_F32, 64)])),
           E.TruncatedFileError, ("'w'",)),
     Fault("GGUF tensors overlap", G,
-          _file(".gguf", gguf(tensors=[("a", [16], GGUF_F32, 0), ("b", [16], GGUF_F32, 32)], data=bytes(128))),
+          _file(".gguf", gguf(tensors=[("a", [16], GGUF_F32, 0), ("b", [16], GGUF_F32, 32)],
+                              data=bytes(128))),
           E.TensorOverlapError, ("'b'", "'a'", "32")),
     Fault("GGUF duplicate tensor names", G,
           _file(".gguf", gguf(tensors=[("w", [4], GGUF_F32, 0), ("w", [4], GGUF_F32, 32)], data=bytes(64))),
@@ -352,7 +368,8 @@ def valid_files(folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     state = {"embed.weight": torch.randn(8, 16, generator=gen), "norm.weight": torch.randn(16, generator=gen),
-             "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3), "half": torch.randn(4, 4).to(torch.bfloat16)}
+             "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+             "half": torch.randn(4, 4).to(torch.bfloat16)}
     out = {"safetensors": folder / "model.safetensors", "pytorch zip": folder / "model.pt",
            "layout": folder / "laid-out.safetensors", "gguf": folder / "model.gguf"}
     save_file(state, out["safetensors"])
@@ -361,7 +378,8 @@ def valid_files(folder: Path) -> dict[str, Path]:
                                                                  transpose="half"))
     writer = gguf_pkg.GGUFWriter(out["gguf"], "llama")
     writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.random.default_rng(0).standard_normal((8, 16), dtype=np.float32))
+    writer.add_tensor("token_embd.weight",
+                      np.random.default_rng(0).standard_normal((8, 16), dtype=np.float32))
     writer.add_tensor("output_norm.weight", np.ones(16, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -62,7 +62,8 @@ def test_concurrent_row_operations_never_corrupt_a_row(mapped) -> None:  # type:
         rng = np.random.default_rng(seed)
         while time.monotonic() < stop:
             for name, c in controllers.items():
-                c.evict(rng.choice(len(truth[name]), size=64, replace=False), drop_cache=bool(rng.integers(2)))
+                c.evict(rng.choice(len(truth[name]), size=64, replace=False),
+                        drop_cache=bool(rng.integers(2)))
                 count("evicts")
 
     def masker(seed: int) -> None:

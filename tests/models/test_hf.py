@@ -63,7 +63,8 @@ def test_from_pretrained_matches_transformers(tmp_path: Path, layout: str, tied:
 def test_dtype_and_config_arguments(tmp_path: Path) -> None:
     reference = LlamaForCausalLM(tiny_llama_config()).eval()
     reference.save_pretrained(tmp_path)
-    model = sparsemap.from_pretrained(tmp_path / "model.safetensors", config=reference.config, dtype=torch.bfloat16)
+    model = sparsemap.from_pretrained(tmp_path / "model.safetensors", config=reference.config,
+                                      dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 

@@ -18,8 +18,8 @@ from ..conftest import tiny_llama_config
 
 SHAPES = {
     "gqa-untied": {},
-    "mha-tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
-    "mqa-head-dim": dict(num_key_value_heads=1, head_dim=16, rope_theta=5e5),
+    "mha-tied": {"num_key_value_heads": 4, "tie_word_embeddings": True},
+    "mqa-head-dim": {"num_key_value_heads": 1, "head_dim": 16, "rope_theta": 5e5},
 }
 
 
@@ -45,7 +45,7 @@ def test_logits_and_greedy_tokens_match_transformers(tmp_path: Path, shape: str)
 
 def test_cached_forward_of_several_tokens_sees_the_past(tmp_path: Path) -> None:
     """Chunked prefill: a second chunk with a cache gives the logits of one full pass."""
-    reference, folder = _saved(tmp_path)
+    _, folder = _saved(tmp_path)
     model = llama.load(folder)
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
     caches: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
@@ -71,9 +71,9 @@ def _config(folder: Path, **changes) -> Path:
 
 
 @pytest.mark.parametrize(("change", "needle"), [
-    (dict(hidden_act="gelu"), "hidden_act"), (dict(attention_bias=True), "attention_bias"),
-    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope scaling"),
-    (dict(model_type="mistral"), "model_type"),
+    ({"hidden_act": "gelu"}, "hidden_act"), ({"attention_bias": True}, "attention_bias"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
+    ({"model_type": "mistral"}, "model_type"),
 ])
 def test_unsupported_configs_are_refused_or_fall_back(tmp_path: Path, change: dict, needle: str) -> None:
     _, folder = _saved(tmp_path)
@@ -92,7 +92,8 @@ def test_auto_picks_lean_for_a_plain_llama_folder(tmp_path: Path) -> None:
     assert isinstance(pick_engine(folder, "auto"), LeanEngine)
 
 
-def test_chat_tokenizer_reads_added_token_objects_and_refuses_no_template(minilm_folder, tmp_path: Path) -> None:
+def test_chat_tokenizer_reads_added_token_objects_and_refuses_no_template(minilm_folder,
+                                                                           tmp_path: Path) -> None:
     import shutil
 
     folder = tmp_path / "tok"
@@ -100,7 +101,8 @@ def test_chat_tokenizer_reads_added_token_objects_and_refuses_no_template(minilm
     with pytest.raises(BadInputError, match="no chat template"):
         llama.ChatTokenizer(folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["chat_template"] = "{% for m in messages %}{{ bos_token }}{{ m['content'] }}{% break %}{% endfor %}"
+    config["chat_template"] = ("{% for m in messages %}{{ bos_token }}{{ m['content'] }}"
+                               "{% break %}{% endfor %}")
     config["bos_token"] = {"__type": "AddedToken", "content": "[CLS]"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     chat = llama.ChatTokenizer(folder)

@@ -27,6 +27,7 @@ def test_embeddings_equal_sentence_transformers(minilm_folder):
 @pytest.mark.model
 @pytest.mark.slow
 def test_demo_command_runs_end_to_end(minilm_folder):
-    proc = subprocess.run([sys.executable, "-m", "sparsemap.cli", "demo", "--model", "minilm"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "sparsemap.cli", "demo", "--model", "minilm"],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "(match" in proc.stdout and "anonymous MiB added" in proc.stdout

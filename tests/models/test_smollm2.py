@@ -14,7 +14,7 @@ NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def smollm2():
-    """(converted folder, gguf path, tokenizer, reference model, prompt ids, reference tokens, reference logits)."""
+    """(converted folder, gguf path, tokenizer, prompt ids, reference tokens, reference logits)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sparsemap.models import assets, smollm2
@@ -26,7 +26,8 @@ def smollm2():
     gguf = smollm2.gguf_path(quiet=True)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
-    ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)
     with torch.inference_mode():
         tokens = reference.generate(**ids, max_new_tokens=NEW_TOKENS, do_sample=False)
         logits = reference(**ids).logits[0, -1]
@@ -100,7 +101,7 @@ def test_converted_layouts_generate_the_same(smollm2, tmp_path, layout):
 def test_lean_runtime_generates_the_same_tokens(smollm2):
     from sparsemap.models import llama
 
-    folder, _, tokenizer, ids, ref_tokens, ref_logits = smollm2
+    folder, _, _, ids, ref_tokens, ref_logits = smollm2
     chat = llama.ChatTokenizer(folder)
     prompt_ids = chat.prompt_ids(PROMPT[0]["content"])
     assert prompt_ids == ids["input_ids"][0].tolist()  # same chat template, same tokenization
@@ -123,8 +124,10 @@ def test_run_command_errors_are_one_line_with_exit_code_2(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "llama"}')
-    (broken / "model.safetensors.index.json").write_text('{"weight_map": {"w": "model-00001-of-00002.safetensors"}}')
-    for target, needle in ((tmp_path / "missing", "no such model"), (tmp_path / "notes.txt", "not a checkpoint"),
+    (broken / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"w": "model-00001-of-00002.safetensors"}}')
+    for target, needle in ((tmp_path / "missing", "no such model"),
+                           (tmp_path / "notes.txt", "not a checkpoint"),
                            (broken, "model-00001-of-00002.safetensors")):
         proc = subprocess.run([sys.executable, "-m", "sparsemap.cli", "run", str(target), "hi"],
                               capture_output=True, text=True)

@@ -199,7 +199,8 @@ def _filesystem(path: Path) -> str:
         with open("/proc/self/mounts") as f:
             for line in f:
                 dev, mount, fstype = line.split()[:3]
-                if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best[0]):
+                if ((target == mount or target.startswith(mount.rstrip("/") + "/"))
+                        and len(mount) > len(best[0])):
                     best = (mount, dev, fstype)
     except OSError:
         pass

@@ -191,7 +191,8 @@ def sparsemap_materialized(folder: Path) -> Any:
 
 STRATEGIES: dict[str, Strategy] = {
     "naive": Strategy(naive, "random init + torch.load + load_state_dict", files=("model.pt",)),
-    "torch.load mmap": Strategy(torch_mmap, "meta + torch.load(mmap=True) + assign=True", files=("model.pt",)),
+    "torch.load mmap": Strategy(torch_mmap, "meta + torch.load(mmap=True) + assign=True",
+                                files=("model.pt",)),
     "safetensors load_file": Strategy(safetensors_load_file, "meta + safetensors load_file + assign=True"),
     "safetensors safe_open": Strategy(safetensors_safe_open, "meta + safe_open, get_tensor per tensor"),
     "accelerate dispatch": Strategy(accelerate_dispatch, "init_empty_weights + load_checkpoint_and_dispatch",
@@ -206,8 +207,10 @@ STRATEGIES: dict[str, Strategy] = {
                            files=(TENSORIZER_FILE,), imports=("tensorizer",), pip="tensorizer",
                            prepare=tensorizer_serialize),
     "sparsemap": Strategy(sparsemap_zero_copy, "sparsemap.load: views of the mapped file"),
-    "sparsemap .pt": Strategy(sparsemap_zero_copy_pt, "sparsemap.load of the torch.save file", files=("model.pt",)),
-    "sparsemap materialized": Strategy(sparsemap_materialized, "sparsemap.load, then copied to anonymous memory"),
+    "sparsemap .pt": Strategy(sparsemap_zero_copy_pt, "sparsemap.load of the torch.save file",
+                              files=("model.pt",)),
+    "sparsemap materialized": Strategy(sparsemap_materialized,
+                                       "sparsemap.load, then copied to anonymous memory"),
 }
 
 

@@ -13,14 +13,14 @@ from pathlib import Path
 
 SIZES: dict[str, dict[str, object]] = {
     # hidden, layers, heads, kv heads, intermediate, vocab: Llama-family shapes.
-    "llama-tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=4096),
-    "llama-0.1b": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                       num_key_value_heads=4, vocab_size=32000),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                     num_key_value_heads=4, vocab_size=32000),
-    "llama-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=26, num_attention_heads=24,
-                     num_key_value_heads=8, vocab_size=32000),
+    "llama-tiny": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 4096},
+    "llama-0.1b": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
+                   "num_attention_heads": 12, "num_key_value_heads": 4, "vocab_size": 32000},
+    "llama-1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                 "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000},
+    "llama-3b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 26,
+                 "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 32000},
 }
 
 
@@ -54,7 +54,8 @@ def generate(name: str, *, quiet: bool = False) -> Path:
              for n, p in model.state_dict().items()}
     if not quiet:
         n = sum(t.numel() for t in state.values())
-        print(f"writing {name}: {n / 1e6:,.0f} M parameters, {2 * n / 1e9:.2f} GB bf16, to {folder}", file=sys.stderr)
+        print(f"writing {name}: {n / 1e6:,.0f} M parameters, {2 * n / 1e9:.2f} GB bf16, to {folder}",
+              file=sys.stderr)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     torch.save(state, folder / "model.pt")
     # save_pretrained of the real model class writes the sharded layout transformers itself reads:

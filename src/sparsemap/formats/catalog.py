@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .dtypes import ITEMSIZE
@@ -129,7 +128,6 @@ class FileStamp(NamedTuple):
         return ", ".join(out)
 
 
-@dataclass(frozen=True, eq=False)
 class Catalog(Mapping[str, TensorEntry]):
     """Every tensor of a checkpoint, by name; see :func:`sparsemap.open`. Frozen, torch-free.
 
@@ -148,11 +146,35 @@ class Catalog(Mapping[str, TensorEntry]):
         >>> sparsemap.Checkpoint(cat).tensor("embed.weight")  # a zero-copy view (torch)
     """
 
+    # A plain slotted class rather than a frozen dataclass: this module is imported by every load,
+    # and generating a dataclass's methods costs half a millisecond of import time.
+    __slots__ = ("entries", "format", "metadata", "source", "stamps")
     source: str
     format: str
     entries: Mapping[str, TensorEntry]
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    stamps: Mapping[str, FileStamp] = field(default_factory=dict, repr=False)
+    metadata: Mapping[str, str]
+    stamps: Mapping[str, FileStamp]
+
+    def __init__(self, source: str, format: str, entries: Mapping[str, TensorEntry],
+                 metadata: Mapping[str, str] | None = None,
+                 stamps: Mapping[str, FileStamp] | None = None) -> None:
+        init = object.__setattr__  # the only place attributes are set
+        init(self, "source", source)
+        init(self, "format", format)
+        init(self, "entries", entries)
+        init(self, "metadata", {} if metadata is None else metadata)
+        init(self, "stamps", {} if stamps is None else stamps)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"a Catalog is frozen: cannot set {name!r} (build a new one)")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"a Catalog is frozen: cannot delete {name!r}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled by value through __init__ (the default would set slots through __setattr__).
+        return (Catalog, (self.source, self.format, dict(self.entries), dict(self.metadata),
+                          dict(self.stamps)))
 
     def __repr__(self) -> str:
         return (f"Catalog({self.source!r}, format={self.format!r}, tensors={len(self.entries)}, "

@@ -200,7 +200,8 @@ def validate(f: Any, size: int, path: str) -> None:
         name = cur.string(f"name of tensor {i}", limit=MAX_KEY_NBYTES)
         n_dims = cur.unpack("I", f"dimension count of {name!r}")
         if n_dims > MAX_DIMS:
-            raise InvalidShapeError(f"{n_dims} dimensions (GGML allows at most {MAX_DIMS})", path=path, tensor=name)
+            raise InvalidShapeError(f"{n_dims} dimensions (GGML allows at most {MAX_DIMS})",
+                                    path=path, tensor=name)
         dims = [cur.unpack("Q", f"dimension of {name!r}") for _ in range(n_dims)]
         ttype = cur.unpack("I", f"type of {name!r}")
         offset = cur.unpack("Q", f"offset of {name!r}")
@@ -227,8 +228,8 @@ def validate(f: Any, size: int, path: str) -> None:
                                        f"{len(seen)})", path=path, tensor=name)
         seen[name] = len(seen)
         if data_start + offset + nbytes > cur.size:
-            raise TruncatedFileError(f"data [{data_start + offset}, {data_start + offset + nbytes}) runs past "
-                                     f"the end of the file ({cur.size} bytes)", path=path, tensor=name)
+            raise TruncatedFileError(f"data [{data_start + offset}, {data_start + offset + nbytes}) runs "
+                                     f"past the end of the file ({cur.size} bytes)", path=path, tensor=name)
     ordered = sorted(infos, key=lambda t: t[1])
     for (a, a_off, a_n), (b, b_off, _) in itertools.pairwise(ordered):
         if b_off < a_off + a_n:

@@ -258,7 +258,7 @@ def apply_layout(entries: list[TensorEntry], metadata: dict[str, str], path: str
         size = ITEMSIZE[base.dtype]
         numel = math.prod(v.shape)
         if numel:
-            last = v.offset + sum((d - 1) * s for d, s in zip(v.shape, v.strides))
+            last = v.offset + sum((d - 1) * s for d, s in zip(v.shape, v.strides, strict=True))
             if last >= base.numel:
                 raise LayoutError(
                     f"view (offset {v.offset}, shape {list(v.shape)}, strides {list(v.strides)}) reaches "

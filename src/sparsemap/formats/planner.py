@@ -448,7 +448,7 @@ def _ffn_bundles(specs: Mapping[str, Spec]) -> list[list[tuple[Spec, bool]]]:
 
 
 def _common_prefix(names: list[str]) -> str:
-    prefix = os.path.commonprefix(names)
+    prefix = os.path.commonprefix(names)  # noqa: RUF071 - tensor names, not paths: a character prefix
     return prefix.rstrip("._") or names[0]
 
 

@@ -316,7 +316,7 @@ def _entry(name: str, rec: _TensorRecord, storage: tuple[int, int], path: str) -
         span = 0
     else:
         # Index of the last element the view can touch; it must lie in the storage.
-        last = rec.storage_offset + sum((d - 1) * s for d, s in zip(rec.shape, rec.strides))
+        last = rec.storage_offset + sum((d - 1) * s for d, s in zip(rec.shape, rec.strides, strict=True))
         if last >= numel_in_storage:
             raise StorageBoundsError(
                 f"view (offset {rec.storage_offset}, shape {rec.shape}, stride {rec.strides}) reaches "
@@ -334,4 +334,4 @@ def _entry(name: str, rec: _TensorRecord, storage: tuple[int, int], path: str) -
 
 def _same_layout(shape: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     # Strides of size-1 dims never matter.
-    return all(d == 1 or x == y for d, x, y in zip(shape, a, b))
+    return all(d == 1 or x == y for d, x, y in zip(shape, a, b, strict=True))

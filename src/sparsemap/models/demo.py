@@ -184,8 +184,8 @@ def minilm_result(runs: dict[str, dict[str, Any]], tolerance: float) -> DemoResu
     """
     ours, ref = (runs[way] for way in MINILM_WAYS)
     a, b = ours["embeddings"], ref["embeddings"]
-    if len(a) == len(b) and all(len(ra) == len(rb) for ra, rb in zip(a, b)) and a:
-        diff = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    if len(a) == len(b) and all(len(ra) == len(rb) for ra, rb in zip(a, b, strict=True)) and a:
+        diff = max(abs(x - y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
     else:
         diff = math.inf
     same = diff <= tolerance

@@ -111,9 +111,11 @@ class TransformersEngine:
             def end(self) -> None:
                 pass
 
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        sampling = ({"do_sample": True, "temperature": temperature} if temperature > 0
+                    else {"do_sample": False})
         with torch.inference_mode():
-            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            out = model.generate(torch.tensor([ids]),
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                  max_new_tokens=max_new_tokens, streamer=Tap(), **sampling)
         return list(out[0][len(ids):].tolist())
 
@@ -284,7 +286,8 @@ def figures(report: dict[str, Any]) -> dict[str, float]:
 
 
 def _child_main(argv: list[str]) -> None:
-    """``python -m sparsemap.models.generate WAY MODEL PROMPT MAX_NEW``: one measured run, JSON on the last line."""
+    """``python -m sparsemap.models.generate WAY MODEL PROMPT MAX_NEW``: one measured run,
+    JSON on the last line."""
     import json
     import os
 

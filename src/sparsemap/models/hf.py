@@ -79,9 +79,10 @@ def _ignored(model: nn.Module, skip: Skip) -> Skip:
                          or any(p.search(name) for p in patterns))
 
 
-def from_pretrained(source: str | os.PathLike[str] | ModelSource, *, config: Any = None, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu", model_class: type[nn.Module] | None = None,
-                    skip: Skip = None, strict: bool = True) -> nn.Module:
+def from_pretrained(source: str | os.PathLike[str] | ModelSource, *, config: Any = None,
+                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    model_class: type[nn.Module] | None = None, skip: Skip = None,
+                    strict: bool = True) -> nn.Module:
     """A transformers model with weights mapped from ``source``, in eval mode.
 
     Args:

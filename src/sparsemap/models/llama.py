@@ -46,8 +46,8 @@ class LlamaShape:
         cfg = read_config(folder)
         reason = unsupported(cfg)
         if reason is not None:
-            raise BadInputError(f"the lean runtime cannot run this model: {reason} (use --engine transformers)",
-                                path=folder / "config.json")
+            raise BadInputError(f"the lean runtime cannot run this model: {reason} "
+                                "(use --engine transformers)", path=folder / "config.json")
         heads = cfg["num_attention_heads"]
         theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         eos = cfg.get("eos_token_id")
@@ -157,7 +157,8 @@ class Attention(nn.Module):
                 cache: list[torch.Tensor] | None) -> torch.Tensor:
         b, t, _ = x.shape  # (batch, tokens, hidden)
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (b, heads, t, head_dim)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (b, kv_heads, t, head_dim)
+        # k, v: (b, kv_heads, t, head_dim)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -223,7 +224,8 @@ class Llama(nn.Module):
         self.lm_head = Linear(s.hidden_size, s.vocab_size)
         if s.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        inv_freq = 1.0 / (s.rope_theta ** (torch.arange(0, s.head_dim, 2, dtype=torch.int64).float() / s.head_dim))
+        inv_freq = 1.0 / (s.rope_theta
+                          ** (torch.arange(0, s.head_dim, 2, dtype=torch.int64).float() / s.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (head_dim / 2,)
 
     def forward(self, ids: torch.Tensor, start: int = 0,
@@ -280,7 +282,8 @@ class ChatTokenizer:
 
         path = folder / "tokenizer.json"
         if not path.is_file():
-            raise BadInputError("no tokenizer.json (use --engine transformers for other tokenizers)", path=folder)
+            raise BadInputError("no tokenizer.json (use --engine transformers for other tokenizers)",
+                                path=folder)
         self.tokenizer = Tokenizer.from_file(str(path))
         config = json.loads((folder / "tokenizer_config.json").read_text()) \
             if (folder / "tokenizer_config.json").is_file() else {}
@@ -290,12 +293,15 @@ class ChatTokenizer:
         special_map = folder / "special_tokens_map.json"
         sources = [json.loads(special_map.read_text()) if special_map.is_file() else {}, config]
         # Special tokens come as strings or as {"content": ...} (AddedToken) objects.
-        self.special = {k: (v["content"] if isinstance(v, dict) else v) for src in sources for k, v in src.items()
-                        if k.endswith("_token") and isinstance(v.get("content") if isinstance(v, dict) else v, str)}
+        self.special = {k: (v["content"] if isinstance(v, dict) else v)
+                        for src in sources for k, v in src.items()
+                        if k.endswith("_token")
+                        and isinstance(v.get("content") if isinstance(v, dict) else v, str)}
         if not template:
             raise BadInputError("the tokenizer has no chat template", path=folder)
         # The same environment transformers renders chat templates in.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise_template_error
         env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
         self.template = env.from_string(template)

@@ -43,7 +43,8 @@ def build_model(folder: str | os.PathLike[str]) -> BertModel:
     return from_pretrained(folder, config=config, model_class=BertModel)
 
 
-def mean_pooled(model: BertModel, tokenizer: Any, sentences: list[str], max_length: int = 256) -> torch.Tensor:
+def mean_pooled(model: BertModel, tokenizer: Any, sentences: list[str],
+                max_length: int = 256) -> torch.Tensor:
     """Sentence embeddings as sentence-transformers computes them: masked mean, then L2 norm."""
     import torch
 

@@ -1,0 +1,56 @@
+"""sparsemap.formats.catalog: a frozen, torch-free description of a checkpoint."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from sparsemap.formats.catalog import Catalog, FileStamp, TensorEntry
+
+
+def catalog() -> Catalog:
+    a = TensorEntry("a", "/m.safetensors", 4096, 64, "F32", (4, 4))
+    tied = a._replace(name="tied")  # same bytes, same view: a tie
+    b = TensorEntry("b", "/m.safetensors", 4160, 16, "BF16", (2, 4))
+    q = TensorEntry("q", "/n.gguf", 64, 18, "F32", (32,), encoding="Q4_0")
+    stamp = FileStamp(1, 2, 4176, 3, 4)
+    return Catalog("/m.safetensors", "safetensors", {e.name: e for e in (a, tied, b, q)}, {"format": "pt"},
+                   {"/m.safetensors": stamp})
+
+
+def test_a_catalog_is_frozen() -> None:
+    cat = catalog()
+    with pytest.raises(AttributeError, match="frozen: cannot set 'stamps'"):
+        cat.stamps = {}  # type: ignore[misc]
+    with pytest.raises(AttributeError, match="frozen"):
+        del cat.source
+    with pytest.raises(TypeError):
+        cat["a"] = cat["b"]  # type: ignore[index]
+    entry = cat["a"]
+    with pytest.raises(AttributeError):
+        entry.offset = 0  # type: ignore[misc]
+
+
+def test_lookups_totals_and_files() -> None:
+    cat = catalog()
+    assert "a" in cat and "missing" not in cat and len(cat) == 4 and list(cat) == ["a", "tied", "b", "q"]
+    assert cat.files == ["/m.safetensors", "/n.gguf"]
+    assert cat.nbytes == 64 + 16 + 18  # the tie counted once, the quantized tensor at its packed size
+    assert cat.required_nbytes() == {"/m.safetensors": 4176, "/n.gguf": 82}
+    assert cat.summary()["bytes_by_dtype"] == {"F32": 128, "BF16": 16, "Q4_0->F32": 18}
+    assert repr(cat) == "Catalog('/m.safetensors', format='safetensors', tensors=4, nbytes=98)"
+
+
+def test_a_catalog_pickles_by_value() -> None:
+    cat = catalog()
+    again = pickle.loads(pickle.dumps(cat))
+    assert dict(again) == dict(cat) and again.stamps == cat.stamps and again.metadata == cat.metadata
+
+
+def test_entries_know_their_alignment_and_whether_a_view_can_serve_them() -> None:
+    cat = catalog()
+    assert cat["a"].alignment() == 4096 and cat["b"].alignment() == 64
+    assert cat["a"].zero_copy and not cat["q"].zero_copy
+    assert cat["b"]._replace(offset=4161).zero_copy is False  # odd offset for 2-byte elements: copied
+    assert cat["a"].end == 4160 and cat["a"].numel == 16
