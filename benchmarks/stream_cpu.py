@@ -39,16 +39,16 @@ import json, sys, time
 import torch, sparsemap
 from sparsemap.memory import rss_anon
 way, path = sys.argv[1], sys.argv[2]
-catalog = sparsemap.Checkpoint(path)
+ckpt = sparsemap.Checkpoint(path)
 base = rss_anon()
 start = time.perf_counter()
 if way.startswith("stream"):
     _, staging, readers, direct = way.split(":")
     direct = {"auto": None, "on": True, "off": False}[direct]
-    tensors, report = sparsemap.stream_tensors(catalog, staging=staging, readers=int(readers), direct=direct)
+    tensors, report = sparsemap.stream_tensors(ckpt, staging=staging, readers=int(readers), direct=direct)
     extra = {"direct": report.direct, "trial": report.trial_mb_per_s, "buffers": report.buffers}
 elif way == "mapped+copy":
-    tensors = {n: catalog.tensor(n).clone() for n in catalog}
+    tensors = {n: ckpt.tensor(n).clone() for n in ckpt}
     extra = {}
 else:  # safetensors load_file (which maps the file), then every tensor copied into anonymous memory
     from safetensors.torch import load_file

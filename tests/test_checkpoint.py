@@ -6,6 +6,8 @@ import gc
 import json
 import os
 import struct
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -138,6 +140,39 @@ def test_file_truncated_after_open_raises_instead_of_sigbus(model_file: Path, cu
     message = str(info.value)
     assert str(model_file) in message
     assert f"size {size} -> {new_size} bytes" in message
+
+
+@pytest.mark.parametrize("reads", [False, True])
+def test_tensors_checks_each_file_even_after_an_empty_tensor(tmp_path: Path, reads: bool) -> None:
+    """Regression: tensors() marked a file checked at its first tensor, which for an empty tensor
+    returned before checking anything: a truncated file then served views that fault (SIGBUS)."""
+    path = tmp_path / "m.safetensors"
+    save_file({"a_empty": torch.zeros(0, 4), "b": torch.ones(4096)}, str(path))
+    code = f"""
+import os, sparsemap
+from sparsemap.errors import FileChangedError
+ckpt = sparsemap.Checkpoint({str(path)!r})
+ckpt.tensor("b")  # mapped
+os.truncate({str(path)!r}, 4096)
+try:
+    for name, t in ckpt.tensors(reads={reads}):
+        t.sum()
+except FileChangedError as e:
+    print("refused:", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"rc {out.returncode}: {out.stderr[-2000:]}"  # -7 would be SIGBUS
+    assert "refused:" in out.stdout and "changed since it was mapped" in out.stdout
+
+
+def test_tensors_that_read_their_pages_are_checked_one_by_one(model_file: Path) -> None:
+    """A cast reads every page: with reads=True a file truncated mid-way is refused at the next tensor."""
+    ckpt = sparsemap.Checkpoint(model_file)
+    served = ckpt.tensors(["embed", "bias", "ids"], reads=True)
+    next(served)
+    os.truncate(model_file, 100)
+    with pytest.raises(errors.FileChangedError, match="changed since it was mapped"):
+        next(served)
 
 
 def test_file_too_short_for_its_header_when_mapped(model_file: Path) -> None:

@@ -41,6 +41,10 @@ TORCH_FREE = (
     "sparsemap.bench.runner",
 )
 
+# Libraries that import torch themselves: importing any of them is importing torch.
+IMPORT_TORCH = ("torch", "transformers", "safetensors.torch", "accelerate", "sentence_transformers",
+                "tensorizer", "fastsafetensors", "runai_model_streamer")
+
 # The pipeline, bottom up. A module may import from its own layer or a lower one, never a higher one.
 LAYERS = (
     ("sparsemap.errors", "sparsemap.units", "sparsemap.memory"),
@@ -84,10 +88,13 @@ def _is_type_checking(test: ast.expr) -> bool:
 def imports(tree: ast.Module, module: str, *, lazy: bool) -> list[tuple[int, str]]:
     """``(line, absolute module)`` of the imports in ``tree``, relative ones resolved.
 
-    ``lazy=False``: only those that run when the module is imported (module
-    level and the blocks it opens: if/try/with/for). ``lazy=True``: function
-    and class bodies too. ``if TYPE_CHECKING:`` blocks never count.
-    ``from pkg import name`` counts as ``pkg.name`` when that is a module.
+    ``lazy=False``: only those that run when the module is imported: every
+    statement and block at module level and in class bodies (if, try, with,
+    for, while, match, their ``else`` parts), but no function body.
+    ``lazy=True``: function bodies too. ``if TYPE_CHECKING:`` blocks never
+    count. ``importlib.import_module("name")`` and ``__import__("name")`` with
+    a literal name count as imports. ``from pkg import name`` counts as
+    ``pkg.name`` when that is a module.
     """
     is_package = MODULES.get(module, Path()).name == "__init__.py"
     base = module.split(".") if is_package else module.split(".")[:-1]
@@ -99,30 +106,37 @@ def imports(tree: ast.Module, module: str, *, lazy: bool) -> list[tuple[int, str
         anchor = base[: len(base) - (node.level - 1)]
         return ".".join(anchor + ([node.module] if node.module else []))
 
-    def visit(stmts: list[ast.stmt]) -> None:
-        for node in stmts:
-            if isinstance(node, ast.Import):
-                found.extend((node.lineno, a.name) for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                target = resolve(node)
-                for alias in node.names:
-                    sub = f"{target}.{alias.name}"
-                    found.append((node.lineno, sub if sub in MODULES else target))
-            elif isinstance(node, ast.If):
-                if not _is_type_checking(node.test):
-                    visit(node.body)
-                visit(node.orelse)
-            elif isinstance(node, ast.Try):
-                visit(node.body)
-                for handler in node.handlers:
-                    visit(handler.body)
-                visit(node.orelse)
-                visit(node.finalbody)
-            elif (isinstance(node, ast.With | ast.For | ast.While)
-                  or (lazy and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef))):
-                visit(node.body)
+    def import_call(node: ast.Call) -> str | None:
+        name = ast.unparse(node.func)
+        if name in ("importlib.import_module", "import_module", "__import__") and node.args:
+            first = node.args[0]
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                return first.value
+        return None
 
-    visit(tree.body)
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Import):
+                found.extend((child.lineno, a.name) for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                target = resolve(child)
+                for alias in child.names:
+                    sub = f"{target}.{alias.name}"
+                    found.append((child.lineno, sub if sub in MODULES else target))
+            elif isinstance(child, ast.If) and _is_type_checking(child.test):
+                for stmt in child.orelse:
+                    visit(ast.Module(body=[stmt], type_ignores=[]))
+            elif isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) and not lazy:
+                # The body runs when called; decorators and defaults run now.
+                for part in (*getattr(child, "decorator_list", ()), *child.args.defaults,
+                             *(d for d in child.args.kw_defaults if d is not None)):
+                    visit(ast.Expression(body=part))
+            else:
+                if isinstance(child, ast.Call) and (name := import_call(child)) is not None:
+                    found.append((child.lineno, name))
+                visit(child)
+
+    visit(tree)
     return found
 
 
@@ -170,6 +184,21 @@ def test_the_walker_resolves_relative_and_lazy_imports() -> None:
     # In a package's __init__, "." is the package itself.
     assert [m for _, m in imports(ast.parse("from .catalog import Catalog\n"), "sparsemap.formats",
                                   lazy=False)] == ["sparsemap.formats.catalog"]
+
+
+def test_the_walker_sees_every_block_that_runs_at_import() -> None:
+    source = ("match x:\n    case 1:\n        import a_match\n"
+              "for i in x:\n    pass\nelse:\n    import a_for_else\n"
+              "try:\n    pass\nexcept* ValueError:\n    import a_except_star\n"
+              "class C:\n    import a_class_body\n    def m(self):\n        import a_method\n"
+              "async def f():\n    async with x:\n        import a_async_with\n"
+              "mod = importlib.import_module('a_import_module')\n"
+              "def g(default=__import__('a_default')):\n"
+              "    return importlib.import_module('a_call_in_body')\n")
+    eager = {m for _, m in imports(ast.parse(source), "sparsemap.x", lazy=False)}
+    every = {m for _, m in imports(ast.parse(source), "sparsemap.x", lazy=True)}
+    assert eager == {"a_match", "a_for_else", "a_except_star", "a_class_body", "a_import_module", "a_default"}
+    assert every == eager | {"a_method", "a_async_with", "a_call_in_body"}
 
 
 # ---------------------------------------------------------------- torch stays out

@@ -69,3 +69,15 @@ def test_release_pages_leaves_anonymous_memory_alone(model_file: Path) -> None:
     want = t.clone()
     release_pages(t)
     assert torch.equal(t, want)  # faulted back from the file
+
+
+def test_a_mapping_cannot_be_closed_under_its_views(model_file: Path) -> None:
+    """Closing the mmap would leave every view pointing at unmapped memory (a segfault on touch)."""
+    ckpt = sparsemap.Checkpoint(model_file)
+    t = ckpt.tensor("w")
+    mm = ckpt.mapping(str(model_file))
+    with pytest.raises(RuntimeError, match="never closed by hand"):
+        mm.close()
+    with pytest.raises(RuntimeError, match="not a context manager"), mm:
+        pass
+    assert not mm.closed and float(t[1, 0]) == 1024.0 and mapping_of(t) is mm

@@ -590,6 +590,40 @@ def test_a_controller_outliving_its_mapping_refuses_instead_of_remapping(tmp_pat
             op()
 
 
+def test_two_views_of_the_same_bytes_never_undo_each_other(tmp_path: Path) -> None:
+    """Regression: t and t[:128] had separate controllers, and evicting through one discarded the
+    zeros the other had written, so masked rows read their file values again."""
+    t = saved(tmp_path / "plain.safetensors", 256, 100)  # 400-byte rows: pages shared by rows
+    full = sparsemap.rows(t)
+    full.mask(range(20))
+    part = sparsemap.rows(t[:128])
+    assert part is not full
+    refusal = r"20 rows of another view of the same bytes .* rows 0..19\) are masked"
+    for op in (lambda: part.evict(range(128)), lambda: part.mask([100])):
+        with pytest.raises(RowError, match=refusal):
+            op()
+    with pytest.raises(RowError, match="are masked"):
+        sparsemap.rows(t.view(128, 200)).evict(range(128))  # another geometry over the same bytes
+    check_rows(t, bool_rows(256, range(20)))  # nothing was undone
+    full.restore(range(20))
+    assert part.evict(range(128)) >= 0 and part.mask([100]) >= 0  # free to act once the other holds none
+    check_rows(t, bool_rows(256, [100]))
+    with pytest.raises(RowError, match="are masked"):
+        full.mask([0])
+
+
+def test_controllers_without_state_are_not_kept(tmp_path: Path) -> None:
+    from sparsemap.mapped import mapping_of
+
+    t = saved(tmp_path / "plain.safetensors", 64, 1024)
+    for i in range(32):
+        sparsemap.rows(t[i:]).prefetch([0])  # 32 geometries, none masking anything
+    sparsemap.rows(t).mask([3])
+    gc.collect()
+    mm = mapping_of(t)
+    assert list(mm.row_state) == [sparsemap.rows(t).key] and len(mm.row_controllers) <= 1
+
+
 def test_one_controller_per_tensor(tmp_path: Path) -> None:
     path = tmp_path / "plain.safetensors"
     t = saved(path, 64, 32)

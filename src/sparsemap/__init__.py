@@ -1,13 +1,15 @@
 """sparsemap: load and run PyTorch models in the memory a machine actually has.
 
-Checkpoints are opened without reading their data (:func:`open`), and loaded
-into models built on the meta device as zero-copy views of a read-only file
-mapping (:func:`load`): weights cost file-backed pages the kernel can reclaim,
-not anonymous memory.
+Checkpoints are described without reading their data (:func:`open` gives a
+frozen, torch-free :class:`Catalog`), mapped by a :class:`Checkpoint` (one
+copy-on-write mapping per file, tensors served as zero-copy views), and
+loaded into models built on the meta device (:func:`load`): weights cost
+file-backed pages the kernel can reclaim, not anonymous memory.
 
 Example:
     >>> import sparsemap
     >>> cat = sparsemap.open("model.safetensors")          # headers only, no torch
+    >>> sparsemap.Checkpoint(cat).tensor("embed.weight")     # doctest: +SKIP
     >>> model = sparsemap.load(lambda: MyModel(cfg), cat)    # doctest: +SKIP
 
 ``import sparsemap`` does not import torch; the names that need it are loaded
@@ -23,7 +25,7 @@ from .errors import SparsemapError
 from .formats import Catalog, TensorEntry
 from .formats import open_catalog as open
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "Checkpoint": "sparsemap.checkpoint",

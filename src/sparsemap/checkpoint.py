@@ -70,7 +70,8 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         """Let go of this checkpoint's mappings; views already served keep theirs alive (and stay valid).
 
         A file is unmapped when nothing refers to its mapping any more. Serving
-        a tensor after ``close()`` maps the file again.
+        a tensor after ``close()`` maps the file again (a new mapping), and
+        :meth:`owns` and :meth:`release` then know only the mappings made after.
         """
         with self._lock:
             self._maps.clear()
@@ -97,6 +98,13 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensor(name)
+
+    # A resource owner: equal only to itself (the Mapping default would compare every tensor).
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __hash__(self) -> int:
+        return id(self)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.catalog)
@@ -158,19 +166,25 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         """
         return self._serve(self.catalog[name], stored_order=stored_order, check=True)
 
-    def tensors(self, names: Iterable[str] | None = None, *,
-                stored_order: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, tensor)`` for each of ``names`` (default: all), lazily, one check per file.
+    def tensors(self, names: Iterable[str] | None = None, *, stored_order: bool = False,
+                reads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` for each of ``names`` (default: all), lazily, checking each file once.
 
-        What loading uses: each file is checked once, when its first tensor is
-        served, not once per tensor.
+        What loading uses. A view reads no page, so one ``fstat`` per file, when
+        its first tensor is served, guards them all. A tensor whose pages are
+        read while it is served (dequantized, misaligned, reordered) is checked
+        on its own, and so is every tensor when ``reads`` says the caller reads
+        each one right away (a cast, a copy to a device): a file truncated in
+        the middle then raises :class:`~sparsemap.errors.FileChangedError` at
+        the next tensor instead of faulting.
         """
         checked: set[str] = set()
         for name in self.catalog if names is None else names:
             entry = self.catalog[name]
-            fresh = entry.file not in checked
-            checked.add(entry.file)
-            yield name, self._serve(entry, stored_order=stored_order, check=fresh)
+            check = reads or entry.file not in checked or not entry.zero_copy
+            if check and entry.numel:  # an empty tensor maps nothing, so it checks nothing
+                checked.add(entry.file)
+            yield name, self._serve(entry, stored_order=stored_order, check=check)
 
     def _serve(self, entry: TensorEntry, *, stored_order: bool, check: bool) -> torch.Tensor:
         view = self._stored(entry, check=check)

@@ -97,7 +97,7 @@ def inspect(path: str, as_json: bool, limit: int | None) -> None:
     summary = cat.summary()
     summary["page_size"] = PAGE_SIZE
     summary["page_aligned_tensors"] = sum(1 for e in entries if e.offset % PAGE_SIZE == 0)
-    summary["metadata"] = cat.metadata
+    summary["metadata"] = dict(cat.metadata)
     if as_json:
         click.echo(json.dumps({"summary": summary, "tensors": rows}, indent=1))
         return

@@ -268,7 +268,9 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
                                           readers=readers, drop_cache=drop_cache)
         logger.info("%s: %s", ckpt.source, report)
     slots = {name: slot for slot, name in the_plan.assignments}
-    mapped = ckpt.tensors(name for name in slots if name not in streamed)  # one file check per file
+    # One file check per file for views; per tensor when each is converted (its pages are read).
+    converts = dtype is not None or device.type != "cpu"
+    mapped = ckpt.tensors((name for name in slots if name not in streamed), reads=converts)
     for name, t in (*streamed.items(), *mapped):
         slot = slots[name]
         if name not in streamed:
@@ -319,8 +321,9 @@ def load_state_dict(source: Source, *, device: str | torch.device = "cpu", dtype
     ckpt = Checkpoint.of(source)
     skipped = skip_predicate(skip)
     device = torch.device(device)
+    converts = dtype is not None or device.type != "cpu"
     return {name: _converted(t, device, dtype)
-            for name, t in ckpt.tensors(name for name in ckpt if not skipped(name))}
+            for name, t in ckpt.tensors((name for name in ckpt if not skipped(name)), reads=converts)}
 
 
 __all__ = ["LoadPlan", "load", "load_state_dict", "plan", "skeleton"]

@@ -9,11 +9,14 @@ count as file-backed memory, which the kernel can drop and re-read.
 Ownership. A :class:`FileMapping` owns what concerns its pages: the file
 descriptor (kept open so rows can be mapped back from the same inode even if
 the path is replaced), the row spans of the padded-row views served from it,
-and the row controllers of its tensors (:mod:`sparsemap.sparse_rows`). All of
-it lives exactly as long as the mapping, which lives as long as any view of it
-or the checkpoint that made it: ``torch.frombuffer`` keeps a reference to the
-``mmap`` object. We never ``close()`` a mapping (that would leave the views
-dangling); it is unmapped when the last reference goes.
+and the row state of its tensors: every row controller that has masked rows
+(:mod:`sparsemap.sparse_rows`) is held by the mapping, so the state cannot be
+lost, and one lock serialises row operations on its pages. All of it lives
+exactly as long as the mapping, which lives as long as any view of it or the
+checkpoint that made it: ``torch.frombuffer`` keeps a reference to the
+``mmap`` object. A mapping is never closed (that would leave the views
+dangling, and :meth:`FileMapping.close` refuses); it is unmapped when the
+last reference goes.
 
 Finding the mapping of a bare tensor (``sparsemap.rows(model.embed.weight)``)
 needs an index from addresses to live mappings: :data:`LIVE_MAPPINGS` holds
@@ -78,10 +81,13 @@ class FileMapping(mmap.mmap):
         stamp: the file's version when mapped.
         row_spans: for views of padded rows served from this mapping, the bytes
             each row owns (row plus padding), by :data:`RowKey`.
-        row_controllers: the row controllers of this mapping's tensors, created
-            by :func:`sparsemap.rows` and kept here so that every call finds the
-            one that holds the state (which rows are masked).
-        lock: guards ``row_spans`` and ``row_controllers``.
+        row_controllers: the live row controllers of this mapping's tensors, by
+            view geometry (weak: one nobody holds and that masks nothing goes).
+        row_state: the controllers that have masked rows, held strongly: the
+            state of which rows read as zeros lives as long as the mapping.
+        lock: one re-entrant lock for the row spans, the controllers and every
+            row operation on this mapping's pages (operations through two views
+            of the same bytes must not interleave).
     """
 
     path: str
@@ -89,8 +95,18 @@ class FileMapping(mmap.mmap):
     address: int
     stamp: FileStamp
     row_spans: dict[RowKey, int]
-    row_controllers: dict[tuple[int, ...], Any]
-    lock: threading.Lock
+    row_controllers: weakref.WeakValueDictionary[tuple[int, ...], Any]
+    row_state: dict[tuple[int, ...], Any]
+    lock: threading.RLock
+
+    def close(self) -> None:
+        raise RuntimeError(f"{self.path}: a sparsemap file mapping is never closed by hand: tensors are "
+                           "views of it and would point at unmapped memory. It is unmapped when the last "
+                           "view and its checkpoint are gone")
+
+    def __enter__(self) -> FileMapping:
+        raise RuntimeError("a sparsemap file mapping is not a context manager (leaving one would unmap "
+                           "memory its tensors still view)")
 
     @property
     def end(self) -> int:
@@ -146,7 +162,7 @@ class _LiveMappings:
         """The mapping that holds all of ``[start, end)``, or ``None``."""
         with self._lock:
             mappings = list(self._by_address.values())
-        return next((mm for mm in mappings if mm.address <= start and end <= mm.end), None)
+        return next((mm for mm in mappings if not mm.closed and mm.address <= start and end <= mm.end), None)
 
 
 LIVE_MAPPINGS = _LiveMappings()
@@ -182,7 +198,8 @@ def map_file(path: str, required_nbytes: int, stamp: FileStamp | None = None) ->
         os.close(fd)
         raise
     mm.path, mm.fd, mm.stamp = path, fd, now
-    mm.row_spans, mm.row_controllers, mm.lock = {}, {}, threading.Lock()
+    mm.row_spans, mm.row_controllers, mm.row_state = {}, weakref.WeakValueDictionary(), {}
+    mm.lock = threading.RLock()
     # from_buffer pins the mapping only while the ctypes object lives: a moment.
     mm.address = ctypes.addressof(ctypes.c_char.from_buffer(mm))
     weakref.finalize(mm, os.close, fd)
@@ -198,7 +215,9 @@ def mapping_of(t: torch.Tensor, name: str | None = None) -> FileMapping:
             dequantized GGUF tensor, a tensor on another device).
     """
     start = t.data_ptr()
-    mm = LIVE_MAPPINGS.containing(start, start + max(t.numel(), 1) * t.element_size())
+    # The bytes a strided view spans, first element to last (an expanded view spans less than numel says).
+    last = sum((d - 1) * abs(s) for d, s in zip(t.shape, t.stride(), strict=True)) if t.numel() else 0
+    mm = LIVE_MAPPINGS.containing(start, start + (last + 1) * t.element_size())
     if mm is None or t.device.type != "cpu":
         raise NotMappedError(
             "not a view of a file mapped by sparsemap (a copy, a dequantized or cast tensor, or not on the "
@@ -226,3 +245,12 @@ def release_pages(t: torch.Tensor, *, drop_cache: bool = False) -> int:
     if drop_cache:
         pages.drop_cache(mm.fd, first - mm.address, last - first)
     return last - first
+
+
+def __getattr__(name: str) -> Any:
+    # Names this module had before the torch side of a checkpoint became sparsemap.Checkpoint.
+    moved = {"Mapper": "sparsemap.Checkpoint (it maps a catalog's files and serves tensors)",
+             "is_view_of_file": "sparsemap.Checkpoint(...).owns(tensor)"}
+    if name in moved:
+        raise AttributeError(f"sparsemap.mapped.{name} is gone: use {moved[name]}")
+    raise AttributeError(f"module 'sparsemap.mapped' has no attribute {name!r}")

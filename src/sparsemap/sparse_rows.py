@@ -22,7 +22,7 @@ sparsity.
 
 What a row owns: its own bytes, and nothing between it and the next row,
 unless the layout compiler padded the rows (then the padding is the row's
-too; the mapper records this, see ``TensorEntry.row_span``). The gaps of other
+too; the checkpoint records this on the mapping, see ``TensorEntry.row_span``). The gaps of other
 strided views can hold other tensors' bytes: the parts of an FFN bundle, the
 other columns of a wider matrix.
 
@@ -30,12 +30,17 @@ Which pages an operation may remap: only pages made wholly of bytes this
 tensor owns. Other pages (at the edges, or holding gaps) are only ever written
 byte by byte, so operations on two tensors never undo each other.
 
-State and ownership: the controller of a tensor's rows is kept by the file
-mapping the tensor is a view of (:class:`~sparsemap.mapped.FileMapping`), for
-the mapping's lifetime, so :func:`rows` always returns the controller that
-knows which rows are masked, whether or not the caller kept it. A controller
-refers back to its mapping weakly; once every view and the checkpoint are
-gone, the file is unmapped and a controller still held raises
+State and ownership: the file mapping a tensor is a view of
+(:class:`~sparsemap.mapped.FileMapping`) holds every controller that has
+masked rows, for the mapping's lifetime, so :func:`rows` always returns the
+controller that knows which rows are masked, whether or not the caller kept
+it. Two views of the same bytes with different geometries (``t`` and
+``t[:32]``, or ``t.view(...)``) get different controllers; while one of them
+has masked rows, the others refuse to mask, restore or evict (an eviction
+through one would discard the zeros the other wrote). Row operations on one
+mapping take its lock, so they never interleave. A controller refers back to
+its mapping weakly; once every view and the checkpoint are gone, the file is
+unmapped and a controller still held raises
 :class:`~sparsemap.errors.NotMappedError` instead of remapping pages that are
 no longer ours.
 
@@ -53,7 +58,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -120,8 +124,9 @@ class RowController:
     """
 
     def __init__(self, tensor: torch.Tensor, mapping: FileMapping, *, name: str | None = None,
-                 row_span: int | None = None) -> None:
+                 row_span: int | None = None, key: tuple[int, ...] = ()) -> None:
         self.name = name
+        self.key = key  # the view geometry the mapping knows this controller by
         if tensor.device.type != "cpu" or tensor.dim() == 0:
             raise RowError("needs a CPU tensor with at least one dimension", tensor=name)
         # Weak: the mapping keeps this controller, and a strong reference back would make a cycle
@@ -169,7 +174,9 @@ class RowController:
             self._page_owned = ((first_byte >= 0) & (last_byte // stride == row)
                                 & (last_byte - row * stride < span) & (row < self.n_rows))
         self._masked = np.zeros(self.n_rows, dtype=bool)
-        self._lock = threading.RLock()
+        # The mapping's lock, not one of our own: operations through two views of the same pages
+        # must not interleave. (The lock holds no reference to the mapping.)
+        self._lock = mapping.lock
 
     @property
     def mapping(self) -> FileMapping:
@@ -180,6 +187,44 @@ class RowController:
                                  "its checkpoint are gone); get the controller of a live tensor with "
                                  "sparsemap.rows()", path=self.path, tensor=self.name)
         return mm
+
+    # ------------------------------------------------------------ other views of the same bytes
+
+    def _owned_intervals(self) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, ends) of the bytes this view's rows own, sorted and disjoint."""
+        if self.row_span >= self.row_stride or self.n_rows == 1:
+            return np.array([self.address]), np.array([self.end])
+        starts = self.address + np.arange(self.n_rows, dtype=np.int64) * self.row_stride  # (n_rows,)
+        return starts, starts + self.row_span
+
+    def shares_bytes_with(self, other: RowController) -> bool:
+        """Whether some byte is owned by rows of both views (the parts of a bundle share none)."""
+        if self.end <= other.address or other.end <= self.address:
+            return False
+        a_start, a_end = self._owned_intervals()
+        b_start, b_end = other._owned_intervals()
+        first = np.searchsorted(a_end, b_start, side="right")  # first interval of ours ending after each
+        inside = first < a_start.size
+        return bool(np.any(a_start[first[inside]] < b_end[inside]))
+
+    def _refuse_if_another_view_masks(self, mm: FileMapping, op: str) -> None:
+        for other in list(mm.row_state.values()):
+            if other is not self and other.shares_bytes_with(self):
+                masked = np.flatnonzero(other._masked)
+                raise RowError(
+                    f"cannot {op} rows through this view ({self.n_rows} rows, {self.row_stride} bytes apart, "
+                    f"at byte {self.file_offset} of the file): {masked.size} rows of another view of the "
+                    f"same bytes ({other.n_rows} rows, {other.row_stride} bytes apart, at byte "
+                    f"{other.file_offset}; rows {int(masked[0])}..{int(masked[-1])}) are masked. Mask, "
+                    "restore and evict them through that view, or restore them first",
+                    path=self.path, tensor=self.name)
+
+    def _keep_state(self, mm: FileMapping) -> None:
+        """Have the mapping hold this controller while it has masked rows (and let go once none are)."""
+        if self._masked.any():
+            mm.row_state[self.key] = self
+        else:
+            mm.row_state.pop(self.key, None)
 
     # ------------------------------------------------------------ row and page sets
 
@@ -295,6 +340,7 @@ class RowController:
         with self._lock:
             mm = self.mapping  # held for the operation: the pages below are its own
             mm.check_unchanged()  # zeroing edge pages faults them in from the file first
+            self._refuse_if_another_view_masks(mm, "mask")
             if strict:
                 self._strict_check(idx, "mask")
             new = idx[~self._masked[idx]]
@@ -302,6 +348,7 @@ class RowController:
                 return 0
             before = self._freeable()
             self._masked[new] = True
+            self._keep_state(mm)
             after = self._freeable()
             newly_freed = after & ~before
             for first, stop in pages.runs(newly_freed):
@@ -321,6 +368,7 @@ class RowController:
             if back.size == 0:
                 return 0
             self._masked[back] = False
+            self._keep_state(mm)
             touched = self._pages_touched(back)
             clean = touched & self._page_owned & (self._rows_in_pages(self._masked) == 0)
             for first, stop in pages.runs(clean):
@@ -351,6 +399,7 @@ class RowController:
         with self._lock:
             mm = self.mapping
             mm.check_unchanged()  # released pages fault back from the file
+            self._refuse_if_another_view_masks(mm, "evict")
             if strict:
                 self._strict_check(idx, "evict")
             selected = np.zeros(self.n_rows, dtype=bool)
@@ -415,9 +464,11 @@ def _fraction(per_page: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.n
 def rows(tensor: torch.Tensor | Checkpoint, name: str | None = None) -> RowController:
     """The row controller of a mapped tensor: the same one for the same rows of the same mapping.
 
-    The file mapping keeps the controller (and so which rows are masked) for
-    as long as it lives: calling ``rows(t)`` again, without keeping the first
-    controller, finds the same state.
+    The file mapping keeps a controller that has masked rows for as long as
+    the mapping lives: calling ``rows(t)`` again, without keeping the first
+    controller, finds the same state. Another view of the same bytes with
+    another geometry (``t[:32]``) gets its own controller, which refuses to
+    mask, restore or evict while this one has masked rows.
 
     A view of rows padded by the layout compiler (``convert --pad-rows``) owns
     its padding, so whole padded slots are freed; any other strided view owns
@@ -448,8 +499,8 @@ def rows(tensor: torch.Tensor | Checkpoint, name: str | None = None) -> RowContr
     key = (tensor.data_ptr(), tensor.shape[0] if tensor.dim() else 0, tensor.stride(0) if tensor.dim() else 0,
            tensor.numel(), tensor.element_size(), span or 0)
     with mm.lock:
-        ctl = mm.row_controllers.get(key)
+        ctl = mm.row_state.get(key) or mm.row_controllers.get(key)
         if ctl is None:
-            ctl = RowController(tensor, mm, name=name, row_span=span)
+            ctl = RowController(tensor, mm, name=name, row_span=span, key=key)
             mm.row_controllers[key] = ctl
         return ctl  # type: ignore[no-any-return]

@@ -30,6 +30,26 @@ def test_a_catalog_is_frozen() -> None:
     entry = cat["a"]
     with pytest.raises(AttributeError):
         entry.offset = 0  # type: ignore[misc]
+    for inner in (cat.entries, cat.metadata, cat.stamps):  # read-only all the way down
+        with pytest.raises(TypeError):
+            inner["x"] = None  # type: ignore[index]
+
+
+def test_a_catalog_copies_what_it_is_given() -> None:
+    entries = dict(catalog().entries)
+    stamps = {"/m.safetensors": FileStamp(1, 2, 3, 4, 5)}
+    cat = Catalog("/m.safetensors", "safetensors", entries, stamps=stamps)
+    entries.clear()
+    stamps.clear()  # would have turned the file check off
+    assert len(cat) == 4 and "/m.safetensors" in cat.stamps
+
+
+def test_equal_catalogs_hash_alike_and_removed_names_say_where_they_went() -> None:
+    assert catalog() == catalog() and hash(catalog()) == hash(catalog()) and len({catalog(), catalog()}) == 1
+    other = Catalog("/other.safetensors", "safetensors", dict(catalog().entries))
+    assert other != catalog()
+    with pytest.raises(AttributeError, match=r"sparsemap.Checkpoint\(catalog\).tensor\(name\)"):
+        catalog().tensor("a")  # type: ignore[attr-defined]
 
 
 def test_lookups_totals_and_files() -> None:

@@ -78,7 +78,7 @@ def header_of(path: Path) -> tuple[int, dict]:
     return n, json.loads(raw[8: 8 + n])
 
 
-def check_round_trip(path: Path) -> sparsemap.Catalog:
+def check_round_trip(path: Path) -> sparsemap.Checkpoint:
     """Open ``path`` with sparsemap and compare every tensor and offset with the reference reader."""
     want = load_file(str(path))
     ckpt = sparsemap.Checkpoint(path)
@@ -114,10 +114,10 @@ def test_round_trip_every_dtype(tmp_path: Path, st_name: str, torch_name: str) -
     }
     path = tmp_path / f"{st_name}.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt", "dtype": st_name})
-    cat = check_round_trip(path)
-    assert cat.catalog.metadata == {"format": "pt", "dtype": st_name}
-    assert cat.catalog["scalar"].shape == ()
-    assert cat.tensor("empty").shape == (0, 3)
+    ckpt = check_round_trip(path)
+    assert ckpt.catalog.metadata == {"format": "pt", "dtype": st_name}
+    assert ckpt.catalog["scalar"].shape == ()
+    assert ckpt.tensor("empty").shape == (0, 3)
 
 
 def test_round_trip_mixed_dtypes_in_one_file(tmp_path: Path) -> None:
@@ -211,9 +211,9 @@ def test_round_trip_property(tensors: dict[str, torch.Tensor]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "p.safetensors"
         save_file(tensors, str(path))
-        cat = check_round_trip(path)
+        ckpt = check_round_trip(path)
         for name, t in tensors.items():
-            assert_bit_identical(cat.tensor(name), t)
+            assert_bit_identical(ckpt.tensor(name), t)
 
 
 # ---------------------------------------------------------------- the 8-byte length and the header

@@ -45,7 +45,7 @@ def flatten(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
-def check_round_trip(path: Path) -> sparsemap.Catalog:
+def check_round_trip(path: Path) -> sparsemap.Checkpoint:
     want = flatten(torch.load(path, weights_only=True))
     ckpt = sparsemap.Checkpoint(path)
     assert ckpt.format == "torch-zip"
@@ -133,29 +133,29 @@ def test_round_trip_views_ties_and_parameters(tmp_path: Path) -> None:
     }
     path = tmp_path / "views.pt"
     torch.save(sd, path)
-    cat = check_round_trip(path)
+    ckpt = check_round_trip(path)
 
-    assert cat.catalog["every_other_column"].strides == (8, 2)
-    assert cat.catalog["transposed"].strides == (1, 8)
-    assert cat.catalog["x"].strides is None and cat.catalog["row_slice"].strides is None
-    assert cat.catalog["row_slice"].offset == cat.catalog["x"].offset + 16 * 4
-    assert cat.catalog["tail"].offset == cat.catalog["head"].offset + 5 * 4
+    assert ckpt.catalog["every_other_column"].strides == (8, 2)
+    assert ckpt.catalog["transposed"].strides == (1, 8)
+    assert ckpt.catalog["x"].strides is None and ckpt.catalog["row_slice"].strides is None
+    assert ckpt.catalog["row_slice"].offset == ckpt.catalog["x"].offset + 16 * 4
+    assert ckpt.catalog["tail"].offset == ckpt.catalog["head"].offset + 5 * 4
     # Ties are one range of bytes, counted once.
-    assert ((cat.catalog["tied_a"].offset, cat.catalog["tied_a"].nbytes)
-            == (cat.catalog["tied_b"].offset, cat.catalog["tied_b"].nbytes))
-    assert cat.tensor("tied_a").data_ptr() == cat.tensor("tied_b").data_ptr()
-    assert cat.tensor("tail").data_ptr() == cat.tensor("head").data_ptr() + 5 * 4
-    assert cat.tensor("every_other_column").data_ptr() == cat.tensor("x").data_ptr()
+    assert ((ckpt.catalog["tied_a"].offset, ckpt.catalog["tied_a"].nbytes)
+            == (ckpt.catalog["tied_b"].offset, ckpt.catalog["tied_b"].nbytes))
+    assert ckpt.tensor("tied_a").data_ptr() == ckpt.tensor("tied_b").data_ptr()
+    assert ckpt.tensor("tail").data_ptr() == ckpt.tensor("head").data_ptr() + 5 * 4
+    assert ckpt.tensor("every_other_column").data_ptr() == ckpt.tensor("x").data_ptr()
 
 
 def test_nested_checkpoint_flattens_to_dotted_names(tmp_path: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict(), "epoch": 3, "lr": 0.1, "tags": ["a"]}, path)
-    cat = check_round_trip(path)
-    assert sorted(cat) == sorted(f"model.{k}" for k in model.state_dict())
+    ckpt = check_round_trip(path)
+    assert sorted(ckpt) == sorted(f"model.{k}" for k in model.state_dict())
     for k, v in model.state_dict().items():
-        assert torch.equal(cat.tensor(f"model.{k}"), v)
+        assert torch.equal(ckpt.tensor(f"model.{k}"), v)
 
 
 def test_top_level_storage_alignment_is_zero_copy(tmp_path: Path) -> None:
@@ -181,10 +181,10 @@ def test_bert_pytorch_model_bin(tmp_path: Path) -> None:
         for f in folder.glob("model*.safetensors*"):
             f.unlink()
         torch.save(model.state_dict(), bin_path)
-    cat = check_round_trip(bin_path)
+    ckpt = check_round_trip(bin_path)
     from_folder = sparsemap.Checkpoint(folder)
     assert from_folder.source == str(bin_path)
-    assert set(from_folder) == set(cat)
+    assert set(from_folder) == set(ckpt)
     for name, t in model.state_dict().items():
         assert_bit_identical(from_folder.tensor(name), t)
 

@@ -33,6 +33,24 @@ def wait_for_temporary(folder: Path, name: str, proc: subprocess.Popen) -> float
     return time.perf_counter()
 
 
+def wait_for_bytes(folder: Path, name: str, proc: subprocess.Popen, nbytes: float) -> None:
+    """Poll until this writer's temporary file holds ``nbytes``, is renamed into place, or the writer is gone.
+
+    Kills are aimed by bytes written, not by time: on a loaded machine a write can take twice as
+    long as the reference run did, and a kill timed from that run would land before half is written.
+    """
+    while proc.poll() is None:
+        temporaries = list(folder.glob(f".{name}.{proc.pid}.*.tmp"))
+        if not temporaries:
+            return  # renamed: the caller waited for it to appear first
+        try:
+            if temporaries[0].stat().st_size >= nbytes:
+                return
+        except FileNotFoundError:  # renamed between the glob and the stat
+            return
+        time.sleep(0.001)
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -53,9 +71,9 @@ def test_sigkill_during_convert_never_leaves_a_torn_file(tmp_path: Path) -> None
     writing_at = appeared - started
     while list(tmp_path.glob(f".reference.safetensors.{proc.pid}.*.tmp")):  # renamed when complete
         time.sleep(0.002)
-    write_s = time.perf_counter() - appeared
     assert proc.wait() == 0
     expected = digest(reference)
+    final_nbytes = reference.stat().st_size
 
     rng = random.Random(0)
     outcomes = {"old": 0, "absent": 0, "new": 0}
@@ -68,9 +86,9 @@ def test_sigkill_during_convert_never_leaves_a_torn_file(tmp_path: Path) -> None
         proc = subprocess.Popen(convert_cmd(src, dst), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if i % 4 == 0:  # during start-up, before a byte is written
             time.sleep(rng.uniform(0, writing_at))
-        else:  # while writing: from the temporary file's appearance to a little past the expected end
+        else:  # while writing: after a random share of the file's bytes; past 1, once it is renamed
             wait_for_temporary(tmp_path, "dst.safetensors", proc)
-            time.sleep(rng.uniform(0, write_s * 1.1))
+            wait_for_bytes(tmp_path, "dst.safetensors", proc, rng.uniform(0.02, 1.15) * final_nbytes)
         mid_write += bool(list(tmp_path.glob(f".dst.safetensors.{proc.pid}.*.tmp")))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -86,6 +104,7 @@ def test_sigkill_during_convert_never_leaves_a_torn_file(tmp_path: Path) -> None
     print(f"{KILLS} kills: {outcomes}, {mid_write} while the temporary file was being written")
     assert sum(outcomes.values()) == KILLS
     assert mid_write >= KILLS // 3, "too few kills landed mid-write to mean anything"
+    assert outcomes["new"] and (outcomes["old"] or outcomes["absent"]), "kills landed on one side only"
     # The next conversion succeeds and sweeps the temporaries the killed writers left.
     subprocess.run(convert_cmd(src, dst), check=True, capture_output=True)
     assert digest(dst) == expected

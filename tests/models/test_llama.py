@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from sparsemap.errors import BadInputError
+from sparsemap.formats.source import resolve_source
 from sparsemap.models import llama
 from sparsemap.models.generate import LeanEngine, TransformersEngine, pick_engine
 from sparsemap.models.gguf_llama import rotary_order
@@ -80,7 +81,7 @@ def test_unsupported_configs_are_refused_or_fall_back(tmp_path: Path, change: di
     (folder / "tokenizer.json").write_text("{}")  # present, so only the config decides
     _config(folder, **change)
     with pytest.raises(BadInputError, match=needle):
-        llama.LlamaShape.from_folder(folder)
+        llama.LlamaShape.from_source(resolve_source(folder))
     with pytest.raises(BadInputError, match=needle):
         pick_engine(folder, "lean")
     assert isinstance(pick_engine(folder, "auto"), TransformersEngine)

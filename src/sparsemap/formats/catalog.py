@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from .dtypes import ITEMSIZE
@@ -158,18 +159,35 @@ class Catalog(Mapping[str, TensorEntry]):
     def __init__(self, source: str, format: str, entries: Mapping[str, TensorEntry],
                  metadata: Mapping[str, str] | None = None,
                  stamps: Mapping[str, FileStamp] | None = None) -> None:
+        # Read-only copies: a caller's dict changed later (stamps cleared, an entry added) must not
+        # change what the catalog says, and nothing may turn the file checks off.
         init = object.__setattr__  # the only place attributes are set
         init(self, "source", source)
         init(self, "format", format)
-        init(self, "entries", entries)
-        init(self, "metadata", {} if metadata is None else metadata)
-        init(self, "stamps", {} if stamps is None else stamps)
+        init(self, "entries", MappingProxyType(dict(entries)))
+        init(self, "metadata", MappingProxyType(dict(metadata or {})))
+        init(self, "stamps", MappingProxyType(dict(stamps or {})))
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"a Catalog is frozen: cannot set {name!r} (build a new one)")
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"a Catalog is frozen: cannot delete {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Catalog):
+            return NotImplemented
+        return (self.source, self.format, self.entries, self.metadata, self.stamps) == \
+            (other.source, other.format, other.entries, other.metadata, other.stamps)
+
+    def __hash__(self) -> int:
+        return hash((self.source, self.format, len(self.entries), frozenset(self.stamps.items())))
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("tensor", "mapper"):  # the catalog served tensors before it became torch-free
+            raise AttributeError(f"Catalog.{name} is gone: a catalog describes, a sparsemap.Checkpoint maps "
+                                 "(sparsemap.Checkpoint(catalog).tensor(name))")
+        raise AttributeError(f"'Catalog' object has no attribute {name!r}")
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled by value through __init__ (the default would set slots through __setattr__).

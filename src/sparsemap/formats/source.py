@@ -4,8 +4,10 @@
 :func:`resolve_source`, which turns a path (a checkpoint file, a shard index,
 or a folder) into a frozen :class:`ModelSource`: which file holds the weights
 and in what format, and where the config, tokenizer and generation config
-are. Formats are told apart by content (magic bytes), not by file name: a
-``.bin`` may be a torch zip or a legacy pickle, and users rename files.
+are. Checkpoint files are told apart by content (magic bytes), not by file
+name: a ``.bin`` may be a torch zip or a legacy pickle, and users rename files.
+A shard index is JSON and is known by its name (``*.index.json``, or any
+``.json`` given as the path); its shards are then sniffed one by one.
 
 Folder rules, in order:
 

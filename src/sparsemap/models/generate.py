@@ -138,7 +138,7 @@ class LeanEngine:
     def load_tokenizer(self, source: ModelSource) -> Any:
         from .llama import ChatTokenizer
 
-        return ChatTokenizer(Path(source.folder))
+        return ChatTokenizer(source)
 
     def load_model(self, source: ModelSource) -> Any:
         from .llama import load
@@ -179,7 +179,7 @@ def _lean_refusal(source: ModelSource) -> str | None:
         return "the folder has no tokenizer.json"
     if source.config is None:
         return "the folder has no config.json"
-    return unsupported(read_config(Path(source.folder)))
+    return unsupported(read_config(source.config))
 
 
 def answer(engine: TransformersEngine | LeanEngine, model: str, prompt: str, *,

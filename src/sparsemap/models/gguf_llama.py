@@ -5,7 +5,7 @@ llama.cpp names tensors ``blk.N.attn_q.weight`` where transformers says
 rows of q and k within each head (it stores rotary pairs interleaved, where
 transformers keeps them in halves). This module maps a GGUF catalog to
 transformers' names and records the permutation as a row ``order``, so the
-mapper puts the rows back (exact; a copy, as the tensor is dequantized
+checkpoint puts the rows back (exact; a copy, as the tensor is dequantized
 anyway). ``sparsemap convert`` then writes a file in transformers' layout,
 which loads zero-copy.
 """

@@ -41,19 +41,20 @@ class LlamaShape:
     eos_token_ids: tuple[int, ...]
 
     @classmethod
-    def from_folder(cls, folder: Path) -> LlamaShape:
-        """Read config.json; refuse, naming the key, anything this runtime does not implement."""
-        cfg = read_config(folder)
+    def from_source(cls, source: ModelSource) -> LlamaShape:
+        """Read the source's config; refuse, naming the key, anything this runtime does not implement."""
+        if source.config is None:
+            raise BadInputError("the lean runtime needs a config.json beside the weights", path=source.folder)
+        cfg = read_config(source.config)
         reason = unsupported(cfg)
         if reason is not None:
             raise BadInputError(f"the lean runtime cannot run this model: {reason} "
-                                "(use --engine transformers)", path=folder / "config.json")
+                                "(use --engine transformers)", path=source.config)
         heads = cfg["num_attention_heads"]
         theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         eos = cfg.get("eos_token_id")
-        gen = folder / "generation_config.json"
-        if gen.is_file():
-            eos = json.loads(gen.read_text()).get("eos_token_id", eos)
+        if source.generation_config is not None:
+            eos = json.loads(Path(source.generation_config).read_text()).get("eos_token_id", eos)
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
                    num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=heads,
@@ -67,13 +68,14 @@ class LlamaShape:
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
-def read_config(folder: Path) -> dict[str, Any]:
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A config.json as a dict; a clear error when it is not one."""
     try:
-        cfg = json.loads((folder / "config.json").read_text())
+        cfg = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise BadInputError(f"cannot read config.json: {e}", path=folder) from None
+        raise BadInputError(f"cannot read config.json: {e}", path=path) from None
     if not isinstance(cfg, dict):
-        raise BadInputError("config.json is not a JSON object", path=folder)
+        raise BadInputError("config.json is not a JSON object", path=path)
     return cfg
 
 
@@ -268,7 +270,7 @@ def load(source: str | os.PathLike[str] | ModelSource, dtype: torch.dtype | None
 
     if not isinstance(source, ModelSource):
         source = resolve_source(source)
-    s = LlamaShape.from_folder(Path(source.folder))
+    s = LlamaShape.from_source(source)
     # Old checkpoints saved rotary caches; this runtime computes them. Built on meta already: no skeleton.
     return load_weights(Llama(s), source, dtype=dtype, skip=["*.rotary_emb.inv_freq"]).eval()
 
@@ -276,15 +278,21 @@ def load(source: str | os.PathLike[str] | ModelSource, dtype: torch.dtype | None
 class ChatTokenizer:
     """``tokenizers`` plus the model's chat template (rendered in a sandboxed Jinja environment)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, source: ModelSource | str | os.PathLike[str]) -> None:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         from tokenizers import Tokenizer
 
-        path = folder / "tokenizer.json"
-        if not path.is_file():
+        if isinstance(source, ModelSource):  # the resolver's answer (a GGUF's vocabulary is not for us)
+            path, where = (None if source.is_gguf else source.tokenizer), source.folder
+        else:  # a folder holding tokenizer.json, or that file
+            where = Path(source)
+            path = str(where / "tokenizer.json") if where.is_dir() else str(where)
+            path = path if Path(path).is_file() else None
+        if path is None:
             raise BadInputError("no tokenizer.json (use --engine transformers for other tokenizers)",
-                                path=folder)
-        self.tokenizer = Tokenizer.from_file(str(path))
+                                path=where)
+        self.tokenizer = Tokenizer.from_file(path)
+        folder = Path(path).parent  # its companions (template, special tokens) lie beside it
         config = json.loads((folder / "tokenizer_config.json").read_text()) \
             if (folder / "tokenizer_config.json").is_file() else {}
         template = config.get("chat_template")
