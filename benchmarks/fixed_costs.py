@@ -14,11 +14,12 @@ library is imported first). Timed, in the child:
 
 The file is warm (read once before), so neither way waits for the disk; no
 tensor data is touched by either. The two ways alternate, run after run, and
-the medians are reported with their ratio. Python bytecode is compiled once
-beforehand (as an installed package has it), so no run pays for compiling
-sparsemap's sources.
+the medians are reported with their ratio. By default Python bytecode is
+compiled once beforehand (as an installed package has it), so no run pays for
+compiling sparsemap's sources; ``--no-bytecode`` measures the other case
+(``PYTHONDONTWRITEBYTECODE=1`` and no cached bytecode: every run compiles).
 
-Usage: ``python benchmarks/fixed_costs.py [--model llama-1b] [--repeat 15]``
+Usage: ``python benchmarks/fixed_costs.py [--model llama-1b] [--repeat 15] [--no-bytecode]``
 (the default model is the 1.1 B-parameter bf16 Llama shape, written once into
 ``$SPARSEMAP_CACHE/bench``).
 """
@@ -29,6 +30,7 @@ import argparse
 import compileall
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -82,8 +84,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-1b", help="synthetic size (see `sparsemap bench --list`)")
     ap.add_argument("--repeat", type=int, default=15, help="runs of each way (alternating); medians")
-    ap.add_argument("--json", default=str(HERE / "results" / "fixed_costs.json"))
+    ap.add_argument("--no-bytecode", action="store_true",
+                    help="every run compiles sparsemap's sources (no cached bytecode), as in a checkout "
+                         "with PYTHONDONTWRITEBYTECODE=1")
+    ap.add_argument("--json", default=None, help="default: results/fixed_costs[_no_bytecode].json")
     args = ap.parse_args()
+    suffix = "_no_bytecode" if args.no_bytecode else ""
+    args.json = args.json or str(HERE / "results" / f"fixed_costs{suffix}.json")
 
     import sparsemap
     from sparsemap.bench.runner import machine
@@ -97,8 +104,14 @@ def main() -> None:
     with open(path, "rb") as f:  # warm: neither way reads tensor data, but both read the header
         while f.read(64 << 20):
             pass
-    compileall.compile_dir(str(Path(sparsemap.__file__).parent), quiet=1)
+    package = Path(sparsemap.__file__).parent
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    if args.no_bytecode:
+        for cache in package.rglob("__pycache__"):
+            shutil.rmtree(cache)
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+    else:
+        compileall.compile_dir(str(package), quiet=1)
     runs: dict[str, list[dict[str, float]]] = {w: [] for w in WAYS}
     for r in range(args.repeat):
         for way in WAYS if r % 2 == 0 else reversed(WAYS):
@@ -114,13 +127,15 @@ def main() -> None:
         m["total_ms"] = m["import_ms"] + m["load_ms"]
     ratio = medians["sparsemap"]["total_ms"] / medians["safetensors"]["total_ms"]
     print(f"{path} ({len(catalog)} tensors, {catalog.nbytes / 1e9:.2f} GB), medians of {args.repeat} fresh "
-          "processes each, torch imported and the model built on meta before the clock")
+          "processes each, torch imported and the model built on meta before the clock; sparsemap's "
+          f"bytecode {'compiled by every run' if args.no_bytecode else 'cached'}")
     print(f"{'way':12s} {'import ms':>10s} {'load ms':>9s} {'total ms':>9s}")
     for w, m in medians.items():
         print(f"{w:12s} {m['import_ms']:10.2f} {m['load_ms']:9.2f} {m['total_ms']:9.2f}")
     print(f"sparsemap / safetensors, import included: {ratio:.2f}x")
     Path(args.json).write_text(json.dumps({"machine": machine(path, None), "file": str(path),
-                                           "tensors": len(catalog), "repeat": args.repeat, "runs": runs,
+                                           "tensors": len(catalog), "repeat": args.repeat,
+                                           "bytecode": "none" if args.no_bytecode else "cached", "runs": runs,
                                            "medians": medians, "ratio_total": ratio}, indent=1))
     print(f"wrote {args.json}")
 
