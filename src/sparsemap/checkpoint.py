@@ -139,13 +139,6 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         """Give back the pages of a view served here (they fault back from the file); bytes released."""
         return release_pages(t, drop_cache=drop_cache) if self.owns(t) else 0
 
-    def check_unchanged(self) -> None:
-        """Raise :class:`~sparsemap.errors.FileChangedError` if a mapped file changed: one ``fstat`` each."""
-        with self._lock:
-            mappings = [mm for mm in self._maps.values() if mm is not None]
-        for mm in mappings:
-            mm.check_unchanged()
-
     # ------------------------------------------------------------ tensors
 
     def tensor(self, name: str, *, stored_order: bool = False) -> torch.Tensor:

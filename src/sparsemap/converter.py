@@ -48,8 +48,6 @@ class ConvertSummary:
                 f"{self.mb_per_s:,.0f} MB/s")
 
 
-
-
 def convert(source: Source | Checkpoint, destination: str | os.PathLike[str], *,
             layout: Layout | None = None,
             on_bytes: Callable[[int], None] | None = None) -> ConvertSummary:

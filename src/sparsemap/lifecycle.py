@@ -58,8 +58,6 @@ class DropReport:
         return "\n".join(lines)
 
 
-
-
 def drop(module: nn.Module, names: list[str] | tuple[str, ...] | str) -> DropReport:
     """Release parameters (or buffers) the program no longer needs.
 

@@ -268,23 +268,31 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
                                           readers=readers, drop_cache=drop_cache)
         logger.info("%s: %s", ckpt.source, report)
     slots = {name: slot for slot, name in the_plan.assignments}
-    # One file check per file for views; per tensor when each is converted (its pages are read).
-    converts = dtype is not None or device.type != "cpu"
-    mapped = ckpt.tensors((name for name in slots if name not in streamed), reads=converts)
-    for name, t in (*streamed.items(), *mapped):
-        slot = slots[name]
-        if name not in streamed:
-            t = _converted(t, device, dtype)
-        old = slot.tensor
-        if slot.kind == "param":
-            new: torch.Tensor = nn.Parameter(t, requires_grad=old.requires_grad and t.is_floating_point())
-            for module, attr in slot.places:
-                module._parameters[attr] = new  # type: ignore[assignment]
-        else:
-            for module, attr in slot.places:
-                module._buffers[attr] = t
+    for name, t in streamed.items():
+        _assign(slots[name], t)
+    # Lazily, one tensor at a time: each is checked (per file for views, per tensor when its pages
+    # are read) and converted just before it is assigned.
+    mapped = ckpt.tensors((name for name in slots if name not in streamed), reads=_reads(device, dtype))
+    for name, t in mapped:
+        _assign(slots[name], _converted(t, device, dtype))
     _check_materialized(the_plan, ckpt.source, strict)
     return model
+
+
+def _assign(slot: _Slot, t: torch.Tensor) -> None:
+    """Put ``t`` in every place of ``slot`` (tied names stay one tensor)."""
+    if slot.kind == "param":
+        new = nn.Parameter(t, requires_grad=slot.tensor.requires_grad and t.is_floating_point())
+        for module, attr in slot.places:
+            module._parameters[attr] = new
+    else:
+        for module, attr in slot.places:
+            module._buffers[attr] = t
+
+
+def _reads(device: torch.device, dtype: torch.dtype | None) -> bool:
+    """Whether loading reads every tensor's pages at once (a cast, a copy to another device)."""
+    return dtype is not None or device.type != "cpu"
 
 
 def _converted(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
@@ -321,9 +329,8 @@ def load_state_dict(source: Source, *, device: str | torch.device = "cpu", dtype
     ckpt = Checkpoint.of(source)
     skipped = skip_predicate(skip)
     device = torch.device(device)
-    converts = dtype is not None or device.type != "cpu"
-    return {name: _converted(t, device, dtype)
-            for name, t in ckpt.tensors((name for name in ckpt if not skipped(name)), reads=converts)}
+    served = ckpt.tensors((name for name in ckpt if not skipped(name)), reads=_reads(device, dtype))
+    return {name: _converted(t, device, dtype) for name, t in served}
 
 
 __all__ = ["LoadPlan", "load", "load_state_dict", "plan", "skeleton"]

@@ -22,9 +22,9 @@ sparsity.
 
 What a row owns: its own bytes, and nothing between it and the next row,
 unless the layout compiler padded the rows (then the padding is the row's
-too; the checkpoint records this on the mapping, see ``TensorEntry.row_span``). The gaps of other
-strided views can hold other tensors' bytes: the parts of an FFN bundle, the
-other columns of a wider matrix.
+too; the checkpoint records this on the mapping, see ``TensorEntry.row_span``).
+The gaps of other strided views can hold other tensors' bytes: the parts of
+an FFN bundle, the other columns of a wider matrix.
 
 Which pages an operation may remap: only pages made wholly of bytes this
 tensor owns. Other pages (at the edges, or holding gaps) are only ever written
