@@ -51,6 +51,8 @@ LAYERS = (
     ("sparsemap.formats.*", "sparsemap.formats"),
     ("sparsemap.pages", "sparsemap.durable"),
     ("sparsemap.mapped",),
+    ("sparsemap.quantize",),
+    ("sparsemap.qtensor",),
     ("sparsemap.checkpoint",),
     ("sparsemap.loader", "sparsemap.writer", "sparsemap.converter", "sparsemap.sparse_rows",
      "sparsemap.stream", "sparsemap.lifecycle"),

@@ -8,10 +8,11 @@ Every consumer of tensor data (loading, converting, streaming, sparse rows)
 takes a Checkpoint, or anything :meth:`Checkpoint.of` turns into one: a path,
 a catalog. That is the one place a source is normalised.
 
-Copies happen only where a view cannot serve: quantized GGUF data
-(dequantized), data whose offset is not a multiple of its element size, and
-rows a usage profile reordered, put back in logical order (unless
-``stored_order=True``).
+Copies happen only where a view cannot serve: quantized data asked for as
+floats (dequantized; :meth:`Checkpoint.quantized` serves a weight kept
+quantized as zero-copy views of its parts), data whose offset is not a
+multiple of its element size, and rows a usage profile reordered, put back in
+logical order (unless ``stored_order=True``).
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 
     # ------------------------------------------------------------ tensors
 
-    def tensor(self, name: str, *, stored_order: bool = False) -> torch.Tensor:
+    def tensor(self, name: str, *, stored_order: bool = False, keep_quantized: bool = False) -> torch.Tensor:
         """The tensor ``name``: a zero-copy view of the mapped file where possible.
 
         Checks first that its file is still the one parsed (a view of a
@@ -152,15 +153,44 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             stored_order: for a tensor whose rows were reordered by a usage
                 profile, return the zero-copy view in stored order (the
                 entry's ``order`` maps it back) instead of a copy in logical order.
+            keep_quantized: for a weight kept quantized (``name in catalog.quantized``),
+                return a :class:`~sparsemap.qtensor.QuantizedTensor` over its
+                mapped parts (matmuls run the int4/int8 kernels) instead of a
+                dequantized float32 copy.
 
         Raises:
             KeyError: no such tensor.
             FileChangedError: its file was modified, truncated or replaced since it was parsed.
         """
-        return self._serve(self.catalog[name], stored_order=stored_order, check=True)
+        return self._serve(self.catalog[name], stored_order=stored_order, check=True,
+                           keep_quantized=keep_quantized)
+
+    def quantized(self, name: str) -> list[torch.Tensor]:
+        """The stored parts of a weight kept quantized (see :mod:`sparsemap.formats.quantized`):
+        zero-copy views, in the order ``catalog.quantized[name].parts`` lists them.
+
+        Raises:
+            KeyError: ``name`` is not a quantized weight of this checkpoint.
+            FileChangedError: its file was modified, truncated or replaced since it was parsed.
+        """
+        weight = self.catalog.quantized[name]
+        return [self._stored(part, check=i == 0) for i, part in enumerate(weight.parts)]
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The tensor's bytes as the file stores them: a zero-copy uint8 view, (nbytes,).
+
+        What a quantized GGUF tensor is before it is dequantized (its blocks).
+        """
+        entry = self.catalog[name]
+        if entry.nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        mm = self.mapping(entry.file)
+        assert mm is not None
+        mm.check_unchanged()
+        return torch.frombuffer(mm, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset)
 
     def tensors(self, names: Iterable[str] | None = None, *, stored_order: bool = False,
-                reads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+                reads: bool = False, keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` for each of ``names`` (default: all), lazily, checking each file once.
 
         What loading uses. A view reads no page, so one ``fstat`` per file, when
@@ -177,9 +207,15 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             check = reads or entry.file not in checked or not entry.zero_copy
             if check and entry.numel:  # an empty tensor maps nothing, so it checks nothing
                 checked.add(entry.file)
-            yield name, self._serve(entry, stored_order=stored_order, check=check)
+            yield name, self._serve(entry, stored_order=stored_order, check=check,
+                                    keep_quantized=keep_quantized)
 
-    def _serve(self, entry: TensorEntry, *, stored_order: bool, check: bool) -> torch.Tensor:
+    def _serve(self, entry: TensorEntry, *, stored_order: bool, check: bool,
+               keep_quantized: bool = False) -> torch.Tensor:
+        if keep_quantized and entry.name in self.catalog.quantized:
+            from .qtensor import QuantizedTensor
+
+            return QuantizedTensor(self.catalog.quantized[entry.name], self.quantized(entry.name))
         view = self._stored(entry, check=check)
         if entry.order is None or stored_order:
             return view
@@ -198,6 +234,10 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         assert mm is not None  # a non-empty tensor implies a non-empty file
         if check:
             mm.check_unchanged()
+        if entry.name in self.catalog.quantized and entry.encoding is not None:
+            from .quantize import dequantize
+
+            return dequantize(self.catalog.quantized[entry.name], self.quantized(entry.name))
         if entry.encoding is not None:
             return _dequantize(mm, entry)
         flat = torch.frombuffer(mm, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset)

@@ -269,8 +269,13 @@ def _parse_size(text: str) -> int:
 @click.option("--reorder", "profile", type=click.Path(dir_okay=False), default=None, metavar="PROFILE.json",
               help="Usage profile: JSON {tensor name: [count per row]}. Rows are stored hottest first so "
                    "rows used together share pages (loading puts them back in order, with a copy).")
+@click.option("--quantize", type=click.Choice(["keep", "q8_0", "q4_1", "int8"]), default=None,
+              help="Store weights quantized, in the layouts torch's int4/int8 CPU kernels read, so they run "
+                   "mapped: 'keep' keeps a GGUF's Q4_0/Q4_1/Q4_K/Q8_0/Q6_K blocks (no float copy); 'q8_0' "
+                   "(int8, groups of 32), 'int8' (int8, one scale per row) and 'q4_1' (4-bit, groups of 32) "
+                   "also quantize float 2-D weights.")
 def convert(src: str, dst: str, dtype: str | None, align: str, pad_rows: tuple[str, ...],
-            transpose: tuple[str, ...], bundle_ffn: bool, profile: str | None) -> None:
+            transpose: tuple[str, ...], bundle_ffn: bool, profile: str | None, quantize: str | None) -> None:
     """Write SRC as an aligned safetensors file DST, with an optional row layout.
 
     SRC is anything `sparsemap inspect` reads. DST is a valid safetensors file
@@ -284,6 +289,8 @@ def convert(src: str, dst: str, dtype: str | None, align: str, pad_rows: tuple[s
       sparsemap convert model.safetensors sparse.safetensors --pad-rows '*embed_tokens*' \\
           --transpose '*.mlp.down_proj.weight'
       sparsemap convert ./SmolLM2/ bundled.safetensors --bundle-ffn
+      sparsemap convert model.gguf model-q.safetensors --quantize keep
+      sparsemap convert ./llama-bf16/ llama-q8.safetensors --quantize q8_0
     """
     import torch
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
@@ -294,7 +301,7 @@ def convert(src: str, dst: str, dtype: str | None, align: str, pad_rows: tuple[s
 
     layout = Layout(align=_parse_size(align), dtype=getattr(torch, dtype) if dtype else None,
                     pad_rows=pad_rows, transpose=transpose, bundle_ffn=bundle_ffn,
-                    reorder=_read_profile(profile) if profile else None)
+                    reorder=_read_profile(profile) if profile else None, quantize=quantize)
     catalog = open_catalog(src)
     columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())

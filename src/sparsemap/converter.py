@@ -1,7 +1,10 @@
 """``sparsemap convert``: any checkpoint in, an aligned, laid-out safetensors file out.
 
-Reads anything :func:`sparsemap.open` reads (GGUF quantized tensors are
-dequantized), writes through :mod:`sparsemap.writer`. Memory stays bounded:
+Reads anything :func:`sparsemap.open` reads, writes through
+:mod:`sparsemap.writer`. GGUF quantized tensors are dequantized, or, with
+``Layout(quantize="keep")``, kept quantized in the layouts torch's CPU kernels
+read (``"q8_0"``/``"q4_1"`` also quantize float weights; see
+:mod:`sparsemap.quantize`). Memory stays bounded:
 one source tensor at a time is fetched (a zero-copy view, or a dequantized
 copy for GGUF), its pages are released once written, and output pages are
 flushed and dropped as they go.
@@ -13,14 +16,20 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .checkpoint import Checkpoint, Source
+from .errors import UnsupportedQuantizationError
 from .formats.catalog import Catalog
 from .formats.planner import Layout, Plan, Spec, plan
-from .formats.reserved import LAYOUT_KEY
+from .formats.quantized import FROM_GGUF
+from .formats.reserved import LAYOUT_KEY, QUANT_KEY
 from .writer import write
+
+if TYPE_CHECKING:
+    from .quantize import Coded
 
 
 @dataclass(frozen=True)
@@ -72,9 +81,18 @@ def convert(source: Source | Checkpoint, destination: str | os.PathLike[str], *,
     layout = layout or Layout()
     start = time.perf_counter()
     specs = [Spec(e.name, e.shape, e.dtype, (e.file, e.offset, e.nbytes, e.dtype, e.shape, e.strides)
-                  if e.encoding is None and e.nbytes else None)
+                  if e.encoding is None and e.nbytes else None,
+                  encoding=_source_encoding(catalog, e.name))
              for e in catalog.values()]
-    the_plan: Plan = plan(specs, layout, _kept_metadata(catalog))
+    int4 = None
+    if layout.quantize is not None:
+        from .quantize import int4_layout
+
+        int4 = int4_layout()
+    try:
+        the_plan: Plan = plan(specs, layout, _kept_metadata(catalog), int4_layout=int4)
+    except UnsupportedQuantizationError as e:
+        raise UnsupportedQuantizationError(e.detail, path=catalog.source, tensor=e.tensor) from None
     current: dict[str, torch.Tensor] = {}
 
     def get(name: str) -> torch.Tensor:
@@ -87,14 +105,47 @@ def convert(source: Source | Checkpoint, destination: str | os.PathLike[str], *,
         if t is not None:
             ckpt.release(t, drop_cache=True)  # written: give its pages back
 
+    if layout.quantize is not None:
+        from .quantize import part_getter
+
+        get = part_getter(the_plan, get, lambda name: _coded(ckpt, name, layout.quantize))
     write(the_plan, get, destination, on_bytes=on_bytes, on_tensor=done)
     return ConvertSummary(source=catalog.source, destination=os.fspath(destination), tensors=len(catalog),
                           file_nbytes=the_plan.file_nbytes, padding_nbytes=the_plan.padding_nbytes,
                           seconds=time.perf_counter() - start)
 
 
+def _source_encoding(catalog: Catalog, name: str) -> str | None:
+    """The quantization a tensor comes in, as the planner judges it: a GGUF type (also for a weight of
+    ours decoded from one), else ``None`` (float, or quantized from float: quantized again by the mode)."""
+    weight = catalog.quantized.get(name)
+    if weight is not None:
+        return weight.source if weight.source in FROM_GGUF else None
+    return catalog[name].encoding
+
+
+def _coded(ckpt: Checkpoint, name: str, mode: str) -> Coded:
+    """A weight to be stored quantized: a GGUF tensor decoded from its blocks (rows put in logical
+    order), a weight already kept quantized decoded from its parts, or a float tensor quantized."""
+    from .quantize import decode, from_float, from_gguf
+
+    entry = ckpt.catalog[name]
+    if name in ckpt.catalog.quantized:  # a file of ours: its GGUF-born weights as they are, others again
+        weight = ckpt.catalog.quantized[name]
+        coded = decode(weight, ckpt.quantized(name))
+        return coded if weight.source in FROM_GGUF else from_float(coded.values(), mode)
+    if entry.encoding is None:
+        return from_float(ckpt.tensor(name), mode)
+    coded = from_gguf(ckpt.raw(name), entry.encoding, (entry.shape[0], entry.shape[1]), name=name)
+    if entry.order is None:
+        return coded
+    inverse = torch.empty(len(entry.order), dtype=torch.int64)  # stored row k is logical row order[k]
+    inverse[torch.tensor(entry.order, dtype=torch.int64)] = torch.arange(len(entry.order))
+    return coded.rows(inverse)
+
+
 def _kept_metadata(catalog: Catalog) -> dict[str, str]:
     """Source metadata worth carrying over: safetensors' own strings (not GGUF's key-values)."""
     if catalog.format != "safetensors":
         return {"sparsemap.source_format": catalog.format}
-    return {k: v for k, v in catalog.metadata.items() if k != LAYOUT_KEY}
+    return {k: v for k, v in catalog.metadata.items() if k not in (LAYOUT_KEY, QUANT_KEY)}

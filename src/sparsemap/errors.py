@@ -154,6 +154,10 @@ class UnsupportedQuantizationError(FormatError):
     """A GGUF tensor uses a quantization sparsemap cannot dequantize."""
 
 
+class QuantizationError(FormatError):
+    """A file's quantized weights are described wrongly, or packed for another kernel layout."""
+
+
 class GGUFArchitectureError(FormatError):
     """The GGUF file's architecture or tensor names are not ones sparsemap maps to transformers."""
 

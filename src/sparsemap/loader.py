@@ -23,6 +23,7 @@ from .checkpoint import Checkpoint
 from .checkpoint import Source as CheckpointSource
 from .errors import MissingKeysError, ShapeMismatchError, UnexpectedKeysError, UninitializedTensorError
 from .formats.catalog import Catalog
+from .qtensor import QuantizedTensor
 
 logger = logging.getLogger("sparsemap")
 M = TypeVar("M", bound=nn.Module)
@@ -272,9 +273,13 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
         _assign(slots[name], t)
     # Lazily, one tensor at a time: each is checked (per file for views, per tensor when its pages
     # are read) and converted just before it is assigned.
-    mapped = ckpt.tensors((name for name in slots if name not in streamed), reads=_reads(device, dtype))
+    # Weights kept quantized stay so on the CPU (their matmuls run the int4/int8 kernels, whatever dtype
+    # the rest is cast to); another device gets them dequantized.
+    mapped = ckpt.tensors((name for name in slots if name not in streamed), reads=_reads(device, dtype),
+                          keep_quantized=device.type == "cpu")
     for name, t in mapped:
-        _assign(slots[name], _converted(t, device, dtype))
+        _assign(slots[name], t if name in ckpt.catalog.quantized and device.type == "cpu"
+                else _converted(t, device, dtype))
     _check_materialized(the_plan, ckpt.source, strict)
     return model
 
@@ -282,7 +287,10 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
 def _assign(slot: _Slot, t: torch.Tensor) -> None:
     """Put ``t`` in every place of ``slot`` (tied names stay one tensor)."""
     if slot.kind == "param":
-        new = nn.Parameter(t, requires_grad=slot.tensor.requires_grad and t.is_floating_point())
+        # A weight kept quantized goes in as it is: wrapping it in nn.Parameter detaches it, and the first
+        # detach of a tensor subclass loads torch's symbolic-shape machinery (sympy: 38 MiB, measured).
+        new = t if isinstance(t, QuantizedTensor) else nn.Parameter(
+            t, requires_grad=slot.tensor.requires_grad and t.is_floating_point())
         for module, attr in slot.places:
             module._parameters[attr] = new
     else:

@@ -39,6 +39,8 @@ def write(plan_: Plan, get: Callable[[str], torch.Tensor], path: str | os.PathLi
 
     Peak extra memory: one source tensor if it must be made contiguous or
     cast as a whole (plain records), else one buffer of :data:`CHUNK_NBYTES`.
+    A quantized weight's parts are fetched by their stored names (``get("w@int4")``);
+    :func:`sparsemap.quantize.part_getter` packs them from the source.
     The file appears at ``path`` whole or not at all (:func:`~sparsemap.durable.atomic_write`).
 
     Args:
@@ -60,7 +62,7 @@ def write(plan_: Plan, get: Callable[[str], torch.Tensor], path: str | os.PathLi
         for record in plan_.records:
             if record.kind == "pad":
                 sink.zeros(record.nbytes)
-            elif record.kind == "plain":
+            elif record.kind in ("plain", "quant"):
                 _write_plain(sink, get(record.name), record)
                 if on_tensor:
                     on_tensor(record.name)

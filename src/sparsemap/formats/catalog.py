@@ -15,9 +15,12 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .dtypes import ITEMSIZE
+
+if TYPE_CHECKING:
+    from .quantized import QuantizedWeight
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -139,6 +142,9 @@ class Catalog(Mapping[str, TensorEntry]):
         metadata: the file's string metadata (safetensors ``__metadata__``, GGUF scalars).
         stamps: each file as it was when its header was parsed; the torch side
             refuses a file that no longer matches (:class:`~sparsemap.errors.FileChangedError`).
+        quantized: weight name -> its stored parts, for weights kept quantized in
+            the kernels' layouts (see :mod:`sparsemap.formats.quantized`); each is also
+            an entry, with ``encoding`` ``"int4"`` or ``"int8"``.
 
     Example:
         >>> cat = sparsemap.open("model.safetensors")        # doctest: +SKIP
@@ -149,16 +155,18 @@ class Catalog(Mapping[str, TensorEntry]):
 
     # A plain slotted class rather than a frozen dataclass: this module is imported by every load,
     # and generating a dataclass's methods costs half a millisecond of import time.
-    __slots__ = ("entries", "format", "metadata", "source", "stamps")
+    __slots__ = ("entries", "format", "metadata", "quantized", "source", "stamps")
     source: str
     format: str
     entries: Mapping[str, TensorEntry]
     metadata: Mapping[str, str]
     stamps: Mapping[str, FileStamp]
+    quantized: Mapping[str, QuantizedWeight]
 
     def __init__(self, source: str, format: str, entries: Mapping[str, TensorEntry],
                  metadata: Mapping[str, str] | None = None,
-                 stamps: Mapping[str, FileStamp] | None = None) -> None:
+                 stamps: Mapping[str, FileStamp] | None = None,
+                 quantized: Mapping[str, QuantizedWeight] | None = None) -> None:
         # Read-only copies: a caller's dict changed later (stamps cleared, an entry added) must not
         # change what the catalog says, and nothing may turn the file checks off.
         init = object.__setattr__  # the only place attributes are set
@@ -167,6 +175,7 @@ class Catalog(Mapping[str, TensorEntry]):
         init(self, "entries", MappingProxyType(dict(entries)))
         init(self, "metadata", MappingProxyType(dict(metadata or {})))
         init(self, "stamps", MappingProxyType(dict(stamps or {})))
+        init(self, "quantized", MappingProxyType(dict(quantized or {})))
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"a Catalog is frozen: cannot set {name!r} (build a new one)")
@@ -177,8 +186,8 @@ class Catalog(Mapping[str, TensorEntry]):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Catalog):
             return NotImplemented
-        return (self.source, self.format, self.entries, self.metadata, self.stamps) == \
-            (other.source, other.format, other.entries, other.metadata, other.stamps)
+        return (self.source, self.format, self.entries, self.metadata, self.stamps, self.quantized) == \
+            (other.source, other.format, other.entries, other.metadata, other.stamps, other.quantized)
 
     def __hash__(self) -> int:
         return hash((self.source, self.format, len(self.entries), frozenset(self.stamps.items())))
@@ -192,7 +201,7 @@ class Catalog(Mapping[str, TensorEntry]):
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled by value through __init__ (the default would set slots through __setattr__).
         return (Catalog, (self.source, self.format, dict(self.entries), dict(self.metadata),
-                          dict(self.stamps)))
+                          dict(self.stamps), dict(self.quantized)))
 
     def __repr__(self) -> str:
         return (f"Catalog({self.source!r}, format={self.format!r}, tensors={len(self.entries)}, "
@@ -219,15 +228,17 @@ class Catalog(Mapping[str, TensorEntry]):
     def nbytes(self) -> int:
         """Bytes of tensor data as loaded, counting tied tensors (same bytes, same view) once.
 
-        For quantized tensors this is the packed size in the file.
+        For quantized tensors this is the packed size in the file (scales included).
         """
         seen = {(e.file, e.offset, e.shape, e.strides, e.dtype): e for e in self.entries.values()}
-        return sum(e.nbytes if e.strides is None else e.numel * ITEMSIZE[e.dtype] for e in seen.values())
+        total = sum(e.nbytes if e.strides is None else e.numel * ITEMSIZE[e.dtype] for e in seen.values())
+        return total + sum(w.nbytes - w.q.nbytes for w in self.quantized.values())
 
     def required_nbytes(self) -> dict[str, int]:
         """For each file, the size it must have at least: the end of its last tensor."""
         need: dict[str, int] = {}
-        for e in self.entries.values():
+        parts = (p for w in self.quantized.values() for p in w.parts)
+        for e in (*self.entries.values(), *parts):
             need[e.file] = max(need.get(e.file, 0), e.end)
         return need
 
@@ -236,7 +247,8 @@ class Catalog(Mapping[str, TensorEntry]):
         by_dtype: dict[str, int] = {}
         for e in self.entries.values():
             key = e.dtype if e.encoding is None else f"{e.encoding}->{e.dtype}"
-            by_dtype[key] = by_dtype.get(key, 0) + e.nbytes
+            w = self.quantized.get(e.name)
+            by_dtype[key] = by_dtype.get(key, 0) + (e.nbytes if w is None else w.nbytes)
         return {
             "source": self.source,
             "format": self.format,

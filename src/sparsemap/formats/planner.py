@@ -35,7 +35,9 @@ from ..errors import LayoutOptionError
 from .catalog import contiguous_strides
 from .dtypes import FLOATING, ITEMSIZE, name_of
 from .layout import LayoutDocument, LayoutView
-from .reserved import LAYOUT_KEY, PAD_PREFIX, SUFFIXES, is_reserved
+from .quantized import GATHERED, MODES, part_specs, scheme_for
+from .quantized import document as quant_document
+from .reserved import LAYOUT_KEY, PAD_PREFIX, QUANT_KEY, SUFFIXES, is_reserved
 
 # Rows are padded to at most a 64 KiB page (the largest base page in use, arm64's)
 # even when tensors are aligned to 2 MiB huge pages: 2 MiB rows would multiply the file.
@@ -77,6 +79,13 @@ class Layout:
             down projection, one count per neuron). Rows are stored hottest
             first, so rows used together share pages. Loading undoes the order
             with a copy; sparse consumers read the stored order without one.
+        quantize: keep weights quantized in the layouts torch's CPU kernels
+            read (see :mod:`sparsemap.formats.quantized`): ``"keep"`` keeps a
+            GGUF's quantized tensors so, ``"q8_0"`` or ``"q4_1"`` also quantizes
+            2-D floating tensors whose rows are a multiple of 32. ``None``
+            (default): quantized sources are dequantized.
+        gathered: glob patterns of weights whose rows are gathered (embeddings):
+            with ``quantize``, stored int8 rather than int4, which cannot give back a row.
 
     Example:
         >>> Layout(dtype="bfloat16", pad_rows="*embed_tokens*").dtype, Layout().row_page
@@ -90,14 +99,19 @@ class Layout:
     bundle_ffn: bool
     page: int | None
     reorder: Mapping[str, Sequence[float]] | None
+    quantize: str | None
+    gathered: tuple[str, ...]
 
     def __init__(self, *, align: int = 4096, dtype: object = None, pad_rows: str | Iterable[str] = (),
                  transpose: str | Iterable[str] = (), bundle_ffn: bool = False, page: int | None = None,
-                 reorder: Mapping[str, Sequence[float]] | None = None) -> None:
+                 reorder: Mapping[str, Sequence[float]] | None = None, quantize: str | None = None,
+                 gathered: str | Iterable[str] = GATHERED) -> None:
         # The one place options are normalised; the planner reads only the normalised fields.
         for what, value in (("align", align), ("page", page)):
             if value is not None and (value <= 0 or value & (value - 1)):
                 raise LayoutOptionError(f"{what} must be a power of two, got {value}")
+        if quantize is not None and quantize not in MODES:
+            raise LayoutOptionError(f"quantize must be one of {', '.join(MODES)}, got {quantize!r}")
         name = None
         if dtype is not None:
             try:
@@ -113,6 +127,8 @@ class Layout:
         set_(self, "bundle_ffn", bool(bundle_ffn))
         set_(self, "page", page)
         set_(self, "reorder", dict(reorder) if reorder is not None else None)
+        set_(self, "quantize", quantize)
+        set_(self, "gathered", _patterns("gathered", gathered))
 
     @property
     def row_page(self) -> int:
@@ -150,12 +166,15 @@ class Spec:
         dtype: its safetensors dtype name (``"F32"``); see :mod:`sparsemap.formats.dtypes`.
         identity: equal (and not ``None``) for tensors that share their bytes
             (tied weights); the first is stored, the others become aliases.
+        encoding: the source's quantization (a GGUF type such as ``"Q4_1"``),
+            for tensors that are not plain elements; ``dtype`` is then what it dequantizes to.
     """
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     identity: object = None
+    encoding: str | None = None
 
 
 @dataclass(frozen=True)
@@ -176,10 +195,12 @@ class Record:
         name: its name in the file (suffixed for a special layout, see :data:`SUFFIXES`).
         dtype: safetensors dtype name, after any cast.
         shape: its stored shape; ``(n_rows, row stride)`` for a row record.
-        kind: ``"plain"``, ``"rows"``, ``"transpose"``, ``"bundle"`` or ``"pad"``.
+        kind: ``"plain"``, ``"rows"``, ``"transpose"``, ``"bundle"``, ``"quant"`` or ``"pad"``.
         parts: for a row record, the logical tensors side by side in each row.
         offset: bytes from the start of the data section.
         order: for reordered rows, stored row ``k`` holds logical row ``order[k]``.
+        quantized: for a ``"quant"`` record, ``(weight, scheme)``: the logical
+            weight it is a part of, and how that weight is stored.
     """
 
     name: str
@@ -189,6 +210,7 @@ class Record:
     parts: tuple[Part, ...] = ()
     offset: int = 0
     order: tuple[int, ...] | None = None
+    quantized: tuple[str, str] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -229,13 +251,16 @@ class Plan:
 
 # ---------------------------------------------------------------- planning
 
-def plan(specs: Sequence[Spec], layout: Layout, metadata: Mapping[str, str] | None = None) -> Plan:
+def plan(specs: Sequence[Spec], layout: Layout, metadata: Mapping[str, str] | None = None, *,
+         int4_layout: str | None = None) -> Plan:
     """Decide every stored tensor, its offset and the layout views; touch no data.
 
     Args:
         specs: the source tensors, in the order they are written (bundles go first).
         layout: alignment, cast and special layouts.
         metadata: extra ``__metadata__`` strings (``"format": "pt"`` is added if absent).
+        int4_layout: the packed int4 layout the writer's torch makes
+            (:func:`sparsemap.quantize.int4_layout`); needed when ``layout.quantize`` makes int4 weights.
 
     Returns:
         The :class:`Plan`: records, views and header.
@@ -252,9 +277,14 @@ def plan(specs: Sequence[Spec], layout: Layout, metadata: Mapping[str, str] | No
     """
     by_name = _index(specs)
     _check_metadata(metadata)
-    records, views = _stored(specs, by_name, layout)
+    records, views, quantized = _stored(specs, by_name, layout)
+    meta = dict(metadata or {})
+    if quantized:
+        if int4_layout is None and any(scheme == "int4" for scheme, *_ in quantized.values()):
+            raise LayoutOptionError("int4 weights need the int4 layout of the torch that packs them")
+        meta[QUANT_KEY] = quant_document(quantized, int4_layout)
     laid = _place(records, layout.align)
-    header, data_start = _header(laid, views, layout, metadata)
+    header, data_start = _header(laid, views, layout, meta)
     return Plan(tuple(laid), views, header, data_start)
 
 
@@ -282,15 +312,21 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> None:
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise LayoutOptionError(f"metadata must map strings to strings, got {key!r}: {value!r}")
-        if key == LAYOUT_KEY:
-            raise LayoutOptionError(f"metadata key {LAYOUT_KEY!r} is the planner's to write")
+        if key in (LAYOUT_KEY, QUANT_KEY):
+            raise LayoutOptionError(f"metadata key {key!r} is the planner's to write")
+
+
+# name -> (scheme, shape, group, zero, source type, the weight it is tied to or None)
+Quantized = dict[str, tuple[str, tuple[int, int], int, bool, str, str | None]]
 
 
 def _stored(specs: Sequence[Spec], by_name: dict[str, Spec],
-            layout: Layout) -> tuple[list[Record], dict[str, LayoutView]]:
-    """The stored records (unplaced, in write order) and the views of tensors not stored plainly."""
+            layout: Layout) -> tuple[list[Record], dict[str, LayoutView], Quantized]:
+    """The stored records (unplaced, in write order), the views of tensors not stored plainly, and the
+    quantized weights."""
     records: list[Record] = []
     views: dict[str, LayoutView] = {}
+    quantized: Quantized = {}
     bundled: set[str] = set()
     if layout.bundle_ffn:
         for members in _ffn_bundles(by_name):
@@ -309,15 +345,36 @@ def _stored(specs: Sequence[Spec], by_name: dict[str, Spec],
         if s.name in bundled:
             continue
         first = stored_by_identity.get(s.identity) if s.identity is not None else None
+        if first is not None and first.name in quantized:
+            if (s.shape, s.dtype) != (first.shape, first.dtype):
+                raise LayoutOptionError(f"{s.name}: tied to {first.name!r} but has another shape or dtype")
+            quantized[s.name] = (*quantized[first.name][:5], first.name)  # the same parts, read twice
+            continue
         if first is not None:
             views[s.name] = _tied_view(s, first, views.get(first.name))
             continue
         if s.identity is not None:
             stored_by_identity[s.identity] = s
+        chosen = scheme_for(s.name, s.shape, s.dtype, s.encoding, layout.quantize, layout.gathered)
+        if chosen is not None:
+            records.extend(_quant_records(s, chosen, layout))
+            scheme, group, zero = chosen
+            quantized[s.name] = (scheme, (s.shape[0], s.shape[1]), group, zero, s.encoding or s.dtype, None)
+            continue
         record, own_views = _own_record(s, layout)
         records.append(record)
         views.update(own_views)
-    return records, views
+    return records, views, quantized
+
+
+def _quant_records(s: Spec, chosen: tuple[str, int, bool], layout: Layout) -> list[Record]:
+    """The stored parts of a weight kept quantized (see :mod:`sparsemap.formats.quantized`)."""
+    if _matches(s.name, layout.transpose + layout.pad_rows) or s.name in (layout.reorder or {}):
+        raise LayoutOptionError(f"{s.name}: a quantized weight cannot also be transposed, padded or "
+                                "reordered")
+    scheme, group, zero = chosen
+    return [Record(name, dtype, shape, "quant", quantized=(s.name, scheme))
+            for name, dtype, shape in part_specs(s.name, scheme, (s.shape[0], s.shape[1]), group, zero)]
 
 
 def _own_record(s: Spec, layout: Layout) -> tuple[Record, dict[str, LayoutView]]:

@@ -11,9 +11,12 @@ can tell a laid-out file by its metadata without importing that reader.
 from __future__ import annotations
 
 LAYOUT_KEY = "sparsemap.layout"
+QUANT_KEY = "sparsemap.quantized"  # read by sparsemap.formats.quantized
 PAD_PREFIX = "__sparsemap_pad__."
 # Suffix of a stored tensor's name, by layout kind ("alias" stores nothing of its own).
 SUFFIXES = {"rows": "@rows", "transpose": "@T", "bundle": "@bundle", "alias": ""}
+# Quantized weights are stored as parts named ``<weight>@int4...`` or ``<weight>@int8...``.
+QUANT_MARKS = ("@int4", "@int8")
 
 
 def is_padding(name: str) -> bool:
@@ -23,4 +26,5 @@ def is_padding(name: str) -> bool:
 
 def is_reserved(name: str) -> bool:
     """Whether a source tensor's ``name`` collides with names the layout compiler writes."""
-    return name.startswith(PAD_PREFIX) or name.endswith(tuple(s for s in SUFFIXES.values() if s))
+    return (name.startswith(PAD_PREFIX) or name.endswith(tuple(s for s in SUFFIXES.values() if s))
+            or any(mark in name for mark in QUANT_MARKS))

@@ -35,7 +35,7 @@ from ..errors import (
 )
 from .catalog import Catalog, FileStamp, TensorEntry
 from .dtypes import ITEMSIZE
-from .reserved import LAYOUT_KEY
+from .reserved import LAYOUT_KEY, QUANT_KEY
 
 # The reference implementation refuses headers over 100 MB; a header that big
 # would already be a denial of service for json.loads.
@@ -209,5 +209,10 @@ def open_safetensors(path: str, stamp: FileStamp) -> Catalog:
         from .layout import apply_layout
 
         entries = apply_layout(entries, metadata, path)
-    return Catalog(source=path, format="safetensors",
-                   entries={e.name: e for e in entries}, metadata=metadata, stamps={path: stamp})
+    quantized = None
+    if QUANT_KEY in metadata:  # weights kept quantized in the kernels' layouts
+        from .quantized import apply_quantization
+
+        entries, quantized = apply_quantization(entries, metadata, path)
+    return Catalog(source=path, format="safetensors", entries={e.name: e for e in entries},
+                   metadata=metadata, stamps={path: stamp}, quantized=quantized)

