@@ -55,7 +55,7 @@ LAYERS = (
     ("sparsemap.qtensor",),
     ("sparsemap.checkpoint",),
     ("sparsemap.loader", "sparsemap.writer", "sparsemap.converter", "sparsemap.sparse_rows",
-     "sparsemap.stream", "sparsemap.lifecycle"),
+     "sparsemap.stream", "sparsemap.lifecycle", "sparsemap.budget"),
     ("sparsemap.models.*", "sparsemap.models"),
     ("sparsemap.bench.*", "sparsemap.bench"),
     ("sparsemap.cli", "sparsemap"),

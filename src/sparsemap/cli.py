@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from .errors import BadInputError
+from .units import format_size
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 DTYPES = ["float32", "float16", "bfloat16", "float64"]
@@ -117,25 +118,18 @@ def inspect(path: str, as_json: bool, limit: int | None) -> None:
     for r in shown:
         dtype = r["dtype"] if r["encoding"] is None else f"{r['encoding']}→{r['dtype']}"
         shape = "×".join(map(str, r["shape"])) or "scalar"  # noqa: RUF001 - users see a multiplication sign
-        cells = [r["name"], dtype, shape, f"{r['nbytes']:,}", f"{r['offset']:,}", _size(r["alignment"])]
+        cells = [r["name"], dtype, shape, f"{r['nbytes']:,}", f"{r['offset']:,}", format_size(r["alignment"])]
         if multi_file:
             cells.append(r["file"].rsplit("/", 1)[-1])
         table.add_row(*cells)
     console.print(table)
     if len(shown) < len(rows):
         console.print(f"... {len(rows) - len(shown)} more tensors (--limit)")
-    by_dtype = ", ".join(f"{k}: {_size(v)}" for k, v in summary["bytes_by_dtype"].items())
-    console.print(f"{len(rows)} tensors, {_size(summary['nbytes'])} in {len(cat.files)} file(s); {by_dtype}")
+    by_dtype = ", ".join(f"{k}: {format_size(v)}" for k, v in summary["bytes_by_dtype"].items())
+    console.print(f"{len(rows)} tensors, {format_size(summary['nbytes'])} in {len(cat.files)} file(s); "
+                  f"{by_dtype}")
     console.print(f"{summary['page_aligned_tensors']} of {len(rows)} tensors start on a "
-                  f"{_size(PAGE_SIZE)} page")
-
-
-def _size(nbytes: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if nbytes >= scale:
-            value = nbytes / scale
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-    return f"{nbytes} B"
+                  f"{format_size(PAGE_SIZE)} page")
 
 
 # ---------------------------------------------------------------- load
@@ -218,7 +212,7 @@ def load(path: str, dtype: str | None, touch: bool, as_json: bool, device: str, 
         click.echo(json.dumps({"path": cat.source, "tensors": len(state), "nbytes": nbytes,
                                **tracker.to_dict(), **stream}, indent=1))
         return
-    click.echo(f"{cat.source}: {len(state)} tensors, {_size(nbytes)} ({cat.format})")
+    click.echo(f"{cat.source}: {len(state)} tensors, {format_size(nbytes)} ({cat.format})")
     if report is not None:
         click.echo(str(report))
     click.echo(tracker.table())
@@ -327,9 +321,13 @@ def convert(src: str, dst: str, dtype: str | None, align: str, pad_rows: tuple[s
               help="lean: sparsemap's own Llama with the tokenizers library (no transformers import); "
                    "transformers: sparsemap.from_pretrained; auto: lean for Llama folders, "
                    "else transformers.")
+@click.option("--memory-limit", default=None, metavar="SIZE",
+              help="Keep the whole process inside SIZE (300M, 1.5G): the runtime's own memory is measured, "
+                   "weights that fit stay mapped, the rest stream layer by layer, read ahead and released "
+                   "after use. The plan is printed first. A SIZE below the runtime's own is refused.")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer and measurements as JSON.")
 def run(model: str, prompt: str, max_new_tokens: int, temperature: float, dtype: str | None, engine: str,
-        as_json: bool) -> None:
+        memory_limit: str | None, as_json: bool) -> None:
     """Answer PROMPT with MODEL, streaming tokens, then show memory by phase.
 
     MODEL is a Hugging Face folder (config.json, tokenizer, weights in any
@@ -341,6 +339,7 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, dtype:
     Examples:
       sparsemap run smollm2 "What is the capital of France?"
       sparsemap run ./my-model/ "Write a haiku about memory." --max-new-tokens 40 --temperature 0.7
+      sparsemap run smollm2 "Name three planets." --memory-limit 300M
     """
     from .models.generate import answer, figures, pick_engine, resolve_model
 
@@ -351,7 +350,9 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, dtype:
         torch_dtype = getattr(torch, dtype)
     echo = None if as_json else (lambda text: click.echo(text, nl=False))
     chosen = pick_engine(resolve_model(model), engine, torch_dtype)
-    report = answer(chosen, model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, echo=echo)
+    limit = _parse_size(memory_limit) if memory_limit else None
+    report = answer(chosen, model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, echo=echo,
+                    memory_limit=limit, on_plan=None if as_json else lambda text: click.echo(text + "\n"))
     if as_json:
         click.echo(json.dumps({k: v for k, v in report.items() if k != "table"}))
         return
@@ -364,6 +365,10 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, dtype:
     click.echo(f"load {report['load_s']:.2f} s; "
                f"first token {report['first_token_s']:.2f} s after loading began; "
                f"{report['new_tokens']} tokens, {report['tokens_per_s']:.1f} tokens/s after the first")
+    if "budget" in report:
+        b = report["budget"]
+        click.echo(f"memory limit {format_size(b['limit'])}: planned peak {format_size(b['planned'])}, "
+                   f"own accounting peaked at {format_size(b['own_peak'])}")
 
 
 # ---------------------------------------------------------------- bench

@@ -225,6 +225,10 @@ class LayoutOptionError(BadInputError):
 
 # ---------------------------------------------------------------- the machine and the network
 
+class BudgetError(BadInputError):
+    """A memory limit the runtime cannot keep (below its own baseline, or too small to stream in)."""
+
+
 class AssetError(SparsemapError):
     """A model asset could not be fetched or extracted."""
 

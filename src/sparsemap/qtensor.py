@@ -129,9 +129,14 @@ class QuantizedTensor(torch.Tensor):
                 and not isinstance(args[0], QuantizedTensor):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             return args[1].linear(args[0], bias)
-        if func is F.embedding and len(args) >= 2 and isinstance(args[1], QuantizedTensor) \
-                and kwargs.get("max_norm") is None and (len(args) < 4 or args[3] is None):
-            return args[1].embedding(args[0])
+        if func is F.embedding and len(args) >= 2 and isinstance(args[1], QuantizedTensor):
+            rows = args[1].embedding(args[0])
+            max_norm = args[3] if len(args) > 3 else kwargs.get("max_norm")
+            if max_norm is not None:  # the rows renormed as F.embedding would (the mapped weight stays)
+                p = args[4] if len(args) > 4 else kwargs.get("norm_type", 2.0)
+                norms = rows.norm(p=p, dim=-1, keepdim=True)
+                rows = torch.where(norms > max_norm, rows * (max_norm / (norms + 1e-7)), rows)
+            return rows
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 

@@ -191,6 +191,9 @@ def part_getter(plan: Plan, get: Callable[[str], torch.Tensor],
         if weight not in held:
             held.clear()
             held[weight] = pack(coded(weight), scheme)
+            if len(held[weight]) != counts[weight]:  # the plan and the values disagree on a zero
+                raise QuantizationError(f"packed into {len(held[weight])} parts, planned {counts[weight]}",
+                                        tensor=weight)
         part = held[weight][index]
         if index == counts[weight] - 1:
             del held[weight]

@@ -33,3 +33,17 @@ def parse_size(text: str | int) -> int:
     if not math.isfinite(value) or value < 1:
         raise BadInputError(f"size {text!r} must be a finite number of bytes, at least one")
     return int(value)
+
+
+def format_size(nbytes: int) -> str:
+    """``nbytes`` in the largest binary unit it reaches: '4 KiB', '1.5 GiB', '300 B'.
+
+    Example:
+        >>> format_size(4096), format_size(3 << 29), format_size(300)
+        ('4 KiB', '1.5 GiB', '300 B')
+    """
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(nbytes) >= scale:
+            value = nbytes / scale
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{nbytes} B"

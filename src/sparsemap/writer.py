@@ -179,6 +179,15 @@ def save(tensors: Tensors, path: str | os.PathLike[str], *, layout: Layout | Non
         if t.device.type == "meta":
             raise LayoutOptionError(f"{name}: on the meta device, it has no data to save")
     specs = [Spec(n, tuple(t.shape), _dtype_name(n, t), _identity(t)) for n, t in state.items()]
-    the_plan = plan(specs, layout or Layout(), metadata)
-    write(the_plan, state.__getitem__, path)
+    layout = layout or Layout()
+    get: Callable[[str], torch.Tensor] = state.__getitem__
+    int4 = None
+    if layout.quantize is not None:
+        from .quantize import from_float, int4_layout, part_getter
+
+        int4 = int4_layout()
+    the_plan = plan(specs, layout, metadata, int4_layout=int4)
+    if layout.quantize is not None:
+        get = part_getter(the_plan, get, lambda name: from_float(state[name], layout.quantize))
+    write(the_plan, get, path)
     return the_plan

@@ -43,7 +43,7 @@ INT4_N_MULTIPLE = 16  # the int4 packer works in blocks of 16 output rows
 
 # GGUF type -> (scheme, group, has a zero) when kept quantized.
 FROM_GGUF: dict[str, tuple[str, int, bool]] = {
-    "Q4_0": (INT4, 32, False),
+    "Q4_0": (INT4, 32, True),  # values d * (q - 8): a zero of -8 d beside each scale
     "Q4_1": (INT4, 32, True),
     "Q4_K": (INT4, 32, True),
     "Q8_0": (INT8, 32, False),

@@ -185,12 +185,22 @@ def _lean_refusal(source: ModelSource) -> str | None:
 
 def answer(engine: TransformersEngine | LeanEngine, model: str, prompt: str, *,
            max_new_tokens: int = 64, temperature: float = 0.0, echo: Callable[[str], None] | None = None,
-           tracker: memory.PhaseTracker | None = None) -> dict[str, Any]:
+           tracker: memory.PhaseTracker | None = None, memory_limit: int | None = None,
+           on_plan: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Load a model and answer ``prompt``; returns the answer and the measurements.
 
     Phases: import torch, import the engine's libraries, tokenizer, weights,
     generate. ``first_token_s`` counts from the start of loading (tokenizer +
     weights + prompt + first token): what a user waits for.
+
+    With ``memory_limit`` (bytes), the run keeps inside it
+    (:class:`sparsemap.budget.Budget`): the runtime's baseline is measured
+    before any weight is loaded (a limit below it is refused then), the plan
+    (what stays resident, what streams) goes to ``on_plan``, and the report
+    gets a ``budget`` entry: the plan and the process's own peak accounting.
+
+    Raises:
+        BudgetError: the limit is below the runtime's baseline, or too small to stream the model in.
     """
     tracker = tracker or memory.PhaseTracker()
     source = resolve_model(model)
@@ -202,9 +212,23 @@ def answer(engine: TransformersEngine | LeanEngine, model: str, prompt: str, *,
     load_start = time.perf_counter()
     with tracker.phase("tokenizer"):
         tokenizer = engine.load_tokenizer(source)
+    baseline = None
+    if memory_limit is not None:  # refuse an impossible limit before any weight is loaded
+        from ..budget import check_room
+
+        snap = memory.Snapshot.take()
+        baseline = snap.anon + snap.file
+        check_room(memory_limit, baseline)
     with tracker.phase("weights"):
         lm = engine.load_model(source)
     ids = engine.prompt_ids(tokenizer, prompt)
+    budget = None
+    if memory_limit is not None:
+        from ..budget import Budget
+
+        budget = Budget(lm, limit=memory_limit, baseline=baseline, max_tokens=len(ids) + max_new_tokens)
+        if on_plan is not None:
+            on_plan(str(budget.plan))
     new: list[int] = []
     shown = [""]
     first_token_at: list[float] = []
@@ -222,6 +246,9 @@ def answer(engine: TransformersEngine | LeanEngine, model: str, prompt: str, *,
     with tracker.phase("generate"):
         tokens = engine.generate(lm, ids, max_new_tokens, temperature, on_token)
         end = time.perf_counter()
+    if budget is not None:
+        budget.sample(every_s=0)
+        budget.remove()
     first = first_token_at[0] if first_token_at else end
     decode_tokens = max(len(tokens) - 1, 0)
     report = {
@@ -232,6 +259,11 @@ def answer(engine: TransformersEngine | LeanEngine, model: str, prompt: str, *,
         "tokens_per_s": decode_tokens / (end - first) if end > first and decode_tokens else 0.0,
         "tracker": tracker.to_dict(), "table": tracker.table(),
     }
+    if budget is not None:
+        p = budget.plan
+        report["budget"] = {"limit": p.limit, "baseline": p.baseline, "planned": p.planned_nbytes,
+                            "resident": p.resident_nbytes, "streamed": p.streamed_nbytes,
+                            "own_peak": budget.own_peak, "plan": str(p)}
     tracker.close()
     return report
 
@@ -287,19 +319,20 @@ def figures(report: dict[str, Any]) -> dict[str, float]:
 
 
 def _child_main(argv: list[str]) -> None:
-    """``python -m sparsemap.models.generate WAY MODEL PROMPT MAX_NEW``: one measured run,
+    """``python -m sparsemap.models.generate WAY MODEL PROMPT MAX_NEW [MEMORY_LIMIT]``: one measured run,
     JSON on the last line."""
     import json
     import os
 
-    way, model, prompt, max_new = argv
+    way, model, prompt, max_new, *limit = argv
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tracker = memory.PhaseTracker()
     if way == "transformers":
         engine: TransformersEngine | LeanEngine = TransformersEngine(transformers_gguf_loader)
     else:  # "sparsemap" (auto), "sparsemap-lean", "sparsemap-transformers"
         engine = pick_engine(model, {"sparsemap-transformers": "transformers"}.get(way, "auto"))
-    report = answer(engine, model, prompt, max_new_tokens=int(max_new), tracker=tracker)
+    report = answer(engine, model, prompt, max_new_tokens=int(max_new), tracker=tracker,
+                    memory_limit=int(limit[0]) if limit else None)
     print(json.dumps(report))
 
 

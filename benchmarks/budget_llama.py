@@ -1,0 +1,165 @@
+"""Llama shapes that do not fit their memory limit: tokens/s inside a cgroup, each representation (issue 12).
+
+The synthetic checkpoints of `sparsemap bench` (random weights in a real shape,
+bf16 safetensors) are run greedy from 16 fixed token ids, each run in a fresh
+process inside a fresh memory cgroup, the weights made cold first:
+  sparsemap <repr> + budget   the lean Llama, `Budget(limit=...)`: what fits stays mapped, the rest
+                              streams layer by layer (read ahead, released after use)
+  sparsemap <repr>            the same without a budget: the kernel's page reclaim decides
+  transformers (mmap)         AutoModelForCausalLM.from_pretrained on the same safetensors file
+Representations: bf16 (the file as written), int8 (`convert --quantize int8`: one scale per row),
+q4_1 (`convert --quantize q4_1`: 4-bit, groups of 32), written once next to the bf16 folder.
+Reported: median tokens/s after the first token, the cgroup's peak, the process's own accounting,
+bytes read from disk per generated token, and the floor (bytes streamed per token / cold read speed).
+
+Usage: python benchmarks/budget_llama.py llama-1b --limit 1000M [--reprs bf16,int8,q4_1] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CHILD = r"""
+import dataclasses, json, sys, time
+from sparsemap import memory
+way, folder, n, limit = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+limit = None if limit == "none" else int(limit)
+import torch
+snap = memory.Snapshot.take()
+baseline = snap.anon + snap.file
+ids = list(range(1, 17))
+stamps = []
+budget = None
+if way == "transformers":
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    class Clock(BaseStreamer):
+        def put(self, value):
+            stamps.append(time.perf_counter())
+        def end(self):
+            pass
+    with torch.inference_mode():
+        model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       streamer=Clock())
+    stamps = stamps[1:]  # the first put is the prompt
+else:
+    from sparsemap.models import llama
+    from sparsemap.budget import Budget
+    model = llama.load(folder)
+    model.shape = dataclasses.replace(model.shape, eos_token_ids=())  # random weights: run all n tokens
+    if way == "budget":
+        budget = Budget(model, limit=limit, baseline=baseline, max_tokens=len(ids) + n)
+        print(budget.plan, file=sys.stderr)
+    with torch.inference_mode():
+        model.generate(ids, n, on_token=lambda t: stamps.append(time.perf_counter()))
+out = {"tokens": len(stamps), "tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
+if budget is not None:
+    budget.sample(every_s=0)
+    p = budget.plan
+    out.update(own_peak=budget.own_peak, planned=p.planned_nbytes, streamed=p.streamed_nbytes,
+               resident=p.resident_nbytes)
+print(json.dumps(out))
+"""
+
+
+def representation(folder: Path, name: str) -> Path:
+    """The folder of ``name`` (bf16: the synthetic folder; int8, q4_1: converted once next to it)."""
+    if name == "bf16":
+        return folder
+    target = folder.parent / f"{folder.name}-{name}"
+    if (target / ".complete").is_file():
+        return target
+    from sparsemap.converter import convert
+    from sparsemap.formats.planner import Layout
+
+    target.mkdir(exist_ok=True)
+    print(f"converting {folder.name} to {name} ...", file=sys.stderr)
+    print(convert(folder / "model.safetensors", target / "model.safetensors", layout=Layout(quantize=name)),
+          file=sys.stderr)
+    shutil.copyfile(folder / "config.json", target / "config.json")
+    (target / ".complete").write_text(name + "\n")
+    return target
+
+
+def main() -> None:
+    from sparsemap.bench import synthetic
+    from sparsemap.bench.cgroup import available
+    from sparsemap.bench.disk import make_cold, sequential_read_speed
+    from sparsemap.bench.measure import run_measured
+    from sparsemap.units import parse_size
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("size", choices=sorted(synthetic.SIZES))
+    ap.add_argument("--limit", default="1000M")
+    ap.add_argument("--reprs", default="bf16,int8,q4_1")
+    ap.add_argument("--ways", default="budget,mapped,transformers")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    ok, why = available()
+    if not ok:
+        sys.exit(f"no memory cgroup here: {why}")
+    limit = parse_size(args.limit)
+    base = synthetic.generate(args.size)
+    make_cold(base / "model.safetensors")
+    speed = sequential_read_speed(base / "model.safetensors")
+    print(f"cold sequential read: {speed / 1e9:.2f} GB/s", file=sys.stderr)
+    rows = []
+    for repr_name in args.reprs.split(","):
+        folder = representation(base, repr_name)
+        weights = folder / "model.safetensors"
+        for way in args.ways.split(","):
+            if way == "transformers" and repr_name != "bf16":
+                continue  # transformers reads the bf16 file only
+            runs = []
+            for i in range(args.repeat):
+                make_cold(weights)
+                cmd = [sys.executable, "-c", CHILD, way, str(folder), str(args.max_new_tokens), str(limit)]
+                m = run_measured(cmd, memory_limit=limit, timeout_s=args.timeout)
+                failed = m.exit_code != 0
+                out = {} if failed else json.loads(m.stdout.strip().splitlines()[-1])
+                runs.append({"tokens_per_s": out.get("tokens_per_s", 0.0), "cgroup_peak": m.cgroup_peak or 0,
+                             "own_peak": out.get("own_peak", 0), "oom": m.oom_killed, "failed": failed,
+                             "read_per_token": m.read_bytes / max(out.get("tokens", 1), 1),
+                             "streamed": out.get("streamed", 0), "err": m.stderr[-600:] if failed else ""})
+                r = runs[-1]
+                print(f"{repr_name} {way} run {i + 1}: {r['tokens_per_s']:.2f} tokens/s, cgroup peak "
+                      f"{r['cgroup_peak'] / 2**20:.0f} MiB{' OOM' if r['oom'] else ''}"
+                      f"{' FAILED ' + r['err'] if failed and not r['oom'] else ''}", file=sys.stderr)
+                if failed:
+                    break
+            med = {k: statistics.median(r[k] for r in runs)
+                   for k in ("tokens_per_s", "cgroup_peak", "own_peak", "read_per_token", "streamed")}
+            rows.append({"repr": repr_name, "way": way, "file_nbytes": weights.stat().st_size,
+                         "runs": len(runs), "oom": any(r["oom"] for r in runs),
+                         "failed": any(r["failed"] for r in runs), **med})
+    lines = [f"{args.size} in a {args.limit} cgroup, {args.max_new_tokens} tokens, cold read "
+             f"{speed / 1e9:.2f} GB/s", "",
+             "| representation (file) | way | runs | tokens/s | cgroup peak MiB | own accounting MiB | "
+             "read per token | streamed per token | floor tokens/s | outcome |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        floor = f"{speed / r['streamed']:.1f}" if r["streamed"] else "-"
+        outcome = "OOM-killed" if r["oom"] else "failed" if r["failed"] else "ok"
+        own = f"{r['own_peak'] / 2**20:.0f}" if r["own_peak"] else "-"
+        lines.append(f"| {r['repr']} ({r['file_nbytes'] / 1e9:.2f} GB) | {r['way']} | {r['runs']} | "
+                     f"{r['tokens_per_s']:.2f} | {r['cgroup_peak'] / 2**20:.0f} | {own} | "
+                     f"{r['read_per_token'] / 2**20:.0f} MiB | {r['streamed'] / 2**20:.0f} MiB | {floor} | "
+                     f"{outcome} |")
+    print("\n".join(lines))
+    out = Path(args.json or HERE / "results" / f"budget_{args.size}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "limit": limit, "read_speed": speed}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
