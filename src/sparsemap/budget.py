@@ -166,7 +166,8 @@ class BudgetPlan:
 
     @property
     def resident_nbytes(self) -> int:
-        return sum(u.nbytes for u in self.units if u.name not in self.streamed)
+        """Weights that stay mapped (a gathered unit, an embedding, costs the rows of one step only)."""
+        return sum(u.nbytes for u in self.units if u.name not in self.streamed and not u.gathered)
 
     @property
     def streamed_nbytes(self) -> int:
@@ -276,7 +277,7 @@ class Budget:
                 lambda *_, nxt=following: self._read_ahead(nxt)))
             self._handles.append(unit.modules[-1].register_forward_hook(
                 lambda *_, u=unit: self._release(u)))
-        for unit in self.units:
+        for unit in self.units if streamed else ():  # when everything fits, nothing needs releasing
             if unit.gathered and unit.ranges:
                 self._handles.append(unit.modules[-1].register_forward_hook(
                     lambda *_, u=unit: self._release(u)))

@@ -1,0 +1,145 @@
+"""sparsemap.budget: the plan (what stays resident, what streams) and the hooks that make it hold.
+
+A small Llama written by transformers is converted to an aligned file and
+loaded into the lean runtime; budgets are chosen around its real unit sizes
+and the runtime's real baseline. What streams must be released after use
+(not present in the process, per pagemap), what is resident must stay, and
+the tokens must not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsemap import pages
+from sparsemap.budget import (
+    SCRATCH_NBYTES,
+    Budget,
+    check_room,
+    kv_cache_nbytes,
+    plan,
+    scratch_nbytes,
+    units_of,
+)
+from sparsemap.converter import convert
+from sparsemap.errors import BudgetError
+from sparsemap.memory import Snapshot
+from sparsemap.models import llama
+from tests.conftest import tiny_llama_config
+
+IDS = [3, 14, 15, 92, 65, 35]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama of 4 layers (about 4 MiB each in float32), aligned to pages by sparsemap convert."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    raw = tmp_path_factory.mktemp("raw")
+    LlamaForCausalLM(config).save_pretrained(raw)
+    out = tmp_path_factory.mktemp("aligned")
+    convert(raw / "model.safetensors", out / "model.safetensors")
+    (out / "config.json").write_text((raw / "config.json").read_text())
+    return out
+
+
+def _model(folder: Path) -> llama.Llama:
+    model = llama.load(folder)
+    model.shape = dataclasses.replace(model.shape, eos_token_ids=())  # random weights: all tokens
+    return model
+
+
+def _present(unit) -> int:
+    return sum(int(pages.present_in_process(r.start, r.nbytes).sum()) for r in unit.ranges)
+
+
+def test_units_are_the_embedding_each_layer_and_the_head(folder: Path) -> None:
+    units = units_of(_model(folder))
+    assert [u.name for u in units] == ["embedding", "model.layers.0", "model.layers.1", "model.layers.2",
+                                       "model.layers.3", "head"]
+    assert units[0].gathered and not any(u.gathered for u in units[1:])
+    # q, o (256 x 256), k, v (128 x 256), gate, up, down (1024 x 256), two norms: float32, each tensor
+    # starting on a page, so the layer's pages hold at most one partial page per tensor more.
+    params = 2 * 256 * 256 + 2 * 128 * 256 + 3 * 1024 * 256 + 2 * 256
+    assert 4 * params <= units[1].nbytes <= 4 * params + 9 * pages.PAGE_SIZE
+    assert units[-1].nbytes >= 512 * 256 * 4  # the output projection (untied)
+
+
+def test_a_limit_that_holds_everything_streams_nothing(folder: Path) -> None:
+    units = units_of(_model(folder))
+    p = plan(units, limit=1 << 30, baseline=200 << 20, kv_cache=1 << 20)
+    assert not p.streamed and p.streamed_nbytes == 0
+    assert p.planned_nbytes <= p.limit
+    assert "nothing is read again per token" in str(p)
+
+
+def test_a_tight_limit_streams_the_smallest_units_and_keeps_inside(folder: Path) -> None:
+    units = units_of(_model(folder))
+    layer = units[1].nbytes
+    baseline, kv = 200 << 20, 1 << 20
+    limit = baseline + kv + SCRATCH_NBYTES + 4 * layer  # room for two resident and two in flight
+    p = plan(units, limit=limit, baseline=baseline, kv_cache=kv)
+    assert p.streamed and p.planned_nbytes <= limit
+    resident = [u.nbytes for u in units if u.name not in p.streamed and not u.gathered]
+    streamed = [u.nbytes for u in units if u.name in p.streamed]
+    assert min(resident) >= max(streamed)  # largest kept: small units in flight leave the most room
+    assert p.streamed_nbytes == sum(u.nbytes for u in units if u.name in p.streamed)
+    assert "read from disk per token" in str(p)
+
+
+def test_a_limit_below_the_baseline_is_refused_with_the_numbers() -> None:
+    with pytest.raises(BudgetError, match=r"runtime needs before any weight: 300 MiB measured"):
+        check_room(200 << 20, 300 << 20)
+
+
+def test_a_limit_too_small_to_stream_is_refused(folder: Path) -> None:
+    units = units_of(_model(folder))
+    with pytest.raises(BudgetError, match="two units in flight"):
+        plan(units, limit=(200 << 20) + SCRATCH_NBYTES + units[1].nbytes, baseline=200 << 20, kv_cache=0)
+
+
+def test_streamed_units_are_released_resident_ones_stay_and_tokens_do_not_change(folder: Path) -> None:
+    expected = _model(folder).generate(IDS, 6)
+    model = _model(folder)
+    units = units_of(model)
+    snap = Snapshot.take()
+    baseline = snap.anon + snap.file
+    layer = units[1].nbytes
+    max_tokens = len(IDS) + 6
+    fixed = baseline + kv_cache_nbytes(model, max_tokens) + scratch_nbytes(model, max_tokens)
+    limit = fixed + 3 * layer + layer // 2  # one layer resident, two in flight
+    with Budget(model, limit=limit, baseline=baseline, max_tokens=max_tokens) as budget:
+        assert budget.plan.streamed
+        got = model.generate(IDS, 6)
+        for unit in budget.units:
+            if unit.name in budget.plan.streamed:
+                assert _present(unit) == 0, f"{unit.name} stayed mapped in after it computed"
+            elif not unit.gathered:
+                assert _present(unit) * pages.PAGE_SIZE == unit.nbytes, f"{unit.name} was released"
+        budget.sample(every_s=0)
+        assert budget.own_peak > baseline
+    assert got == expected
+    # removed: the model runs unbudgeted, and nothing is released any more
+    model.generate(IDS, 2)
+    assert all(_present(u) for u in units if not u.gathered)
+
+
+def test_run_refuses_a_limit_below_the_runtime_before_loading() -> None:
+    from sparsemap.models import assets
+
+    if not (assets.cache_dir() / "SmolLM2-135M-Instruct-sparsemap-q4" / ".complete").is_file():
+        pytest.skip("SmolLM2's quantized folder is not in the cache (make models, then run smollm2 once)")
+    proc = subprocess.run([sys.executable, "-m", "sparsemap.cli", "run", "smollm2", "Hi",
+                           "--memory-limit", "100M"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "below what the runtime needs before any weight" in proc.stderr
+    assert "MiB measured" in proc.stderr
