@@ -13,6 +13,7 @@ Reported: median tokens/s after the first token, the cgroup's peak, the process'
 bytes read from disk per generated token, and the floor (bytes streamed per token / cold read speed).
 
 Usage: python benchmarks/budget_llama.py llama-1b --limit 1000M [--reprs bf16,int8,q4_1] [--repeat 3]
+           [--cold-libraries]
 """
 
 from __future__ import annotations
@@ -104,7 +105,15 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cold-libraries", action="store_true",
+                    help="also make torch's shared libraries cold before each run, so the run's cgroup pays "
+                         "for the code pages it maps (as in a fresh container)")
     args = ap.parse_args()
+    libraries: list[Path] = []
+    if args.cold_libraries:
+        import torch
+
+        libraries = sorted(Path(torch.__file__).parent.joinpath("lib").glob("*.so*"))
     ok, why = available()
     if not ok:
         sys.exit(f"no memory cgroup here: {why}")
@@ -122,7 +131,8 @@ def main() -> None:
                 continue  # transformers reads the bf16 file only
             runs = []
             for i in range(args.repeat):
-                make_cold(weights)
+                for path in (weights, *libraries):
+                    make_cold(path)
                 cmd = [sys.executable, "-c", CHILD, way, str(folder), str(args.max_new_tokens), str(limit)]
                 m = run_measured(cmd, memory_limit=limit, timeout_s=args.timeout)
                 failed = m.exit_code != 0

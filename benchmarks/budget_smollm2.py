@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--limits", default="none,600M,400M,300M,200M,150M,120M,100M,80M")
     ap.add_argument("--timeout", type=float, default=90.0, help="seconds before a run counts as failed")
     ap.add_argument("--llama-python", default=None)
+    ap.add_argument("--ways", default="int4,float32,llama.cpp",
+                    help="which ways to run, by a word of their label")
     ap.add_argument("--json", default=str(HERE / "results" / "budget_smollm2.json"))
     args = ap.parse_args()
     ok, why = available()
@@ -76,6 +78,7 @@ def main() -> None:
                                                  str(args.max_new_tokens)], [gguf])
     else:
         print("llama.cpp: skipped (no --llama-python given)", file=sys.stderr)
+    ways = {label: way for label, way in ways.items() if any(w in label for w in args.ways.split(","))}
     limits = [None if x == "none" else parse_size(x) for x in args.limits.split(",")]
     rows = []
     for label, (cmd, files) in ways.items():

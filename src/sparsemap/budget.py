@@ -274,7 +274,7 @@ class Budget:
         for i, unit in enumerate(streamed):
             following = streamed[(i + 1) % len(streamed)]
             self._handles.append(unit.modules[0].register_forward_pre_hook(
-                lambda *_, nxt=following: self._read_ahead(nxt)))
+                lambda *_, nxt=following: self._read_ahead(nxt)))  # samples too: the peak of a step
             self._handles.append(unit.modules[-1].register_forward_hook(
                 lambda *_, u=unit: self._release(u)))
         for unit in self.units if streamed else ():  # when everything fits, nothing needs releasing
@@ -285,10 +285,10 @@ class Budget:
         if last is not None:
             self._handles.append(last.register_forward_hook(lambda *_: self.sample()))
 
-    @staticmethod
-    def _read_ahead(unit: Unit) -> None:
+    def _read_ahead(self, unit: Unit) -> None:
         for r in unit.ranges:
             pages.will_need(r.start, r.nbytes)
+        self.sample()
 
     @staticmethod
     def _release(unit: Unit) -> None:

@@ -23,7 +23,6 @@ from .checkpoint import Checkpoint
 from .checkpoint import Source as CheckpointSource
 from .errors import MissingKeysError, ShapeMismatchError, UnexpectedKeysError, UninitializedTensorError
 from .formats.catalog import Catalog
-from .qtensor import QuantizedTensor
 
 logger = logging.getLogger("sparsemap")
 M = TypeVar("M", bound=nn.Module)
@@ -278,19 +277,24 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
     mapped = ckpt.tensors((name for name in slots if name not in streamed), reads=_reads(device, dtype),
                           keep_quantized=device.type == "cpu")
     for name, t in mapped:
-        _assign(slots[name], t if name in ckpt.catalog.quantized and device.type == "cpu"
-                else _converted(t, device, dtype))
+        if name in ckpt.catalog.quantized and device.type == "cpu":
+            _assign(slots[name], t, as_parameter=False)
+        else:
+            _assign(slots[name], _converted(t, device, dtype))
     _check_materialized(the_plan, ckpt.source, strict)
     return model
 
 
-def _assign(slot: _Slot, t: torch.Tensor) -> None:
-    """Put ``t`` in every place of ``slot`` (tied names stay one tensor)."""
+def _assign(slot: _Slot, t: torch.Tensor, *, as_parameter: bool = True) -> None:
+    """Put ``t`` in every place of ``slot`` (tied names stay one tensor).
+
+    A weight kept quantized (a :class:`~sparsemap.qtensor.QuantizedTensor`) goes in as it is
+    (``as_parameter=False``): wrapping it in ``nn.Parameter`` detaches it, and the first detach of a
+    tensor subclass loads torch's symbolic-shape machinery (sympy: 38 MiB, measured).
+    """
     if slot.kind == "param":
-        # A weight kept quantized goes in as it is: wrapping it in nn.Parameter detaches it, and the first
-        # detach of a tensor subclass loads torch's symbolic-shape machinery (sympy: 38 MiB, measured).
-        new = t if isinstance(t, QuantizedTensor) else nn.Parameter(
-            t, requires_grad=slot.tensor.requires_grad and t.is_floating_point())
+        new = nn.Parameter(t, requires_grad=slot.tensor.requires_grad and t.is_floating_point()) \
+            if as_parameter else t
         for module, attr in slot.places:
             module._parameters[attr] = new
     else:
