@@ -12,7 +12,8 @@ q4_1 (`convert --quantize q4_1`: 4-bit, groups of 32), written once next to the 
 Reported: median tokens/s after the first token, the cgroup's peak, the process's own accounting,
 bytes read from disk per generated token, and the floor (bytes streamed per token / cold read speed).
 
-Usage: python benchmarks/budget_llama.py llama-1b --limit 1000M [--reprs bf16,int8,q4_1] [--repeat 3]
+Usage: python benchmarks/budget_llama.py llama-1b --limit 1000M|1.0x,0.75x,0.5x,0.25x
+           [--reprs bf16,int8,q4_1] [--repeat 3]
            [--cold-libraries]
 """
 
@@ -26,6 +27,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+BASELINE_CHILD = r"""
+import torch
+import sparsemap.budget, sparsemap.models.llama
+from sparsemap import memory
+s = memory.Snapshot.take()
+print(s.anon + s.file)
+"""
 CHILD = r"""
 import dataclasses, json, sys, time
 from sparsemap import memory
@@ -98,7 +106,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("size", choices=sorted(synthetic.SIZES))
-    ap.add_argument("--limit", default="1000M")
+    ap.add_argument("--limit", default="1000M",
+                    help="limits, comma-separated: sizes (1000M) or fractions of the representation's file "
+                         "plus the runtime's measured baseline (1.0x,0.75x,0.5x,0.25x)")
     ap.add_argument("--reprs", default="bf16,int8,q4_1")
     ap.add_argument("--ways", default="budget,mapped,transformers")
     ap.add_argument("--repeat", type=int, default=3)
@@ -117,59 +127,73 @@ def main() -> None:
     ok, why = available()
     if not ok:
         sys.exit(f"no memory cgroup here: {why}")
-    limit = parse_size(args.limit)
     base = synthetic.generate(args.size)
     make_cold(base / "model.safetensors")
     speed = sequential_read_speed(base / "model.safetensors")
     print(f"cold sequential read: {speed / 1e9:.2f} GB/s", file=sys.stderr)
+    baseline = int(run_measured([sys.executable, "-c", BASELINE_CHILD]).stdout.split()[-1])
+    print(f"runtime baseline (torch and the lean runtime): {baseline / 2**20:.0f} MiB", file=sys.stderr)
     rows = []
     for repr_name in args.reprs.split(","):
         folder = representation(base, repr_name)
         weights = folder / "model.safetensors"
-        for way in args.ways.split(","):
-            if way == "transformers" and repr_name != "bf16":
-                continue  # transformers reads the bf16 file only
-            runs = []
-            for i in range(args.repeat):
-                for path in (weights, *libraries):
-                    make_cold(path)
-                cmd = [sys.executable, "-c", CHILD, way, str(folder), str(args.max_new_tokens), str(limit)]
-                m = run_measured(cmd, memory_limit=limit, timeout_s=args.timeout)
-                failed = m.exit_code != 0
-                out = {} if failed else json.loads(m.stdout.strip().splitlines()[-1])
-                runs.append({"tokens_per_s": out.get("tokens_per_s", 0.0), "cgroup_peak": m.cgroup_peak or 0,
-                             "own_peak": out.get("own_peak", 0), "oom": m.oom_killed, "failed": failed,
-                             "read_per_token": m.read_bytes / max(out.get("tokens", 1), 1),
-                             "streamed": out.get("streamed", 0), "err": m.stderr[-600:] if failed else ""})
-                r = runs[-1]
-                print(f"{repr_name} {way} run {i + 1}: {r['tokens_per_s']:.2f} tokens/s, cgroup peak "
-                      f"{r['cgroup_peak'] / 2**20:.0f} MiB{' OOM' if r['oom'] else ''}"
-                      f"{' FAILED ' + r['err'] if failed and not r['oom'] else ''}", file=sys.stderr)
-                if failed:
-                    break
-            med = {k: statistics.median(r[k] for r in runs)
-                   for k in ("tokens_per_s", "cgroup_peak", "own_peak", "read_per_token", "streamed")}
-            rows.append({"repr": repr_name, "way": way, "file_nbytes": weights.stat().st_size,
-                         "runs": len(runs), "oom": any(r["oom"] for r in runs),
-                         "failed": any(r["failed"] for r in runs), **med})
-    lines = [f"{args.size} in a {args.limit} cgroup, {args.max_new_tokens} tokens, cold read "
-             f"{speed / 1e9:.2f} GB/s", "",
-             "| representation (file) | way | runs | tokens/s | cgroup peak MiB | own accounting MiB | "
-             "read per token | streamed per token | floor tokens/s | outcome |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+        for text in args.limit.split(","):
+            limit = (baseline + int(float(text[:-1]) * weights.stat().st_size) if text.endswith("x")
+                     else parse_size(text))
+            for way in args.ways.split(","):
+                if way == "transformers" and repr_name != "bf16":
+                    continue  # transformers reads the bf16 file only
+                rows.append(_measure(way, repr_name, folder, limit, text, args, libraries))
+    lines = [f"{args.size}, {args.max_new_tokens} tokens, cold read {speed / 1e9:.2f} GB/s, runtime baseline "
+             f"{baseline / 2**20:.0f} MiB", "",
+             "| representation (file) | limit | way | runs | tokens/s | cgroup peak MiB | "
+             "own accounting MiB | read per token | streamed per token | floor tokens/s | outcome |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         floor = f"{speed / r['streamed']:.1f}" if r["streamed"] else "-"
         outcome = "OOM-killed" if r["oom"] else "failed" if r["failed"] else "ok"
         own = f"{r['own_peak'] / 2**20:.0f}" if r["own_peak"] else "-"
-        lines.append(f"| {r['repr']} ({r['file_nbytes'] / 1e9:.2f} GB) | {r['way']} | {r['runs']} | "
+        lines.append(f"| {r['repr']} ({r['file_nbytes'] / 1e9:.2f} GB) | {r['limit_text']} = "
+                     f"{r['limit'] / 2**20:.0f} MiB | {r['way']} | {r['runs']} | "
                      f"{r['tokens_per_s']:.2f} | {r['cgroup_peak'] / 2**20:.0f} | {own} | "
                      f"{r['read_per_token'] / 2**20:.0f} MiB | {r['streamed'] / 2**20:.0f} MiB | {floor} | "
                      f"{outcome} |")
     print("\n".join(lines))
     out = Path(args.json or HERE / "results" / f"budget_{args.size}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "limit": limit, "read_speed": speed}, indent=1))
+    out.write_text(json.dumps({"rows": rows, "read_speed": speed, "baseline": baseline}, indent=1))
 
+
+def _measure(way: str, repr_name: str, folder: Path, limit: int, limit_text: str, args: argparse.Namespace,
+             libraries: list[Path]) -> dict:
+    """Median figures of ``args.repeat`` runs of one way at one limit (stops at the first failure)."""
+    from sparsemap.bench.disk import make_cold
+    from sparsemap.bench.measure import run_measured
+
+    weights = folder / "model.safetensors"
+    runs = []
+    for i in range(args.repeat):
+        for path in (weights, *libraries):
+            make_cold(path)
+        cmd = [sys.executable, "-c", CHILD, way, str(folder), str(args.max_new_tokens), str(limit)]
+        m = run_measured(cmd, memory_limit=limit, timeout_s=args.timeout)
+        failed = m.exit_code != 0
+        out = {} if failed else json.loads(m.stdout.strip().splitlines()[-1])
+        runs.append({"tokens_per_s": out.get("tokens_per_s", 0.0), "cgroup_peak": m.cgroup_peak or 0,
+                     "own_peak": out.get("own_peak", 0), "oom": m.oom_killed, "failed": failed,
+                     "read_per_token": m.read_bytes / max(out.get("tokens", 1), 1),
+                     "streamed": out.get("streamed", 0), "err": m.stderr[-600:] if failed else ""})
+        r = runs[-1]
+        print(f"{repr_name} {limit_text} {way} run {i + 1}: {r['tokens_per_s']:.2f} tokens/s, cgroup peak "
+              f"{r['cgroup_peak'] / 2**20:.0f} MiB{' OOM' if r['oom'] else ''}"
+              f"{' FAILED ' + r['err'] if failed and not r['oom'] else ''}", file=sys.stderr)
+        if failed:
+            break
+    med = {k: statistics.median(r[k] for r in runs)
+           for k in ("tokens_per_s", "cgroup_peak", "own_peak", "read_per_token", "streamed")}
+    return {"repr": repr_name, "way": way, "limit": limit, "limit_text": limit_text,
+            "file_nbytes": weights.stat().st_size, "runs": len(runs), "oom": any(r["oom"] for r in runs),
+            "failed": any(r["failed"] for r in runs), **med}
 
 if __name__ == "__main__":
     main()

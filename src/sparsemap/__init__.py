@@ -42,16 +42,20 @@ _LAZY = {
     "from_pretrained": "sparsemap.models.hf",
     "stream_tensors": "sparsemap.stream",
     "StreamReport": "sparsemap.stream",
+    "Budget": "sparsemap.budget",
+    "QuantizedTensor": "sparsemap.qtensor",
     "memory": None,
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import memory
+    from .budget import Budget
     from .checkpoint import Checkpoint
     from .converter import convert
     from .lifecycle import drop, to_mapped
     from .loader import load, load_state_dict, skeleton
     from .models.hf import from_pretrained
+    from .qtensor import QuantizedTensor
     from .sparse_rows import RowController, rows
     from .stream import StreamReport, stream_tensors
     from .writer import Layout, save
@@ -71,6 +75,7 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["Catalog", "Checkpoint", "Layout", "RowController", "SparsemapError", "StreamReport",
-           "TensorEntry", "__version__", "convert", "drop", "errors", "from_pretrained", "load",
-           "load_state_dict", "memory", "open", "rows", "save", "skeleton", "stream_tensors", "to_mapped"]
+__all__ = ["Budget", "Catalog", "Checkpoint", "Layout", "QuantizedTensor", "RowController", "SparsemapError",
+           "StreamReport", "TensorEntry", "__version__", "convert", "drop", "errors", "from_pretrained",
+           "load", "load_state_dict", "memory", "open", "rows", "save", "skeleton", "stream_tensors",
+           "to_mapped"]
