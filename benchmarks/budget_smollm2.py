@@ -5,8 +5,8 @@ process inside a fresh memory cgroup, the model files made cold first:
   sparsemap (int4/int8 mapped)   `sparsemap run`'s lean engine on the GGUF's blocks repacked for
                                  torch's int4/int8 kernels (smollm2.prepare_quantized)
   sparsemap (float32 mapped)     the same model dequantized once to float32 (smollm2.prepare)
-  llama.cpp                      llama-cpp-python on the same Q4_1 GGUF, mmap, 2 threads (needs
-                                 --llama-python: an interpreter with llama_cpp installed; skipped if not)
+  llama.cpp                      llama-cpp-python on the same Q4_1 GGUF, mmap, 2 threads (the `llama`
+                                 extra, or --llama-python: an interpreter that has it; skipped if neither)
 Limits run from unlimited down; a way stops at the first limit where it is
 killed or times out. Reported: median tokens/s after the first token, the
 cgroup's peak, bytes read from disk per generated token (ru_inblock), OOM kills.
@@ -18,6 +18,7 @@ Usage: python benchmarks/budget_smollm2.py [--repeat 3] [--limits none,400M,300M
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -58,7 +59,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--limits", default="none,600M,400M,300M,200M,150M,120M,100M,80M")
     ap.add_argument("--timeout", type=float, default=90.0, help="seconds before a run counts as failed")
-    ap.add_argument("--llama-python", default=None)
+    ap.add_argument("--llama-python", default=None,
+                    help="an interpreter with llama_cpp installed (default: this one, if it has it)")
     ap.add_argument("--ways", default="int4,float32,llama.cpp",
                     help="which ways to run, by a word of their label")
     ap.add_argument("--json", default=str(HERE / "results" / "budget_smollm2.json"))
@@ -73,6 +75,8 @@ def main() -> None:
         "sparsemap (float32 mapped)": (_sparsemap_cmd(floats, args.max_new_tokens),
                                        [floats / "model.safetensors"]),
     }
+    if args.llama_python is None and importlib.util.find_spec("llama_cpp") is not None:
+        args.llama_python = sys.executable  # the benchmark extra: pip install -e '.[llama]'
     if args.llama_python:
         ways["llama.cpp (llama-cpp-python)"] = ([args.llama_python, "-c", LLAMA_CHILD, str(gguf), PROMPT,
                                                  str(args.max_new_tokens)], [gguf])
