@@ -355,9 +355,11 @@ def _dims(model: nn.Module) -> tuple[int, int, int, int, int, int]:
 
 def scratch_nbytes(model: nn.Module, max_tokens: int) -> int:
     """Bytes one step's activations take at most: a few float32 copies of the widest activation for
-    every token of the prompt (the prefill step), and the logits; at least :data:`SCRATCH_NBYTES`."""
+    every token of the prompt (the prefill step), and the logits (sparsemap's lean Llama computes
+    the last position's only; transformers' models every position's); at least :data:`SCRATCH_NBYTES`."""
     _, _, _, hidden, intermediate, vocab = _dims(model)
-    return SCRATCH_NBYTES + 4 * max_tokens * (4 * hidden + 3 * intermediate) * 4 + 2 * vocab * 4
+    logit_rows = 2 if hasattr(model, "shape") else 2 * max_tokens  # the lean Llama has a LlamaShape
+    return SCRATCH_NBYTES + 4 * max_tokens * (4 * hidden + 3 * intermediate) * 4 + logit_rows * vocab * 4
 
 
 def kv_cache_nbytes(model: nn.Module, max_tokens: int) -> int:
