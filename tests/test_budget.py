@@ -37,8 +37,9 @@ IDS = [3, 14, 15, 92, 65, 35]
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Llama of 4 layers (about 4 MiB each in float32), aligned to pages by sparsemap convert."""
+def raw_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama of 4 layers (about 4 MiB each in float32) as transformers writes it: tensors packed
+    back to back, so neighbouring layers share a page."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -46,6 +47,13 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
     raw = tmp_path_factory.mktemp("raw")
     LlamaForCausalLM(config).save_pretrained(raw)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def folder(raw_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same model aligned to pages by sparsemap convert."""
+    raw = raw_folder
     out = tmp_path_factory.mktemp("aligned")
     convert(raw / "model.safetensors", out / "model.safetensors")
     (out / "config.json").write_text((raw / "config.json").read_text())
@@ -131,6 +139,54 @@ def test_streamed_units_are_released_resident_ones_stay_and_tokens_do_not_change
     # removed: the model runs unbudgeted, and nothing is released any more
     model.generate(IDS, 2)
     assert all(_present(u) for u in units if not u.gathered)
+
+
+def _streaming_budget(model: llama.Llama, layers_resident: int = 1) -> Budget:
+    units = units_of(model)
+    snap = Snapshot.take()
+    baseline = snap.anon + snap.file
+    max_tokens = len(IDS) + 6
+    fixed = baseline + kv_cache_nbytes(model, max_tokens) + scratch_nbytes(model, max_tokens)
+    return Budget(model, limit=fixed + (layers_resident + 2) * units[1].nbytes + units[1].nbytes // 2,
+                  baseline=baseline, max_tokens=max_tokens)
+
+
+def test_a_streamed_weight_changed_in_memory_is_not_thrown_away(folder: Path) -> None:
+    model = _model(folder)
+    with _streaming_budget(model) as budget:
+        streamed = next(u for u in budget.units if u.name in budget.plan.streamed and u.name != "head")
+        weight = streamed.modules[0].mlp.up_proj.weight
+        with torch.no_grad():
+            weight.mul_(0)  # a copy-on-write page of the mapping now holds the change
+        with pytest.raises(BudgetError, match=f"{streamed.name} has weights changed in memory"):
+            model.generate(IDS, 2)
+        assert weight.abs().sum() == 0  # the change is still there
+
+
+def test_releasing_a_streamed_layer_keeps_a_resident_neighbours_page(raw_folder: Path) -> None:
+    model = _model(raw_folder)
+    with _streaming_budget(model, layers_resident=1) as budget:
+        resident = next(u for u in budget.units if u.name.startswith("model.layers.")
+                        and u.name not in budget.plan.streamed)
+        streamed = [u for u in budget.units if u.name in budget.plan.streamed]
+        shares = [u for u in streamed if any(r.mapping is s.mapping and s.start < r.start + r.nbytes
+                                             and r.start < s.start + s.nbytes
+                                             for r in u.ranges for s in resident.ranges)]
+        assert shares, "the raw file should put a streamed layer and the resident one on a common page"
+        assert all(u.releasable != u.ranges for u in shares)  # the common page is not released
+
+        def on_a_common_page(t: torch.Tensor) -> bool:
+            start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+            return any(r.start < end and start < r.start + r.nbytes for u in shares for r in u.ranges)
+
+        edited = next(p for p in resident.modules[0].parameters() if on_a_common_page(p))
+        with torch.no_grad():
+            edited.fill_(2.0)  # a change to the resident layer, on the page it shares
+        model.generate(IDS, 2)
+        assert (edited == 2.0).all()  # streaming its neighbour did not throw it away
+        for u in shares:
+            for r in u.releasable:
+                assert not pages.present_in_process(r.start, r.nbytes).any()
 
 
 def test_run_refuses_a_limit_below_the_runtime_before_loading() -> None:

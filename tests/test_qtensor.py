@@ -260,3 +260,49 @@ def test_save_with_quantize_writes_quantized_weights(tmp_path: Path, originals: 
     path = tmp_path / f"{mode}.safetensors"
     sparsemap.save(originals, path, layout=Layout(quantize=mode))
     assert set(sparsemap.open(path).quantized) == set(SHAPES)
+
+
+@pytest.mark.parametrize(("mode", "name"), [("q4_1", "proj.weight"), ("int8", "proj.weight")])
+def test_linear_takes_a_non_contiguous_input(converted: dict[str, Path], mode: str, name: str) -> None:
+    qt = quantized(converted, mode, name)
+    x = torch.randn(K, 5).t()  # (5, K), transposed: not contiguous
+    assert_close_to_output_scale(F.linear(x, qt), F.linear(x, qt.dequantize()), rel=3e-2)
+
+
+def test_changing_a_quantized_weight_in_place_is_refused(converted: dict[str, Path]) -> None:
+    qt = quantized(converted, "q4_1", "proj.weight")
+    before = qt.dequantize()
+    for change in (lambda: qt.zero_(), lambda: qt.mul_(0), lambda: qt.copy_(torch.zeros(qt.shape))):
+        with pytest.raises(QuantizationError, match="read-only"):
+            change()
+    assert torch.equal(qt.dequantize(), before)  # nothing was lost silently
+
+
+def test_load_state_dict_into_quantized_weights_is_refused(tmp_path: Path) -> None:
+    src, dst = tmp_path / "float.safetensors", tmp_path / "q8_0.safetensors"
+    sparsemap.save(TwoLayers(), src)
+    convert(src, dst, layout=Layout(quantize="q8_0"))
+    model = sparsemap.load(TwoLayers, dst)
+    with pytest.raises(RuntimeError, match=r"proj\.weight.*read-only"):  # torch wraps each parameter's error
+        model.load_state_dict({k: torch.zeros(v.shape) for k, v in model.state_dict().items()})
+
+
+class Twins(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(K, 128, bias=False), nn.Linear(K, 128, bias=False)
+
+
+def test_saving_a_quantized_models_state_keeps_each_weight(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    src, dst = tmp_path / "float.safetensors", tmp_path / "q4_1.safetensors"
+    sparsemap.save(Twins(), src)
+    convert(src, dst, layout=Layout(quantize="q4_1"))
+    model = sparsemap.load(Twins, dst)
+    state = model.state_dict()
+    out = tmp_path / "again.safetensors"
+    sparsemap.save(state, out)  # two weights of one shape are not mistaken for tied ones
+    again = Checkpoint(out)
+    for name, t in state.items():
+        want = t.dequantize() if isinstance(t, QuantizedTensor) else t
+        assert torch.equal(again.tensor(name), want), name

@@ -65,6 +65,7 @@ class Unit(NamedTuple):
     modules: tuple[nn.Module, ...]
     ranges: tuple[Range, ...]
     gathered: bool = False
+    releasable: tuple[Range, ...] = ()  # ranges less the edge pages another unit's tensors share
 
     @property
     def nbytes(self) -> int:
@@ -140,7 +141,28 @@ def units_of(model: nn.Module) -> list[Unit]:
     head_modules = tuple(m for m in model.modules() if m not in embeddings and not list(m.children())
                          and any(id(p) not in in_layers for p in m.parameters(recurse=False)))
     units.append(Unit("head", head_modules, _ranges(head)))
-    return units
+    return [u._replace(releasable=_unshared(u, units)) for u in units]
+
+
+def _unshared(unit: Unit, units: list[Unit]) -> tuple[Range, ...]:
+    """``unit``'s ranges less any edge page that lies in another unit's range (a file whose tensors are
+    not page-aligned puts the end of one layer and the start of the next on one page): releasing
+    that page would throw away the other unit's page too."""
+    others = [r for u in units if u is not unit for r in u.ranges]
+
+    def shared(mapping: FileMapping, page: int) -> bool:
+        return any(o.mapping is mapping and o.start <= page < o.start + o.nbytes for o in others)
+
+    out = []
+    for r in unit.ranges:
+        start, end = r.start, r.start + r.nbytes
+        if start < end and shared(r.mapping, start):
+            start += pages.PAGE_SIZE
+        if start < end and shared(r.mapping, end - pages.PAGE_SIZE):
+            end -= pages.PAGE_SIZE
+        if start < end:
+            out.append(Range(r.mapping, start, end - start))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -287,12 +309,19 @@ class Budget:
 
     def _read_ahead(self, unit: Unit) -> None:
         for r in unit.ranges:
+            r.mapping.check_unchanged()  # its pages are about to be read from the file again
             pages.will_need(r.start, r.nbytes)
         self.sample()
 
     @staticmethod
     def _release(unit: Unit) -> None:
-        for r in unit.ranges:
+        """Give back a unit's pages. Pages changed in memory (a weight edited in place, rows masked)
+        are private copies that releasing would throw away: refused, nothing is lost."""
+        for r in unit.releasable:
+            if pages.private_in_process(r.start, r.nbytes).any():
+                raise BudgetError(f"{unit.name} has weights changed in memory (copy-on-write pages of "
+                                  f"{r.mapping.path}); streaming it would throw the changes away: save the "
+                                  "model and load the new file, or run without a memory limit")
             pages.release(r.start, r.nbytes)
             pages.drop_cache(r.mapping.fd, r.start - r.mapping.address, r.nbytes)
 

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .formats.quantized import INT4, QuantizedWeight
+from .errors import QuantizationError
+from .formats.quantized import INT4, INT8_GROUP_MULTIPLE, QuantizedWeight
 from .quantize import check_layout, dequantize
 
 _BF16 = torch.bfloat16
@@ -77,7 +78,7 @@ class QuantizedTensor(torch.Tensor):
         """``x @ W.T (+ bias)``, x: (..., K) -> (..., N), computed on the quantized parts."""
         n, k = self.weight.shape
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, k).to(_BF16)  # (M, K)
+        x2 = x.reshape(-1, k).to(_BF16).contiguous()  # (M, K): the kernels read rows of A as they lie
         if self.weight.scheme == INT4:
             q, scale_zero = self.parts  # (N, K/2) packed, (G, N, 2)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, q, self.weight.group, scale_zero)
@@ -91,6 +92,8 @@ class QuantizedTensor(torch.Tensor):
     def _int8_linear(self, x2: torch.Tensor) -> torch.Tensor:
         q, scale = self.parts[0], self.parts[1]  # (G, N, group), (G, N)
         groups, n, group = q.shape
+        if group % INT8_GROUP_MULTIPLE:  # the kernel reads 16 at a time (and crashes otherwise)
+            return F.linear(x2.float(), self.dequantize())
         if groups == 1 and len(self.parts) == 2:  # one scale per row: the kernel applies it
             if "scale" not in self._scratch:
                 self._scratch["scale"] = scale[0].to(_BF16)  # (N,)
@@ -146,6 +149,11 @@ class QuantizedTensor(torch.Tensor):
         if func is torch.ops.aten.detach.default:  # nn.Parameter and inference mode detach: same parts
             (t,) = args
             return cls(t.weight, t.parts)
+        if func._schema.is_mutable:  # the change would land in a dequantized copy and be lost
+            name = next((a.weight.name for a in args if isinstance(a, QuantizedTensor)), "?")
+            raise QuantizationError(f"{func.__name__} would change a quantized weight, which is read-only "
+                                    "(its parts are the mapped file's bytes); dequantize it first "
+                                    "(w.dequantize()) or convert without --quantize", tensor=name)
 
         from torch.utils._pytree import tree_map
 

@@ -137,6 +137,10 @@ Tensors = Mapping[str, torch.Tensor] | torch.nn.Module | torch.Tensor
 
 def _identity(t: torch.Tensor) -> object:
     # Tensors are tied when they are the same bytes seen the same way.
+    from .qtensor import QuantizedTensor
+
+    if isinstance(t, QuantizedTensor):  # no storage of its own (data_ptr 0): its parts' bytes
+        return ("quantized", *((p.data_ptr(), tuple(p.shape)) for p in t.parts))
     return (t.device.type, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else None
 
 

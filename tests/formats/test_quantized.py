@@ -62,7 +62,7 @@ def test_keep_maps_gguf_types(encoding: str, shape: tuple[int, int], want: tuple
     ("q8_0", "F32", (32, 64), ("int8", 32, False)),
     ("q4_1", "F16", (32, 64), ("int4", 32, True)),
     ("q4_1", "BF16", (48, 96), ("int4", 32, True)),
-    ("int8", "BF16", (32, 100), ("int8", 100, False)),  # one group per row: any K
+    ("int8", "BF16", (32, 112), ("int8", 112, False)),  # one group per row: any K the kernel reads
 ])
 def test_float_modes_quantize_2d_floats(mode: str, dtype: str, shape: tuple[int, int],
                                         want: tuple[str, int, bool]) -> None:
@@ -130,9 +130,9 @@ def test_unsupported_gguf_type_is_refused_naming_the_supported_ones() -> None:
     assert "Q4_0, Q4_1, Q4_K, Q8_0, Q6_K" in str(info.value)
 
 
-def test_a_gguf_shape_the_scheme_cannot_take_is_refused() -> None:
-    with pytest.raises(errors.LayoutOptionError, match="groups of 32"):
-        scheme_for("blk.0.bias", (64,), "F32", "Q8_0", "keep")
+@pytest.mark.parametrize("shape", [(64,), (4, 32, 64)])  # a vector; a stack of experts' matrices
+def test_a_gguf_tensor_no_kernel_takes_is_stored_dequantized(shape: tuple[int, ...]) -> None:
+    assert scheme_for("blk.0.ffn_up_exps.weight", shape, "F32", "Q8_0", "keep") is None
 
 
 def test_part_specs() -> None:
@@ -257,6 +257,7 @@ def test_malformed_document_is_refused(tmp_path: Path, raw: str, needle: str) ->
     (w_spec(zero=0), "'zero' must be bool"),
     (w_spec(**{"from": None}), "'from' must be str"),
     (w_spec(group=24), "cannot have groups of 24"),  # does not divide K = 64
+    (w_spec(group=8), "cannot have groups of 8"),  # divides K, but the int8 kernel reads runs of 16
     (w_spec(group=0), "cannot have groups of 0"),
     (w_spec(group=-32), "cannot have groups of -32"),
     ("int8", "must be an object"),
@@ -469,3 +470,21 @@ def test_a_type_with_no_kernel_layout_is_refused(tmp_path: Path) -> None:
     assert not dst.exists()
     convert(src, dst)  # without quantize it is dequantized, as before
     assert not sparsemap.open(dst).quantized
+
+
+def test_int8_rows_the_kernel_cannot_read_stay_plain() -> None:
+    # The int8 kernel reads K in runs of 16: one scale per row of 24 would crash it.
+    assert scheme_for("w", (16, 24), "F32", None, "int8") is None
+    assert scheme_for("w", (16, 48), "F32", None, "int8") == ("int8", 48, False)
+
+
+def test_a_tied_embedding_is_int8_whichever_name_comes_first(tmp_path: Path) -> None:
+    w = torch.randn(64, 64)
+    path = tmp_path / "tied.safetensors"
+    tied = {"lm_head.weight": w, "model.embed_tokens.weight": w}  # the head first
+    sparsemap.save(tied, path, layout=Layout(quantize="q4_1"))
+    cat = sparsemap.open(path)
+    assert {n: q.scheme for n, q in cat.quantized.items()} == {"lm_head.weight": "int8",
+                                                             "model.embed_tokens.weight": "int8"}
+    one = cat.quantized["lm_head.weight"]
+    assert cat.nbytes == sum(e.nbytes for n, e in cat.items() if n not in cat.quantized) + one.nbytes

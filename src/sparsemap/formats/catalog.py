@@ -232,7 +232,8 @@ class Catalog(Mapping[str, TensorEntry]):
         """
         seen = {(e.file, e.offset, e.shape, e.strides, e.dtype): e for e in self.entries.values()}
         total = sum(e.nbytes if e.strides is None else e.numel * ITEMSIZE[e.dtype] for e in seen.values())
-        return total + sum(w.nbytes - w.q.nbytes for w in self.quantized.values())
+        weights = {(w.q.file, w.q.offset): w for w in self.quantized.values()}  # tied weights: once
+        return total + sum(w.nbytes - w.q.nbytes for w in weights.values())
 
     def required_nbytes(self) -> dict[str, int]:
         """For each file, the size it must have at least: the end of its last tensor."""

@@ -341,6 +341,9 @@ def _stored(specs: Sequence[Spec], by_name: dict[str, Spec],
             views.update(member_views)
             bundled.update(names)
     stored_by_identity: dict[object, Spec] = {}  # tied tensors: the one written
+    # A weight tied to an embedding is gathered too, whichever of its names comes first.
+    gathered_identities = {s.identity for s in specs if s.identity is not None
+                           and _matches(s.name, layout.gathered)}
     for s in specs:
         if s.name in bundled:
             continue
@@ -355,7 +358,8 @@ def _stored(specs: Sequence[Spec], by_name: dict[str, Spec],
             continue
         if s.identity is not None:
             stored_by_identity[s.identity] = s
-        chosen = scheme_for(s.name, s.shape, s.dtype, s.encoding, layout.quantize, layout.gathered)
+        gathered = ("*",) if s.identity in gathered_identities else layout.gathered
+        chosen = scheme_for(s.name, s.shape, s.dtype, s.encoding, layout.quantize, gathered)
         if chosen is not None:
             records.extend(_quant_records(s, chosen, layout))
             scheme, group, zero = chosen

@@ -40,6 +40,7 @@ QUANT_VERSION = 1
 INT4, INT8 = "int4", "int8"
 INT4_GROUPS = (32, 64, 128, 256)  # what the int4 kernel accepts
 INT4_N_MULTIPLE = 16  # the int4 packer works in blocks of 16 output rows
+INT8_GROUP_MULTIPLE = 16  # the int8 kernel reads K in runs of 16 (and crashes on a K that is not)
 
 # GGUF type -> (scheme, group, has a zero) when kept quantized.
 FROM_GGUF: dict[str, tuple[str, int, bool]] = {
@@ -127,6 +128,8 @@ def scheme_for(name: str, shape: tuple[int, ...], dtype: str, encoding: str | No
         return None
     if mode not in MODES:
         raise LayoutOptionError(f"quantize must be one of {', '.join(MODES)}, got {mode!r}")
+    if encoding is not None and len(shape) != 2:
+        return None  # a stack of matrices (experts): no kernel takes it; stored dequantized
     if encoding is not None:
         if encoding not in FROM_GGUF:
             raise UnsupportedQuantizationError(f"{encoding} cannot be kept quantized (supported: "
@@ -134,7 +137,7 @@ def scheme_for(name: str, shape: tuple[int, ...], dtype: str, encoding: str | No
                                                "dequantize it)", tensor=name)
         chosen = FROM_GGUF[encoding]
     elif mode != "keep" and dtype in FLOATING and len(shape) == 2 and shape[0] and shape[1] and (
-            FROM_FLOAT[mode][1] == 0 or shape[1] % FROM_FLOAT[mode][1] == 0):
+            shape[1] % (FROM_FLOAT[mode][1] or INT8_GROUP_MULTIPLE) == 0):
         scheme, group, zero = FROM_FLOAT[mode]
         chosen = scheme, group or shape[1], zero
     else:
@@ -217,7 +220,8 @@ def apply_quantization(entries: list[TensorEntry], metadata: Mapping[str, str],
         if len(shape) != 2 or not all(type(d) is int and d > 0 for d in shape):
             raise QuantizationError(f"shape {shape[:4]} is not two positive integers", path=path, tensor=name)
         n, k = shape
-        if group <= 0 or k % group or (scheme == INT4 and (group not in INT4_GROUPS or n % INT4_N_MULTIPLE)):
+        if group <= 0 or k % group or (scheme == INT4 and (group not in INT4_GROUPS or n % INT4_N_MULTIPLE)) \
+                or (scheme == INT8 and group % INT8_GROUP_MULTIPLE):
             raise QuantizationError(f"{scheme} weight of shape {shape} cannot have groups of {group}",
                                     path=path, tensor=name)
         if scheme == INT4 and layout is None:

@@ -228,7 +228,11 @@ def answer(engine: TransformersEngine | LeanEngine, model: str, prompt: str, *,
 
         budget = Budget(lm, limit=memory_limit, baseline=baseline, max_tokens=len(ids) + max_new_tokens)
         if on_plan is not None:
-            on_plan(str(budget.plan))
+            try:
+                on_plan(str(budget.plan))
+            except BaseException:
+                budget.remove()
+                raise
     new: list[int] = []
     shown = [""]
     first_token_at: list[float] = []
@@ -243,12 +247,15 @@ def answer(engine: TransformersEngine | LeanEngine, model: str, prompt: str, *,
                 echo(text[len(shown[0]):])
                 shown[0] = text
 
-    with tracker.phase("generate"):
-        tokens = engine.generate(lm, ids, max_new_tokens, temperature, on_token)
-        end = time.perf_counter()
-    if budget is not None:
-        budget.sample(every_s=0)
-        budget.remove()
+    try:
+        with tracker.phase("generate"):
+            tokens = engine.generate(lm, ids, max_new_tokens, temperature, on_token)
+            end = time.perf_counter()
+        if budget is not None:
+            budget.sample(every_s=0)
+    finally:  # the model may live on (a caller's): its hooks go whatever happened
+        if budget is not None:
+            budget.remove()
     first = first_token_at[0] if first_token_at else end
     decode_tokens = max(len(tokens) - 1, 0)
     report = {

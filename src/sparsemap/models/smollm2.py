@@ -78,7 +78,7 @@ def prepare_quantized(*, quiet: bool = False) -> Path:
     marker = target / ".complete"
     from ..quantize import int4_layout
 
-    if marker.is_file() and marker.read_text().split("\n")[1:2] == [int4_layout()]:
+    if marker.is_file() and marker.read_text().split("\n")[:2] == [assets.SMOLLM2.requirement, int4_layout()]:
         return target
     from ..converter import convert
     from ..formats.dispatch import open_catalog
