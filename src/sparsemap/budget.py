@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import pages
-from .errors import BudgetError
+from .errors import BudgetError, NotMappedError
 from .mapped import FileMapping, mapping_of
 from .memory import Snapshot
 from .qtensor import QuantizedTensor
@@ -85,7 +85,7 @@ def _ranges(tensors: list[torch.Tensor]) -> tuple[Range, ...]:
                 continue
             try:
                 mm = mapping_of(part)
-            except Exception:  # a copy (a dequantized or computed tensor): not ours to stream
+            except NotMappedError:  # a copy (a dequantized or computed tensor): not ours to stream
                 continue
             start = part.data_ptr()
             first, last = pages.pages_covering(start, start + part.numel() * part.element_size())
