@@ -158,6 +158,10 @@ class QuantizationError(FormatError):
     """A file's quantized weights are described wrongly, or packed for another kernel layout."""
 
 
+class RwkvFormatError(FormatError):
+    """An RWKV checkpoint of an unknown version, or with tensors missing or of inconsistent shapes."""
+
+
 class GGUFArchitectureError(FormatError):
     """The GGUF file's architecture or tensor names are not ones sparsemap maps to transformers."""
 

@@ -1,0 +1,341 @@
+"""RWKV in plain PyTorch: RWKV-7 ("x070") from BlinkDL's ``.pth`` checkpoints, mapped, sparse FFN exact.
+
+The parameters keep the checkpoint's names and shapes (``emb.weight``,
+``blocks.N.att.receptance.weight``, ``blocks.N.ffn.value.weight``, ...), so
+the checkpoint loads zero-copy: matrices are used as ``F.linear`` takes them,
+(out, in), never transposed into a copy, and the embedding's first layer norm
+(``blocks.0.ln0``) is applied to the rows a step gathers, not to the whole
+table.
+
+RWKV's channel mix is ``value(relu(key(x)) ** 2)``: every hidden neuron whose
+key output is negative contributes exactly zero. With ``sparse=True`` the
+channel mix multiplies only the value rows of the neurons that are active
+(``value.weight`` read as its transpose, one row per neuron: zero-copy and
+page-sparse when the file stores it transposed, ``sparsemap convert
+--transpose '*ffn.value.weight'``). Only the order of the additions changes.
+
+A model is a recurrent state per layer: the time mix's previous input and its
+``(heads, head_size, head_size)`` matrix, and the channel mix's previous
+input. :meth:`Rwkv7.forward` runs a prompt (sequence mode: matrices over all
+tokens, the recurrence token by token) or one token, from and into a state.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import RwkvFormatError
+from ..formats.catalog import Catalog
+
+# Keys that tell the versions apart (BlinkDL's training code names them so).
+VERSION_KEYS = {
+    "7": "blocks.0.att.k_k",  # x070: a, v and g low-rank mixes, k_k and k_a
+    "6": "blocks.0.att.time_maa_x",  # x060: data-dependent token shift
+    "5": "blocks.0.att.ln_x.weight",  # x052 and earlier v5: heads, group norm
+    "4": "blocks.0.att.time_first",  # v4: one channel per head
+}
+SUPPORTED = ("7",)
+LAYER_NORM_EPS = 1e-5
+GROUP_NORM_EPS = 64e-5  # the time mix's output norm, per head
+DECAY_SCALE = 0.606531  # exp(-0.5): the time mix's decay is exp(-DECAY_SCALE * sigmoid(...)), in (0.545, 1)
+
+
+def detect_version(names: Any) -> str | None:
+    """The RWKV version a checkpoint's keys say (``"7"``, ``"6"``, ``"5"``, ``"4"``), or ``None``
+    when they are not an RWKV checkpoint's."""
+    if "emb.weight" not in names or "blocks.0.ln1.weight" not in names:
+        return None
+    for version, key in VERSION_KEYS.items():  # newest first: later versions keep older keys' names
+        if key in names:
+            return version
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class Rwkv7Shape:
+    """The sizes of an RWKV-7 model, read from its checkpoint's shapes."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    head_size: int
+    vocab_size: int
+    ffn_size: int
+    lora: dict[str, int] = field(default_factory=dict)  # "w", "a", "v", "g" -> low-rank width
+
+    @classmethod
+    def from_catalog(cls, catalog: Catalog) -> Rwkv7Shape:
+        """Read and check every tensor's shape; one error naming the key and the shapes on a mismatch.
+
+        Raises:
+            RwkvFormatError: not RWKV-7, a tensor missing, or shapes that disagree.
+        """
+        names = set(catalog)
+        version = detect_version(names)
+        if version != "7":
+            raise RwkvFormatError(f"RWKV version {version} is not supported yet (supported: "
+                                  f"{', '.join(SUPPORTED)})" if version else "not an RWKV checkpoint "
+                                  "(no emb.weight and blocks.0.ln1.weight)", path=catalog.source)
+
+        def shape(key: str) -> tuple[int, ...]:
+            if key not in catalog:
+                raise RwkvFormatError("missing from an RWKV-7 checkpoint", path=catalog.source, tensor=key)
+            return catalog[key].shape
+
+        vocab, c = _dims(shape("emb.weight"), 2, "emb.weight", catalog)
+        h, n = _dims(shape("blocks.0.att.r_k"), 2, "blocks.0.att.r_k", catalog)
+        if h * n != c:
+            raise RwkvFormatError(f"{h} heads of {n} make {h * n}, but emb.weight is {c} wide",
+                                  path=catalog.source, tensor="blocks.0.att.r_k")
+        n_layer = 1 + max(int(k.split(".")[1]) for k in names if k.startswith("blocks."))
+        ffn = shape("blocks.0.ffn.key.weight")[0]
+        lora = {x: shape(f"blocks.0.att.{x}1")[-1] for x in ("w", "a", "g")}
+        lora["v"] = shape("blocks.1.att.v1")[-1] if n_layer > 1 else 0
+        s = cls(n_layer, c, h, n, vocab, ffn, lora)
+        for key, want in s.expected().items():
+            got = shape(key)
+            if tuple(got) != want:
+                raise RwkvFormatError(f"shape {list(got)}, expected {list(want)} for an RWKV-7 model of "
+                                      f"{n_layer} layers, {c} wide, {h} heads, FFN {ffn}",
+                                      path=catalog.source, tensor=key)
+        return s
+
+    def expected(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the model and its shape, as BlinkDL's checkpoints store them."""
+        c, f, v = self.n_embd, self.ffn_size, self.vocab_size
+        out: dict[str, tuple[int, ...]] = {"emb.weight": (v, c), "head.weight": (v, c), "ln_out.weight": (c,),
+                                           "ln_out.bias": (c,), "blocks.0.ln0.weight": (c,),
+                                           "blocks.0.ln0.bias": (c,)}
+        for i in range(self.n_layer):
+            b = f"blocks.{i}."
+            for ln in ("ln1", "ln2"):
+                out[b + ln + ".weight"] = out[b + ln + ".bias"] = (c,)
+            att = b + "att."
+            for x in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
+                out[att + x] = (1, 1, c)
+            for x in ("w", "a", "g") + (("v",) if i else ()):
+                out[att + x + "1"], out[att + x + "2"] = (c, self.lora[x]), (self.lora[x], c)
+            if i:
+                out[att + "v0"] = (1, 1, c)
+            out[att + "r_k"] = (self.n_head, self.head_size)
+            for m in ("receptance", "key", "value", "output"):
+                out[att + m + ".weight"] = (c, c)
+            out[att + "ln_x.weight"] = out[att + "ln_x.bias"] = (c,)
+            out[b + "ffn.x_k"] = (1, 1, c)
+            out[b + "ffn.key.weight"], out[b + "ffn.value.weight"] = (f, c), (c, f)
+        return out
+
+
+def _dims(shape: tuple[int, ...], n: int, key: str, catalog: Catalog) -> tuple[int, ...]:
+    if len(shape) != n or not all(shape):
+        raise RwkvFormatError(f"shape {list(shape)} should have {n} non-zero dimensions", path=catalog.source,
+                              tensor=key)
+    return shape
+
+
+def _param(*shape: int) -> nn.Parameter:
+    """A parameter with a shape and no storage, replaced by a mapped view when loaded."""
+    return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight, self.bias = _param(c), _param(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, LAYER_NORM_EPS)
+
+
+def _shifted(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """Each token's previous token minus itself, the first's previous from the state: (T, C)."""
+    return torch.cat((prev[None], x[:-1])) - x
+
+
+class TimeMix7(nn.Module):
+    """RWKV-7's time mix: a matrix-valued state per head, updated by a decay, a rank-one removal
+    along ``kk`` and the new key-value outer product."""
+
+    def __init__(self, s: Rwkv7Shape, layer: int) -> None:
+        super().__init__()
+        c = s.n_embd
+        self.layer, self.heads, self.size = layer, s.n_head, s.head_size
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
+            setattr(self, name, _param(1, 1, c))
+        for x in ("w", "a", "g") + (("v",) if layer else ()):
+            setattr(self, x + "1", _param(c, s.lora[x]))
+            setattr(self, x + "2", _param(s.lora[x], c))
+        if layer:
+            self.v0 = _param(1, 1, c)
+        self.r_k = _param(s.n_head, s.head_size)
+        self.receptance, self.key, self.value, self.output = (_Linear(c, c) for _ in range(4))
+        self.ln_x = LayerNorm(c)
+
+    def forward(self, x: torch.Tensor, x_prev: torch.Tensor, state: torch.Tensor,
+                v_first: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """x: (T, C); x_prev: (C,); state: (H, N, N) float32. Returns (out (T, C), x_prev, state, v_first)."""
+        t, c = x.shape
+        h, n = self.heads, self.size
+        dx = _shifted(x, x_prev)  # (T, C)
+
+        def mixed(coef: torch.Tensor) -> torch.Tensor:
+            return x + dx * coef.view(c)
+
+        r = self.receptance(mixed(self.x_r))  # (T, C)
+        w = torch.tanh(mixed(self.x_w) @ self.w1) @ self.w2
+        k = self.key(mixed(self.x_k))
+        xv = mixed(self.x_v)
+        v = self.value(xv)
+        a = torch.sigmoid(self.a0.view(c) + (mixed(self.x_a) @ self.a1) @ self.a2)
+        g = torch.sigmoid(mixed(self.x_g) @ self.g1) @ self.g2
+        kk = F.normalize((k * self.k_k.view(c)).view(t, h, n), dim=-1, p=2.0).view(t, c)
+        k = k * (1 + (a - 1) * self.k_a.view(c))
+        if self.layer == 0:
+            v_first = v
+        else:
+            assert v_first is not None
+            v = v + (v_first - v) * torch.sigmoid(self.v0.view(c) + (xv @ self.v1) @ self.v2)
+        decay = torch.exp(-DECAY_SCALE * torch.sigmoid((self.w0.view(c) + w).float()))  # (T, C)
+        y = torch.empty_like(x)  # (T, C)
+        for i in range(t):  # the recurrence, token by token
+            vk = v[i].view(h, n, 1) @ k[i].view(h, 1, n)  # (H, N, N)
+            removal = (-kk[i]).view(h, n, 1) @ (kk[i] * a[i]).view(h, 1, n)  # (H, N, N)
+            state = state * decay[i].view(h, 1, n) + state @ removal.float() + vk.float()
+            y[i] = (state.to(x.dtype) @ r[i].view(h, n, 1)).view(c)
+        y = F.group_norm(y.view(t, c), h, self.ln_x.weight, self.ln_x.bias, GROUP_NORM_EPS).view(t, c)
+        y = y + ((r * k * self.r_k.view(c)).view(t, h, n).sum(-1, keepdim=True) * v.view(t, h, n)).view(t, c)
+        return self.output(y * g), x[-1], state, v_first
+
+
+class _Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = _param(out_features, in_features)  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class ChannelMix7(nn.Module):
+    """``value(relu(key(x)) ** 2)``, dense or over the active neurons only (exact either way)."""
+
+    def __init__(self, s: Rwkv7Shape) -> None:
+        super().__init__()
+        self.x_k = _param(1, 1, s.n_embd)
+        self.key = _Linear(s.n_embd, s.ffn_size)
+        self.value = _Linear(s.ffn_size, s.n_embd)
+        self.sparse = False
+        self.active: list[int] = []  # neurons active per step, while counting (see Rwkv7.count_active)
+        self.counting = False
+
+    def forward(self, x: torch.Tensor, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (T, C); x_prev: (C,). Returns (out (T, C), x_prev)."""
+        k = x + _shifted(x, x_prev) * self.x_k.view(-1)
+        k = torch.relu(self.key(k)) ** 2  # (T, F): zero wherever the key output is not positive
+        if not (self.sparse or self.counting):
+            return self.value(k), x[-1]
+        rows = torch.nonzero(k.ne(0).any(0)).view(-1)  # (active,): neurons any token uses
+        if self.counting:
+            self.active.append(int(rows.numel()))
+        if not self.sparse:
+            return self.value(k), x[-1]
+        value_rows = self.value.weight.t()  # (F, C): one row per neuron (zero-copy rows if stored transposed)
+        return k.index_select(1, rows) @ value_rows.index_select(0, rows), x[-1]
+
+
+class Block7(nn.Module):
+    def __init__(self, s: Rwkv7Shape, layer: int) -> None:
+        super().__init__()
+        if layer == 0:
+            self.ln0 = LayerNorm(s.n_embd)
+        self.ln1, self.ln2 = LayerNorm(s.n_embd), LayerNorm(s.n_embd)
+        self.att = TimeMix7(s, layer)
+        self.ffn = ChannelMix7(s)
+
+
+class Rwkv7(nn.Module):
+    """RWKV-7 with BlinkDL's parameter names. ``state``: a list of ``[att x_prev, att matrix, ffn x_prev]``
+    per layer (:meth:`zero_state`)."""
+
+    def __init__(self, s: Rwkv7Shape) -> None:
+        super().__init__()
+        self.shape = s
+        self.emb = nn.Module()
+        self.emb.weight = _param(s.vocab_size, s.n_embd)  # (vocab, C)
+        self.blocks = nn.ModuleList(Block7(s, i) for i in range(s.n_layer))
+        self.ln_out = LayerNorm(s.n_embd)
+        self.head = _Linear(s.n_embd, s.vocab_size)
+
+    def zero_state(self) -> list[list[torch.Tensor]]:
+        s = self.shape
+        matrix = (s.n_head, s.head_size, s.head_size)
+        return [[torch.zeros(s.n_embd), torch.zeros(matrix), torch.zeros(s.n_embd)] for _ in range(s.n_layer)]
+
+    def set_sparse(self, sparse: bool) -> None:
+        """Multiply only the active neurons' value rows in every channel mix (exact)."""
+        for b in self.blocks:
+            b.ffn.sparse = sparse
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int], state: list[list[torch.Tensor]] | None = None,
+                ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """Logits after the last of ``ids`` (vocab,), and the state after all of them."""
+        state = state if state is not None else self.zero_state()
+        rows = self.emb.weight[torch.tensor(ids)]  # (T, C): only these rows of the table are read
+        x = self.blocks[0].ln0(rows)
+        v_first = None
+        for i, block in enumerate(self.blocks):
+            att_prev, att_state, ffn_prev = state[i]
+            dx, att_prev, att_state, v_first = block.att(block.ln1(x), att_prev, att_state, v_first)
+            x = x + dx
+            dx, ffn_prev = block.ffn(block.ln2(x), ffn_prev)
+            x = x + dx
+            state[i] = [att_prev, att_state, ffn_prev]
+        return self.head(self.ln_out(x[-1])), state
+
+    @torch.inference_mode()
+    def generate(self, ids: list[int], max_new_tokens: int, *, stop: tuple[int, ...] = (),
+                 on_token: Any = None) -> list[int]:
+        """Greedy continuation: the prompt in sequence mode, then one token at a time."""
+        logits, state = self(ids)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(logits.argmax())
+            out.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token in stop or len(out) == max_new_tokens:
+                break
+            logits, state = self([token], state)
+        return out
+
+    def count_active(self, on: bool = True) -> list[list[int]]:
+        """Start (or stop) counting active FFN neurons per step; returns the counts so far, per layer."""
+        for b in self.blocks:
+            b.ffn.counting = on
+            if on:
+                b.ffn.active = []
+        return [b.ffn.active for b in self.blocks]
+
+
+def load(source: str | os.PathLike[str] | Catalog, *, sparse: bool = False) -> Rwkv7:
+    """An RWKV-7 model with its weights mapped from ``source`` (a ``.pth``, a safetensors file...).
+
+    Raises:
+        RwkvFormatError: not an RWKV-7 checkpoint, or tensors missing or of the wrong shape.
+    """
+    from ..checkpoint import Checkpoint
+    from ..loader import load as load_weights
+
+    ckpt = Checkpoint.of(source)
+    model = Rwkv7(Rwkv7Shape.from_catalog(ckpt.catalog))
+    model = load_weights(model, ckpt, skip=lambda name: name in ("blocks.0.att.v0", "blocks.0.att.v1",
+                                                                 "blocks.0.att.v2"))
+    model.set_sparse(sparse)
+    return model.eval()

@@ -1,0 +1,186 @@
+"""sparsemap's RWKV-7 against the reference runtime (the ``rwkv`` package, ``cpu fp32``) on the same ``.pth``.
+
+Checkpoints are written here with ``torch.save``, in BlinkDL's key names and
+shapes, random weights scaled like trained ones. The reference runs in a child
+process (it reads environment variables at import and keeps module state).
+Logits must agree within 1e-4 over a 64-token prompt and 32 greedy tokens,
+with identical tokens; the sparse channel mix must give what the dense one
+gives; a malformed checkpoint is refused before any compute, naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsemap.errors import RwkvFormatError
+from sparsemap.mapped import mapping_of
+from sparsemap.models import rwkv
+
+pytest.importorskip("rwkv", reason="the reference runtime (PyPI rwkv) is in the test extra")
+
+SHAPES = {  # (layers, width, head size, vocabulary, FFN)
+    "small": (2, 64, 16, 256, 256),
+    "world-vocab": (3, 128, 32, 65536, 448),
+}
+PROMPT = [(i * 37 + 11) % 256 for i in range(64)]
+NEW = 32
+
+REFERENCE = r"""
+import json, os, sys
+os.environ["RWKV_V7_ON"] = "1"
+os.environ["RWKV_JIT_ON"] = "0"
+import torch
+from rwkv.model import RWKV
+path, ids, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+model = RWKV(model=path[:-len(".pth")], strategy="cpu fp32")
+logits, state = model.forward(ids, None)
+out, all_logits = [], [logits.tolist()]
+for _ in range(n):
+    token = int(torch.argmax(logits))
+    out.append(token)
+    logits, state = model.forward([token], state)
+    all_logits.append(logits.tolist())
+print(json.dumps({"tokens": out, "logits": all_logits}))
+"""
+
+
+def write_checkpoint(path: Path, layers: int, c: int, n: int, vocab: int, ffn: int, seed: int = 0) -> Path:
+    """A random RWKV-7 checkpoint in BlinkDL's names and shapes (layer 0 keeps v0..v2, as trained ones do)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale + shift
+
+    h = c // n
+    lw, la, lv, lg = 16, 16, 8, 32
+    sd: dict[str, torch.Tensor] = {"emb.weight": rand(vocab, c, scale=0.5),
+                                   "blocks.0.ln0.weight": rand(c, scale=0.1, shift=1),
+                                   "blocks.0.ln0.bias": rand(c, scale=0.1)}
+    for i in range(layers):
+        b = f"blocks.{i}."
+        for ln in ("ln1", "ln2"):
+            sd[b + ln + ".weight"], sd[b + ln + ".bias"] = rand(c, scale=0.1, shift=1), rand(c, scale=0.1)
+        att = b + "att."
+        for x in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
+            sd[att + x] = torch.rand(1, 1, c, generator=g)
+        sd[att + "w0"] = rand(1, 1, c, scale=0.5, shift=-1)
+        sd[att + "a0"], sd[att + "v0"] = rand(1, 1, c, scale=0.5), rand(1, 1, c, scale=0.5)
+        sd[att + "k_k"] = rand(1, 1, c, scale=0.1, shift=0.8)
+        sd[att + "k_a"] = rand(1, 1, c, scale=0.1, shift=1)
+        for x, d in (("w", lw), ("a", la), ("v", lv), ("g", lg)):
+            sd[att + x + "1"], sd[att + x + "2"] = rand(c, d, scale=0.1), rand(d, c, scale=0.1)
+        sd[att + "r_k"] = rand(h, n, scale=0.1)
+        for m in ("receptance", "key", "value", "output"):
+            sd[att + m + ".weight"] = rand(c, c, scale=c ** -0.5)
+        sd[att + "ln_x.weight"], sd[att + "ln_x.bias"] = rand(c, scale=0.1, shift=1), rand(c, scale=0.1)
+        sd[b + "ffn.x_k"] = torch.rand(1, 1, c, generator=g)
+        sd[b + "ffn.key.weight"] = rand(ffn, c, scale=c ** -0.5)
+        sd[b + "ffn.value.weight"] = rand(c, ffn, scale=ffn ** -0.5)
+    sd["ln_out.weight"], sd["ln_out.bias"] = rand(c, scale=0.1, shift=1), rand(c, scale=0.1)
+    sd["head.weight"] = rand(vocab, c, scale=c ** -0.5)
+    torch.save(sd, path)
+    return path
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("rwkv") / f"{request.param}.pth", *SHAPES[request.param])
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-c", REFERENCE, str(checkpoint), json.dumps(PROMPT), str(NEW)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run(model: rwkv.Rwkv7) -> tuple[list[int], list[torch.Tensor]]:
+    logits, state = model(PROMPT)
+    tokens, seen = [], [logits]
+    for _ in range(NEW):
+        tokens.append(int(logits.argmax()))
+        logits, state = model([tokens[-1]], state)
+        seen.append(logits)
+    return tokens, seen
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_same_logits_and_tokens_as_the_rwkv_package(checkpoint: Path, reference: dict, sparse: bool) -> None:
+    model = rwkv.load(checkpoint, sparse=sparse)
+    tokens, logits = _run(model)
+    assert tokens == reference["tokens"]
+    for step, (got, want) in enumerate(zip(logits, reference["logits"], strict=True)):
+        diff = (got - torch.tensor(want)).abs().max().item()
+        assert diff <= 1e-4, f"step {step}: logits differ by {diff:.2e}"
+
+
+def test_weights_are_views_of_the_checkpoint(checkpoint: Path) -> None:
+    model = rwkv.load(checkpoint)
+    for name, p in model.named_parameters():
+        assert mapping_of(p).path == str(checkpoint), name
+
+
+def test_sparse_channel_mix_equals_the_dense_one(checkpoint: Path) -> None:
+    dense, sparse = rwkv.load(checkpoint), rwkv.load(checkpoint, sparse=True)
+    sparse.count_active()
+    (dl, _), (sl, _) = dense(PROMPT[:8]), sparse(PROMPT[:8])
+    assert torch.allclose(dl, sl, rtol=1e-5, atol=1e-5 * dl.abs().max().item())
+    counts = sparse.count_active(False)
+    ffn = sparse.shape.ffn_size
+    assert all(0 < n < ffn for layer in counts for n in layer)  # random keys: some neurons off, some on
+
+
+def test_versions_are_told_apart_by_their_keys() -> None:
+    base = {"emb.weight", "blocks.0.ln1.weight"}
+    assert rwkv.detect_version(base | {"blocks.0.att.k_k"}) == "7"
+    assert rwkv.detect_version(base | {"blocks.0.att.time_maa_x"}) == "6"
+    assert rwkv.detect_version(base | {"blocks.0.att.time_first"}) == "4"
+    assert rwkv.detect_version({"model.embed_tokens.weight"}) is None
+
+
+def test_a_missing_tensor_is_refused_by_name(tmp_path: Path) -> None:
+    path = write_checkpoint(tmp_path / "m.pth", *SHAPES["small"])
+    sd = torch.load(path)  # not mapped: the file is rewritten below
+    del sd["blocks.1.ffn.key.weight"]
+    torch.save(sd, path)
+    with pytest.raises(RwkvFormatError, match=r"blocks\.1\.ffn\.key\.weight.*missing"):
+        rwkv.load(path)
+
+
+def test_an_inconsistent_shape_is_refused_with_the_shapes(tmp_path: Path) -> None:
+    path = write_checkpoint(tmp_path / "m.pth", *SHAPES["small"])
+    sd = torch.load(path)  # not mapped: the file is rewritten below
+    sd["blocks.1.att.key.weight"] = torch.zeros(64, 32)
+    torch.save(sd, path)
+    wanted = r"blocks\.1\.att\.key\.weight.*\[64, 32\], expected \[64, 64\]"
+    with pytest.raises(RwkvFormatError, match=wanted):
+        rwkv.load(path)
+
+
+def test_an_older_version_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "v6.pth"
+    torch.save({"emb.weight": torch.zeros(4, 8), "blocks.0.ln1.weight": torch.zeros(8),
+                "blocks.0.att.time_maa_x": torch.zeros(1, 1, 8)}, path)
+    with pytest.raises(RwkvFormatError, match="RWKV version 6 is not supported yet"):
+        rwkv.load(path)
+
+
+def test_value_rows_stored_transposed_serve_the_sparse_path(checkpoint: Path, tmp_path: Path) -> None:
+    from sparsemap.converter import convert
+    from sparsemap.formats.planner import Layout
+
+    laid = tmp_path / "transposed.safetensors"
+    convert(checkpoint, laid, layout=Layout(transpose="*ffn.value.weight", pad_rows="*ffn.value.weight"))
+    dense, sparse = rwkv.load(checkpoint), rwkv.load(laid, sparse=True)
+    rows = sparse.blocks[0].ffn.value.weight.t()  # (F, C): one neuron a row
+    assert rows.is_contiguous() or rows.stride(1) == 1
+    assert mapping_of(rows).path == str(laid)
+    (dl, _), (sl, _) = dense(PROMPT[:8]), sparse(PROMPT[:8])
+    assert torch.allclose(dl, sl, rtol=1e-5, atol=1e-5 * dl.abs().max().item())
