@@ -409,4 +409,26 @@ def valid_files(folder: Path) -> dict[str, Path]:
                                             "norm.weight": "model-00002-of-00002.safetensors"}}
     out["shard index"] = shards / "model.safetensors.index.json"
     out["shard index"].write_text(json.dumps(index))
+    out["rwkv.cpp"] = write_rwkv_cpp(folder / "rwkv.bin", {
+        "emb.weight": np.random.default_rng(2).standard_normal((16, 8), dtype=np.float32),
+        "blocks.0.ln1.weight": np.ones(8, dtype=np.float32),
+        "blocks.0.ffn.key.weight": np.random.default_rng(3).standard_normal((32, 8)).astype(np.float16),
+        "head.weight": np.random.default_rng(4).standard_normal((16, 8), dtype=np.float32)})
     return out
+
+
+def write_rwkv_cpp(path: Path, tensors: dict) -> Path:
+    """An rwkv.cpp model file (no library writes the format: its converter is a script), by its spec:
+    six uint32 of header, then each tensor's dimension count, key length and type, its dimensions
+    innermost first, its key, its data."""
+    import numpy as np
+
+    vocab, width = tensors["emb.weight"].shape
+    layers = 1 + max(int(n.split(".")[1]) for n in tensors if n.startswith("blocks."))
+    out = bytearray(struct.pack("<6I", 0x67676D66, 101, vocab, width, layers, 0))
+    for name, array in tensors.items():
+        key = name.encode()
+        out += struct.pack("<3i", array.ndim, len(key), 1 if array.dtype == np.float16 else 0)
+        out += struct.pack(f"<{array.ndim}i", *reversed(array.shape)) + key + array.tobytes()
+    path.write_bytes(bytes(out))
+    return path

@@ -59,6 +59,10 @@ def _reader(fmt: str) -> Callable[[str, FileStamp], Catalog]:
         from .torchzip import open_torch_zip
 
         return open_torch_zip
+    if fmt == "rwkv-cpp":
+        from .rwkvcpp import open_rwkvcpp
+
+        return open_rwkvcpp
     assert fmt == "gguf", fmt  # resolve_source names no other single-file format
     from .gguf import open_gguf
 

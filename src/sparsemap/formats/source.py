@@ -31,6 +31,7 @@ from typing import NamedTuple
 from ..errors import LegacyPickleError, SourceNotFoundError, UnknownFormatError
 
 GGUF_MAGIC = b"GGUF"
+RWKV_CPP_MAGIC = b"fmgg"  # rwkv.cpp's 0x67676d66, little-endian
 ZIP_MAGIC = b"PK\x03\x04"
 # Any pickle of protocol 2 to 5 starts with PROTO n; torch.save's legacy format
 # is one (protocol 2, then a pickled magic number).
@@ -43,7 +44,7 @@ WEIGHT_NAMES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-FORMATS = ("safetensors", "torch-zip", "gguf", "sharded")
+FORMATS = ("safetensors", "torch-zip", "gguf", "rwkv-cpp", "sharded")
 LEGACY_HINT = (
     "convert it once, in an environment you trust, with "
     "python -c \"import torch; torch.save(torch.load('OLD', weights_only=True), 'NEW.pt')\" "
@@ -136,7 +137,7 @@ def _weights_in_folder(folder: str) -> str:
 
 
 def sniff_format(path: str) -> str:
-    """``"safetensors"``, ``"torch-zip"`` or ``"gguf"`` from the file's first bytes.
+    """``"safetensors"``, ``"torch-zip"``, ``"gguf"`` or ``"rwkv-cpp"`` from the file's first bytes.
 
     Raises:
         LegacyPickleError: a pickle that is not a zip checkpoint.
@@ -146,6 +147,8 @@ def sniff_format(path: str) -> str:
         prefix = f.read(16)
     if prefix.startswith(GGUF_MAGIC):
         return "gguf"
+    if prefix.startswith(RWKV_CPP_MAGIC):
+        return "rwkv-cpp"
     if prefix.startswith(ZIP_MAGIC):
         return "torch-zip"
     # Before the pickle check: a safetensors header length can begin with the
@@ -160,7 +163,7 @@ def sniff_format(path: str) -> str:
         return "safetensors"  # its own parser names what is wrong with it
     raise UnknownFormatError(
         f"not a checkpoint sparsemap reads (first bytes {prefix[:8].hex(' ')}); expected safetensors, "
-        "a torch zip (.pt/.pth/.bin), GGUF, or a *.index.json", path=path)
+        "a torch zip (.pt/.pth/.bin), GGUF, an rwkv.cpp model, or a *.index.json", path=path)
 
 
 def _looks_like_safetensors(prefix: bytes) -> bool:

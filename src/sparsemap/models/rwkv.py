@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RwkvFormatError
-from ..formats.catalog import Catalog
+from ..formats.catalog import Catalog, TensorEntry
 
 # Keys that tell the versions apart (BlinkDL's training code names them so).
 VERSION_KEYS = {
@@ -324,6 +324,39 @@ class Rwkv7(nn.Module):
         return [b.ffn.active for b in self.blocks]
 
 
+TOKEN_SHIFT = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")  # the order rwkv.cpp concatenates them in
+LOW_RANK = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")  # stored transposed by rwkv.cpp
+
+
+def pytorch_view(catalog: Catalog) -> Catalog:
+    """An rwkv.cpp RWKV-7 file seen as BlinkDL's checkpoint, zero-copy: ``att.x_rwkvag`` (6, 1, C)
+    split back into its six rows, the low-rank matrices given back their shape as transposed views.
+
+    Other catalogs come back unchanged.
+    """
+    if catalog.format != "rwkv-cpp":
+        return catalog
+    entries: dict[str, TensorEntry] = {}
+    for name, e in catalog.items():
+        if name.endswith(".att.x_rwkvag"):
+            if len(e.shape) != 3 or e.shape[:2] != (len(TOKEN_SHIFT), 1):
+                raise RwkvFormatError(f"shape {list(e.shape)}, expected [6, 1, C]", path=catalog.source,
+                                      tensor=name)
+            c = e.shape[2]
+            row = e.nbytes // len(TOKEN_SHIFT)
+            prefix = name[: -len("x_rwkvag")]
+            for i, x in enumerate(TOKEN_SHIFT):
+                entries[prefix + x] = e._replace(name=prefix + x, offset=e.offset + i * row, nbytes=row,
+                                                 shape=(1, 1, c))
+        elif name.rsplit(".", 1)[-1] in LOW_RANK and ".att." in name and len(e.shape) == 2:
+            rows, cols = e.shape  # stored (cols of the original, rows of the original)
+            entries[name] = e._replace(shape=(cols, rows), strides=(1, cols))
+        else:
+            entries[name] = e
+    return Catalog(source=catalog.source, format="rwkv-cpp:pytorch", entries=entries,
+                   metadata=dict(catalog.metadata), stamps=catalog.stamps)
+
+
 def load(source: str | os.PathLike[str] | Catalog, *, sparse: bool = False) -> Rwkv7:
     """An RWKV-7 model with its weights mapped from ``source`` (a ``.pth``, a safetensors file...).
 
@@ -331,9 +364,10 @@ def load(source: str | os.PathLike[str] | Catalog, *, sparse: bool = False) -> R
         RwkvFormatError: not an RWKV-7 checkpoint, or tensors missing or of the wrong shape.
     """
     from ..checkpoint import Checkpoint
+    from ..formats.dispatch import open_catalog
     from ..loader import load as load_weights
 
-    ckpt = Checkpoint.of(source)
+    ckpt = Checkpoint(pytorch_view(source if isinstance(source, Catalog) else open_catalog(source)))
     model = Rwkv7(Rwkv7Shape.from_catalog(ckpt.catalog))
     model = load_weights(model, ckpt, skip=lambda name: name in ("blocks.0.att.v0", "blocks.0.att.v1",
                                                                  "blocks.0.att.v2"))
