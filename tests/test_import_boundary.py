@@ -37,6 +37,7 @@ TORCH_FREE = (
     "sparsemap.durable", "sparsemap.cli", "sparsemap.formats.*", "sparsemap.models",
     "sparsemap.models.assets", "sparsemap.models.gguf_llama", "sparsemap.models.smollm2",
     "sparsemap.models.generate", "sparsemap.models.minilm", "sparsemap.models.demo", "sparsemap.bench",
+    "sparsemap.models.rwkv_config", "sparsemap.models.rwkv_tokenizer",
     "sparsemap.bench.measure", "sparsemap.bench.cgroup", "sparsemap.bench.disk", "sparsemap.bench.report",
     "sparsemap.bench.runner",
 )

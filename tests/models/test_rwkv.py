@@ -184,3 +184,27 @@ def test_value_rows_stored_transposed_serve_the_sparse_path(checkpoint: Path, tm
     assert mapping_of(rows).path == str(laid)
     (dl, _), (sl, _) = dense(PROMPT[:8]), sparse(PROMPT[:8])
     assert torch.allclose(dl, sl, rtol=1e-5, atol=1e-5 * dl.abs().max().item())
+
+
+@pytest.mark.parametrize("shape", ["small", "world-vocab"])  # bytes; the World vocabulary (rwkv's copy)
+def test_sparsemap_run_answers_with_an_rwkv_checkpoint(tmp_path: Path, shape: str) -> None:
+    path = write_checkpoint(tmp_path / "model.pth", *SHAPES[shape])
+    cmd = [sys.executable, "-m", "sparsemap.cli", "run", str(path), "Hello", "--max-new-tokens", "4",
+           "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["engine"] == "RwkvEngine" and 1 <= report["new_tokens"] <= 4
+    phases = [p["name"] for p in report["tracker"]["phases"]]
+    assert phases[-3:] == ["tokenizer", "weights", "generate"]  # the same ledger as for Llama
+
+
+def test_sparsemap_run_refuses_a_broken_rwkv_checkpoint_before_compute(tmp_path: Path) -> None:
+    path = write_checkpoint(tmp_path / "model.pth", *SHAPES["small"])
+    sd = torch.load(path)
+    sd["blocks.0.ffn.value.weight"] = torch.zeros(64, 100)
+    torch.save(sd, path)
+    proc = subprocess.run([sys.executable, "-m", "sparsemap.cli", "run", str(path), "Hello"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "blocks.0.ffn.value.weight" in proc.stderr and "[64, 100], expected [64, 256]" in proc.stderr

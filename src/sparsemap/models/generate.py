@@ -22,6 +22,7 @@ from typing import Any
 from .. import memory
 from ..errors import BadInputError, SourceNotFoundError
 from ..formats.source import ModelSource, resolve_source
+from .rwkv_config import Rwkv7Shape, detect_version, pytorch_view
 
 # Names sparsemap knows -> the folder's form: its GGUF's blocks kept quantized, or dequantized to float32.
 ALIASES = {"smollm2": "quantized", "smollm2-135m-instruct": "quantized", "smollm2-f32": "float32"}
@@ -55,6 +56,8 @@ def check_model(source: ModelSource) -> None:
     catalog = open_catalog(source)  # the weights: missing shards, malformed files, not a checkpoint at all
     if source.is_gguf:
         hf_catalog(catalog)  # the architecture and tensor names must map to transformers'
+    elif detect_version(catalog) is not None:
+        Rwkv7Shape.from_catalog(pytorch_view(catalog))  # RWKV: version, every tensor and shape, no compute
     elif source.config is None:
         raise SourceNotFoundError("no config.json next to the weights", path=source.folder)
 
@@ -157,12 +160,61 @@ class LeanEngine:
         return str(tokenizer.decode(ids))
 
 
+class RwkvEngine:
+    """sparsemap's RWKV-7 with the World tokenizer (or bytes, for a 256-token vocabulary): no rwkv import."""
+
+    libraries = "sparsemap.models.rwkv_tokenizer"
+
+    def __init__(self, sparse: bool = True) -> None:
+        self.sparse = sparse
+
+    def import_libraries(self) -> None:
+        from . import rwkv_tokenizer  # noqa: F401
+
+    def load_tokenizer(self, source: ModelSource) -> Any:
+        from ..formats.dispatch import open_catalog
+        from .rwkv_config import find_vocabulary
+        from .rwkv_tokenizer import ByteTokenizer, WorldTokenizer
+
+        vocab_size = Rwkv7Shape.from_catalog(pytorch_view(open_catalog(source))).vocab_size
+        if vocab_size == 256:
+            return ByteTokenizer()
+        vocabulary = find_vocabulary(source.folder)
+        if vocabulary is None:
+            raise SourceNotFoundError("no rwkv_vocab_v20230424.txt (the World vocabulary) beside the model",
+                                      path=source.folder)
+        return WorldTokenizer(vocabulary)
+
+    def load_model(self, source: ModelSource) -> Any:
+        from .rwkv import load
+
+        return load(source.weights, sparse=self.sparse)
+
+    def prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
+        return list(tokenizer.encode(f"User: {prompt}\n\nAssistant:"))  # the chat form RWKV models learn
+
+    def generate(self, model: Any, ids: list[int], max_new_tokens: int, temperature: float,
+                 on_token: Callable[[int], None]) -> list[int]:
+        if temperature > 0:
+            raise BadInputError("the RWKV engine decodes greedily for now (use --temperature 0)")
+        return list(model.generate(ids, max_new_tokens, stop=(0,), on_token=on_token))
+
+    def decode(self, tokenizer: Any, ids: list[int]) -> str:
+        return str(tokenizer.decode(ids))
+
+
 def pick_engine(model: str | Path | ModelSource, engine: str,
-                dtype: Any = None) -> TransformersEngine | LeanEngine:
-    """``lean`` for Llama folders with a tokenizer.json (``auto``), else transformers."""
+                dtype: Any = None) -> TransformersEngine | LeanEngine | RwkvEngine:
+    """RWKV for RWKV checkpoints; ``lean`` for Llama folders with a tokenizer.json (``auto``), else
+    transformers."""
     if engine == "transformers":
         return TransformersEngine(sparsemap_loader(dtype))
     source = resolve_model(model)
+    if not source.is_gguf and source.format != "sharded":
+        from ..formats.dispatch import open_catalog
+
+        if detect_version(open_catalog(source)) is not None:
+            return RwkvEngine()
     reason = _lean_refusal(source)
     if engine == "lean" and reason is not None:
         raise BadInputError(f"the lean engine cannot run this model: {reason} (use --engine transformers)",
@@ -183,7 +235,7 @@ def _lean_refusal(source: ModelSource) -> str | None:
     return unsupported(read_config(source.config))
 
 
-def answer(engine: TransformersEngine | LeanEngine, model: str, prompt: str, *,
+def answer(engine: TransformersEngine | LeanEngine | RwkvEngine, model: str, prompt: str, *,
            max_new_tokens: int = 64, temperature: float = 0.0, echo: Callable[[str], None] | None = None,
            tracker: memory.PhaseTracker | None = None, memory_limit: int | None = None,
            on_plan: Callable[[str], None] | None = None) -> dict[str, Any]:

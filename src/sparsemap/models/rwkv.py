@@ -23,120 +23,21 @@ tokens, the recurrence token by token) or one token, from and into a state.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import RwkvFormatError
-from ..formats.catalog import Catalog, TensorEntry
-
-# Keys that tell the versions apart (BlinkDL's training code names them so).
-VERSION_KEYS = {
-    "7": "blocks.0.att.k_k",  # x070: a, v and g low-rank mixes, k_k and k_a
-    "6": "blocks.0.att.time_maa_x",  # x060: data-dependent token shift
-    "5": "blocks.0.att.ln_x.weight",  # x052 and earlier v5: heads, group norm
-    "4": "blocks.0.att.time_first",  # v4: one channel per head
-}
-SUPPORTED = ("7",)
-LAYER_NORM_EPS = 1e-5
-GROUP_NORM_EPS = 64e-5  # the time mix's output norm, per head
-DECAY_SCALE = 0.606531  # exp(-0.5): the time mix's decay is exp(-DECAY_SCALE * sigmoid(...)), in (0.545, 1)
-
-
-def detect_version(names: Any) -> str | None:
-    """The RWKV version a checkpoint's keys say (``"7"``, ``"6"``, ``"5"``, ``"4"``), or ``None``
-    when they are not an RWKV checkpoint's."""
-    if "emb.weight" not in names or "blocks.0.ln1.weight" not in names:
-        return None
-    for version, key in VERSION_KEYS.items():  # newest first: later versions keep older keys' names
-        if key in names:
-            return version
-    return "unknown"
-
-
-@dataclass(frozen=True)
-class Rwkv7Shape:
-    """The sizes of an RWKV-7 model, read from its checkpoint's shapes."""
-
-    n_layer: int
-    n_embd: int
-    n_head: int
-    head_size: int
-    vocab_size: int
-    ffn_size: int
-    lora: dict[str, int] = field(default_factory=dict)  # "w", "a", "v", "g" -> low-rank width
-
-    @classmethod
-    def from_catalog(cls, catalog: Catalog) -> Rwkv7Shape:
-        """Read and check every tensor's shape; one error naming the key and the shapes on a mismatch.
-
-        Raises:
-            RwkvFormatError: not RWKV-7, a tensor missing, or shapes that disagree.
-        """
-        names = set(catalog)
-        version = detect_version(names)
-        if version != "7":
-            raise RwkvFormatError(f"RWKV version {version} is not supported yet (supported: "
-                                  f"{', '.join(SUPPORTED)})" if version else "not an RWKV checkpoint "
-                                  "(no emb.weight and blocks.0.ln1.weight)", path=catalog.source)
-
-        def shape(key: str) -> tuple[int, ...]:
-            if key not in catalog:
-                raise RwkvFormatError("missing from an RWKV-7 checkpoint", path=catalog.source, tensor=key)
-            return catalog[key].shape
-
-        vocab, c = _dims(shape("emb.weight"), 2, "emb.weight", catalog)
-        h, n = _dims(shape("blocks.0.att.r_k"), 2, "blocks.0.att.r_k", catalog)
-        if h * n != c:
-            raise RwkvFormatError(f"{h} heads of {n} make {h * n}, but emb.weight is {c} wide",
-                                  path=catalog.source, tensor="blocks.0.att.r_k")
-        n_layer = 1 + max(int(k.split(".")[1]) for k in names if k.startswith("blocks."))
-        ffn = shape("blocks.0.ffn.key.weight")[0]
-        lora = {x: shape(f"blocks.0.att.{x}1")[-1] for x in ("w", "a", "g")}
-        lora["v"] = shape("blocks.1.att.v1")[-1] if n_layer > 1 else 0
-        s = cls(n_layer, c, h, n, vocab, ffn, lora)
-        for key, want in s.expected().items():
-            got = shape(key)
-            if tuple(got) != want:
-                raise RwkvFormatError(f"shape {list(got)}, expected {list(want)} for an RWKV-7 model of "
-                                      f"{n_layer} layers, {c} wide, {h} heads, FFN {ffn}",
-                                      path=catalog.source, tensor=key)
-        return s
-
-    def expected(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor of the model and its shape, as BlinkDL's checkpoints store them."""
-        c, f, v = self.n_embd, self.ffn_size, self.vocab_size
-        out: dict[str, tuple[int, ...]] = {"emb.weight": (v, c), "head.weight": (v, c), "ln_out.weight": (c,),
-                                           "ln_out.bias": (c,), "blocks.0.ln0.weight": (c,),
-                                           "blocks.0.ln0.bias": (c,)}
-        for i in range(self.n_layer):
-            b = f"blocks.{i}."
-            for ln in ("ln1", "ln2"):
-                out[b + ln + ".weight"] = out[b + ln + ".bias"] = (c,)
-            att = b + "att."
-            for x in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
-                out[att + x] = (1, 1, c)
-            for x in ("w", "a", "g") + (("v",) if i else ()):
-                out[att + x + "1"], out[att + x + "2"] = (c, self.lora[x]), (self.lora[x], c)
-            if i:
-                out[att + "v0"] = (1, 1, c)
-            out[att + "r_k"] = (self.n_head, self.head_size)
-            for m in ("receptance", "key", "value", "output"):
-                out[att + m + ".weight"] = (c, c)
-            out[att + "ln_x.weight"] = out[att + "ln_x.bias"] = (c,)
-            out[b + "ffn.x_k"] = (1, 1, c)
-            out[b + "ffn.key.weight"], out[b + "ffn.value.weight"] = (f, c), (c, f)
-        return out
-
-
-def _dims(shape: tuple[int, ...], n: int, key: str, catalog: Catalog) -> tuple[int, ...]:
-    if len(shape) != n or not all(shape):
-        raise RwkvFormatError(f"shape {list(shape)} should have {n} non-zero dimensions", path=catalog.source,
-                              tensor=key)
-    return shape
+from ..formats.catalog import Catalog
+from .rwkv_config import (
+    DECAY_SCALE,
+    GROUP_NORM_EPS,
+    LAYER_NORM_EPS,
+    Rwkv7Shape,
+    detect_version,
+    pytorch_view,
+)
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -324,39 +225,6 @@ class Rwkv7(nn.Module):
         return [b.ffn.active for b in self.blocks]
 
 
-TOKEN_SHIFT = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")  # the order rwkv.cpp concatenates them in
-LOW_RANK = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")  # stored transposed by rwkv.cpp
-
-
-def pytorch_view(catalog: Catalog) -> Catalog:
-    """An rwkv.cpp RWKV-7 file seen as BlinkDL's checkpoint, zero-copy: ``att.x_rwkvag`` (6, 1, C)
-    split back into its six rows, the low-rank matrices given back their shape as transposed views.
-
-    Other catalogs come back unchanged.
-    """
-    if catalog.format != "rwkv-cpp":
-        return catalog
-    entries: dict[str, TensorEntry] = {}
-    for name, e in catalog.items():
-        if name.endswith(".att.x_rwkvag"):
-            if len(e.shape) != 3 or e.shape[:2] != (len(TOKEN_SHIFT), 1):
-                raise RwkvFormatError(f"shape {list(e.shape)}, expected [6, 1, C]", path=catalog.source,
-                                      tensor=name)
-            c = e.shape[2]
-            row = e.nbytes // len(TOKEN_SHIFT)
-            prefix = name[: -len("x_rwkvag")]
-            for i, x in enumerate(TOKEN_SHIFT):
-                entries[prefix + x] = e._replace(name=prefix + x, offset=e.offset + i * row, nbytes=row,
-                                                 shape=(1, 1, c))
-        elif name.rsplit(".", 1)[-1] in LOW_RANK and ".att." in name and len(e.shape) == 2:
-            rows, cols = e.shape  # stored (cols of the original, rows of the original)
-            entries[name] = e._replace(shape=(cols, rows), strides=(1, cols))
-        else:
-            entries[name] = e
-    return Catalog(source=catalog.source, format="rwkv-cpp:pytorch", entries=entries,
-                   metadata=dict(catalog.metadata), stamps=catalog.stamps)
-
-
 def load(source: str | os.PathLike[str] | Catalog, *, sparse: bool = False) -> Rwkv7:
     """An RWKV-7 model with its weights mapped from ``source`` (a ``.pth``, a safetensors file...).
 
@@ -373,3 +241,6 @@ def load(source: str | os.PathLike[str] | Catalog, *, sparse: bool = False) -> R
                                                                  "blocks.0.att.v2"))
     model.set_sparse(sparse)
     return model.eval()
+
+
+__all__ = ["ChannelMix7", "Rwkv7", "Rwkv7Shape", "TimeMix7", "detect_version", "load", "pytorch_view"]

@@ -118,3 +118,16 @@ class WorldTokenizer:
 
     def decode(self, token_ids: list[int], errors: str = "replace") -> str:
         return self.decode_bytes(token_ids).decode("utf-8", errors=errors)
+
+
+class ByteTokenizer:
+    """The tokenizer of byte-level RWKV models (a 256-token vocabulary): each byte is its own id."""
+
+    def __len__(self) -> int:
+        return 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, token_ids: list[int], errors: str = "replace") -> str:
+        return bytes(token_ids).decode("utf-8", errors=errors)
