@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparsemap.bench.rwkv_synthetic import write_rwkv7
 from sparsemap.errors import RwkvFormatError
 from sparsemap.mapped import mapping_of
 from sparsemap.models import rwkv
@@ -50,47 +51,9 @@ print(json.dumps({"tokens": out, "logits": all_logits}))
 """
 
 
-def write_checkpoint(path: Path, layers: int, c: int, n: int, vocab: int, ffn: int, seed: int = 0) -> Path:
-    """A random RWKV-7 checkpoint in BlinkDL's names and shapes (layer 0 keeps v0..v2, as trained ones do)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * scale + shift
-
-    h = c // n
-    lw, la, lv, lg = 16, 16, 8, 32
-    sd: dict[str, torch.Tensor] = {"emb.weight": rand(vocab, c, scale=0.5),
-                                   "blocks.0.ln0.weight": rand(c, scale=0.1, shift=1),
-                                   "blocks.0.ln0.bias": rand(c, scale=0.1)}
-    for i in range(layers):
-        b = f"blocks.{i}."
-        for ln in ("ln1", "ln2"):
-            sd[b + ln + ".weight"], sd[b + ln + ".bias"] = rand(c, scale=0.1, shift=1), rand(c, scale=0.1)
-        att = b + "att."
-        for x in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
-            sd[att + x] = torch.rand(1, 1, c, generator=g)
-        sd[att + "w0"] = rand(1, 1, c, scale=0.5, shift=-1)
-        sd[att + "a0"], sd[att + "v0"] = rand(1, 1, c, scale=0.5), rand(1, 1, c, scale=0.5)
-        sd[att + "k_k"] = rand(1, 1, c, scale=0.1, shift=0.8)
-        sd[att + "k_a"] = rand(1, 1, c, scale=0.1, shift=1)
-        for x, d in (("w", lw), ("a", la), ("v", lv), ("g", lg)):
-            sd[att + x + "1"], sd[att + x + "2"] = rand(c, d, scale=0.1), rand(d, c, scale=0.1)
-        sd[att + "r_k"] = rand(h, n, scale=0.1)
-        for m in ("receptance", "key", "value", "output"):
-            sd[att + m + ".weight"] = rand(c, c, scale=c ** -0.5)
-        sd[att + "ln_x.weight"], sd[att + "ln_x.bias"] = rand(c, scale=0.1, shift=1), rand(c, scale=0.1)
-        sd[b + "ffn.x_k"] = torch.rand(1, 1, c, generator=g)
-        sd[b + "ffn.key.weight"] = rand(ffn, c, scale=c ** -0.5)
-        sd[b + "ffn.value.weight"] = rand(c, ffn, scale=ffn ** -0.5)
-    sd["ln_out.weight"], sd["ln_out.bias"] = rand(c, scale=0.1, shift=1), rand(c, scale=0.1)
-    sd["head.weight"] = rand(vocab, c, scale=c ** -0.5)
-    torch.save(sd, path)
-    return path
-
-
 @pytest.fixture(scope="module", params=list(SHAPES))
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("rwkv") / f"{request.param}.pth", *SHAPES[request.param])
+    return write_rwkv7(tmp_path_factory.mktemp("rwkv") / f"{request.param}.pth", *SHAPES[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +109,7 @@ def test_versions_are_told_apart_by_their_keys() -> None:
 
 
 def test_a_missing_tensor_is_refused_by_name(tmp_path: Path) -> None:
-    path = write_checkpoint(tmp_path / "m.pth", *SHAPES["small"])
+    path = write_rwkv7(tmp_path / "m.pth", *SHAPES["small"])
     sd = torch.load(path)  # not mapped: the file is rewritten below
     del sd["blocks.1.ffn.key.weight"]
     torch.save(sd, path)
@@ -155,7 +118,7 @@ def test_a_missing_tensor_is_refused_by_name(tmp_path: Path) -> None:
 
 
 def test_an_inconsistent_shape_is_refused_with_the_shapes(tmp_path: Path) -> None:
-    path = write_checkpoint(tmp_path / "m.pth", *SHAPES["small"])
+    path = write_rwkv7(tmp_path / "m.pth", *SHAPES["small"])
     sd = torch.load(path)  # not mapped: the file is rewritten below
     sd["blocks.1.att.key.weight"] = torch.zeros(64, 32)
     torch.save(sd, path)
@@ -188,7 +151,7 @@ def test_value_rows_stored_transposed_serve_the_sparse_path(checkpoint: Path, tm
 
 @pytest.mark.parametrize("shape", ["small", "world-vocab"])  # bytes; the World vocabulary (rwkv's copy)
 def test_sparsemap_run_answers_with_an_rwkv_checkpoint(tmp_path: Path, shape: str) -> None:
-    path = write_checkpoint(tmp_path / "model.pth", *SHAPES[shape])
+    path = write_rwkv7(tmp_path / "model.pth", *SHAPES[shape])
     cmd = [sys.executable, "-m", "sparsemap.cli", "run", str(path), "Hello", "--max-new-tokens", "4",
            "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -200,7 +163,7 @@ def test_sparsemap_run_answers_with_an_rwkv_checkpoint(tmp_path: Path, shape: st
 
 
 def test_sparsemap_run_refuses_a_broken_rwkv_checkpoint_before_compute(tmp_path: Path) -> None:
-    path = write_checkpoint(tmp_path / "model.pth", *SHAPES["small"])
+    path = write_rwkv7(tmp_path / "model.pth", *SHAPES["small"])
     sd = torch.load(path)
     sd["blocks.0.ffn.value.weight"] = torch.zeros(64, 100)
     torch.save(sd, path)
