@@ -11,6 +11,8 @@ gives; a malformed checkpoint is refused before any compute, naming the key.
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +173,27 @@ def test_sparsemap_run_refuses_a_broken_rwkv_checkpoint_before_compute(tmp_path:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "blocks.0.ffn.value.weight" in proc.stderr and "[64, 100], expected [64, 256]" in proc.stderr
+
+
+def test_only_the_embedding_rows_of_the_tokens_used_are_read(tmp_path: Path) -> None:
+    from sparsemap import pages
+    from sparsemap.converter import convert
+
+    raw = write_rwkv7(tmp_path / "model.pth", *SHAPES["world-vocab"])
+    laid = tmp_path / "aligned.safetensors"
+    convert(raw, laid)
+    model = rwkv.load(laid)
+    table = model.emb.weight  # (65536, 128): 512-byte rows, 8 to a page
+    first, last = pages.pages_covering(table.data_ptr(), table.data_ptr() + table.numel() * 4)
+    mapping = mapping_of(table)
+    # Reads at random: no readahead, no fault-around (the kernel reads around a fault, so the head's
+    # first read would bring in the end of the table before it); and the file starts cold.
+    pages.madvise(mapping.address, len(mapping) // pages.PAGE_SIZE * pages.PAGE_SIZE, mmap.MADV_RANDOM)
+    pages.release(first, last - first)
+    os.fsync(mapping.fd)  # pages still being written back cannot be dropped
+    pages.drop_cache(mapping.fd, first - mapping.address, last - first)
+    used = [7, 300, 300, 65000, 12345]
+    out = model.generate(used, 3)
+    rows_read = {t // 8 for t in used + out[:-1]}  # the page of each row the model gathered
+    cached = pages.in_page_cache(first, last - first)
+    assert {int(i) for i in cached.nonzero()[0]} == rows_read
