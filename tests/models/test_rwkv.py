@@ -1,6 +1,7 @@
-"""sparsemap's RWKV-7 against the reference runtime (the ``rwkv`` package, ``cpu fp32``) on the same ``.pth``.
+"""sparsemap's RWKV-7 and RWKV-6 against the reference runtime (the ``rwkv`` package, ``cpu fp32``) on the
+same ``.pth``.
 
-Checkpoints are written here with ``torch.save``, in BlinkDL's key names and
+Checkpoints are written with ``torch.save`` (:mod:`sparsemap.bench.rwkv_synthetic`) in BlinkDL's key names and
 shapes, random weights scaled like trained ones. The reference runs in a child
 process (it reads environment variables at import and keeps module state).
 Logits must agree within 1e-4 over a 64-token prompt and 32 greedy tokens,
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsemap.bench.rwkv_synthetic import write_rwkv7
+from sparsemap.bench.rwkv_synthetic import write_rwkv6, write_rwkv7
 from sparsemap.errors import RwkvFormatError
 from sparsemap.mapped import mapping_of
 from sparsemap.models import rwkv
@@ -36,11 +37,11 @@ NEW = 32
 
 REFERENCE = r"""
 import json, os, sys
-os.environ["RWKV_V7_ON"] = "1"
+path, ids, n, version = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+os.environ["RWKV_V7_ON"] = "1" if version == "7" else "0"  # x070 is a class of its own there
 os.environ["RWKV_JIT_ON"] = "0"
 import torch
 from rwkv.model import RWKV
-path, ids, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 model = RWKV(model=path[:-len(".pth")], strategy="cpu fp32")
 logits, state = model.forward(ids, None)
 out, all_logits = [], [logits.tolist()]
@@ -53,15 +54,21 @@ print(json.dumps({"tokens": out, "logits": all_logits}))
 """
 
 
-@pytest.fixture(scope="module", params=list(SHAPES))
+WRITERS = {"7": write_rwkv7, "6": write_rwkv6}
+
+
+@pytest.fixture(scope="module", params=[(v, s) for v in WRITERS for s in SHAPES],
+                ids=lambda p: f"v{p[0]}-{p[1]}")
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_rwkv7(tmp_path_factory.mktemp("rwkv") / f"{request.param}.pth", *SHAPES[request.param])
+    version, shape = request.param
+    return WRITERS[version](tmp_path_factory.mktemp("rwkv") / f"v{version}-{shape}.pth", *SHAPES[shape])
 
 
 @pytest.fixture(scope="module")
 def reference(checkpoint: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", REFERENCE, str(checkpoint), json.dumps(PROMPT), str(NEW)],
-                          capture_output=True, text=True, timeout=600)
+    version = checkpoint.name[1]
+    proc = subprocess.run([sys.executable, "-c", REFERENCE, str(checkpoint), json.dumps(PROMPT), str(NEW),
+                           version], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -130,10 +137,10 @@ def test_an_inconsistent_shape_is_refused_with_the_shapes(tmp_path: Path) -> Non
 
 
 def test_an_older_version_is_named(tmp_path: Path) -> None:
-    path = tmp_path / "v6.pth"
+    path = tmp_path / "v4.pth"
     torch.save({"emb.weight": torch.zeros(4, 8), "blocks.0.ln1.weight": torch.zeros(8),
-                "blocks.0.att.time_maa_x": torch.zeros(1, 1, 8)}, path)
-    with pytest.raises(RwkvFormatError, match="RWKV version 6 is not supported yet"):
+                "blocks.0.att.time_first": torch.zeros(8)}, path)
+    with pytest.raises(RwkvFormatError, match="RWKV version 4 is not supported yet"):
         rwkv.load(path)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from .. import memory
 from ..errors import BadInputError, SourceNotFoundError
 from ..formats.source import ModelSource, resolve_source
-from .rwkv_config import Rwkv7Shape, detect_version, pytorch_view
+from .rwkv_config import detect_version, pytorch_view, shape_of
 
 # Names sparsemap knows -> the folder's form: its GGUF's blocks kept quantized, or dequantized to float32.
 ALIASES = {"smollm2": "quantized", "smollm2-135m-instruct": "quantized", "smollm2-f32": "float32"}
@@ -57,7 +57,7 @@ def check_model(source: ModelSource) -> None:
     if source.is_gguf:
         hf_catalog(catalog)  # the architecture and tensor names must map to transformers'
     elif detect_version(catalog) is not None:
-        Rwkv7Shape.from_catalog(pytorch_view(catalog))  # RWKV: version, every tensor and shape, no compute
+        shape_of(pytorch_view(catalog))  # RWKV: version, every tensor and shape, no compute
     elif source.config is None:
         raise SourceNotFoundError("no config.json next to the weights", path=source.folder)
 
@@ -178,7 +178,7 @@ class RwkvEngine:
         from .rwkv_config import find_vocabulary
         from .rwkv_tokenizer import ByteTokenizer, WorldTokenizer
 
-        vocab_size = Rwkv7Shape.from_catalog(pytorch_view(open_catalog(source))).vocab_size
+        vocab_size = shape_of(pytorch_view(open_catalog(source))).vocab_size
         if vocab_size == 256:
             return ByteTokenizer()
         vocabulary = find_vocabulary(source.folder)

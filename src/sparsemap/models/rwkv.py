@@ -1,4 +1,4 @@
-"""RWKV in plain PyTorch: RWKV-7 ("x070") from BlinkDL's ``.pth`` checkpoints, mapped, sparse FFN exact.
+"""RWKV-7 ("x070") and RWKV-6 ("x060") in plain PyTorch, from BlinkDL's ``.pth``, mapped; exact sparse FFN.
 
 The parameters keep the checkpoint's names and shapes (``emb.weight``,
 ``blocks.N.att.receptance.weight``, ``blocks.N.ffn.value.weight``, ...), so
@@ -34,9 +34,11 @@ from .rwkv_config import (
     DECAY_SCALE,
     GROUP_NORM_EPS,
     LAYER_NORM_EPS,
+    Rwkv6Shape,
     Rwkv7Shape,
     detect_version,
     pytorch_view,
+    shape_of,
 )
 
 
@@ -138,38 +140,102 @@ class ChannelMix7(nn.Module):
     def forward(self, x: torch.Tensor, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (T, C); x_prev: (C,). Returns (out (T, C), x_prev)."""
         k = x + _shifted(x, x_prev) * self.x_k.view(-1)
-        k = torch.relu(self.key(k)) ** 2  # (T, F): zero wherever the key output is not positive
+        return self.values(torch.relu(self.key(k)) ** 2), x[-1]
+
+    def values(self, k: torch.Tensor) -> torch.Tensor:
+        """``value(k)`` for k: (T, F), zero wherever the key output was not positive; sparse: only the
+        rows of the neurons any token uses are read."""
         if not (self.sparse or self.counting):
-            return self.value(k), x[-1]
-        rows = torch.nonzero(k.ne(0).any(0)).view(-1)  # (active,): neurons any token uses
+            return self.value(k)
+        rows = torch.nonzero(k.ne(0).any(0)).view(-1)  # (active,)
         if self.counting:
             self.active.append(int(rows.numel()))
         if not self.sparse:
-            return self.value(k), x[-1]
+            return self.value(k)
         value_rows = self.value.weight.t()  # (F, C): one row per neuron (zero-copy rows if stored transposed)
-        return k.index_select(1, rows) @ value_rows.index_select(0, rows), x[-1]
+        return k.index_select(1, rows) @ value_rows.index_select(0, rows)
 
 
-class Block7(nn.Module):
-    def __init__(self, s: Rwkv7Shape, layer: int) -> None:
+class ChannelMix6(ChannelMix7):
+    """RWKV-6's channel mix: RWKV-7's with a receptance gate, ``sigmoid(r(x)) * value(relu(key(x)) ** 2)``."""
+
+    def __init__(self, s: Rwkv6Shape) -> None:
+        super().__init__(s)  # type: ignore[arg-type]
+        del self.x_k
+        self.time_maa_k, self.time_maa_r = _param(1, 1, s.n_embd), _param(1, 1, s.n_embd)
+        self.receptance = _Linear(s.n_embd, s.n_embd)
+
+    def forward(self, x: torch.Tensor, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dx = _shifted(x, x_prev)
+        k = torch.relu(self.key(x + dx * self.time_maa_k.view(-1))) ** 2
+        r = torch.sigmoid(self.receptance(x + dx * self.time_maa_r.view(-1)))
+        return r * self.values(k), x[-1]
+
+
+class TimeMix6(nn.Module):
+    """RWKV-6's time mix: data-dependent token shift and decay, a bonus ``u`` for the current token."""
+
+    def __init__(self, s: Rwkv6Shape, layer: int) -> None:
+        super().__init__()
+        c = s.n_embd
+        self.heads, self.size, self.rank = s.n_head, s.head_size, s.mix_rank
+        for x in ("x", "w", "k", "v", "r", "g"):
+            setattr(self, "time_maa_" + x, _param(1, 1, c))
+        self.time_maa_w1, self.time_maa_w2 = _param(c, 5 * s.mix_rank), _param(5, s.mix_rank, c)
+        self.time_decay = _param(1, 1, c)
+        self.time_decay_w1, self.time_decay_w2 = _param(c, s.decay_rank), _param(s.decay_rank, c)
+        self.time_faaaa = _param(s.n_head, s.head_size)
+        self.receptance, self.key, self.value, self.gate, self.output = (_Linear(c, c) for _ in range(5))
+        self.ln_x = LayerNorm(c)
+
+    def forward(self, x: torch.Tensor, x_prev: torch.Tensor, state: torch.Tensor,
+                v_first: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """x: (T, C); x_prev: (C,); state: (H, N, N). Returns (out (T, C), x_prev, state, v_first)."""
+        t, c = x.shape
+        h, n = self.heads, self.size
+        dx = _shifted(x, x_prev)  # (T, C)
+        mixed = torch.tanh((x + dx * self.time_maa_x.view(c)) @ self.time_maa_w1).view(t, 5, self.rank)
+        mw, mk, mv, mr, mg = torch.bmm(mixed.transpose(0, 1), self.time_maa_w2).unbind(0)  # 5 x (T, C)
+        r = self.receptance(x + dx * (self.time_maa_r.view(c) + mr)).view(t, h, n)
+        k = self.key(x + dx * (self.time_maa_k.view(c) + mk)).view(t, h, n)
+        v = self.value(x + dx * (self.time_maa_v.view(c) + mv)).view(t, h, n)
+        g = F.silu(self.gate(x + dx * (self.time_maa_g.view(c) + mg)))
+        wx = x + dx * (self.time_maa_w.view(c) + mw)
+        decay = self.time_decay.view(c) + torch.tanh(wx @ self.time_decay_w1) @ self.time_decay_w2
+        decay = torch.exp(-torch.exp(decay.float())).view(t, h, n, 1)
+        u = self.time_faaaa.view(h, n, 1)
+        y = torch.empty(t, h, n)
+        for i in range(t):
+            kv = k[i].view(h, n, 1) @ v[i].view(h, 1, n)  # (H, N, N)
+            y[i] = (r[i].view(h, 1, n) @ (u * kv + state)).view(h, n)
+            state = kv + decay[i] * state
+        y = F.group_norm(y.view(t, c), h, self.ln_x.weight, self.ln_x.bias, GROUP_NORM_EPS)
+        return self.output(y.to(x.dtype) * g), x[-1], state, v_first
+
+
+class Block(nn.Module):
+    def __init__(self, s: Rwkv7Shape | Rwkv6Shape, layer: int) -> None:
         super().__init__()
         if layer == 0:
             self.ln0 = LayerNorm(s.n_embd)
         self.ln1, self.ln2 = LayerNorm(s.n_embd), LayerNorm(s.n_embd)
-        self.att = TimeMix7(s, layer)
-        self.ffn = ChannelMix7(s)
+        if isinstance(s, Rwkv6Shape):
+            self.att: nn.Module = TimeMix6(s, layer)
+            self.ffn: ChannelMix7 = ChannelMix6(s)
+        else:
+            self.att, self.ffn = TimeMix7(s, layer), ChannelMix7(s)
 
 
-class Rwkv7(nn.Module):
-    """RWKV-7 with BlinkDL's parameter names. ``state``: a list of ``[att x_prev, att matrix, ffn x_prev]``
-    per layer (:meth:`zero_state`)."""
+class Rwkv(nn.Module):
+    """RWKV-7 or RWKV-6 with BlinkDL's parameter names. ``state``: a list of ``[att x_prev, att matrix,
+    ffn x_prev]`` per layer (:meth:`zero_state`)."""
 
-    def __init__(self, s: Rwkv7Shape) -> None:
+    def __init__(self, s: Rwkv7Shape | Rwkv6Shape) -> None:
         super().__init__()
         self.shape = s
         self.emb = nn.Module()
         self.emb.weight = _param(s.vocab_size, s.n_embd)  # (vocab, C)
-        self.blocks = nn.ModuleList(Block7(s, i) for i in range(s.n_layer))
+        self.blocks = nn.ModuleList(Block(s, i) for i in range(s.n_layer))
         self.ln_out = LayerNorm(s.n_embd)
         self.head = _Linear(s.n_embd, s.vocab_size)
 
@@ -225,22 +291,28 @@ class Rwkv7(nn.Module):
         return [b.ffn.active for b in self.blocks]
 
 
-def load(source: str | os.PathLike[str] | Catalog, *, sparse: bool = False) -> Rwkv7:
-    """An RWKV-7 model with its weights mapped from ``source`` (a ``.pth``, a safetensors file...).
+Rwkv7 = Rwkv  # the name the first version had
+
+
+def load(source: str | os.PathLike[str] | Catalog, *, sparse: bool = False) -> Rwkv:
+    """An RWKV-7 or RWKV-6 model with its weights mapped from ``source`` (a ``.pth``, a safetensors file,
+    rwkv.cpp's ``.bin``...).
 
     Raises:
-        RwkvFormatError: not an RWKV-7 checkpoint, or tensors missing or of the wrong shape.
+        RwkvFormatError: not an RWKV checkpoint of a supported version, or tensors missing or of the
+            wrong shape.
     """
     from ..checkpoint import Checkpoint
     from ..formats.dispatch import open_catalog
     from ..loader import load as load_weights
 
     ckpt = Checkpoint(pytorch_view(source if isinstance(source, Catalog) else open_catalog(source)))
-    model = Rwkv7(Rwkv7Shape.from_catalog(ckpt.catalog))
+    model = Rwkv(shape_of(ckpt.catalog))
     model = load_weights(model, ckpt, skip=lambda name: name in ("blocks.0.att.v0", "blocks.0.att.v1",
                                                                  "blocks.0.att.v2"))
     model.set_sparse(sparse)
     return model.eval()
 
 
-__all__ = ["ChannelMix7", "Rwkv7", "Rwkv7Shape", "TimeMix7", "detect_version", "load", "pytorch_view"]
+__all__ = ["ChannelMix6", "ChannelMix7", "Rwkv", "Rwkv6Shape", "Rwkv7", "Rwkv7Shape", "TimeMix6", "TimeMix7",
+           "detect_version", "load", "pytorch_view"]

@@ -24,7 +24,7 @@ VERSION_KEYS = {
     "5": "blocks.0.att.ln_x.weight",  # x052 and earlier v5: heads, group norm
     "4": "blocks.0.att.time_first",  # v4: one channel per head
 }
-SUPPORTED = ("7",)
+SUPPORTED = ("7", "6")
 LAYER_NORM_EPS = 1e-5
 GROUP_NORM_EPS = 64e-5  # the time mix's output norm, per head
 DECAY_SCALE = 0.606531  # exp(-0.5): the time mix's decay is exp(-DECAY_SCALE * sigmoid(...)), in (0.545, 1)
@@ -114,6 +114,93 @@ class Rwkv7Shape:
             out[b + "ffn.x_k"] = (1, 1, c)
             out[b + "ffn.key.weight"], out[b + "ffn.value.weight"] = (f, c), (c, f)
         return out
+
+
+@dataclass(frozen=True)
+class Rwkv6Shape:
+    """The sizes of an RWKV-6 ("x060") model, read from its checkpoint's shapes."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    head_size: int
+    vocab_size: int
+    ffn_size: int
+    mix_rank: int  # time_maa_w1 is (C, 5 * mix_rank)
+    decay_rank: int
+
+    @classmethod
+    def from_catalog(cls, catalog: Catalog) -> Rwkv6Shape:
+        """Read and check every tensor's shape; one error naming the key and the shapes on a mismatch.
+
+        Raises:
+            RwkvFormatError: not RWKV-6, a tensor missing, or shapes that disagree.
+        """
+        names = set(catalog)
+        if detect_version(names) != "6":
+            raise RwkvFormatError("not an RWKV-6 checkpoint", path=catalog.source)
+
+        def shape(key: str) -> tuple[int, ...]:
+            if key not in catalog:
+                raise RwkvFormatError("missing from an RWKV-6 checkpoint", path=catalog.source, tensor=key)
+            return catalog[key].shape
+
+        vocab, c = _dims(shape("emb.weight"), 2, "emb.weight", catalog)
+        h, n = _dims(shape("blocks.0.att.time_faaaa"), 2, "blocks.0.att.time_faaaa", catalog)
+        if h * n != c:
+            raise RwkvFormatError(f"{h} heads of {n} make {h * n}, but emb.weight is {c} wide",
+                                  path=catalog.source, tensor="blocks.0.att.time_faaaa")
+        n_layer = 1 + max(int(k.split(".")[1]) for k in names if k.startswith("blocks."))
+        mix = shape("blocks.0.att.time_maa_w1")[-1]
+        if mix % 5:
+            raise RwkvFormatError(f"width {mix} is not 5 mixes of one rank", path=catalog.source,
+                                  tensor="blocks.0.att.time_maa_w1")
+        s = cls(n_layer, c, h, n, vocab, shape("blocks.0.ffn.key.weight")[0], mix // 5,
+                shape("blocks.0.att.time_decay_w1")[-1])
+        for key, want in s.expected().items():
+            got = shape(key)
+            if tuple(got) != want:
+                raise RwkvFormatError(f"shape {list(got)}, expected {list(want)} for an RWKV-6 model of "
+                                      f"{n_layer} layers, {c} wide, {h} heads, FFN {s.ffn_size}",
+                                      path=catalog.source, tensor=key)
+        return s
+
+    def expected(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the model and its shape, as BlinkDL's checkpoints store them."""
+        c, f, v = self.n_embd, self.ffn_size, self.vocab_size
+        out: dict[str, tuple[int, ...]] = {"emb.weight": (v, c), "head.weight": (v, c), "ln_out.weight": (c,),
+                                           "ln_out.bias": (c,), "blocks.0.ln0.weight": (c,),
+                                           "blocks.0.ln0.bias": (c,)}
+        for i in range(self.n_layer):
+            b = f"blocks.{i}."
+            for ln in ("ln1", "ln2"):
+                out[b + ln + ".weight"] = out[b + ln + ".bias"] = (c,)
+            att = b + "att."
+            for x in ("x", "w", "k", "v", "r", "g"):
+                out[att + "time_maa_" + x] = (1, 1, c)
+            out[att + "time_maa_w1"] = (c, 5 * self.mix_rank)
+            out[att + "time_maa_w2"] = (5, self.mix_rank, c)
+            out[att + "time_decay"] = (1, 1, c)
+            out[att + "time_decay_w1"] = (c, self.decay_rank)
+            out[att + "time_decay_w2"] = (self.decay_rank, c)
+            out[att + "time_faaaa"] = (self.n_head, self.head_size)
+            for m in ("receptance", "key", "value", "gate", "output"):
+                out[att + m + ".weight"] = (c, c)
+            out[att + "ln_x.weight"] = out[att + "ln_x.bias"] = (c,)
+            out[b + "ffn.time_maa_k"] = out[b + "ffn.time_maa_r"] = (1, 1, c)
+            out[b + "ffn.key.weight"], out[b + "ffn.value.weight"] = (f, c), (c, f)
+            out[b + "ffn.receptance.weight"] = (c, c)
+        return out
+
+
+def shape_of(catalog: Catalog) -> Rwkv7Shape | Rwkv6Shape:
+    """The checked shape of an RWKV checkpoint, by its version.
+
+    Raises:
+        RwkvFormatError: a version not supported yet, a tensor missing, or inconsistent shapes.
+    """
+    return Rwkv6Shape.from_catalog(catalog) if detect_version(set(catalog)) == "6" else \
+        Rwkv7Shape.from_catalog(catalog)
 
 
 def _dims(shape: tuple[int, ...], n: int, key: str, catalog: Catalog) -> tuple[int, ...]:
