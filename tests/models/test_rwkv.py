@@ -1,5 +1,5 @@
-"""sparsemap's RWKV-7 and RWKV-6 against the reference runtime (the ``rwkv`` package, ``cpu fp32``) on the
-same ``.pth``.
+"""sparsemap's RWKV-7, RWKV-6 and RWKV-5.2 against the reference runtime (the ``rwkv`` package,
+``cpu fp32``) on the same ``.pth``.
 
 Checkpoints are written with ``torch.save`` (:mod:`sparsemap.bench.rwkv_synthetic`) in BlinkDL's key names and
 shapes, random weights scaled like trained ones. The reference runs in a child
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsemap.bench.rwkv_synthetic import write_rwkv6, write_rwkv7
+from sparsemap.bench.rwkv_synthetic import write_rwkv5, write_rwkv6, write_rwkv7
 from sparsemap.errors import RwkvFormatError
 from sparsemap.mapped import mapping_of
 from sparsemap.models import rwkv
@@ -54,7 +54,7 @@ print(json.dumps({"tokens": out, "logits": all_logits}))
 """
 
 
-WRITERS = {"7": write_rwkv7, "6": write_rwkv6}
+WRITERS = {"7": write_rwkv7, "6": write_rwkv6, "5": write_rwkv5}
 
 
 @pytest.fixture(scope="module", params=[(v, s) for v in WRITERS for s in SHAPES],

@@ -1,4 +1,4 @@
-"""RWKV-7 ("x070") and RWKV-6 ("x060") in plain PyTorch, from BlinkDL's ``.pth``, mapped; exact sparse FFN.
+"""RWKV-7, RWKV-6 and RWKV-5.2 in plain PyTorch, from BlinkDL's ``.pth``, mapped; an exact sparse FFN.
 
 The parameters keep the checkpoint's names and shapes (``emb.weight``,
 ``blocks.N.att.receptance.weight``, ``blocks.N.ffn.value.weight``, ...), so
@@ -34,12 +34,16 @@ from .rwkv_config import (
     DECAY_SCALE,
     GROUP_NORM_EPS,
     LAYER_NORM_EPS,
+    Rwkv5Shape,
     Rwkv6Shape,
     Rwkv7Shape,
+    RwkvShape,
     detect_version,
     pytorch_view,
     shape_of,
 )
+
+RWKV_CPP_V5_NORM_EPS = 1e-5  # rwkv.cpp's RWKV-5 output norm (its tiny 5.2 model's logits need it: tested)
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -213,8 +217,66 @@ class TimeMix6(nn.Module):
         return self.output(y.to(x.dtype) * g), x[-1], state, v_first
 
 
+class ChannelMix5(ChannelMix6):
+    """RWKV-5's channel mix: RWKV-6's with fixed token-shift mixes, ``x * mix + previous * (1 - mix)``."""
+
+    def __init__(self, s: Rwkv5Shape) -> None:
+        super().__init__(s)  # type: ignore[arg-type]
+        del self.time_maa_k, self.time_maa_r
+        self.time_mix_k, self.time_mix_r = _param(1, 1, s.n_embd), _param(1, 1, s.n_embd)
+
+    def forward(self, x: torch.Tensor, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dx = _shifted(x, x_prev)
+        k = torch.relu(self.key(x + dx * (1 - self.time_mix_k.view(-1)))) ** 2
+        r = torch.sigmoid(self.receptance(x + dx * (1 - self.time_mix_r.view(-1))))
+        return r * self.values(k), x[-1]
+
+
+class TimeMix5(nn.Module):
+    """RWKV-5.2's time mix: heads with a fixed decay per channel and a bonus for the current token."""
+
+    def __init__(self, s: Rwkv5Shape, layer: int) -> None:
+        super().__init__()
+        c = s.n_embd
+        self.heads, self.size = s.n_head, s.head_size
+        for x in ("k", "v", "r", "g"):
+            setattr(self, "time_mix_" + x, _param(1, 1, c))
+        self.time_decay, self.time_faaaa = _param(s.n_head, s.head_size), _param(s.n_head, s.head_size)
+        # How rwkv.cpp's files differ (see load): the decay stored as the factor exp(-exp(time_decay)),
+        # and the output norm's epsilon (1e-5 there; BlinkDL's 5.2 models use 64e-5, as the rwkv package).
+        self.decay_is_factor = False
+        self.norm_eps = GROUP_NORM_EPS
+        self.receptance, self.key, self.value, self.gate, self.output = (_Linear(c, c) for _ in range(5))
+        self.ln_x = LayerNorm(c)
+
+    def forward(self, x: torch.Tensor, x_prev: torch.Tensor, state: torch.Tensor,
+                v_first: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """x: (T, C); x_prev: (C,); state: (H, N, N). Returns (out (T, C), x_prev, state, v_first)."""
+        t, c = x.shape
+        h, n = self.heads, self.size
+        dx = _shifted(x, x_prev)
+
+        def mixed(mix: torch.Tensor) -> torch.Tensor:
+            return x + dx * (1 - mix.view(c))
+
+        r = self.receptance(mixed(self.time_mix_r)).view(t, h, n)
+        k = self.key(mixed(self.time_mix_k)).view(t, h, n)
+        v = self.value(mixed(self.time_mix_v)).view(t, h, n)
+        g = F.silu(self.gate(mixed(self.time_mix_g)))
+        decay = self.time_decay.float()
+        decay = (decay if self.decay_is_factor else torch.exp(-torch.exp(decay))).view(h, n, 1)
+        u = self.time_faaaa.view(h, n, 1)
+        y = torch.empty(t, h, n)
+        for i in range(t):
+            kv = k[i].view(h, n, 1) @ v[i].view(h, 1, n)  # (H, N, N)
+            y[i] = (r[i].view(h, 1, n) @ (u * kv + state)).view(h, n)
+            state = kv + decay * state
+        y = F.group_norm(y.view(t, c), h, self.ln_x.weight, self.ln_x.bias, self.norm_eps)
+        return self.output(y.to(x.dtype) * g), x[-1], state, v_first
+
+
 class Block(nn.Module):
-    def __init__(self, s: Rwkv7Shape | Rwkv6Shape, layer: int) -> None:
+    def __init__(self, s: RwkvShape, layer: int) -> None:
         super().__init__()
         if layer == 0:
             self.ln0 = LayerNorm(s.n_embd)
@@ -222,6 +284,8 @@ class Block(nn.Module):
         if isinstance(s, Rwkv6Shape):
             self.att: nn.Module = TimeMix6(s, layer)
             self.ffn: ChannelMix7 = ChannelMix6(s)
+        elif isinstance(s, Rwkv5Shape):
+            self.att, self.ffn = TimeMix5(s, layer), ChannelMix5(s)
         else:
             self.att, self.ffn = TimeMix7(s, layer), ChannelMix7(s)
 
@@ -230,7 +294,7 @@ class Rwkv(nn.Module):
     """RWKV-7 or RWKV-6 with BlinkDL's parameter names. ``state``: a list of ``[att x_prev, att matrix,
     ffn x_prev]`` per layer (:meth:`zero_state`)."""
 
-    def __init__(self, s: Rwkv7Shape | Rwkv6Shape) -> None:
+    def __init__(self, s: RwkvShape) -> None:
         super().__init__()
         self.shape = s
         self.emb = nn.Module()
@@ -311,8 +375,12 @@ def load(source: str | os.PathLike[str] | Catalog, *, sparse: bool = False) -> R
     model = load_weights(model, ckpt, skip=lambda name: name in ("blocks.0.att.v0", "blocks.0.att.v1",
                                                                  "blocks.0.att.v2"))
     model.set_sparse(sparse)
+    if ckpt.catalog.format.startswith("rwkv-cpp"):  # an rwkv.cpp file computes as rwkv.cpp does
+        for block in model.blocks:
+            if isinstance(block.att, TimeMix5):
+                block.att.decay_is_factor, block.att.norm_eps = True, RWKV_CPP_V5_NORM_EPS
     return model.eval()
 
 
-__all__ = ["ChannelMix6", "ChannelMix7", "Rwkv", "Rwkv6Shape", "Rwkv7", "Rwkv7Shape", "TimeMix6", "TimeMix7",
-           "detect_version", "load", "pytorch_view"]
+__all__ = ["ChannelMix5", "ChannelMix6", "ChannelMix7", "Rwkv", "Rwkv5Shape", "Rwkv6Shape", "Rwkv7",
+           "Rwkv7Shape", "TimeMix5", "TimeMix6", "TimeMix7", "detect_version", "load", "pytorch_view"]

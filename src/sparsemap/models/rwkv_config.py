@@ -24,7 +24,7 @@ VERSION_KEYS = {
     "5": "blocks.0.att.ln_x.weight",  # x052 and earlier v5: heads, group norm
     "4": "blocks.0.att.time_first",  # v4: one channel per head
 }
-SUPPORTED = ("7", "6")
+SUPPORTED = ("7", "6", "5.2")
 LAYER_NORM_EPS = 1e-5
 GROUP_NORM_EPS = 64e-5  # the time mix's output norm, per head
 DECAY_SCALE = 0.606531  # exp(-0.5): the time mix's decay is exp(-DECAY_SCALE * sigmoid(...)), in (0.545, 1)
@@ -193,14 +193,89 @@ class Rwkv6Shape:
         return out
 
 
-def shape_of(catalog: Catalog) -> Rwkv7Shape | Rwkv6Shape:
+@dataclass(frozen=True)
+class Rwkv5Shape:
+    """The sizes of an RWKV-5.2 model (heads, a gate, fixed token-shift mixes), read from its shapes."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    head_size: int
+    vocab_size: int
+    ffn_size: int
+
+    @classmethod
+    def from_catalog(cls, catalog: Catalog) -> Rwkv5Shape:
+        """Read and check every tensor's shape; one error naming the key and the shapes on a mismatch.
+
+        Raises:
+            RwkvFormatError: not RWKV-5.2 (5.0 and 5.1 are named), a tensor missing, or shapes that disagree.
+        """
+        names = set(catalog)
+        if detect_version(names) != "5":
+            raise RwkvFormatError("not an RWKV-5 checkpoint", path=catalog.source)
+        if "blocks.0.att.gate.weight" not in names or "blocks.0.att.time_faaaa" not in names:
+            raise RwkvFormatError("RWKV 5.0 or 5.1 (no att.gate or att.time_faaaa) is not supported yet "
+                                  f"(supported: {', '.join(SUPPORTED)})", path=catalog.source)
+
+        def shape(key: str) -> tuple[int, ...]:
+            if key not in catalog:
+                raise RwkvFormatError("missing from an RWKV-5.2 checkpoint", path=catalog.source, tensor=key)
+            return catalog[key].shape
+
+        vocab, c = _dims(shape("emb.weight"), 2, "emb.weight", catalog)
+        h, n = _dims(shape("blocks.0.att.time_faaaa"), 2, "blocks.0.att.time_faaaa", catalog)
+        if h * n != c:
+            raise RwkvFormatError(f"{h} heads of {n} make {h * n}, but emb.weight is {c} wide",
+                                  path=catalog.source, tensor="blocks.0.att.time_faaaa")
+        n_layer = 1 + max(int(k.split(".")[1]) for k in names if k.startswith("blocks."))
+        s = cls(n_layer, c, h, n, vocab, shape("blocks.0.ffn.key.weight")[0])
+        for key, want in s.expected().items():
+            got = shape(key)
+            if tuple(got) != want:
+                raise RwkvFormatError(f"shape {list(got)}, expected {list(want)} for an RWKV-5.2 model of "
+                                      f"{n_layer} layers, {c} wide, {h} heads, FFN {s.ffn_size}",
+                                      path=catalog.source, tensor=key)
+        return s
+
+    def expected(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the model and its shape, as BlinkDL's checkpoints store them."""
+        c, f, v = self.n_embd, self.ffn_size, self.vocab_size
+        out: dict[str, tuple[int, ...]] = {"emb.weight": (v, c), "head.weight": (v, c), "ln_out.weight": (c,),
+                                           "ln_out.bias": (c,), "blocks.0.ln0.weight": (c,),
+                                           "blocks.0.ln0.bias": (c,)}
+        for i in range(self.n_layer):
+            b = f"blocks.{i}."
+            for ln in ("ln1", "ln2"):
+                out[b + ln + ".weight"] = out[b + ln + ".bias"] = (c,)
+            att = b + "att."
+            for x in ("k", "v", "r", "g"):
+                out[att + "time_mix_" + x] = (1, 1, c)
+            out[att + "time_decay"] = out[att + "time_faaaa"] = (self.n_head, self.head_size)
+            for m in ("receptance", "key", "value", "gate", "output"):
+                out[att + m + ".weight"] = (c, c)
+            out[att + "ln_x.weight"] = out[att + "ln_x.bias"] = (c,)
+            out[b + "ffn.time_mix_k"] = out[b + "ffn.time_mix_r"] = (1, 1, c)
+            out[b + "ffn.key.weight"], out[b + "ffn.value.weight"] = (f, c), (c, f)
+            out[b + "ffn.receptance.weight"] = (c, c)
+        return out
+
+
+RwkvShape = Rwkv7Shape | Rwkv6Shape | Rwkv5Shape
+
+
+def shape_of(catalog: Catalog) -> RwkvShape:
     """The checked shape of an RWKV checkpoint, by its version.
 
     Raises:
         RwkvFormatError: a version not supported yet, a tensor missing, or inconsistent shapes.
     """
-    return Rwkv6Shape.from_catalog(catalog) if detect_version(set(catalog)) == "6" else \
-        Rwkv7Shape.from_catalog(catalog)
+    version = detect_version(set(catalog))
+    if version == "6":
+        return Rwkv6Shape.from_catalog(catalog)
+    if version == "5":
+        return Rwkv5Shape.from_catalog(catalog)
+    return Rwkv7Shape.from_catalog(catalog)
 
 
 def _dims(shape: tuple[int, ...], n: int, key: str, catalog: Catalog) -> tuple[int, ...]:
@@ -234,6 +309,11 @@ def pytorch_view(catalog: Catalog) -> Catalog:
             for i, x in enumerate(TOKEN_SHIFT):
                 entries[prefix + x] = e._replace(name=prefix + x, offset=e.offset + i * row, nbytes=row,
                                                  shape=(1, 1, c))
+        elif ".time_mix_" in name and len(e.shape) == 1:  # squeezed by the converter: (C,) -> (1, 1, C)
+            entries[name] = e._replace(shape=(1, 1, *e.shape))
+        elif (name.endswith((".att.time_faaaa", ".att.time_decay")) and len(e.shape) == 3
+              and e.shape[2] == 1):  # (H, N, 1) -> (H, N); the decay holds exp(-exp(time_decay)) already
+            entries[name] = e._replace(shape=e.shape[:2])
         elif name.rsplit(".", 1)[-1] in LOW_RANK and ".att." in name and len(e.shape) == 2:
             rows, cols = e.shape  # stored (cols of the original, rows of the original)
             entries[name] = e._replace(shape=(cols, rows), strides=(1, cols))
