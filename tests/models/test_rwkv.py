@@ -204,3 +204,24 @@ def test_only_the_embedding_rows_of_the_tokens_used_are_read(tmp_path: Path) -> 
     rows_read = {t // 8 for t in used + out[:-1]}  # the page of each row the model gathered
     cached = pages.in_page_cache(first, last - first)
     assert {int(i) for i in cached.nonzero()[0]} == rows_read
+
+
+def test_dropping_the_head_gives_its_pages_back_and_hidden_states_still_come(tmp_path: Path) -> None:
+    import sparsemap
+    from sparsemap import pages
+    from sparsemap.errors import BadInputError
+
+    model = rwkv.load(write_rwkv7(tmp_path / "model.pth", *SHAPES["world-vocab"]))
+    head = model.head.weight  # (65536, 128): 32 MiB of the file
+    first, last = pages.pages_inside(head.data_ptr(), head.data_ptr() + head.numel() * 4)
+    model(PROMPT[:4])  # reads the whole head
+    assert int(pages.present_in_process(first, last - first).sum()) == (last - first) // pages.PAGE_SIZE
+    expected, _ = model.hidden(PROMPT[:4])
+    report = sparsemap.drop(model, ["head.weight"])
+    del head
+    assert report.released_nbytes >= last - first
+    assert not pages.present_in_process(first, last - first).any()
+    got, _ = model.hidden(PROMPT[:4])
+    assert torch.equal(got, expected)
+    with pytest.raises(BadInputError, match="head was dropped"):
+        model(PROMPT[:4])

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import BadInputError
 from ..formats.catalog import Catalog
 from .rwkv_config import (
     DECAY_SCALE,
@@ -317,6 +318,17 @@ class Rwkv(nn.Module):
     def forward(self, ids: list[int], state: list[list[torch.Tensor]] | None = None,
                 ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         """Logits after the last of ``ids`` (vocab,), and the state after all of them."""
+        if self.head.weight.is_meta:
+            raise BadInputError("the head was dropped (sparsemap.drop): use hidden() for hidden states")
+        hidden, state = self.hidden(ids, state)
+        return self.head(hidden), state
+
+    @torch.inference_mode()
+    def hidden(self, ids: list[int], state: list[list[torch.Tensor]] | None = None,
+               ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """The final normalised hidden state after the last of ``ids`` (C,), and the state: what an
+        embedding use needs. The head is never read, so ``sparsemap.drop(model, "head.weight")`` gives
+        its memory back."""
         state = state if state is not None else self.zero_state()
         rows = self.emb.weight[torch.tensor(ids)]  # (T, C): only these rows of the table are read
         x = self.blocks[0].ln0(rows)
@@ -328,7 +340,7 @@ class Rwkv(nn.Module):
             dx, ffn_prev = block.ffn(block.ln2(x), ffn_prev)
             x = x + dx
             state[i] = [att_prev, att_state, ffn_prev]
-        return self.head(self.ln_out(x[-1])), state
+        return self.ln_out(x[-1]), state
 
     @torch.inference_mode()
     def generate(self, ids: list[int], max_new_tokens: int, *, stop: tuple[int, ...] = (),
