@@ -139,8 +139,9 @@ class ChannelMix7(nn.Module):
         self.key = _Linear(s.n_embd, s.ffn_size)
         self.value = _Linear(s.ffn_size, s.n_embd)
         self.sparse = False
-        self.active: list[int] = []  # neurons active per step, while counting (see Rwkv7.count_active)
+        self.active: list[int] = []  # neurons active per step, while counting (see Rwkv.count_active)
         self.counting = False
+        self.ever_active: torch.Tensor | None = None  # (F,) bool: neurons any counted step used
 
     def forward(self, x: torch.Tensor, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (T, C); x_prev: (C,). Returns (out (T, C), x_prev)."""
@@ -152,9 +153,11 @@ class ChannelMix7(nn.Module):
         rows of the neurons any token uses are read."""
         if not (self.sparse or self.counting):
             return self.value(k)
-        rows = torch.nonzero(k.ne(0).any(0)).view(-1)  # (active,)
+        used = k.ne(0).any(0)  # (F,)
+        rows = torch.nonzero(used).view(-1)  # (active,)
         if self.counting:
             self.active.append(int(rows.numel()))
+            self.ever_active = used if self.ever_active is None else self.ever_active | used
         if not self.sparse:
             return self.value(k)
         value_rows = self.value.weight.t()  # (F, C): one row per neuron (zero-copy rows if stored transposed)
@@ -359,12 +362,43 @@ class Rwkv(nn.Module):
         return out
 
     def count_active(self, on: bool = True) -> list[list[int]]:
-        """Start (or stop) counting active FFN neurons per step; returns the counts so far, per layer."""
+        """Start (or stop) counting active FFN neurons per step; returns the counts so far, per layer.
+        Starting also forgets which neurons were ever active (see :meth:`evict_unused`)."""
         for b in self.blocks:
             b.ffn.counting = on
             if on:
-                b.ffn.active = []
+                b.ffn.active, b.ffn.ever_active = [], None
         return [b.ffn.active for b in self.blocks]
+
+    def evict_unused(self, *, drop_cache: bool = False) -> int:
+        """Release the pages of value rows no counted step used (a calibration text): they fault back
+        from the file if a later token needs them, so the output stays exact. Returns pages released.
+
+        Needs ``value`` stored transposed, one neuron a row (``sparsemap convert --transpose
+        '*ffn.value.weight' --pad-rows '*ffn.value.weight'``): only pages wholly inside unused rows go.
+
+        Raises:
+            RowError: ``value`` is not stored as rows of a mapped file.
+        """
+        import mmap
+
+        from .. import pages
+        from ..sparse_rows import rows
+
+        released = 0
+        for b in self.blocks:
+            used = b.ffn.ever_active
+            if used is None:
+                continue
+            value_rows = b.ffn.value.weight.t()  # (F, C)
+            unused = torch.nonzero(~used).view(-1).tolist()
+            released += rows(value_rows).evict(unused, drop_cache=drop_cache)
+            # Rows are read at random from now on: no read-around bringing evicted neighbours back.
+            start = value_rows.data_ptr()
+            first, last = pages.pages_inside(start, start + value_rows.shape[0] * value_rows.stride(0) * 4)
+            if last > first:
+                pages.madvise(first, last - first, mmap.MADV_RANDOM)
+        return released
 
 
 Rwkv7 = Rwkv  # the name the first version had
