@@ -1,4 +1,4 @@
-"""sparsemap's RWKV-7, RWKV-6 and RWKV-5.2 against the reference runtime (the ``rwkv`` package,
+"""sparsemap's RWKV-7, RWKV-6, RWKV-5.2 and RWKV-4 against the reference runtime (the ``rwkv`` package,
 ``cpu fp32``) on the same ``.pth``.
 
 Checkpoints are written with ``torch.save`` (:mod:`sparsemap.bench.rwkv_synthetic`) in BlinkDL's key names and
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparsemap.bench.rwkv_synthetic import write_rwkv5, write_rwkv6, write_rwkv7
+from sparsemap.bench.rwkv_synthetic import write_rwkv4, write_rwkv5, write_rwkv6, write_rwkv7
 from sparsemap.errors import RwkvFormatError
 from sparsemap.mapped import mapping_of
 from sparsemap.models import rwkv
@@ -55,7 +55,7 @@ print(json.dumps({"tokens": out, "logits": all_logits}))
 """
 
 
-WRITERS = {"7": write_rwkv7, "6": write_rwkv6, "5": write_rwkv5}
+WRITERS = {"7": write_rwkv7, "6": write_rwkv6, "5": write_rwkv5, "4": write_rwkv4}
 
 
 @pytest.fixture(scope="module", params=[(v, s) for v in WRITERS for s in SHAPES],
@@ -137,11 +137,11 @@ def test_an_inconsistent_shape_is_refused_with_the_shapes(tmp_path: Path) -> Non
         rwkv.load(path)
 
 
-def test_an_older_version_is_named(tmp_path: Path) -> None:
-    path = tmp_path / "v4.pth"
+def test_a_version_not_supported_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "v5.1.pth"  # heads and a group norm, but no gate: RWKV 5.0 or 5.1
     torch.save({"emb.weight": torch.zeros(4, 8), "blocks.0.ln1.weight": torch.zeros(8),
-                "blocks.0.att.time_first": torch.zeros(8)}, path)
-    with pytest.raises(RwkvFormatError, match="RWKV version 4 is not supported yet"):
+                "blocks.0.att.ln_x.weight": torch.zeros(8)}, path)
+    with pytest.raises(RwkvFormatError, match=r"RWKV 5\.0 or 5\.1 .* is not supported yet"):
         rwkv.load(path)
 
 

@@ -121,3 +121,36 @@ def write_rwkv5(path: Path, layers: int, c: int, n: int, vocab: int, ffn: int, s
     sd["head.weight"] = rand(vocab, c, scale=c ** -0.5)
     torch.save(sd, path)
     return path
+
+
+def write_rwkv4(path: Path, layers: int, c: int, n: int, vocab: int, ffn: int, seed: int = 0) -> Path:
+    """A random RWKV-4 checkpoint in BlinkDL's names and shapes (``n``, the head size, is unused: v4 has
+    one decay per channel)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale + shift
+
+    sd: dict[str, torch.Tensor] = {"emb.weight": rand(vocab, c, scale=0.5),
+                                   "blocks.0.ln0.weight": rand(c, scale=0.1, shift=1),
+                                   "blocks.0.ln0.bias": rand(c, scale=0.1)}
+    for i in range(layers):
+        b = f"blocks.{i}."
+        for ln in ("ln1", "ln2"):
+            sd[b + ln + ".weight"], sd[b + ln + ".bias"] = rand(c, scale=0.1, shift=1), rand(c, scale=0.1)
+        att = b + "att."
+        for x in ("k", "v", "r"):
+            sd[att + "time_mix_" + x] = torch.rand(1, 1, c, generator=g)
+        sd[att + "time_decay"] = rand(c, scale=0.5, shift=-1)
+        sd[att + "time_first"] = rand(c, scale=0.3)
+        for m in ("receptance", "key", "value", "output"):
+            sd[att + m + ".weight"] = rand(c, c, scale=c ** -0.5)
+        sd[b + "ffn.time_mix_k"] = torch.rand(1, 1, c, generator=g)
+        sd[b + "ffn.time_mix_r"] = torch.rand(1, 1, c, generator=g)
+        sd[b + "ffn.key.weight"] = rand(ffn, c, scale=c ** -0.5)
+        sd[b + "ffn.value.weight"] = rand(c, ffn, scale=ffn ** -0.5)
+        sd[b + "ffn.receptance.weight"] = rand(c, c, scale=c ** -0.5)
+    sd["ln_out.weight"], sd["ln_out.bias"] = rand(c, scale=0.1, shift=1), rand(c, scale=0.1)
+    sd["head.weight"] = rand(vocab, c, scale=c ** -0.5)
+    torch.save(sd, path)
+    return path

@@ -1,4 +1,4 @@
-"""RWKV-7, RWKV-6 and RWKV-5.2 in plain PyTorch, from BlinkDL's ``.pth``, mapped; an exact sparse FFN.
+"""RWKV-7, 6, 5.2 and 4 in plain PyTorch, from BlinkDL's ``.pth``, mapped; an exact sparse FFN.
 
 The parameters keep the checkpoint's names and shapes (``emb.weight``,
 ``blocks.N.att.receptance.weight``, ``blocks.N.ffn.value.weight``, ...), so
@@ -35,6 +35,7 @@ from .rwkv_config import (
     DECAY_SCALE,
     GROUP_NORM_EPS,
     LAYER_NORM_EPS,
+    Rwkv4Shape,
     Rwkv5Shape,
     Rwkv6Shape,
     Rwkv7Shape,
@@ -279,6 +280,45 @@ class TimeMix5(nn.Module):
         return self.output(y.to(x.dtype) * g), x[-1], state, v_first
 
 
+class TimeMix4(nn.Module):
+    """RWKV-4's time mix: per channel, a weighted average of past values with a decaying weight and a
+    bonus for the current token, kept as (numerator, denominator, exponent) so nothing overflows."""
+
+    def __init__(self, s: Rwkv4Shape, layer: int) -> None:
+        super().__init__()
+        c = s.n_embd
+        for x in ("k", "v", "r"):
+            setattr(self, "time_mix_" + x, _param(1, 1, c))
+        self.time_decay, self.time_first = _param(c), _param(c)
+        self.receptance, self.key, self.value, self.output = (_Linear(c, c) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, x_prev: torch.Tensor, state: torch.Tensor,
+                v_first: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """x: (T, C); x_prev: (C,); state: (3, C) = numerator, denominator, exponent.
+        Returns (out (T, C), x_prev, state, v_first)."""
+        dx = _shifted(x, x_prev)
+
+        def mixed(mix: torch.Tensor) -> torch.Tensor:
+            return x + dx * (1 - mix.view(-1))
+
+        r = torch.sigmoid(self.receptance(mixed(self.time_mix_r)))  # (T, C)
+        k = self.key(mixed(self.time_mix_k)).float()
+        v = self.value(mixed(self.time_mix_v)).float()
+        decay, first = -torch.exp(self.time_decay.float()), self.time_first.float()
+        num, den, exponent = state
+        wkv = torch.empty_like(k)  # (T, C)
+        for i in range(x.shape[0]):
+            now = first + k[i]
+            top = torch.maximum(exponent, now)
+            a, b = torch.exp(exponent - top), torch.exp(now - top)
+            wkv[i] = (a * num + b * v[i]) / (a * den + b)
+            aged = decay + exponent
+            top = torch.maximum(aged, k[i])
+            a, b = torch.exp(aged - top), torch.exp(k[i] - top)
+            num, den, exponent = a * num + b * v[i], a * den + b, top
+        return self.output(r * wkv.to(x.dtype)), x[-1], torch.stack((num, den, exponent)), v_first
+
+
 class Block(nn.Module):
     def __init__(self, s: RwkvShape, layer: int) -> None:
         super().__init__()
@@ -290,6 +330,8 @@ class Block(nn.Module):
             self.ffn: ChannelMix7 = ChannelMix6(s)
         elif isinstance(s, Rwkv5Shape):
             self.att, self.ffn = TimeMix5(s, layer), ChannelMix5(s)
+        elif isinstance(s, Rwkv4Shape):
+            self.att, self.ffn = TimeMix4(s, layer), ChannelMix5(s)  # type: ignore[arg-type]
         else:
             self.att, self.ffn = TimeMix7(s, layer), ChannelMix7(s)
 
@@ -309,8 +351,11 @@ class Rwkv(nn.Module):
 
     def zero_state(self) -> list[list[torch.Tensor]]:
         s = self.shape
-        matrix = (s.n_head, s.head_size, s.head_size)
-        return [[torch.zeros(s.n_embd), torch.zeros(matrix), torch.zeros(s.n_embd)] for _ in range(s.n_layer)]
+        if isinstance(s, Rwkv4Shape):  # numerator, denominator, and an exponent that starts very low
+            att = torch.stack((torch.zeros(s.n_embd), torch.zeros(s.n_embd), torch.full((s.n_embd,), -1e38)))
+        else:
+            att = torch.zeros(s.n_head, s.head_size, s.head_size)
+        return [[torch.zeros(s.n_embd), att.clone(), torch.zeros(s.n_embd)] for _ in range(s.n_layer)]
 
     def set_sparse(self, sparse: bool) -> None:
         """Multiply only the active neurons' value rows in every channel mix (exact)."""
@@ -428,5 +473,6 @@ def load(source: str | os.PathLike[str] | Catalog, *, sparse: bool = False) -> R
     return model.eval()
 
 
-__all__ = ["ChannelMix5", "ChannelMix6", "ChannelMix7", "Rwkv", "Rwkv5Shape", "Rwkv6Shape", "Rwkv7",
-           "Rwkv7Shape", "TimeMix5", "TimeMix6", "TimeMix7", "detect_version", "load", "pytorch_view"]
+__all__ = ["ChannelMix5", "ChannelMix6", "ChannelMix7", "Rwkv", "Rwkv4Shape", "Rwkv5Shape", "Rwkv6Shape",
+           "Rwkv7", "Rwkv7Shape", "TimeMix4", "TimeMix5", "TimeMix6", "TimeMix7", "detect_version", "load",
+           "pytorch_view"]

@@ -24,7 +24,7 @@ VERSION_KEYS = {
     "5": "blocks.0.att.ln_x.weight",  # x052 and earlier v5: heads, group norm
     "4": "blocks.0.att.time_first",  # v4: one channel per head
 }
-SUPPORTED = ("7", "6", "5.2")
+SUPPORTED = ("7", "6", "5.2", "4")
 LAYER_NORM_EPS = 1e-5
 GROUP_NORM_EPS = 64e-5  # the time mix's output norm, per head
 DECAY_SCALE = 0.606531  # exp(-0.5): the time mix's decay is exp(-DECAY_SCALE * sigmoid(...)), in (0.545, 1)
@@ -261,7 +261,65 @@ class Rwkv5Shape:
         return out
 
 
-RwkvShape = Rwkv7Shape | Rwkv6Shape | Rwkv5Shape
+@dataclass(frozen=True)
+class Rwkv4Shape:
+    """The sizes of an RWKV-4 model (one decay and bonus per channel, no heads), read from its shapes."""
+
+    n_layer: int
+    n_embd: int
+    vocab_size: int
+    ffn_size: int
+
+    @classmethod
+    def from_catalog(cls, catalog: Catalog) -> Rwkv4Shape:
+        """Read and check every tensor's shape; one error naming the key and the shapes on a mismatch.
+
+        Raises:
+            RwkvFormatError: not RWKV-4, a tensor missing, or shapes that disagree.
+        """
+        names = set(catalog)
+        if detect_version(names) != "4":
+            raise RwkvFormatError("not an RWKV-4 checkpoint", path=catalog.source)
+
+        def shape(key: str) -> tuple[int, ...]:
+            if key not in catalog:
+                raise RwkvFormatError("missing from an RWKV-4 checkpoint", path=catalog.source, tensor=key)
+            return catalog[key].shape
+
+        vocab, c = _dims(shape("emb.weight"), 2, "emb.weight", catalog)
+        n_layer = 1 + max(int(k.split(".")[1]) for k in names if k.startswith("blocks."))
+        s = cls(n_layer, c, vocab, shape("blocks.0.ffn.key.weight")[0])
+        for key, want in s.expected().items():
+            got = shape(key)
+            if tuple(got) != want:
+                raise RwkvFormatError(f"shape {list(got)}, expected {list(want)} for an RWKV-4 model of "
+                                      f"{n_layer} layers, {c} wide, FFN {s.ffn_size}", path=catalog.source,
+                                      tensor=key)
+        return s
+
+    def expected(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the model and its shape, as BlinkDL's checkpoints store them."""
+        c, f, v = self.n_embd, self.ffn_size, self.vocab_size
+        out: dict[str, tuple[int, ...]] = {"emb.weight": (v, c), "head.weight": (v, c), "ln_out.weight": (c,),
+                                           "ln_out.bias": (c,), "blocks.0.ln0.weight": (c,),
+                                           "blocks.0.ln0.bias": (c,)}
+        for i in range(self.n_layer):
+            b = f"blocks.{i}."
+            for ln in ("ln1", "ln2"):
+                out[b + ln + ".weight"] = out[b + ln + ".bias"] = (c,)
+            att = b + "att."
+            for x in ("k", "v", "r"):
+                out[att + "time_mix_" + x] = (1, 1, c)
+            out[att + "time_decay"] = out[att + "time_first"] = (c,)
+            for m in ("receptance", "key", "value", "output"):
+                out[att + m + ".weight"] = (c, c)
+            out[b + "ffn.time_mix_k"] = out[b + "ffn.time_mix_r"] = (1, 1, c)
+            out[b + "ffn.key.weight"], out[b + "ffn.value.weight"] = (f, c), (c, f)
+            out[b + "ffn.receptance.weight"] = (c, c)
+        return out
+
+
+RwkvShape = Rwkv7Shape | Rwkv6Shape | Rwkv5Shape | Rwkv4Shape
 
 
 def shape_of(catalog: Catalog) -> RwkvShape:
@@ -275,6 +333,8 @@ def shape_of(catalog: Catalog) -> RwkvShape:
         return Rwkv6Shape.from_catalog(catalog)
     if version == "5":
         return Rwkv5Shape.from_catalog(catalog)
+    if version == "4":
+        return Rwkv4Shape.from_catalog(catalog)
     return Rwkv7Shape.from_catalog(catalog)
 
 
