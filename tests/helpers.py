@@ -112,3 +112,27 @@ def pickle_checkpoint(obj: object) -> bytes:
     buf = io.BytesIO()
     _CheckpointPickler(buf, protocol=2).dump(obj)
     return buf.getvalue()
+
+
+def write_gguf(path: Path, tensors: dict, metadata: dict[str, int | str] | None = None) -> Path:
+    """A GGUF file written by ``gguf.GGUFWriter``: ``tensors`` maps a name to ``(array, raw_dtype)``
+    (``raw_dtype`` ``None`` for a plain array, else the quantization of raw blocks); ``metadata``
+    values are stored as uint32 (ints) or strings."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (metadata or {}).items():
+        if isinstance(value, int):
+            writer.add_uint32(key, value)
+        else:
+            writer.add_string(key, value)
+    for name, (array, raw_dtype) in tensors.items():
+        if raw_dtype is None:
+            writer.add_tensor(name, array)
+        else:
+            writer.add_tensor(name, array, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

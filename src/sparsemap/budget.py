@@ -134,10 +134,9 @@ def units_of(model: nn.Module) -> list[Unit]:
                           gathered=True))
     for i, layer in enumerate(layers):
         units.append(Unit(f"{name}.{i}", (layer,), _ranges(list(layer.parameters()))))
+    # parameters() gives a tied tensor once: a head tied to the embedding is counted here, once.
     head = [p for p in model.parameters() if id(p) not in in_layers and (id(p) not in embedding_params
                                                                          or tied_head)]
-    seen: set[int] = set()
-    head = [p for p in head if not (id(p) in seen or seen.add(id(p)))]  # type: ignore[func-returns-value]
     head_modules = tuple(m for m in model.modules() if m not in embeddings and not list(m.children())
                          and any(id(p) not in in_layers for p in m.parameters(recurse=False)))
     units.append(Unit("head", head_modules, _ranges(head)))

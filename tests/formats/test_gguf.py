@@ -18,6 +18,8 @@ import sparsemap
 from sparsemap import errors
 from sparsemap.errors import SparsemapError
 
+from ..helpers import write_gguf
+
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402 - only after importorskip found gguf
 from gguf.quants import dequantize, quantize  # noqa: E402 - only after importorskip found gguf
@@ -26,19 +28,7 @@ QUANTIZED = ["Q4_0", "Q4_1", "Q8_0"]
 
 
 def _write(path: Path, tensors: dict[str, tuple[np.ndarray, Q | None]]) -> Path:
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_uint32("test.answer", 42)
-    writer.add_string("test.note", "sparsemap")
-    for name, (array, raw_dtype) in tensors.items():
-        if raw_dtype is None:
-            writer.add_tensor(name, array)
-        else:
-            writer.add_tensor(name, array, raw_dtype=raw_dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_gguf(path, tensors, {"test.answer": 42, "test.note": "sparsemap"})
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from sparsemap.formats.quantized import (
 from sparsemap.formats.reserved import QUANT_KEY
 from sparsemap.writer import Layout
 
-from ..helpers import raises
+from ..helpers import raises, write_gguf
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402 - only after importorskip found gguf
@@ -336,20 +336,6 @@ def test_tied_to_a_non_string(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- GGUF files kept quantized
-
-def write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, Q | None]]) -> Path:
-    writer = gguf.GGUFWriter(str(path), "llama")
-    for name, (array, raw_dtype) in tensors.items():
-        if raw_dtype is None:
-            writer.add_tensor(name, array)
-        else:
-            writer.add_tensor(name, array, raw_dtype=raw_dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
 
 def k_quant_blocks(qtype: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     """Random Q4_K / Q6_K / Q5_K blocks with finite f16 scales: (n, bytes per row) uint8."""

@@ -212,7 +212,8 @@ def pick_engine(model: str | Path | ModelSource, engine: str,
     if engine == "transformers":
         return TransformersEngine(sparsemap_loader(dtype))
     source = resolve_model(model)
-    if not source.is_gguf and source.format != "sharded":
+    # A Hugging Face folder has a config.json; an RWKV checkpoint has none: only then are its keys read.
+    if source.config is None and not source.is_gguf and source.format != "sharded":
         from ..formats.dispatch import open_catalog
 
         if detect_version(open_catalog(source)) is not None:

@@ -131,23 +131,18 @@ class _Linear(nn.Module):
         return F.linear(x, self.weight)
 
 
-class ChannelMix7(nn.Module):
-    """``value(relu(key(x)) ** 2)``, dense or over the active neurons only (exact either way)."""
+class ChannelMix(nn.Module):
+    """What every version's channel mix shares: ``value(relu(key(.)) ** 2)``, dense or over the active
+    neurons only (exact either way). Versions differ in how the token shift mixes the input, and a gate."""
 
-    def __init__(self, s: Rwkv7Shape) -> None:
+    def __init__(self, s: RwkvShape) -> None:
         super().__init__()
-        self.x_k = _param(1, 1, s.n_embd)
         self.key = _Linear(s.n_embd, s.ffn_size)
         self.value = _Linear(s.ffn_size, s.n_embd)
         self.sparse = False
         self.active: list[int] = []  # neurons active per step, while counting (see Rwkv.count_active)
         self.counting = False
         self.ever_active: torch.Tensor | None = None  # (F,) bool: neurons any counted step used
-
-    def forward(self, x: torch.Tensor, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (T, C); x_prev: (C,). Returns (out (T, C), x_prev)."""
-        k = x + _shifted(x, x_prev) * self.x_k.view(-1)
-        return self.values(torch.relu(self.key(k)) ** 2), x[-1]
 
     def values(self, k: torch.Tensor) -> torch.Tensor:
         """``value(k)`` for k: (T, F), zero wherever the key output was not positive; sparse: only the
@@ -165,12 +160,24 @@ class ChannelMix7(nn.Module):
         return k.index_select(1, rows) @ value_rows.index_select(0, rows)
 
 
-class ChannelMix6(ChannelMix7):
+class ChannelMix7(ChannelMix):
+    """RWKV-7's channel mix: the input shifted by a learned fraction of the previous token's."""
+
+    def __init__(self, s: Rwkv7Shape) -> None:
+        super().__init__(s)
+        self.x_k = _param(1, 1, s.n_embd)
+
+    def forward(self, x: torch.Tensor, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (T, C); x_prev: (C,). Returns (out (T, C), x_prev)."""
+        k = x + _shifted(x, x_prev) * self.x_k.view(-1)
+        return self.values(torch.relu(self.key(k)) ** 2), x[-1]
+
+
+class ChannelMix6(ChannelMix):
     """RWKV-6's channel mix: RWKV-7's with a receptance gate, ``sigmoid(r(x)) * value(relu(key(x)) ** 2)``."""
 
     def __init__(self, s: Rwkv6Shape) -> None:
-        super().__init__(s)  # type: ignore[arg-type]
-        del self.x_k
+        super().__init__(s)
         self.time_maa_k, self.time_maa_r = _param(1, 1, s.n_embd), _param(1, 1, s.n_embd)
         self.receptance = _Linear(s.n_embd, s.n_embd)
 
@@ -222,13 +229,14 @@ class TimeMix6(nn.Module):
         return self.output(y.to(x.dtype) * g), x[-1], state, v_first
 
 
-class ChannelMix5(ChannelMix6):
-    """RWKV-5's channel mix: RWKV-6's with fixed token-shift mixes, ``x * mix + previous * (1 - mix)``."""
+class ChannelMix5(ChannelMix):
+    """RWKV-5's (and 4's) channel mix: RWKV-6's with fixed token-shift mixes,
+    ``x * mix + previous * (1 - mix)``."""
 
-    def __init__(self, s: Rwkv5Shape) -> None:
-        super().__init__(s)  # type: ignore[arg-type]
-        del self.time_maa_k, self.time_maa_r
+    def __init__(self, s: Rwkv5Shape | Rwkv4Shape) -> None:
+        super().__init__(s)
         self.time_mix_k, self.time_mix_r = _param(1, 1, s.n_embd), _param(1, 1, s.n_embd)
+        self.receptance = _Linear(s.n_embd, s.n_embd)
 
     def forward(self, x: torch.Tensor, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dx = _shifted(x, x_prev)
@@ -327,11 +335,11 @@ class Block(nn.Module):
         self.ln1, self.ln2 = LayerNorm(s.n_embd), LayerNorm(s.n_embd)
         if isinstance(s, Rwkv6Shape):
             self.att: nn.Module = TimeMix6(s, layer)
-            self.ffn: ChannelMix7 = ChannelMix6(s)
+            self.ffn: ChannelMix = ChannelMix6(s)
         elif isinstance(s, Rwkv5Shape):
             self.att, self.ffn = TimeMix5(s, layer), ChannelMix5(s)
         elif isinstance(s, Rwkv4Shape):
-            self.att, self.ffn = TimeMix4(s, layer), ChannelMix5(s)  # type: ignore[arg-type]
+            self.att, self.ffn = TimeMix4(s, layer), ChannelMix5(s)
         else:
             self.att, self.ffn = TimeMix7(s, layer), ChannelMix7(s)
 
@@ -473,6 +481,6 @@ def load(source: str | os.PathLike[str] | Catalog, *, sparse: bool = False) -> R
     return model.eval()
 
 
-__all__ = ["ChannelMix5", "ChannelMix6", "ChannelMix7", "Rwkv", "Rwkv4Shape", "Rwkv5Shape", "Rwkv6Shape",
-           "Rwkv7", "Rwkv7Shape", "TimeMix4", "TimeMix5", "TimeMix6", "TimeMix7", "detect_version", "load",
-           "pytorch_view"]
+__all__ = ["ChannelMix", "ChannelMix5", "ChannelMix6", "ChannelMix7", "Rwkv", "Rwkv4Shape", "Rwkv5Shape",
+           "Rwkv6Shape", "Rwkv7", "Rwkv7Shape", "TimeMix4", "TimeMix5", "TimeMix6", "TimeMix7",
+           "detect_version", "load", "pytorch_view"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,39 +68,28 @@ class Rwkv7Shape:
                                   f"{', '.join(SUPPORTED)})" if version else "not an RWKV checkpoint "
                                   "(no emb.weight and blocks.0.ln1.weight)", path=catalog.source)
 
-        def shape(key: str) -> tuple[int, ...]:
-            if key not in catalog:
-                raise RwkvFormatError("missing from an RWKV-7 checkpoint", path=catalog.source, tensor=key)
-            return catalog[key].shape
+        shape = _shape_reader(catalog, "RWKV-7")
 
         vocab, c = _dims(shape("emb.weight"), 2, "emb.weight", catalog)
         h, n = _dims(shape("blocks.0.att.r_k"), 2, "blocks.0.att.r_k", catalog)
         if h * n != c:
             raise RwkvFormatError(f"{h} heads of {n} make {h * n}, but emb.weight is {c} wide",
                                   path=catalog.source, tensor="blocks.0.att.r_k")
-        n_layer = 1 + max(int(k.split(".")[1]) for k in names if k.startswith("blocks."))
+        n_layer = _layer_count(names)
         ffn = shape("blocks.0.ffn.key.weight")[0]
         lora = {x: shape(f"blocks.0.att.{x}1")[-1] for x in ("w", "a", "g")}
         lora["v"] = shape("blocks.1.att.v1")[-1] if n_layer > 1 else 0
         s = cls(n_layer, c, h, n, vocab, ffn, lora)
-        for key, want in s.expected().items():
-            got = shape(key)
-            if tuple(got) != want:
-                raise RwkvFormatError(f"shape {list(got)}, expected {list(want)} for an RWKV-7 model of "
-                                      f"{n_layer} layers, {c} wide, {h} heads, FFN {ffn}",
-                                      path=catalog.source, tensor=key)
+        _check_shapes(s.expected(), shape,
+                      f"an RWKV-7 model of {n_layer} layers, {c} wide, {h} heads, FFN {ffn}", catalog)
         return s
 
     def expected(self) -> dict[str, tuple[int, ...]]:
         """Every tensor of the model and its shape, as BlinkDL's checkpoints store them."""
         c, f, v = self.n_embd, self.ffn_size, self.vocab_size
-        out: dict[str, tuple[int, ...]] = {"emb.weight": (v, c), "head.weight": (v, c), "ln_out.weight": (c,),
-                                           "ln_out.bias": (c,), "blocks.0.ln0.weight": (c,),
-                                           "blocks.0.ln0.bias": (c,)}
+        out = _common_tensors(v, c, self.n_layer)
         for i in range(self.n_layer):
             b = f"blocks.{i}."
-            for ln in ("ln1", "ln2"):
-                out[b + ln + ".weight"] = out[b + ln + ".bias"] = (c,)
             att = b + "att."
             for x in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
                 out[att + x] = (1, 1, c)
@@ -140,41 +130,30 @@ class Rwkv6Shape:
         if detect_version(names) != "6":
             raise RwkvFormatError("not an RWKV-6 checkpoint", path=catalog.source)
 
-        def shape(key: str) -> tuple[int, ...]:
-            if key not in catalog:
-                raise RwkvFormatError("missing from an RWKV-6 checkpoint", path=catalog.source, tensor=key)
-            return catalog[key].shape
+        shape = _shape_reader(catalog, "RWKV-6")
 
         vocab, c = _dims(shape("emb.weight"), 2, "emb.weight", catalog)
         h, n = _dims(shape("blocks.0.att.time_faaaa"), 2, "blocks.0.att.time_faaaa", catalog)
         if h * n != c:
             raise RwkvFormatError(f"{h} heads of {n} make {h * n}, but emb.weight is {c} wide",
                                   path=catalog.source, tensor="blocks.0.att.time_faaaa")
-        n_layer = 1 + max(int(k.split(".")[1]) for k in names if k.startswith("blocks."))
+        n_layer = _layer_count(names)
         mix = shape("blocks.0.att.time_maa_w1")[-1]
         if mix % 5:
             raise RwkvFormatError(f"width {mix} is not 5 mixes of one rank", path=catalog.source,
                                   tensor="blocks.0.att.time_maa_w1")
         s = cls(n_layer, c, h, n, vocab, shape("blocks.0.ffn.key.weight")[0], mix // 5,
                 shape("blocks.0.att.time_decay_w1")[-1])
-        for key, want in s.expected().items():
-            got = shape(key)
-            if tuple(got) != want:
-                raise RwkvFormatError(f"shape {list(got)}, expected {list(want)} for an RWKV-6 model of "
-                                      f"{n_layer} layers, {c} wide, {h} heads, FFN {s.ffn_size}",
-                                      path=catalog.source, tensor=key)
+        _check_shapes(s.expected(), shape,
+                      f"an RWKV-6 model of {n_layer} layers, {c} wide, {h} heads, FFN {s.ffn_size}", catalog)
         return s
 
     def expected(self) -> dict[str, tuple[int, ...]]:
         """Every tensor of the model and its shape, as BlinkDL's checkpoints store them."""
         c, f, v = self.n_embd, self.ffn_size, self.vocab_size
-        out: dict[str, tuple[int, ...]] = {"emb.weight": (v, c), "head.weight": (v, c), "ln_out.weight": (c,),
-                                           "ln_out.bias": (c,), "blocks.0.ln0.weight": (c,),
-                                           "blocks.0.ln0.bias": (c,)}
+        out = _common_tensors(v, c, self.n_layer)
         for i in range(self.n_layer):
             b = f"blocks.{i}."
-            for ln in ("ln1", "ln2"):
-                out[b + ln + ".weight"] = out[b + ln + ".bias"] = (c,)
             att = b + "att."
             for x in ("x", "w", "k", "v", "r", "g"):
                 out[att + "time_maa_" + x] = (1, 1, c)
@@ -218,36 +197,25 @@ class Rwkv5Shape:
             raise RwkvFormatError("RWKV 5.0 or 5.1 (no att.gate or att.time_faaaa) is not supported yet "
                                   f"(supported: {', '.join(SUPPORTED)})", path=catalog.source)
 
-        def shape(key: str) -> tuple[int, ...]:
-            if key not in catalog:
-                raise RwkvFormatError("missing from an RWKV-5.2 checkpoint", path=catalog.source, tensor=key)
-            return catalog[key].shape
+        shape = _shape_reader(catalog, "RWKV-5.2")
 
         vocab, c = _dims(shape("emb.weight"), 2, "emb.weight", catalog)
         h, n = _dims(shape("blocks.0.att.time_faaaa"), 2, "blocks.0.att.time_faaaa", catalog)
         if h * n != c:
             raise RwkvFormatError(f"{h} heads of {n} make {h * n}, but emb.weight is {c} wide",
                                   path=catalog.source, tensor="blocks.0.att.time_faaaa")
-        n_layer = 1 + max(int(k.split(".")[1]) for k in names if k.startswith("blocks."))
+        n_layer = _layer_count(names)
         s = cls(n_layer, c, h, n, vocab, shape("blocks.0.ffn.key.weight")[0])
-        for key, want in s.expected().items():
-            got = shape(key)
-            if tuple(got) != want:
-                raise RwkvFormatError(f"shape {list(got)}, expected {list(want)} for an RWKV-5.2 model of "
-                                      f"{n_layer} layers, {c} wide, {h} heads, FFN {s.ffn_size}",
-                                      path=catalog.source, tensor=key)
+        model = f"an RWKV-5.2 model of {n_layer} layers, {c} wide, {h} heads, FFN {s.ffn_size}"
+        _check_shapes(s.expected(), shape, model, catalog)
         return s
 
     def expected(self) -> dict[str, tuple[int, ...]]:
         """Every tensor of the model and its shape, as BlinkDL's checkpoints store them."""
         c, f, v = self.n_embd, self.ffn_size, self.vocab_size
-        out: dict[str, tuple[int, ...]] = {"emb.weight": (v, c), "head.weight": (v, c), "ln_out.weight": (c,),
-                                           "ln_out.bias": (c,), "blocks.0.ln0.weight": (c,),
-                                           "blocks.0.ln0.bias": (c,)}
+        out = _common_tensors(v, c, self.n_layer)
         for i in range(self.n_layer):
             b = f"blocks.{i}."
-            for ln in ("ln1", "ln2"):
-                out[b + ln + ".weight"] = out[b + ln + ".bias"] = (c,)
             att = b + "att."
             for x in ("k", "v", "r", "g"):
                 out[att + "time_mix_" + x] = (1, 1, c)
@@ -281,32 +249,21 @@ class Rwkv4Shape:
         if detect_version(names) != "4":
             raise RwkvFormatError("not an RWKV-4 checkpoint", path=catalog.source)
 
-        def shape(key: str) -> tuple[int, ...]:
-            if key not in catalog:
-                raise RwkvFormatError("missing from an RWKV-4 checkpoint", path=catalog.source, tensor=key)
-            return catalog[key].shape
+        shape = _shape_reader(catalog, "RWKV-4")
 
         vocab, c = _dims(shape("emb.weight"), 2, "emb.weight", catalog)
-        n_layer = 1 + max(int(k.split(".")[1]) for k in names if k.startswith("blocks."))
+        n_layer = _layer_count(names)
         s = cls(n_layer, c, vocab, shape("blocks.0.ffn.key.weight")[0])
-        for key, want in s.expected().items():
-            got = shape(key)
-            if tuple(got) != want:
-                raise RwkvFormatError(f"shape {list(got)}, expected {list(want)} for an RWKV-4 model of "
-                                      f"{n_layer} layers, {c} wide, FFN {s.ffn_size}", path=catalog.source,
-                                      tensor=key)
+        _check_shapes(s.expected(), shape, f"an RWKV-4 model of {n_layer} layers, {c} wide, FFN {s.ffn_size}",
+                      catalog)
         return s
 
     def expected(self) -> dict[str, tuple[int, ...]]:
         """Every tensor of the model and its shape, as BlinkDL's checkpoints store them."""
         c, f, v = self.n_embd, self.ffn_size, self.vocab_size
-        out: dict[str, tuple[int, ...]] = {"emb.weight": (v, c), "head.weight": (v, c), "ln_out.weight": (c,),
-                                           "ln_out.bias": (c,), "blocks.0.ln0.weight": (c,),
-                                           "blocks.0.ln0.bias": (c,)}
+        out = _common_tensors(v, c, self.n_layer)
         for i in range(self.n_layer):
             b = f"blocks.{i}."
-            for ln in ("ln1", "ln2"):
-                out[b + ln + ".weight"] = out[b + ln + ".bias"] = (c,)
             att = b + "att."
             for x in ("k", "v", "r"):
                 out[att + "time_mix_" + x] = (1, 1, c)
@@ -336,6 +293,42 @@ def shape_of(catalog: Catalog) -> RwkvShape:
     if version == "4":
         return Rwkv4Shape.from_catalog(catalog)
     return Rwkv7Shape.from_catalog(catalog)
+
+
+def _shape_reader(catalog: Catalog, label: str) -> Callable[[str], tuple[int, ...]]:
+    """``shape(key)``: a tensor's shape, or an error naming the key when the checkpoint lacks it."""
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in catalog:
+            raise RwkvFormatError(f"missing from an {label} checkpoint", path=catalog.source, tensor=key)
+        return catalog[key].shape
+
+    return shape
+
+
+def _layer_count(names: set[str]) -> int:
+    return 1 + max(int(k.split(".")[1]) for k in names if k.startswith("blocks."))
+
+
+def _check_shapes(expected: dict[str, tuple[int, ...]], shape: Callable[[str], tuple[int, ...]], model: str,
+                  catalog: Catalog) -> None:
+    """Every expected tensor present with its shape; the first that is not is named, with both shapes."""
+    for key, want in expected.items():
+        got = shape(key)
+        if tuple(got) != want:
+            raise RwkvFormatError(f"shape {list(got)}, expected {list(want)} for {model}",
+                                  path=catalog.source, tensor=key)
+
+
+def _common_tensors(vocab: int, c: int, n_layer: int) -> dict[str, tuple[int, ...]]:
+    """The tensors every RWKV version has: embedding, its first norm, the two norms of each layer, head."""
+    out: dict[str, tuple[int, ...]] = {"emb.weight": (vocab, c), "head.weight": (vocab, c),
+                                       "ln_out.weight": (c,), "ln_out.bias": (c,),
+                                       "blocks.0.ln0.weight": (c,), "blocks.0.ln0.bias": (c,)}
+    for i in range(n_layer):
+        for ln in ("ln1", "ln2"):
+            out[f"blocks.{i}.{ln}.weight"] = out[f"blocks.{i}.{ln}.bias"] = (c,)
+    return out
 
 
 def _dims(shape: tuple[int, ...], n: int, key: str, catalog: Catalog) -> tuple[int, ...]:
