@@ -40,6 +40,10 @@ class SourceNotFoundError(BadInputError, FileNotFoundError):
     """The path does not exist, or a folder holds no checkpoint we recognise."""
 
 
+class NotRegularFileError(BadInputError):
+    """The path is a FIFO, a socket, a device or a kernel file (/proc, /sys): not a checkpoint to read."""
+
+
 class UnknownFormatError(BadInputError):
     """The file is not a checkpoint in any format sparsemap reads."""
 
@@ -76,6 +80,20 @@ class ByteLengthMismatchError(FormatError):
 
 class DuplicateTensorError(FormatError):
     """Two tensors share one name."""
+
+
+class InvalidNameError(FormatError):
+    """A tensor name is not valid UTF-8 (a lone surrogate, undecodable bytes)."""
+
+
+class AmplificationError(FormatError):
+    """A header would cost far more memory or time than its size justifies (each parser states its bound):
+    containers shared or nested without end, memo indexes far past the data, counts the bytes cannot hold,
+    views that repeat elements the file stores once."""
+
+
+class NestingError(AmplificationError):
+    """Containers nest deeper than a parser allows, or contain themselves."""
 
 
 # ---------------------------------------------------------------- safetensors
@@ -225,6 +243,18 @@ class RowAlignmentError(RowError):
 
 class LayoutOptionError(BadInputError):
     """The layout asked for cannot be applied to these tensors."""
+
+
+class ReservedNameError(BadInputError):
+    """A tensor name collides with a name sparsemap stores or reserves (a padding tensor, a stored form)."""
+
+
+class DestinationError(BadInputError):
+    """The output path cannot receive a file: a directory, a device, a FIFO, a socket, a missing folder."""
+
+
+class WriteVerificationError(SparsemapError):
+    """A file just written did not reopen as what was meant; it was not put in place."""
 
 
 # ---------------------------------------------------------------- the machine and the network

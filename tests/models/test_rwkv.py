@@ -172,6 +172,16 @@ def test_sparsemap_run_answers_with_an_rwkv_checkpoint(tmp_path: Path, shape: st
     assert phases[-3:] == ["tokenizer", "weights", "generate"]  # the same ledger as for Llama
 
 
+def test_sampling_at_a_temperature_repeats_under_a_seed_and_differs_from_greedy(tmp_path: Path) -> None:
+    model = rwkv.load(write_rwkv7(tmp_path / "model.pth", *SHAPES["small"]))
+    greedy = model.generate(PROMPT[:8], 24)
+    torch.manual_seed(3)
+    drawn = model.generate(PROMPT[:8], 24, temperature=2.0)
+    torch.manual_seed(3)
+    assert model.generate(PROMPT[:8], 24, temperature=2.0) == drawn
+    assert drawn != greedy and len(drawn) == 24
+
+
 def test_sparsemap_run_refuses_a_broken_rwkv_checkpoint_before_compute(tmp_path: Path) -> None:
     path = write_rwkv7(tmp_path / "model.pth", *SHAPES["small"])
     sd = torch.load(path)

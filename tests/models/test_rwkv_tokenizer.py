@@ -75,3 +75,24 @@ def test_a_bad_vocabulary_line_is_refused(tmp_path: Path, line: str, needle: str
     path.write_text(VOCAB.read_text(encoding="utf-8") + line + "\n", encoding="utf-8")
     with pytest.raises(BadInputError, match=needle):
         WorldTokenizer(path)
+
+
+def test_same_ids_on_texts_made_of_spaces_and_word_edges(tokenizers) -> None:
+    """Hard boundaries are only where no token spans a space: runs of spaces, tabs and newlines."""
+    ours, reference = tokenizers
+    rng = random.Random(2)
+    alphabet = [" ", "  ", "\t", "\n", "\r\n", "a", "the", "of", ".", ",", "'", "語", "🙂", "\x00", "ing",
+                "x "]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 40)))
+        assert ours.encode(text) == reference.encode(text), text
+
+
+def test_a_token_that_spans_a_space_moves_the_boundaries(tmp_path: Path) -> None:
+    """The split points come from the vocabulary: a token 'of the' makes 'f the' no boundary."""
+    path = tmp_path / "vocab.txt"
+    path.write_text(VOCAB.read_text(encoding="utf-8") + "65536 'of the' 6\n", encoding="utf-8")
+    ours, reference = WorldTokenizer(path), TRIE_TOKENIZER(str(path))
+    text = "of the time, (of them) [of the] proof the " * 3
+    assert ours.encode(text) == reference.encode(text)
+    assert 65536 in ours.encode(text)

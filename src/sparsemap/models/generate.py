@@ -161,8 +161,8 @@ class LeanEngine:
 
 
 class RwkvEngine:
-    """sparsemap's RWKV-7 with the World tokenizer (or bytes, for a 256-token vocabulary): no rwkv import."""
-
+    """sparsemap's RWKV (7, 6, 5.2, 4) with the World tokenizer (or bytes, for a 256-token vocabulary): no
+    rwkv import."""
     libraries = "sparsemap.models.rwkv_tokenizer"
 
     def __init__(self, sparse: bool = False) -> None:
@@ -197,9 +197,8 @@ class RwkvEngine:
 
     def generate(self, model: Any, ids: list[int], max_new_tokens: int, temperature: float,
                  on_token: Callable[[int], None]) -> list[int]:
-        if temperature > 0:
-            raise BadInputError("the RWKV engine decodes greedily for now (use --temperature 0)")
-        return list(model.generate(ids, max_new_tokens, stop=(0,), on_token=on_token))
+        return list(model.generate(ids, max_new_tokens, temperature=temperature, stop=(0,),
+                                   on_token=on_token))
 
     def decode(self, tokenizer: Any, ids: list[int]) -> str:
         return str(tokenizer.decode(ids))

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import BadInputError
 from ..formats.source import ModelSource, resolve_source
+from .sampling import next_token
 
 
 @dataclass(frozen=True)
@@ -250,10 +251,7 @@ class Llama(nn.Module):
         logits = self(torch.tensor([ids]), 0, caches)
         out: list[int] = []
         for step in range(max_new_tokens):
-            if temperature > 0:
-                token = int(torch.multinomial(F.softmax(logits[0].float() / temperature, -1), 1))
-            else:
-                token = int(logits[0].argmax())
+            token = next_token(logits[0], temperature)
             out.append(token)
             if on_token is not None:
                 on_token(token)

@@ -44,6 +44,7 @@ from .rwkv_config import (
     pytorch_view,
     shape_of,
 )
+from .sampling import next_token
 
 RWKV_CPP_V5_NORM_EPS = 1e-5  # rwkv.cpp's RWKV-5 output norm (its tiny 5.2 model's logits need it: tested)
 
@@ -399,13 +400,14 @@ class Rwkv(nn.Module):
         return self.ln_out(x[-1]), state
 
     @torch.inference_mode()
-    def generate(self, ids: list[int], max_new_tokens: int, *, stop: tuple[int, ...] = (),
-                 on_token: Any = None) -> list[int]:
-        """Greedy continuation: the prompt in sequence mode, then one token at a time."""
+    def generate(self, ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
+                 stop: tuple[int, ...] = (), on_token: Any = None) -> list[int]:
+        """Greedy (or sampled, ``temperature > 0``) continuation: the prompt in sequence mode, then one
+        token at a time."""
         logits, state = self(ids)
         out: list[int] = []
         for _ in range(max_new_tokens):
-            token = int(logits.argmax())
+            token = next_token(logits, temperature)
             out.append(token)
             if on_token is not None:
                 on_token(token)
