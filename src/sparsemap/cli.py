@@ -69,6 +69,23 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 # ---------------------------------------------------------------- inspect
 
+# Unicode categories a name must not print raw: controls (ESC starts terminal sequences), format
+# characters (bidirectional overrides reorder what follows), surrogates, line and paragraph separators.
+UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def printable(text: str) -> str:
+    r"""``text`` with every character that could drive or fool a terminal written as an escape (``\x1b``).
+
+    Example:
+        >>> printable("emb\x1b[2Jweight")
+        'emb\\x1b[2Jweight'
+    """
+    import unicodedata
+
+    return "".join(ascii(ch)[1:-1] if unicodedata.category(ch) in UNPRINTABLE else ch for ch in text)
+
+
 @main.command()
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -105,10 +122,11 @@ def inspect(path: str, as_json: bool, limit: int | None) -> None:
 
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     multi_file = len(cat.files) > 1
-    table = Table(title=f"{cat.source} ({cat.format})", show_lines=False)
+    table = Table(title=Text(f"{printable(cat.source)} ({cat.format})"), show_lines=False)
     for col, justify in (("name", "left"), ("dtype", "left"), ("shape", "left"), ("bytes", "right"),
                          ("offset", "right"), ("align", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
@@ -118,10 +136,11 @@ def inspect(path: str, as_json: bool, limit: int | None) -> None:
     for r in shown:
         dtype = r["dtype"] if r["encoding"] is None else f"{r['encoding']}→{r['dtype']}"
         shape = "×".join(map(str, r["shape"])) or "scalar"  # noqa: RUF001 - users see a multiplication sign
-        cells = [r["name"], dtype, shape, f"{r['nbytes']:,}", f"{r['offset']:,}", format_size(r["alignment"])]
+        cells = [printable(r["name"]), dtype, shape, f"{r['nbytes']:,}", f"{r['offset']:,}",
+                 format_size(r["alignment"])]
         if multi_file:
-            cells.append(r["file"].rsplit("/", 1)[-1])
-        table.add_row(*cells)
+            cells.append(printable(r["file"].rsplit("/", 1)[-1]))
+        table.add_row(*map(Text, cells))  # Text: a name such as "[red]x" is shown, not read as markup
     console.print(table)
     if len(shown) < len(rows):
         console.print(f"... {len(rows) - len(shown)} more tensors (--limit)")

@@ -78,9 +78,17 @@ def test_transposed_and_alias_views(tmp_path: Path) -> None:
     assert torch.equal(ckpt.tensor("bias2"), torch.ones(8))
 
 
-def test_an_empty_view_needs_no_bounds(tmp_path: Path) -> None:
-    path = layout_file(tmp_path, doc(e=view(offset=1000, shape=(0, 6))))
+def test_an_empty_view_inside_its_stored_tensor_opens(tmp_path: Path) -> None:
+    path = layout_file(tmp_path, doc(e=view(offset=8, shape=(0, 6))))
     assert sparsemap.Checkpoint(path).tensor("e").shape == (0, 6)
+
+
+@pytest.mark.parametrize("offset, shape", [(1000, (0, 6)), (0, (0, 2**62)), (0, (2**12, 0, 2**13))])
+def test_an_empty_view_must_still_fit_its_stored_tensor(tmp_path: Path, offset: int, shape: tuple) -> None:
+    strides = [2**13, 2**13, 1][-len(shape):]
+    path = layout_file(tmp_path, doc(e=view(offset=offset, shape=shape, strides=strides)))
+    with pytest.raises(errors.LayoutError, match="is wider than its stored tensor"):
+        sparsemap.open(path)
 
 
 def test_without_layout_metadata_padding_names_are_ordinary(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ..errors import InvalidNameError
 from .dtypes import ITEMSIZE
 
 if TYPE_CHECKING:
@@ -258,3 +259,18 @@ class Catalog(Mapping[str, TensorEntry]):
             "files": self.files,
             "bytes_by_dtype": by_dtype,
         }
+
+
+def check_name(name: str, path: str, what: str = "tensor name") -> None:
+    """Refuse a name that is not valid UTF-8: a str holding a lone surrogate (JSON's ``"\\ud800"``, a
+    pickle's surrogatepass strings) cannot be written back to any file, and no other reader accepts it
+    (the safetensors library refuses it).
+
+    Raises:
+        InvalidNameError: naming the path and the name, escaped.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidNameError(f"{what} {ascii(name)[:120]} is not valid UTF-8 (a lone surrogate at "
+                               f"character {e.start})", path=path) from None

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from ..errors import FileChangedError
 from .catalog import Catalog, FileStamp
-from .source import ModelSource, resolve_source, sniff_format
+from .source import ModelSource, check_regular_file, resolve_source, sniff_format
 
 
 def open_catalog(path: str | os.PathLike[str] | ModelSource) -> Catalog:
@@ -47,6 +47,7 @@ def open_catalog(path: str | os.PathLike[str] | ModelSource) -> Catalog:
 
 
 def _open_shard(path: str) -> Catalog:
+    check_regular_file(path)  # a shard named by an index may be a FIFO or a device: never open one
     return _open_file(path, sniff_format(path))
 
 

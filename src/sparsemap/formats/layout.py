@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import LayoutError
-from .catalog import TensorEntry
+from .catalog import TensorEntry, check_name
 from .dtypes import ITEMSIZE
 from .reserved import LAYOUT_KEY, PAD_PREFIX, SUFFIXES, is_padding
 
@@ -47,6 +47,7 @@ __all__ = ["LAYOUT_KEY", "LAYOUT_VERSION", "PAD_PREFIX", "SUFFIXES", "LayoutDocu
            "apply_layout", "is_padding"]
 
 LAYOUT_VERSION = 1
+EMPTY_VIEW_WIDTH = 1 << 24  # elements across the other dimensions of an empty view: wider than any real row
 
 
 # ---------------------------------------------------------------- the typed records
@@ -188,6 +189,10 @@ class LayoutDocument:
         for key, check, what in _OPTIONS:
             if key in doc and not check(doc[key]):
                 raise LayoutError(f"{LAYOUT_KEY}.{key} must be {what}, got {str(doc[key])[:80]}", path=path)
+        for name, v in views.items():
+            check_name(name, path, "view name")
+            if isinstance(v, dict) and isinstance(v.get("stored"), str):
+                check_name(v["stored"], path, f"stored name of view {name!r}")
         return cls(views={name: LayoutView.from_json(name, v, path) for name, v in views.items()},
                    align=doc.get("align"), page=doc.get("page"), dtype=doc.get("dtype"),
                    pad_rows=tuple(doc.get("pad_rows", ())), transpose=tuple(doc.get("transpose", ())),
@@ -245,6 +250,7 @@ def apply_layout(entries: list[TensorEntry], metadata: dict[str, str], path: str
     used = {v.stored for v in doc.views.values() if v.kind != "alias"}
     out = [e for e in entries if not is_padding(e.name) and e.name not in used]
     plain_names = {e.name for e in out}
+    views = []
     for name, v in doc.views.items():
         if name in plain_names:
             raise LayoutError("view name collides with a stored tensor", path=path, tensor=name)
@@ -255,29 +261,71 @@ def apply_layout(entries: list[TensorEntry], metadata: dict[str, str], path: str
         if base.strides is not None or base.encoding is not None:
             raise LayoutError(f"stored tensor {v.stored!r} is not a plain contiguous tensor",
                               path=path, tensor=name)
-        size = ITEMSIZE[base.dtype]
-        numel = math.prod(v.shape)
-        if numel:
-            last = v.offset + sum((d - 1) * s for d, s in zip(v.shape, v.strides, strict=True))
-            if last >= base.numel:
-                raise LayoutError(
-                    f"view (offset {v.offset}, shape {list(v.shape)}, strides {list(v.strides)}) reaches "
-                    f"element {last} of {v.stored!r}, which has {base.numel}", path=path, tensor=name)
-            span = (last - v.offset + 1) * size
-        else:
-            span = 0
-        # A "rows" view is the only user of its stored tensor: the padding after
-        # each row is its own, so whole padded slots can be freed.
-        row_span = v.strides[0] * size if v.kind == "rows" and len(v.shape) >= 1 and v.offset == 0 else None
-        if row_span is not None:
-            span = v.shape[0] * row_span if numel else 0
-            if v.offset + span // size > base.numel:
-                raise LayoutError(f"padded rows ({v.shape[0]} x {row_span} bytes) run past {v.stored!r}",
-                                  path=path, tensor=name)
-        out.append(TensorEntry(name=name, file=base.file, offset=base.offset + v.offset * size, nbytes=span,
-                               dtype=base.dtype, shape=v.shape, strides=v.strides, order=v.order,
-                               order_dim=v.order_dim, row_span=row_span))
-    return out
+        views.append(_view_entry(name, v, base, path))
+    _check_isolated(views, doc.views, path)
+    return out + views
+
+
+def _view_entry(name: str, v: LayoutView, base: TensorEntry, path: str) -> TensorEntry:
+    """The entry of one view, checked against its stored tensor: inside it, and not degenerate."""
+    size = ITEMSIZE[base.dtype]
+    if 0 in v.shape:
+        # Nothing to read, but torch and every size computation still see the other dimensions: an
+        # empty view may be no wider than its stored tensor, or than EMPTY_VIEW_WIDTH when the writer
+        # stored an empty tensor without them ([0, 2**62] of a 16-element tensor is refused).
+        wide, stored_room = math.prod(d for d in v.shape if d), math.prod(d for d in base.shape if d)
+        room = max(stored_room, EMPTY_VIEW_WIDTH)
+        if wide > room or v.offset > stored_room:
+            raise LayoutError(f"empty view (offset {v.offset}, shape {list(v.shape)}) is wider than its "
+                              f"stored tensor {v.stored!r} (shape {list(base.shape)}): {wide} elements "
+                              f"across its other dimensions, at most {room}", path=path, tensor=name)
+        span = 0
+    else:
+        last = v.offset + sum((d - 1) * s for d, s in zip(v.shape, v.strides, strict=True))
+        if last >= base.numel:
+            raise LayoutError(
+                f"view (offset {v.offset}, shape {list(v.shape)}, strides {list(v.strides)}) reaches "
+                f"element {last} of {v.stored!r}, which has {base.numel}", path=path, tensor=name)
+        span = (last - v.offset + 1) * size
+    # A "rows" view at the start of its stored tensor owns the padding after each row, so whole
+    # padded slots can be freed; _check_isolated makes sure no other view reads those bytes.
+    row_span = v.strides[0] * size if v.kind == "rows" and len(v.shape) >= 1 and v.offset == 0 else None
+    if row_span is not None:
+        span = v.shape[0] * row_span if span else 0
+        if v.offset + span // size > base.numel:
+            raise LayoutError(f"padded rows ({v.shape[0]} x {row_span} bytes) run past {v.stored!r}",
+                              path=path, tensor=name)
+    return TensorEntry(name=name, file=base.file, offset=base.offset + v.offset * size, nbytes=span,
+                       dtype=base.dtype, shape=v.shape, strides=v.strides, order=v.order,
+                       order_dim=v.order_dim, row_span=row_span)
+
+
+def _check_isolated(views: list[TensorEntry], recipes: dict[str, LayoutView], path: str) -> None:
+    """Refuse a view that owns bytes (padded rows, freed or masked as whole slots) another view reads.
+
+    Views with the same recipe are one tensor under two names (tied weights) and count once. Every
+    view stays inside its stored tensor and stored tensors never overlap (checked before), so
+    comparing the byte ranges of views is enough; one sweep in offset order, O(n log n).
+    """
+    distinct: dict[tuple[object, ...], TensorEntry] = {}
+    for e in views:
+        r = recipes[e.name]
+        distinct.setdefault((r.stored, r.kind, r.offset, r.shape, r.strides), e)
+    reach, reach_name = -1, ""  # the furthest end of any view so far, and its name
+    owned, owned_name = -1, ""  # the furthest end of an owning view so far
+    for e in sorted((e for e in distinct.values() if e.nbytes), key=lambda e: e.offset):
+        owner = e.row_span is not None
+        if owner and reach > e.offset:
+            raise LayoutError(f"owns the padded rows [{e.offset}, {e.end}) of the file, which view "
+                              f"{reach_name!r} also reads (up to byte {reach})", path=path, tensor=e.name)
+        if owned > e.offset:
+            raise LayoutError(f"reads bytes [{e.offset}, {min(e.end, owned)}) that view {owned_name!r} owns "
+                              "as padded rows (freeing or masking them would change this tensor)",
+                              path=path, tensor=e.name)
+        if e.end > reach:
+            reach, reach_name = e.end, e.name
+        if owner and e.end > owned:
+            owned, owned_name = e.end, e.name
 
 
 def _check_no_overlap(shape: tuple[int, ...], strides: tuple[int, ...], name: str, path: str) -> None:

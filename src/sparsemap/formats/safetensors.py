@@ -33,7 +33,7 @@ from ..errors import (
     TruncatedFileError,
     UnknownDtypeError,
 )
-from .catalog import Catalog, FileStamp, TensorEntry
+from .catalog import Catalog, FileStamp, TensorEntry, check_name
 from .dtypes import ITEMSIZE
 from .reserved import LAYOUT_KEY, QUANT_KEY
 
@@ -119,6 +119,9 @@ def validate(header: bytes, file_nbytes: int, path: str) -> tuple[list[TensorEnt
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise MetadataError(f"{METADATA_KEY} must map strings to strings, got {_short(metadata)}", path=path)
+    for key, value in metadata.items():
+        check_name(key, path, f"{METADATA_KEY} key")
+        check_name(value, path, f"{METADATA_KEY} value of {key!r}")
 
     data_nbytes = file_nbytes - data_start
     entries = [_entry(name, info, data_start, path) for name, info in doc.items()]
@@ -153,6 +156,7 @@ def validate(header: bytes, file_nbytes: int, path: str) -> tuple[list[TensorEnt
 
 
 def _entry(name: str, info: Any, data_start: int, path: str) -> TensorEntry:
+    check_name(name, path)
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise HeaderJSONError(
             f"entry must be an object with dtype, shape and data_offsets, got {_short(info)}",

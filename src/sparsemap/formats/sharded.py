@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import DuplicateTensorError, MissingShardError, ShardIndexError
-from .catalog import Catalog, FileStamp, TensorEntry
+from .catalog import Catalog, FileStamp, TensorEntry, check_name
 
 # An index is a small JSON file; anything bigger is not an index.
 MAX_INDEX_NBYTES = 64 << 20
@@ -36,6 +36,8 @@ def read_index(path: str) -> dict[str, str]:
         raise ShardIndexError("index must be an object whose \"weight_map\" maps tensor names to "
                               "shard file names", path=path)
     for name, shard in weight_map.items():
+        check_name(name, path)
+        check_name(shard, path, f"shard file name of {name!r}")
         # A shard must be a plain file name next to the index: "../x" or an
         # absolute path would let an index read any file on the machine.
         if shard != os.path.basename(shard) or shard in ("", ".", ".."):
@@ -61,7 +63,7 @@ def open_sharded(index_path: str, open_file: Callable[[str], Catalog]) -> Catalo
     quantized: dict[str, Any] = {}
     for shard in shards:
         shard_path = os.path.join(folder, shard)
-        if not os.path.isfile(shard_path):
+        if not os.path.exists(shard_path):  # a FIFO or device is refused by name when opened
             raise MissingShardError(f"shard {shard!r} named by the index is missing "
                                     f"({len(shards)} shards in all)", path=index_path)
         cat = open_file(shard_path)

@@ -26,9 +26,10 @@ weights (its vocabulary is in the header), otherwise ``tokenizer.json``.
 from __future__ import annotations
 
 import os
+import stat
 from typing import NamedTuple
 
-from ..errors import LegacyPickleError, SourceNotFoundError, UnknownFormatError
+from ..errors import LegacyPickleError, NotRegularFileError, SourceNotFoundError, UnknownFormatError
 
 GGUF_MAGIC = b"GGUF"
 RWKV_CPP_MAGIC = b"fmgg"  # rwkv.cpp's 0x67676d66, little-endian
@@ -106,6 +107,7 @@ def resolve_source(path: str | os.PathLike[str]) -> ModelSource:
         folder, weights = path, _weights_in_folder(path)
     elif os.path.exists(path):
         folder, weights = os.path.dirname(path), path
+        check_regular_file(weights)
     else:
         raise SourceNotFoundError("no such file or folder", path=path)
     fmt = "sharded" if weights.endswith(".json") else sniff_format(weights)
@@ -119,6 +121,41 @@ def resolve_source(path: str | os.PathLike[str]) -> ModelSource:
                        config=None if gguf else beside("config.json"),
                        tokenizer=weights if gguf else beside("tokenizer.json"),
                        generation_config=beside("generation_config.json"))
+
+
+# Kernel file systems: their files claim a size of 0 (or of the whole address space) and produce
+# content when read; /proc/self/mem or /proc/kcore is no checkpoint to map.
+KERNEL_FILE_SYSTEMS = ("/proc", "/sys")
+
+
+def check_regular_file(path: str) -> os.stat_result:
+    """Refuse, before any ``open``, a path that is not a regular file on a disk: a FIFO (opening it
+    blocks until a writer comes), a socket, a device (``/dev/zero`` reads forever), a file of /proc or
+    /sys. Symbolic links are followed (``/dev/stdin`` is refused for what it points to).
+
+    Raises:
+        NotRegularFileError: naming the path and what it is.
+        SourceNotFoundError: nothing there.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SourceNotFoundError("no such file", path=path) from None
+    except OSError as e:
+        raise SourceNotFoundError(f"cannot stat it: {e.strerror}", path=path) from None
+    if not stat.S_ISREG(st.st_mode):
+        kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                 (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+        kind = next((what for test, what in kinds if test(st.st_mode)), "not a regular file")
+        raise NotRegularFileError(f"is {kind}, not a checkpoint file (nothing was read from it)", path=path)
+    for root in KERNEL_FILE_SYSTEMS:
+        try:
+            if os.stat(root).st_dev == st.st_dev:
+                raise NotRegularFileError(f"is a kernel file under {root}, not a checkpoint file (nothing "
+                                          "was read from it)", path=path)
+        except FileNotFoundError:
+            continue
+    return st
 
 
 def _weights_in_folder(folder: str) -> str:
