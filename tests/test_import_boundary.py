@@ -34,7 +34,7 @@ PACKAGE = "sparsemap"
 # Modules whose import must not import torch, directly or through the package.
 TORCH_FREE = (
     "sparsemap", "sparsemap.errors", "sparsemap.units", "sparsemap.pages", "sparsemap.memory",
-    "sparsemap.durable", "sparsemap.cli", "sparsemap.formats.*", "sparsemap.models",
+    "sparsemap.names", "sparsemap.durable", "sparsemap.cli", "sparsemap.formats.*", "sparsemap.models",
     "sparsemap.models.assets", "sparsemap.models.gguf_llama", "sparsemap.models.smollm2",
     "sparsemap.models.generate", "sparsemap.models.minilm", "sparsemap.models.demo", "sparsemap.bench",
     "sparsemap.models.rwkv_config", "sparsemap.models.rwkv_tokenizer",
@@ -48,7 +48,7 @@ IMPORT_TORCH = ("torch", "transformers", "safetensors.torch", "accelerate", "sen
 
 # The pipeline, bottom up. A module may import from its own layer or a lower one, never a higher one.
 LAYERS = (
-    ("sparsemap.errors", "sparsemap.units", "sparsemap.memory"),
+    ("sparsemap.errors", "sparsemap.units", "sparsemap.memory", "sparsemap.names"),
     ("sparsemap.formats.*", "sparsemap.formats"),
     ("sparsemap.pages", "sparsemap.durable"),
     ("sparsemap.mapped",),

@@ -14,6 +14,7 @@ from sparsemap.errors import (
     UnexpectedKeysError,
     UninitializedTensorError,
 )
+from sparsemap.mapped import mapping_of
 
 from .conftest import tiny_llama_config
 
@@ -108,12 +109,81 @@ def test_shape_mismatch_names_both_shapes(tmp_path):
         sparsemap.load(_small_module, tmp_path / "m.safetensors")
 
 
-def test_strict_false_leaves_missing_on_meta_with_a_warning(tmp_path):
+def test_strict_false_initialises_a_missing_module_on_the_cpu_with_a_warning(tmp_path):
     sd = {k: v for k, v in _small_module().state_dict().items() if not k.startswith("1.")}
     save_file(sd, tmp_path / "m.safetensors")
     with pytest.warns(UserWarning, match="2 missing"):
         model = sparsemap.load(_small_module, tmp_path / "m.safetensors", strict=False)
-    assert model[1].weight.is_meta and not model[0].weight.is_meta
+    assert model[1].weight.device.type == "cpu" and not model[1].weight.is_meta
+    assert model[1].weight.abs().sum() > 0  # reset_parameters ran: not left as uninitialised memory zeros
+    assert model(torch.ones(1, 4)).shape == (1, 2)  # runs: nothing left on meta
+    assert torch.equal(model[0].weight, sd["0.weight"])
+
+
+def test_strict_false_initialises_only_the_missing_half_of_a_module(tmp_path):
+    """The loaded weight stays the file's bytes (a view of the mapping, never written by the initialiser)."""
+    sd = {k: v for k, v in _small_module().state_dict().items() if k != "1.bias"}
+    save_file(sd, tmp_path / "m.safetensors")
+    with pytest.warns(UserWarning, match="1 missing"):
+        model = sparsemap.load(_small_module, tmp_path / "m.safetensors", strict=False)
+    assert torch.equal(model[1].weight, sd["1.weight"]) and mapping_of(model[1].weight) is not None
+    bound = 1 / 3 ** 0.5  # nn.Linear's bias init: uniform within 1/sqrt(fan_in)
+    assert not model[1].bias.is_meta and model[1].bias.abs().max() <= bound
+
+
+class _NoInit(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.scale = torch.nn.Parameter(torch.ones(3))
+
+
+def test_strict_false_refuses_by_name_a_parameter_nothing_can_initialise(tmp_path):
+    save_file({"fc.weight": torch.ones(3, 3), "fc.bias": torch.ones(3)}, tmp_path / "m.safetensors")
+    with pytest.warns(UserWarning), pytest.raises(MissingKeysError, match="no initialiser") as info:
+        sparsemap.load(_NoInit, tmp_path / "m.safetensors", strict=False)
+    assert info.value.missing == ["scale"]
+
+
+@pytest.mark.parametrize("wrap", ["module.", "state_dict.", "state_dict.module."])
+def test_a_single_wrapping_prefix_is_found_by_itself(tmp_path, wrap):
+    """DataParallel's module., a nested {'state_dict': ...} (flattened to state_dict.), or both."""
+    sd = _small_module().state_dict()
+    save_file({wrap + k: v for k, v in sd.items()}, tmp_path / "m.safetensors")
+    model = sparsemap.load(_small_module, tmp_path / "m.safetensors")
+    assert torch.equal(model[1].weight, sd["1.weight"])
+
+
+def test_a_nested_state_dict_in_a_torch_zip_loads(tmp_path):
+    sd = _small_module().state_dict()
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 3}, tmp_path / "ckpt.pt")
+    model = sparsemap.load(_small_module, tmp_path / "ckpt.pt")
+    assert torch.equal(model[0].bias, sd["0.bias"])
+
+
+def test_rename_and_prefix_say_it_explicitly(tmp_path):
+    sd = _small_module().state_dict()
+    save_file({"net." + k: v for k, v in sd.items()}, tmp_path / "m.safetensors")
+    a = sparsemap.load(_small_module, tmp_path / "m.safetensors", prefix="net.")
+    b = sparsemap.load(_small_module, tmp_path / "m.safetensors", rename={"net.": ""})
+    c = sparsemap.load(_small_module, tmp_path / "m.safetensors", rename=lambda n: n.removeprefix("net."))
+    assert all(torch.equal(m[1].weight, sd["1.weight"]) for m in (a, b, c))
+    with pytest.raises(sparsemap.errors.BadInputError, match="not both"):
+        sparsemap.load(_small_module, tmp_path / "m.safetensors", prefix="net.", rename={"net.": ""})
+
+
+def test_an_explicit_wrong_rename_is_refused_naming_what_matched_nothing(tmp_path):
+    sd = _small_module().state_dict()
+    save_file({"net." + k: v for k, v in sd.items()}, tmp_path / "m.safetensors")
+    with pytest.raises(MissingKeysError, match="no tensor of the checkpoint is a tensor of the model"):
+        sparsemap.load(_small_module, tmp_path / "m.safetensors", prefix="other.")
+
+
+def test_two_checkpoint_names_that_rename_to_one_model_name_are_refused(tmp_path):
+    sd = _small_module().state_dict()
+    save_file({**sd, **{"module." + k: v.clone() for k, v in sd.items()}}, tmp_path / "m.safetensors")
+    with pytest.raises(sparsemap.errors.LoadError, match=r"would both load into '0\.bias'"):
+        sparsemap.load(_small_module, tmp_path / "m.safetensors", prefix="module.")
 
 
 def test_skip_never_touches_the_skipped_tensors(tiny_llama, monkeypatch):

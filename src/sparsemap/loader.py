@@ -21,8 +21,15 @@ from torch import nn
 
 from .checkpoint import Checkpoint
 from .checkpoint import Source as CheckpointSource
-from .errors import MissingKeysError, ShapeMismatchError, UnexpectedKeysError, UninitializedTensorError
+from .errors import (
+    LoadError,
+    MissingKeysError,
+    ShapeMismatchError,
+    UnexpectedKeysError,
+    UninitializedTensorError,
+)
 from .formats.catalog import Catalog
+from .names import PrefixChange, Rename, find_prefix_change, ignored_names, renamer
 
 logger = logging.getLogger("sparsemap")
 M = TypeVar("M", bound=nn.Module)
@@ -138,75 +145,121 @@ def _listing(items: list[str]) -> str:
 class LoadPlan(NamedTuple):
     """Which checkpoint tensor goes to which model slot, and what does not fit."""
 
-    assignments: list[tuple[_Slot, str]]
+    assignments: list[tuple[_Slot, str]]  # (slot, checkpoint name)
     missing: list[str]
     unexpected: list[str]
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
     skipped: list[str]
     not_loaded: set[str]  # model names left as they are: skipped or missing
     model: ModelTensors  # the walk the plan was made from, for the check after loading
+    found_change: PrefixChange | None = None  # the prefix change found by itself, when none was given
+    missing_slots: tuple[_Slot, ...] = ()  # slots no checkpoint tensor fills (and nobody skipped)
+    not_required: frozenset[str] = frozenset()  # missing names the model says it does not need
 
     def raise_for_errors(self, source: str, strict: bool) -> None:
         sections = []
+        missing = [m for m in self.missing if m.split(" ", 1)[0] not in self.not_required]
         if self.mismatched:
             sections.append("shape mismatch (checkpoint vs model):" + _listing(
                 [f"{n}: {tuple(c)} vs {tuple(m)}" for n, c, m in self.mismatched]))
-        if strict and self.missing:
-            sections.append(f"{len(self.missing)} missing from the checkpoint:" + _listing(self.missing))
+        if strict and missing:
+            sections.append(f"{len(missing)} missing from the checkpoint:" + _listing(missing))
         if strict and self.unexpected:
             sections.append(f"{len(self.unexpected)} in the checkpoint but not in the model:"
                             + _listing(self.unexpected))
+        if not self.assignments and self.model.slots and not self.mismatched:
+            sections.append("no tensor of the checkpoint is a tensor of the model (compare the names: "
+                            f"the model has {_first_names(self.model)}, the checkpoint "
+                            f"{', '.join(repr(u.rsplit(' ', 1)[0]) for u in self.unexpected[:2])})")
         if not sections:
-            if self.missing or self.unexpected:
-                warnings.warn(f"{source}: loaded with {len(self.missing)} missing and "
-                              f"{len(self.unexpected)} unexpected tensors", stacklevel=3)
+            if missing or self.unexpected:
+                warnings.warn(f"{source}: loaded with {len(missing)} missing (initialised) and "
+                              f"{len(self.unexpected)} unexpected tensors (left out)", stacklevel=3)
             return
         cls = (ShapeMismatchError if self.mismatched
-               else MissingKeysError if strict and self.missing else UnexpectedKeysError)
+               else MissingKeysError if strict and missing else UnexpectedKeysError)
         hint = "\n(pass skip=[...] to leave tensors out, or strict=False to allow missing/unexpected)"
+        if self.found_change is not None:
+            hint = (f"\n(checkpoint names were read with {self.found_change.option()}, found by themselves; "
+                    "pass rename= to say otherwise)" + hint)
         raise cls("checkpoint does not fit the model; " + "\n".join(sections) + hint, path=source,
-                  missing=self.missing, unexpected=self.unexpected, mismatched=self.mismatched)
+                  missing=missing, unexpected=self.unexpected, mismatched=self.mismatched)
 
 
-def plan(model: nn.Module, catalog: Catalog, skip: Skip = None) -> LoadPlan:
-    """Match the model's tensors to the checkpoint's, without touching any data."""
+def _first_names(walked: ModelTensors) -> str:
+    return ", ".join(repr(slot.names[0]) for slot in walked.slots[:2])
+
+
+def plan(model: nn.Module, catalog: Catalog, skip: Skip = None, *, rename: Rename = None,
+         prefix: str | None = None) -> LoadPlan:
+    """Match the model's tensors to the checkpoint's, without touching any data.
+
+    Checkpoint names are read through ``rename``/``prefix`` (see :mod:`sparsemap.names`); with
+    neither, through the one prefix change that finds the most model names, if any finds more
+    than the names as they are. Names the model says never to expect are left out.
+    """
     skipped_fn = skip_predicate(skip)
-    assignments, missing, mismatched, skipped = [], [], [], []
+    walked = model_tensors(model)
+    leave_out, not_required = ignored_names(model, (name for name, _, _ in walked.computed))
+    change = renamer(rename, prefix)
+    found = None
+    if change is None:
+        model_names = {n for slot in walked.slots for n in slot.names}
+        found = find_prefix_change(model_names, [n for n in catalog if not leave_out(n)],
+                                   getattr(model, "base_model_prefix", None) or None)
+        change = found
+    served: dict[str, str] = {}  # model name -> checkpoint name
+    skipped: list[str] = []
+    dropped: list[str] = []  # checkpoint names the rename left out or the model ignores
+    for name in catalog:
+        as_model = change(name) if change is not None else name
+        if as_model is None or leave_out(name) or leave_out(as_model):
+            dropped.append(name)
+        elif as_model in served:
+            raise LoadError(f"checkpoint tensors {served[as_model]!r} and {name!r} would both load into "
+                            f"{as_model!r}; pass rename= to tell them apart", path=catalog.source)
+        else:
+            served[as_model] = name
+    assignments, missing, mismatched, missing_slots = [], [], [], []
     claimed: set[str] = set()
     not_loaded: set[str] = set()
-    walked = model_tensors(model)
     for slot in walked.slots:
         wanted = [n for n in slot.names if not skipped_fn(n)]
         if not wanted:
             skipped.extend(slot.names)
             not_loaded.update(slot.names)
             continue
-        found = next((n for n in wanted if n in catalog), None)
-        if found is None:
+        hit = next((n for n in wanted if n in served), None)
+        if hit is None:
             missing.append(" = ".join(wanted) + f" {tuple(slot.tensor.shape)}")
+            missing_slots.append(slot)
             not_loaded.update(slot.names)
             continue
-        claimed.update(n for n in slot.names if n in catalog)
-        shape = catalog[found].shape
+        claimed.update(served[n] for n in slot.names if n in served)
+        found_name = served[hit]
+        shape = catalog[found_name].shape
         if tuple(slot.tensor.shape) != shape:
-            mismatched.append((found, shape, tuple(slot.tensor.shape)))
+            mismatched.append((found_name, shape, tuple(slot.tensor.shape)))
             continue
-        assignments.append((slot, found))
+        assignments.append((slot, found_name))
     unexpected = []
-    for name in catalog:
+    for as_model, name in served.items():
         if name in claimed:
             continue
-        if skipped_fn(name):
+        if skipped_fn(name) or skipped_fn(as_model):
             skipped.append(name)
         else:
             unexpected.append(f"{name} {catalog[name].shape}")
-    return LoadPlan(assignments, missing, unexpected, mismatched, sorted(set(skipped)), not_loaded, walked)
+    quiet = frozenset(n for slot in missing_slots for n in slot.names if not_required(n))
+    return LoadPlan(assignments, missing, unexpected, mismatched, sorted(set(skipped)), not_loaded, walked,
+                    found, tuple(missing_slots), quiet)
 
 
 # ---------------------------------------------------------------- loading
 
 def load(model: M | Callable[[], M], source: Source, *, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None, strict: bool = True, skip: Skip = None,
+         rename: Rename = None, prefix: str | None = None,
          staging: int | str | None = None, readers: int = 2, drop_cache: bool = False) -> M:
     """Load a checkpoint into a model built on the meta device, by mapping, not copying.
 
@@ -220,10 +273,21 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
         dtype: cast floating-point tensors to this dtype (integer and bool
             tensors keep theirs). ``None`` keeps the checkpoint's dtypes.
         strict: refuse missing and unexpected tensors (shape mismatches are
-            always refused).
+            always refused). With ``strict=False`` a missing parameter is
+            initialised on the CPU as the model would initialise it (its
+            module's ``reset_parameters``, or transformers' ``_init_weights``),
+            and one that cannot be is refused by name: none is left on meta.
         skip: names or glob patterns (``"lm_head.*"``), or a predicate, of
             tensors to leave out: not loaded, their pages never touched; a model
             tensor that is skipped stays on the meta device.
+        rename: how checkpoint names become model names: a mapping of name
+            prefixes (``{"module.": ""}``, ``{"": "bert."}``) or a function
+            (``None`` from it leaves a tensor out). With neither ``rename`` nor
+            ``prefix``, a single prefix that explains the difference (a
+            DataParallel ``module.``, a nested ``state_dict.``, a transformers
+            ``base_model_prefix``) is found and used: see :mod:`sparsemap.names`.
+        prefix: the checkpoint's names carry this prefix (``"module."``): short for
+            ``rename={prefix: ""}``.
         staging: stream instead of mapping (:mod:`sparsemap.stream`): ``K``
             reader threads fill a ring of host buffers of this total size
             (``"256M"``) with large reads, copied to ``device`` as they fill;
@@ -254,8 +318,10 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
         with skeleton():
             model = model()
     ckpt = Checkpoint.of(source)
-    the_plan = plan(model, ckpt.catalog, skip)
+    the_plan = plan(model, ckpt.catalog, skip, rename=rename, prefix=prefix)
     the_plan.raise_for_errors(ckpt.source, strict)
+    if the_plan.found_change is not None:
+        logger.info("%s: checkpoint names read with %s", ckpt.source, the_plan.found_change.option())
 
     device = torch.device(device)
     streamed: dict[str, torch.Tensor] = {}
@@ -281,8 +347,52 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
             _assign(slots[name], t, as_parameter=False)
         else:
             _assign(slots[name], _converted(t, device, dtype))
+    _initialise_missing(model, the_plan, ckpt.source, dtype)
     _check_materialized(the_plan, ckpt.source, strict)
     return model
+
+
+def _initialise_missing(model: nn.Module, the_plan: LoadPlan, source: str, dtype: torch.dtype | None) -> None:
+    """Give the parameters the checkpoint lacks real values on the CPU, as the model initialises them.
+
+    Only reached when missing tensors are allowed (``strict=False``, or names the model says it does
+    not need). Each missing parameter gets CPU memory (tied names share it); then each module owning
+    one runs its initialiser (transformers' ``_init_weights``, else ``reset_parameters``) with its
+    loaded parameters swapped for meta placeholders, on which initialisers do nothing: a weight mapped
+    from the file is never written (that would copy its pages), and only the missing ones change.
+    A parameter whose module has no initialiser is refused by name.
+    """
+    slots = [slot for slot in the_plan.missing_slots
+             if slot.kind == "param" and (t := slot.now()) is not None and t.is_meta]
+    if not slots:
+        return
+    init = getattr(model, "_init_weights", None)  # transformers' per-module initialiser
+    refused = [n for slot in slots for n in slot.names
+               if init is None and not all(hasattr(m, "reset_parameters") for m, _ in slot.places)]
+    if refused:
+        raise MissingKeysError("these tensors are missing from the checkpoint and their modules have no "
+                               "initialiser (reset_parameters): pass skip= to leave them on the meta device "
+                               "knowingly, or give them in the checkpoint" + _listing(refused),
+                               path=source, missing=refused)
+    fresh = set()
+    owners: dict[int, nn.Module] = {}
+    for slot in slots:
+        meta = slot.now()
+        assert meta is not None
+        target = dtype if dtype is not None and meta.is_floating_point() else meta.dtype
+        _assign(slot, torch.empty(meta.shape, dtype=target, device="cpu"))
+        fresh.add(id(slot.now()))
+        owners.update((id(m), m) for m, _ in slot.places)
+    with torch.no_grad():
+        for module in owners.values():
+            kept = {attr: p for attr, p in module._parameters.items() if p is not None and id(p) not in fresh}
+            for attr, p in kept.items():  # placeholders: initialisers write nothing to a meta tensor
+                module._parameters[attr] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                                        requires_grad=p.requires_grad)
+            try:
+                init(module) if init is not None else module.reset_parameters()  # type: ignore[operator]
+            finally:
+                module._parameters.update(kept)
 
 
 def _assign(slot: _Slot, t: torch.Tensor, *, as_parameter: bool = True) -> None:

@@ -76,3 +76,35 @@ def test_missing_inputs_are_clear(tmp_path: Path) -> None:
     next((tmp_path / "m").glob("model-0000*.safetensors")).unlink()
     with pytest.raises(MissingShardError):
         sparsemap.from_pretrained(tmp_path / "m")
+
+
+def test_base_weights_load_into_a_model_with_a_head_as_transformers_does(minilm_folder, tmp_path) -> None:
+    """all-MiniLM-L6-v2 stores BertModel's names (no 'bert.'): into BertForMaskedLM the prefix is added,
+    the head initialised with a warning; the encoder's outputs equal transformers' own load."""
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    with pytest.warns(UserWarning, match="missing"):
+        ours = sparsemap.from_pretrained(minilm_folder, model_class=BertForMaskedLM)
+    reference = BertForMaskedLM.from_pretrained(minilm_folder).eval()
+    batch = AutoTokenizer.from_pretrained(minilm_folder)(["memory maps"], return_tensors="pt")
+    with torch.no_grad():
+        got = ours.bert(**batch).last_hidden_state
+        want = reference.bert(**batch).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not any(p.is_meta for p in ours.parameters())
+    with pytest.raises(sparsemap.errors.MissingKeysError, match=r"cls\.predictions"):
+        sparsemap.from_pretrained(minilm_folder, model_class=BertForMaskedLM, strict=True)
+
+
+def test_head_weights_load_into_the_base_model_leaving_the_head_out(minilm_folder, tmp_path) -> None:
+    from safetensors.torch import save_file
+    from transformers import BertForMaskedLM, BertModel
+
+    head = BertForMaskedLM.from_pretrained(minilm_folder)
+    state = {k: v.contiguous().clone() for k, v in head.state_dict().items()}
+    (tmp_path / "config.json").write_text((minilm_folder / "config.json").read_text())
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.warns(UserWarning, match="unexpected"):
+        base = sparsemap.from_pretrained(tmp_path, model_class=BertModel)
+    assert torch.equal(base.encoder.layer[0].output.dense.weight,
+                       head.bert.encoder.layer[0].output.dense.weight)

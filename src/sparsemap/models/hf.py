@@ -20,7 +20,8 @@ from ..errors import BadInputError, SourceNotFoundError
 from ..formats.catalog import Catalog
 from ..formats.dispatch import open_catalog
 from ..formats.source import ModelSource, resolve_source
-from ..loader import Skip, load, skeleton, skip_predicate
+from ..loader import Skip, load, skeleton
+from ..names import Rename
 from .gguf_llama import hf_catalog, llama_config_kwargs
 
 
@@ -66,23 +67,10 @@ def _model_class(config: Any) -> type[nn.Module]:
     raise BadInputError(f"no transformers model class for config {type(config).__name__}")
 
 
-def _ignored(model: nn.Module, skip: Skip) -> Skip:
-    """``skip`` plus what transformers itself ignores: tensors the model computes (non-persistent
-    buffers, e.g. BERT's ``position_ids``, saved by older versions) and its declared unexpected keys."""
-    import re
-
-    computed = {f"{prefix}.{name}" if prefix else name
-                for prefix, module in model.named_modules() for name in module._non_persistent_buffers_set}
-    patterns = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
-    user = skip_predicate(skip)
-    return lambda name: (user(name) or name in computed or name.endswith("rotary_emb.inv_freq")
-                         or any(p.search(name) for p in patterns))
-
-
 def from_pretrained(source: str | os.PathLike[str] | ModelSource, *, config: Any = None,
                     dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                     model_class: type[nn.Module] | None = None, skip: Skip = None,
-                    strict: bool = True) -> nn.Module:
+                    strict: bool = False, rename: Rename = None, prefix: str | None = None) -> nn.Module:
     """A transformers model with weights mapped from ``source``, in eval mode.
 
     Args:
@@ -94,7 +82,10 @@ def from_pretrained(source: str | os.PathLike[str] | ModelSource, *, config: Any
         device: where the weights go; ``"cpu"`` keeps them as views of the file.
         model_class: the transformers class to build; from the config's
             ``architectures`` (or the causal-LM auto class) when omitted.
-        skip, strict: as for :func:`sparsemap.load`.
+        skip, strict, rename, prefix: as for :func:`sparsemap.load`. As transformers does, a base
+            model's weights load into a model with a head (its ``base_model_prefix`` added; the head
+            initialised, with a warning) and the reverse (the head's weights left out); pass
+            ``strict=True`` to refuse anything missing or left over instead.
 
     Example:
         >>> model = sparsemap.from_pretrained("SmolLM2-135M-Instruct/")      # doctest: +SKIP
@@ -105,7 +96,7 @@ def from_pretrained(source: str | os.PathLike[str] | ModelSource, *, config: Any
     cls = model_class or _model_class(config)
     with skeleton():
         model = cls(config)
-    load(model, catalog, device=device, dtype=dtype, skip=_ignored(model, skip), strict=strict)
+    load(model, catalog, device=device, dtype=dtype, skip=skip, strict=strict, rename=rename, prefix=prefix)
     model.eval()
     if hasattr(model, "generation_config") and src.generation_config is not None:
         from transformers import GenerationConfig
