@@ -173,3 +173,27 @@ def test_entry_points_agree_on_a_config_beside_a_gguf(tmp_path: Path, smollm2_gg
     raw = sparsemap.Checkpoint(smollm2_gguf).tensor("blk.0.attn_q.weight")
     # rows reordered
     assert not torch.equal(q, raw) and torch.equal(q.sort(dim=0).values, raw.sort(dim=0).values)
+
+
+def test_the_legacy_hint_command_converts_a_file_saved_on_a_gpu(tmp_path: Path, monkeypatch) -> None:
+    """The command the error gives must work as written, also for a checkpoint saved on a GPU (its
+    storages record 'cuda:0', which torch.load refuses on a CPU-only machine without map_location)."""
+    import shlex
+    import subprocess
+    import sys
+
+    import torch
+
+    import sparsemap
+
+    old, new = tmp_path / "old.pt", tmp_path / "new.pt"
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    torch.save({"w": torch.arange(4.0)}, old, _use_new_zipfile_serialization=False)
+    monkeypatch.undo()
+    with pytest.raises(LegacyPickleError) as info:
+        sparsemap.open(old)
+    command = str(info.value).split("with python -c ", 1)[1].split(" (or save it", 1)[0]
+    code = shlex.split(command)[0].replace("'OLD'", repr(str(old))).replace("'NEW.pt'", repr(str(new)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert torch.equal(sparsemap.Checkpoint(new).tensor("w"), torch.arange(4.0))

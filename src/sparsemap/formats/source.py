@@ -48,7 +48,8 @@ WEIGHT_NAMES = (
 FORMATS = ("safetensors", "torch-zip", "gguf", "rwkv-cpp", "sharded")
 LEGACY_HINT = (
     "convert it once, in an environment you trust, with "
-    "python -c \"import torch; torch.save(torch.load('OLD', weights_only=True), 'NEW.pt')\" "
+    "python -c \"import torch; torch.save(torch.load('OLD', map_location='cpu', weights_only=True), "
+    "'NEW.pt')\" "
     "(or save it as safetensors)")
 
 
