@@ -146,3 +146,56 @@ def test_run_command_streams_an_answer_and_the_memory_report():
                            "--max-new-tokens", "16"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout and "import torch" in proc.stdout and "first token" in proc.stdout
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("engine", ["lean", "transformers"])
+def test_a_base_model_without_a_chat_template_completes_raw_text(tmp_path, engine):
+    """A folder whose tokenizer has no chat template (a base model) is continued as plain text, with a
+    note; the tokens are transformers' greedy continuation of the same raw ids."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sparsemap.models import smollm2
+
+    folder = smollm2.prepare(quiet=True)
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in folder.iterdir():
+        if f.name == "chat_template.jinja" or f.name.startswith("."):
+            continue
+        if f.name == "tokenizer_config.json":
+            config = json.loads(f.read_text())
+            config.pop("chat_template", None)
+            (base / f.name).write_text(json.dumps(config))
+        else:
+            (base / f.name).symlink_to(f)
+    prompt = "The capital of France is"
+    cmd = [sys.executable, "-m", "sparsemap.cli", "run", str(base), prompt, "--max-new-tokens", "6",
+           "--engine", engine, "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["prompt_form"] == "raw: the tokenizer has no chat template"
+    assert "no chat template" in proc.stderr
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        want = AutoModelForCausalLM.from_pretrained(base).generate(**ids, max_new_tokens=6, do_sample=False)
+    assert report["tokens"] == want[0][ids["input_ids"].shape[1]:].tolist()[: len(report["tokens"])]
+
+
+@pytest.mark.model
+def test_raw_forces_plain_text_on_a_chat_model():
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "sparsemap.cli", "run", "smollm2", "Once upon a time", "--raw",
+           "--max-new-tokens", "4", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["prompt_form"] == "raw"

@@ -90,9 +90,15 @@ class TransformersEngine:
     def load_tokenizer(self, source: ModelSource) -> Any:
         return load_tokenizer(source)
 
-    def prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
-        if not getattr(tokenizer, "chat_template", None):
-            raise BadInputError("the tokenizer has no chat template")
+    def has_chat(self, tokenizer: Any) -> bool:
+        return bool(getattr(tokenizer, "chat_template", None))
+
+    def prompt_ids(self, tokenizer: Any, prompt: str, raw: bool = False) -> list[int]:
+        if raw:
+            return list(tokenizer(prompt)["input_ids"])
+        if not self.has_chat(tokenizer):
+            raise BadInputError("the tokenizer has no chat template: complete the prompt as raw text "
+                                "instead (--raw)", path=getattr(tokenizer, "name_or_path", None) or None)
         messages = [{"role": "user", "content": prompt}]
         out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
         return list(out["input_ids"])
@@ -149,8 +155,11 @@ class LeanEngine:
 
         return load(source, dtype=self.dtype)
 
-    def prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
-        return list(tokenizer.prompt_ids(prompt))
+    def has_chat(self, tokenizer: Any) -> bool:
+        return tokenizer.template is not None
+
+    def prompt_ids(self, tokenizer: Any, prompt: str, raw: bool = False) -> list[int]:
+        return list(tokenizer.raw_ids(prompt) if raw else tokenizer.prompt_ids(prompt))
 
     def generate(self, model: Any, ids: list[int], max_new_tokens: int, temperature: float,
                  on_token: Callable[[int], None]) -> list[int]:
@@ -192,8 +201,11 @@ class RwkvEngine:
 
         return load(source.weights, sparse=self.sparse)
 
-    def prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
-        return list(tokenizer.encode(f"User: {prompt}\n\nAssistant:"))  # the chat form RWKV models learn
+    def has_chat(self, tokenizer: Any) -> bool:
+        return True  # the chat form RWKV models learn is plain text: every RWKV model takes it
+
+    def prompt_ids(self, tokenizer: Any, prompt: str, raw: bool = False) -> list[int]:
+        return list(tokenizer.encode(prompt if raw else f"User: {prompt}\n\nAssistant:"))
 
     def generate(self, model: Any, ids: list[int], max_new_tokens: int, temperature: float,
                  on_token: Callable[[int], None]) -> list[int]:
@@ -240,8 +252,13 @@ def _lean_refusal(source: ModelSource) -> str | None:
 def answer(engine: TransformersEngine | LeanEngine | RwkvEngine, model: str, prompt: str, *,
            max_new_tokens: int = 64, temperature: float = 0.0, echo: Callable[[str], None] | None = None,
            tracker: memory.PhaseTracker | None = None, memory_limit: int | None = None,
-           on_plan: Callable[[str], None] | None = None) -> dict[str, Any]:
+           on_plan: Callable[[str], None] | None = None, raw: bool | None = None,
+           on_note: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Load a model and answer ``prompt``; returns the answer and the measurements.
+
+    The prompt is the user's turn of the model's chat template; ``raw=True`` (or, when ``raw`` is
+    ``None``, a tokenizer without a chat template: a base model) continues it as plain text, and the
+    report says which (``"prompt_form"``); ``on_note`` hears of the fallback before generation starts.
 
     Phases: import torch, import the engine's libraries, tokenizer, weights,
     generate. ``first_token_s`` counts from the start of loading (tokenizer +
@@ -275,7 +292,10 @@ def answer(engine: TransformersEngine | LeanEngine | RwkvEngine, model: str, pro
         check_room(memory_limit, baseline)
     with tracker.phase("weights"):
         lm = engine.load_model(source)
-    ids = engine.prompt_ids(tokenizer, prompt)
+    raw_text = raw if raw is not None else not engine.has_chat(tokenizer)
+    if raw is None and raw_text and on_note is not None:
+        on_note("(the tokenizer has no chat template: the prompt is continued as plain text)")
+    ids = engine.prompt_ids(tokenizer, prompt, raw_text)
     budget = None
     if memory_limit is not None:
         from ..budget import Budget
@@ -314,6 +334,7 @@ def answer(engine: TransformersEngine | LeanEngine | RwkvEngine, model: str, pro
     decode_tokens = max(len(tokens) - 1, 0)
     report = {
         "model": source.path, "engine": type(engine).__name__, "prompt": prompt,
+        "prompt_form": ("raw" if raw else "raw: the tokenizer has no chat template") if raw_text else "chat",
         "answer": engine.decode(tokenizer, tokens), "tokens": tokens, "new_tokens": len(tokens),
         "load_s": sum(p.seconds for p in tracker.phases if p.name in ("tokenizer", "weights")),
         "first_token_s": first - load_start,

@@ -303,17 +303,26 @@ class ChatTokenizer:
                         for src in sources for k, v in src.items()
                         if k.endswith("_token")
                         and isinstance(v.get("content") if isinstance(v, dict) else v, str)}
-        if not template:
-            raise BadInputError("the tokenizer has no chat template", path=folder)
-        # The same environment transformers renders chat templates in.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = _raise_template_error
-        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
-        self.template = env.from_string(template)
+        self.folder = folder
+        self.template = None  # a base model has none: its prompts are completed as they are
+        if template:
+            # The same environment transformers renders chat templates in.
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.globals["raise_exception"] = _raise_template_error
+            env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+            self.template = env.from_string(template)
+
+    def raw_ids(self, prompt: str) -> list[int]:
+        """Token ids of ``prompt`` as text to continue (with the tokenizer's own special tokens, e.g. BOS)."""
+        return list(self.tokenizer.encode(prompt, add_special_tokens=True).ids)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of ``prompt`` as the user turn, with the assistant turn opened."""
+        if self.template is None:
+            raise BadInputError("the tokenizer has no chat template (tokenizer_config.json or "
+                                "chat_template.jinja): complete the prompt as raw text instead (--raw)",
+                                path=self.folder)
         messages = [{"role": "user", "content": prompt}]
         text = self.template.render(messages=messages, add_generation_prompt=True, **self.special)
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
