@@ -58,7 +58,8 @@ def test_lookups_totals_and_files() -> None:
     assert cat.files == ["/m.safetensors", "/n.gguf"]
     assert cat.nbytes == 64 + 16 + 18  # the tie counted once, the quantized tensor at its packed size
     assert cat.required_nbytes() == {"/m.safetensors": 4176, "/n.gguf": 82}
-    assert cat.summary()["bytes_by_dtype"] == {"F32": 128, "BF16": 16, "Q4_0->F32": 18}
+    assert cat.summary()["bytes_by_dtype"] == {"F32": 64, "BF16": 16, "Q4_0->F32": 18}  # the tie once
+    assert cat.stored_nbytes == cat.summary()["stored_nbytes"] == 64 + 16 + 18
     assert repr(cat) == "Catalog('/m.safetensors', format='safetensors', tensors=4, nbytes=98)"
 
 
@@ -74,3 +75,15 @@ def test_entries_know_their_alignment_and_whether_a_view_can_serve_them() -> Non
     assert cat["a"].zero_copy and not cat["q"].zero_copy
     assert cat["b"]._replace(offset=4161).zero_copy is False  # odd offset for 2-byte elements: copied
     assert cat["a"].end == 4160 and cat["a"].numel == 16
+
+
+def test_views_that_share_a_storage_are_stored_once(tmp_path) -> None:
+    """torch.save of x, x.t() and a row slice keeps one storage: the file holds 64 bytes of tensors."""
+    import torch
+
+    import sparsemap
+
+    x = torch.arange(16.0).view(4, 4)
+    torch.save({"x": x, "xt": x.t(), "rows": x[1:3], "again": x}, tmp_path / "shared.pt")
+    cat = sparsemap.open(tmp_path / "shared.pt")
+    assert cat.stored_nbytes == 64 and cat.summary()["bytes_by_dtype"] == {"F32": 64}

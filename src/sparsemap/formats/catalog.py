@@ -244,18 +244,33 @@ class Catalog(Mapping[str, TensorEntry]):
             need[e.file] = max(need.get(e.file, 0), e.end)
         return need
 
-    def summary(self) -> dict[str, Any]:
-        """Totals for reports: tensors, bytes, dtypes, files."""
-        by_dtype: dict[str, int] = {}
+    def _stored_spans(self) -> dict[str, list[tuple[str, int, int]]]:
+        """Per dtype label, the (file, start, end) byte ranges its tensors occupy in the files."""
+        spans: dict[str, list[tuple[str, int, int]]] = {}
         for e in self.entries.values():
             key = e.dtype if e.encoding is None else f"{e.encoding}->{e.dtype}"
             w = self.quantized.get(e.name)
-            by_dtype[key] = by_dtype.get(key, 0) + (e.nbytes if w is None else w.nbytes)
+            for part in (e,) if w is None else w.parts:
+                spans.setdefault(key, []).append((part.file, part.offset, part.end))
+        return spans
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes of the files that hold tensor data, each byte once: tied names, views that share a
+        storage (``x`` and ``x.t()`` saved together) and overlapping quantized parts count once; the
+        padding a converted file keeps between a view's rows counts, as the file stores it."""
+        return _union_nbytes([span for spans in self._stored_spans().values() for span in spans])
+
+    def summary(self) -> dict[str, Any]:
+        """Totals for reports: tensors, bytes (stored in the files, each byte once; and as loaded), dtypes,
+        files."""
+        by_dtype = {key: _union_nbytes(spans) for key, spans in self._stored_spans().items()}
         return {
             "source": self.source,
             "format": self.format,
             "tensors": len(self.entries),
             "nbytes": self.nbytes,
+            "stored_nbytes": self.stored_nbytes,
             "files": self.files,
             "bytes_by_dtype": by_dtype,
         }
@@ -274,3 +289,15 @@ def check_name(name: str, path: str, what: str = "tensor name") -> None:
     except UnicodeEncodeError as e:
         raise InvalidNameError(f"{what} {ascii(name)[:120]} is not valid UTF-8 (a lone surrogate at "
                                f"character {e.start})", path=path) from None
+
+
+def _union_nbytes(spans: list[tuple[str, int, int]]) -> int:
+    """Bytes covered by (file, start, end) ranges, each byte once."""
+    total, last_file, reach = 0, None, 0
+    for file, start, end in sorted(spans):
+        if file != last_file:
+            last_file, reach = file, 0
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
