@@ -119,3 +119,19 @@ def test_cli_lists_strategies_writes_json_and_plot(tiny: Path, tmp_path: Path) -
     for bad in (["bench", "llama-tiny", "--strategies", "nope"], ["bench", "llama-9b"],
                 ["bench", str(tmp_path)]):
         assert CliRunner().invoke(main, bad).exit_code == 2, bad
+
+
+@pytest.mark.model
+def test_bench_on_a_real_model_folder_prepares_each_form_once(minilm_folder: Path, tmp_path: Path) -> None:
+    """A Hugging Face folder (here an encoder, BertModel) is written out once per form the strategies
+    read (plain safetensors, torch.save, a sharded save) and measured like a synthetic size."""
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["bench", str(minilm_folder), "--strategies",
+                                       "sparsemap,naive,transformers from_pretrained", "--cache", "warm",
+                                       "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert {r["strategy"] for r in doc["medians"]} == {"sparsemap", "naive", "transformers from_pretrained"}
+    assert all(r["runs"] == r["attempts"] == 1 and r["usable_s"] > 0 for r in doc["medians"]), doc["medians"]
+    folder = synthetic.from_folder(minilm_folder, quiet=True)  # cached: the same folder, not written again
+    assert (folder / "model.pt").is_file() and (folder / "sharded").is_dir()

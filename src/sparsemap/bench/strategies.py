@@ -1,7 +1,8 @@
 """Loading strategies, ours and the peers', each a function run in a fresh child process.
 
-Every strategy builds the same transformers ``LlamaForCausalLM`` from the
-synthetic folder's config and loads the same weights its own way. The child
+Every strategy builds the same transformers model (the class the folder's
+config.json names: ``LlamaForCausalLM`` for the synthetic sizes) and loads the
+same weights its own way. The child
 reports when the model was usable and how long one forward pass took; the
 parent (:mod:`.measure`) measures memory, faults and reads from outside.
 Peers that cannot be imported here are reported as unavailable with the reason.
@@ -49,33 +50,53 @@ class Strategy:
 
 
 def _config(folder: Path) -> Any:
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
-    return LlamaConfig.from_pretrained(folder)
+    return AutoConfig.from_pretrained(folder)
+
+
+def _model_class(folder: Path) -> Any:
+    from ..models.hf import class_for
+
+    return class_for(_config(folder))
 
 
 def _skeleton_model(folder: Path) -> Any:
-    from transformers import LlamaForCausalLM
-
     from ..loader import skeleton
 
     with skeleton():  # the same meta builder for every meta-device strategy: only loading differs
-        return LlamaForCausalLM(_config(folder))
+        return _model_class(folder)(_config(folder))
 
 
 def _assign(folder: Path, state: dict[str, Any]) -> Any:
+    """The meta model with ``state`` assigned; tied weights (saved once) tied again, none left on meta."""
     model = _skeleton_model(folder)
-    model.load_state_dict(state, assign=True)
+    result = model.load_state_dict(state, assign=True, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left or result.unexpected_keys:
+        raise RuntimeError(f"state does not fit the model: missing {left[:5]}, unexpected "
+                           f"{result.unexpected_keys[:5]}")
     return model
+
+
+def _weights_dtype(folder: Path) -> Any:
+    import torch
+
+    config = _config(folder)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def naive(folder: Path) -> Any:
     """Random init in memory, torch.load of the whole file, load_state_dict (copies)."""
     import torch
-    from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM(_config(folder)).to(torch.bfloat16)
-    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    model = _model_class(folder)(_config(folder)).to(_weights_dtype(folder))
+    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True), strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     return model
 
 
@@ -105,18 +126,15 @@ def safetensors_safe_open(folder: Path) -> Any:
 def accelerate_dispatch(folder: Path) -> Any:
     """accelerate: init_empty_weights + load_checkpoint_and_dispatch on the sharded folder."""
     from accelerate import init_empty_weights, load_checkpoint_and_dispatch
-    from transformers import LlamaForCausalLM
 
     with init_empty_weights():
-        model = LlamaForCausalLM(_config(folder))
+        model = _model_class(folder)(_config(folder))
     return load_checkpoint_and_dispatch(model, str(folder / "sharded"), device_map={"": "cpu"})
 
 
 def transformers_from_pretrained(folder: Path) -> Any:
-    """transformers' AutoModelForCausalLM.from_pretrained on the sharded folder (its default path)."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder / "sharded", dtype="auto")
+    """transformers' from_pretrained (of the config's class) on the sharded folder (its default path)."""
+    return _model_class(folder).from_pretrained(folder / "sharded", dtype="auto")
 
 
 def fastsafetensors_cpu(folder: Path) -> Any:
@@ -226,8 +244,9 @@ def child(name: str, folder: str) -> dict[str, float]:
     import safetensors.torch  # noqa: F401
     import torch
 
-    # Libraries are imported before the clock starts: "usable" measures loading, not imports.
-    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: F401
+    # Libraries are imported before the clock starts: "usable" measures loading, not imports
+    # (naming the model class imports its modeling module).
+    _model_class(Path(folder))
 
     from ..memory import rss_anon
 
@@ -238,7 +257,7 @@ def child(name: str, folder: str) -> dict[str, float]:
     model = strategy.load(Path(folder)).eval()
     usable = time.perf_counter()
     with torch.inference_mode():
-        model(torch.arange(8).unsqueeze(0)).logits.float().sum().item()
+        model(torch.arange(8).unsqueeze(0))[0].float().sum().item()  # logits, or an encoder's states
     return {"import_s": imported - start, "usable_s": usable - imported,
             "forward_s": time.perf_counter() - usable, "baseline_anon": baseline_anon}
 

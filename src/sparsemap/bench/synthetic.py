@@ -1,4 +1,5 @@
-"""Synthetic Llama checkpoints of named sizes, written once by the real writers and cached.
+"""Bench folders: synthetic Llama checkpoints of named sizes, or a real model folder's weights, written
+once by the real writers and cached.
 
 Random weights in a real architecture's shape. One folder holds the same
 weights three ways: ``model.safetensors`` (safetensors.torch.save_file),
@@ -64,6 +65,64 @@ def generate(name: str, *, quiet: bool = False) -> Path:
     shard_mib = max(1, sum(t.numel() * 2 for t in state.values()) // 4 // 2**20)
     model.save_pretrained(folder / "sharded", max_shard_size=f"{shard_mib}MB")
     (folder / ".complete").write_text(name + "\n")
+    return folder
+
+
+def from_folder(source: Path, *, quiet: bool = False) -> Path:
+    """A bench folder for a real model folder (config.json and weights in any format sparsemap reads),
+    written once into the cache: the same weights as a plain ``model.safetensors``, ``model.pt`` and a
+    ``sharded/`` save, each by its own library, so that every strategy reads what it is made for.
+
+    A converted file (padding tensors, layouts, quantized parts) would be misread by the peers, so the
+    weights are written out again in their logical form, dequantized.
+    """
+    import hashlib
+
+    from ..models.assets import cache_dir
+
+    source = source.resolve()
+    config = source / "config.json"
+    if not config.is_file():
+        from ..errors import SourceNotFoundError
+
+        raise SourceNotFoundError("no config.json: bench builds the model the config names", path=source)
+    stamp = "".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns};" for f in sorted(source.iterdir())
+                    if f.is_file())
+    key = hashlib.sha256(f"{source}|{stamp}".encode()).hexdigest()[:10]
+    folder = cache_dir() / "bench" / f"{source.name}-{key}"
+    if (folder / ".complete").is_file():
+        return folder
+    import torch
+    from transformers import AutoConfig
+
+    from ..loader import load, skeleton
+    from ..models.hf import class_for
+    from ..qtensor import QuantizedTensor
+
+    if not quiet:
+        print(f"preparing {source.name} for the bench (once): plain safetensors, torch.save and "
+              f"sharded copies in {folder}", file=sys.stderr)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = AutoConfig.from_pretrained(source)
+    with skeleton():
+        model = class_for(cfg)(cfg)
+    load(model, source, strict=False)
+    # Real copies of every weight: the peers' writers refuse tensors that are views of a mapping
+    # with padding (strided), and quantized weights are dequantized.
+    with torch.no_grad():
+        for module in model.modules():
+            for attr, p in module._parameters.items():
+                if p is not None:
+                    plain = p.dequantize() if isinstance(p, QuantizedTensor) else p
+                    module._parameters[attr] = torch.nn.Parameter(plain.contiguous().clone(),
+                                                                  requires_grad=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.save_pretrained(folder, max_shard_size="1000GB")  # one plain model.safetensors, ties saved once
+    torch.save(model.state_dict(), folder / "model.pt")
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(folder / "sharded", max_shard_size=f"{max(1, nbytes // 4 // 2**20)}MB")
+    (folder / ".complete").write_text(str(source) + "\n")
     return folder
 
 

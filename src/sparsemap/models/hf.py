@@ -51,7 +51,8 @@ def resolve(source: str | os.PathLike[str] | ModelSource, config: Any = None) ->
     return open_catalog(src), config
 
 
-def _model_class(config: Any) -> type[nn.Module]:
+def class_for(config: Any) -> type[nn.Module]:
+    """The transformers class a config names (``architectures``), else its causal-LM or base auto class."""
     import transformers
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -93,7 +94,7 @@ def from_pretrained(source: str | os.PathLike[str] | ModelSource, *, config: Any
     """
     src = source if isinstance(source, ModelSource) else resolve_source(source)
     catalog, config = resolve(src, config)
-    cls = model_class or _model_class(config)
+    cls = model_class or class_for(config)
     with skeleton():
         model = cls(config)
     load(model, catalog, device=device, dtype=dtype, skip=skip, strict=strict, rename=rename, prefix=prefix)
