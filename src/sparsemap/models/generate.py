@@ -13,6 +13,7 @@ shown, not assumed.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -60,6 +61,27 @@ def check_model(source: ModelSource) -> None:
         shape_of(pytorch_view(catalog))  # RWKV: version, every tensor and shape, no compute
     elif source.config is None:
         raise SourceNotFoundError("no config.json next to the weights", path=source.folder)
+    else:
+        _refuse_encoders(source.config)
+
+
+# Class name endings of models that generate text; any other architecture is an encoder or a classifier.
+GENERATIVE = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def _refuse_encoders(config_path: str) -> None:
+    """An encoder cannot answer a prompt: say what it can do instead, before any weight is read."""
+    import json
+
+    try:
+        with open(config_path, "rb") as f:
+            architectures = json.loads(f.read()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return  # transformers reads it later and names what is wrong
+    if architectures and not any(str(a).endswith(GENERATIVE) for a in architectures):
+        raise BadInputError(f"is an encoder ({', '.join(map(str, architectures))}), not a text generator: "
+                            f"embed texts with `sparsemap embed {os.path.dirname(config_path)} \"text\"`",
+                            path=os.path.dirname(config_path))
 
 
 def load_tokenizer(source: ModelSource) -> Any:
