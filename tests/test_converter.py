@@ -7,6 +7,7 @@ destination must never be seen half-written.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -168,6 +169,54 @@ def test_convert_with_a_dtype_cast_and_bundles(tmp_path: Path) -> None:
     convert(src, dst, layout=Layout(dtype=torch.bfloat16, bundle_ffn=True))
     assert_converted(dst, {n: (t.bfloat16() if t.is_floating_point() else t) for n, t in tensors.items()})
     assert "l.mlp@bundle" in load_file(str(dst))
+
+
+# ---------------------------------------------------------------- reading the source (never mapped)
+
+def _layouts_source(path: Path) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    tensors = {"l.mlp.gate_proj.weight": torch.randn(40, 12, generator=g),
+               "l.mlp.up_proj.weight": torch.randn(40, 12, generator=g),
+               "l.mlp.down_proj.weight": torch.randn(12, 40, generator=g),
+               "emb": torch.randn(50, 7, generator=g).bfloat16(), "head": torch.randn(9, 33, generator=g),
+               "counts": torch.arange(11), "odd": torch.randn(3, 5, generator=g).half()}
+    save_file(tensors, str(path))  # offsets as safetensors packs them: not aligned to anything
+    return tensors
+
+
+LAYOUTS = [
+    Layout(),
+    Layout(dtype=torch.float16),
+    Layout(pad_rows=("emb", "head"), transpose=("head",)),
+    Layout(bundle_ffn=True, pad_rows="emb",
+           reorder={"emb": [i % 7 for i in range(50)], "counts": list(range(11)),
+                    "l.mlp.down_proj.weight": [(5 * i) % 3 for i in range(40)]}),
+    Layout(dtype="bfloat16", transpose=("*proj.weight", "emb", "odd"), reorder={"odd": [0, 2, 1, 4, 3]}),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["plain", "cast", "rows-transposed", "bundle-reordered",
+                                                  "cast-transposed-reordered"])
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["copy_file_range", "pread"])
+def test_every_layout_is_read_from_the_source_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            layout: Layout, in_kernel: bool) -> None:
+    if not in_kernel:  # a kernel or file system that refuses copy_file_range: the pread fallback
+        def refuse(*_: object) -> int:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    src, dst = tmp_path / "src.safetensors", tmp_path / "dst.safetensors"
+    again = tmp_path / "again.safetensors"
+    tensors = _layouts_source(src)
+    convert(src, dst, layout=layout)
+    want = {n: t.to(torch.float16 if layout.dtype == "F16" else torch.bfloat16)
+            if layout.dtype and t.is_floating_point() else t for n, t in tensors.items()}
+    assert_converted(dst, want)
+    # A laid-out file of ours as the source: strided, reordered views, read whole with pread.
+    convert(dst, again)
+    assert_converted(again, want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.safetensors", "dst.safetensors",
+                                                          "src.safetensors"]
 
 
 # ---------------------------------------------------------------- bounded memory

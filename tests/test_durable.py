@@ -7,6 +7,7 @@ SIGKILL runs are in ``tests/hostile/test_crash_safety.py``.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import subprocess
@@ -169,6 +170,30 @@ def test_dirty_bytes_stay_under_two_windows(tmp_path: Path, monkeypatch: pytest.
     assert synced and synced[0][0] == 0
     assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(synced))
     assert path.read_bytes() == b"".join(bytes([i]) * 1000 for i in range(40))
+
+
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["copy_file_range", "pread"])
+def test_copy_range_appends_another_files_bytes_and_stops_at_its_end(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   in_kernel: bool) -> None:
+    if not in_kernel:
+        monkeypatch.setattr(durable, "_COPY_BUFFER_NBYTES", 1000)  # several reads through the buffer
+
+        def refuse(*_: object) -> int:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    source = tmp_path / "source.bin"
+    source.write_bytes(bytes(range(256)) * 40)  # 10240 bytes
+    reported: list[int] = []
+    with open(source, "rb") as f, atomic_write(tmp_path / "out.bin") as fd:
+        sink = WritebackSink(fd, reported.append)
+        sink.write(b"head")
+        assert sink.copy_range(f.fileno(), 100, 5000) == 5000
+        assert sink.copy_range(f.fileno(), 10000, 1000) == 240  # the source ends first: a short copy
+    assert (tmp_path / "out.bin").read_bytes() == b"head" + source.read_bytes()[100:5100] + \
+        source.read_bytes()[10000:]
+    assert sink.position == sum(reported) == 4 + 5000 + 240
 
 
 def test_zeros_of_nothing_writes_nothing(tmp_path: Path) -> None:

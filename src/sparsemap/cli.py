@@ -145,8 +145,8 @@ def inspect(path: str, as_json: bool, limit: int | None) -> None:
     if len(shown) < len(rows):
         console.print(f"... {len(rows) - len(shown)} more tensors (--limit)")
     by_dtype = ", ".join(f"{k}: {format_size(v)}" for k, v in summary["bytes_by_dtype"].items())
-    console.print(f"{len(rows)} tensors, {format_size(summary['nbytes'])} in {len(cat.files)} file(s); "
-                  f"{by_dtype}")
+    console.print(f"{len(rows)} tensors, {format_size(summary['stored_nbytes'])} stored in {len(cat.files)} "
+                  f"file(s) (each byte once); {by_dtype}")
     console.print(f"{summary['page_aligned_tensors']} of {len(rows)} tensors start on a "
                   f"{format_size(PAGE_SIZE)} page")
 
@@ -294,7 +294,9 @@ def convert(src: str, dst: str, dtype: str | None, align: str, pad_rows: tuple[s
     SRC is anything `sparsemap inspect` reads. DST is a valid safetensors file
     (any reader opens it); sparsemap undoes its layout when loading, without
     copying. Memory stays bounded: one source tensor at a time, output flushed
-    as it goes. DST is written atomically: an interrupted run leaves it as it was.
+    as it goes. DST is written atomically: an interrupted run leaves it as it was,
+    and it is put in place only once it has reopened as planned (exit 0 means a
+    valid file). DST must be a new name or a regular file in an existing folder.
 
     \b
     Examples:
@@ -310,8 +312,10 @@ def convert(src: str, dst: str, dtype: str | None, align: str, pad_rows: tuple[s
 
     from . import open as open_catalog
     from .converter import convert as run_convert
+    from .durable import check_destination
     from .writer import Layout
 
+    check_destination(dst)  # a folder, a FIFO, a missing folder: said before the source is read
     layout = Layout(align=_parse_size(align), dtype=getattr(torch, dtype) if dtype else None,
                     pad_rows=pad_rows, transpose=transpose, bundle_ffn=bundle_ffn,
                     reorder=_read_profile(profile) if profile else None, quantize=quantize)
@@ -344,21 +348,26 @@ def convert(src: str, dst: str, dtype: str | None, align: str, pad_rows: tuple[s
               help="Keep the whole process inside SIZE (300M, 1.5G): the runtime's own memory is measured, "
                    "weights that fit stay mapped, the rest stream layer by layer, read ahead and released "
                    "after use. The plan is printed first. A SIZE below the runtime's own is refused.")
+@click.option("--raw", is_flag=True,
+              help="Continue PROMPT as plain text instead of wrapping it in the chat template (what "
+                   "happens anyway, with a note, for a model whose tokenizer has no chat template).")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer and measurements as JSON.")
 def run(model: str, prompt: str, max_new_tokens: int, temperature: float, dtype: str | None, engine: str,
-        memory_limit: str | None, as_json: bool) -> None:
+        memory_limit: str | None, raw: bool, as_json: bool) -> None:
     """Answer PROMPT with MODEL, streaming tokens, then show memory by phase.
 
     MODEL is a Hugging Face folder (config.json, tokenizer, weights in any
     format sparsemap reads), a GGUF file, or `smollm2` (SmolLM2-135M-Instruct,
     fetched and converted once into $SPARSEMAP_CACHE). The prompt is wrapped
-    in the model's chat template.
+    in the model's chat template; a base model without one (or --raw)
+    continues the prompt as plain text.
 
     \b
     Examples:
       sparsemap run smollm2 "What is the capital of France?"
       sparsemap run ./my-model/ "Write a haiku about memory." --max-new-tokens 40 --temperature 0.7
       sparsemap run smollm2 "Name three planets." --memory-limit 300M
+      sparsemap run smollm2 "Once upon a time" --raw
     """
     from .models.generate import answer, figures, pick_engine, resolve_model
 
@@ -371,7 +380,8 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, dtype:
     chosen = pick_engine(resolve_model(model), engine, torch_dtype)
     limit = _parse_size(memory_limit) if memory_limit else None
     report = answer(chosen, model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, echo=echo,
-                    memory_limit=limit, on_plan=None if as_json else lambda text: click.echo(text + "\n"))
+                    memory_limit=limit, on_plan=None if as_json else lambda text: click.echo(text + "\n"),
+                    raw=True if raw else None, on_note=lambda text: click.echo(text, err=True))
     if as_json:
         click.echo(json.dumps({k: v for k, v in report.items() if k != "table"}))
         return
@@ -388,6 +398,45 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, dtype:
         b = report["budget"]
         click.echo(f"memory limit {format_size(b['limit'])}: planned peak {format_size(b['planned'])}, "
                    f"own accounting peaked at {format_size(b['own_peak'])}")
+
+
+# ---------------------------------------------------------------- embed
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the vectors as JSON (one list per text).")
+def embed(model: str, texts: tuple[str, ...], as_json: bool) -> None:
+    """Embed TEXTS with the encoder in MODEL (a sentence-transformers or transformers folder).
+
+    Pooling and normalisation are the folder's own (modules.json, 1_Pooling/config.json);
+    a folder without them is mean-pooled. The weights are mapped, not copied.
+
+    \b
+    Examples:
+      sparsemap embed ./all-MiniLM-L6-v2/ "A cat sat on the mat." "A dog slept."
+      sparsemap embed ./all-MiniLM-L6-v2/ "memory maps" --json > vectors.json
+    """
+    from .models.embed import Embedder
+
+    embedder = Embedder(model)
+    vectors = embedder(list(texts))  # (texts, dim)
+    if as_json:
+        click.echo(json.dumps({"model": model, "dim": vectors.shape[1],
+                               "normalized": embedder.pipeline.normalize,
+                               "pooling": list(embedder.pipeline.modes), "vectors": vectors.tolist()}))
+        return
+    pooling = "+".join(embedder.pipeline.modes) + (", L2-normalized" if embedder.pipeline.normalize else "")
+    click.echo(f"{len(texts)} texts, {vectors.shape[1]} dimensions ({pooling})")
+    for text, v in zip(texts, vectors, strict=True):
+        head = ", ".join(f"{x:+.4f}" for x in v[:4].tolist())
+        click.echo(f"  [{head}, ...] norm {float(v.norm()):.3f}  {printable(text)[:60]}")
+    if len(texts) > 1:
+        import torch
+
+        sims = torch.nn.functional.cosine_similarity(vectors[:1], vectors[1:], dim=-1)  # (texts - 1,)
+        click.echo("cosine similarity of the first to the others: "
+                   + ", ".join(f"{float(x):.3f}" for x in sims))
 
 
 # ---------------------------------------------------------------- bench
@@ -416,6 +465,8 @@ def _bench_folder(model: str) -> Path:
 
     if Path(model).is_dir():
         folder = Path(model)
+        if not all((folder / name).exists() for name in ("model.safetensors", "model.pt", "sharded")):
+            folder = synthetic.from_folder(folder)  # a model folder: its weights written out once per form
     elif model in synthetic.SIZES:
         folder = synthetic.generate(model)
     else:

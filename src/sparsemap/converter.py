@@ -4,10 +4,21 @@ Reads anything :func:`sparsemap.open` reads, writes through
 :mod:`sparsemap.writer`. GGUF quantized tensors are dequantized, or, with
 ``Layout(quantize="keep")``, kept quantized in the layouts torch's CPU kernels
 read (``"q8_0"``/``"q4_1"`` also quantize float weights; see
-:mod:`sparsemap.quantize`). Memory stays bounded:
-one source tensor at a time is fetched (a zero-copy view, or a dequantized
-copy for GGUF), its pages are released once written, and output pages are
-flushed and dropped as they go.
+:mod:`sparsemap.quantize`).
+
+The source is read, never mapped. A mapping of a file that shrinks under the
+copy is SIGBUS where torch touches it and EFAULT where ``write(2)`` is handed
+it; the copy has to survive another process truncating or rewriting the
+source. So a plain tensor is copied file to file inside the kernel
+(``copy_file_range``: no user memory at all, which beats the mapped copy's
+page faults) or read with ``pread`` a bounded chunk at a time (casts, padded
+or reordered rows); only what needs a whole tensor anyway (a transpose, a GGUF
+tensor to dequantize, a weight to quantize) is read whole, one tensor at a time.
+A read that finds the file shorter, or a file whose stamp moved (checked before
+and after every tensor), is a :class:`~sparsemap.errors.FileChangedError` naming
+the file and its sizes, and the destination is left as it was. Memory stays
+bounded: one source tensor at a time at most, the source's cached pages are
+dropped once written, and output pages are flushed and dropped as they go.
 """
 
 from __future__ import annotations
@@ -21,12 +32,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from .checkpoint import Checkpoint, Source
-from .errors import UnsupportedQuantizationError
-from .formats.catalog import Catalog
+from .durable import check_destination
+from .errors import FileChangedError, ReservedNameError, TruncatedFileError, UnsupportedQuantizationError
+from .formats.catalog import Catalog, FileStamp, TensorEntry
 from .formats.planner import Layout, Plan, Spec, plan
 from .formats.quantized import FROM_GGUF
 from .formats.reserved import LAYOUT_KEY, QUANT_KEY
-from .writer import write
+from .mapped import torch_dtype
+from .writer import FileRange, write
 
 if TYPE_CHECKING:
     from .quantize import Coded
@@ -73,11 +86,18 @@ def convert(source: Source | Checkpoint, destination: str | os.PathLike[str], *,
     Returns:
         A :class:`ConvertSummary` (tensors, bytes, padding overhead, time, MB/s).
 
+    Raises:
+        DestinationError: ``destination`` is a folder, a FIFO, a socket or a device, or its folder is
+            missing: checked first, before the source is opened.
+        ReservedNameError: a source tensor's name collides with names sparsemap stores (naming its file).
+        FileChangedError: the source was truncated, modified or replaced while it was converted.
+        WriteVerificationError: the written file did not reopen as planned (it was not put in place).
+
     Example:
         >>> convert("model.gguf", "model.safetensors", layout=Layout(dtype=torch.bfloat16))  # doctest: +SKIP
     """
-    ckpt = Checkpoint.of(source)
-    catalog = ckpt.catalog
+    check_destination(destination)
+    catalog = Checkpoint.of(source).catalog
     layout = layout or Layout()
     start = time.perf_counter()
     specs = [Spec(e.name, e.shape, e.dtype, (e.file, e.offset, e.nbytes, e.dtype, e.shape, e.strides)
@@ -93,26 +113,166 @@ def convert(source: Source | Checkpoint, destination: str | os.PathLike[str], *,
         the_plan: Plan = plan(specs, layout, _kept_metadata(catalog), int4_layout=int4)
     except UnsupportedQuantizationError as e:
         raise UnsupportedQuantizationError(e.detail, path=catalog.source, tensor=e.tensor) from None
-    current: dict[str, torch.Tensor] = {}
+    except ReservedNameError as e:
+        where = catalog[e.tensor].file if e.tensor in catalog else catalog.source
+        raise ReservedNameError(e.detail, path=where, tensor=e.tensor) from None
 
-    def get(name: str) -> torch.Tensor:
-        # The checkpoint checks the file is still the one parsed before serving each view (FileChangedError).
-        current[name] = t = ckpt.tensor(name)
-        return t
+    with SourceFiles(catalog) as files:
+        def get(name: str) -> torch.Tensor | FileRange:
+            return files.serve(catalog[name])
 
-    def done(name: str) -> None:
-        t = current.pop(name, None)
-        if t is not None:
-            ckpt.release(t, drop_cache=True)  # written: give its pages back
+        def done(name: str) -> None:
+            entry = catalog.entries.get(name)
+            if entry is None:  # a quantized weight's part: its weight's file is one of those open
+                files.check_all()
+            else:
+                files.check(entry.file)  # a change during the copy would mix two versions into the output
+                files.drop_cache(entry)  # written: its cached pages are not needed again
 
-    if layout.quantize is not None:
-        from .quantize import part_getter
+        mode = layout.quantize
+        if mode is not None:
+            from .quantize import part_getter
 
-        get = part_getter(the_plan, get, lambda name: _coded(ckpt, name, layout.quantize))
-    write(the_plan, get, destination, on_bytes=on_bytes, on_tensor=done)
+            get = part_getter(the_plan, get, lambda name: _coded(files, name, mode))  # type: ignore[arg-type]
+        write(the_plan, get, destination, on_bytes=on_bytes, on_tensor=done)
     return ConvertSummary(source=catalog.source, destination=os.fspath(destination), tensors=len(catalog),
                           file_nbytes=the_plan.file_nbytes, padding_nbytes=the_plan.padding_nbytes,
                           seconds=time.perf_counter() - start)
+
+
+class SourceFiles:
+    """A catalog's files opened for reading (never mapped), each held to the version that was parsed.
+
+    Serves each tensor as a :class:`~sparsemap.writer.FileRange` (plain stored elements: copied by the
+    writer file to file, or a chunk at a time) or as a tensor read whole with ``pread`` (what the
+    writer cannot take as bytes: strided or reordered views, GGUF blocks to dequantize, quantized
+    parts). Each file is checked against its catalog stamp when opened and before each tensor, and
+    by the caller after each (:meth:`check`). Owns its descriptors; a context manager.
+
+    Example:
+        >>> with SourceFiles(sparsemap.open("model.safetensors")) as files:   # doctest: +SKIP
+        ...     files.serve(files.catalog["emb"])
+    """
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self._required = catalog.required_nbytes()
+        self._fds: dict[str, int] = {}
+        self._stamps: dict[str, FileStamp] = {}  # each file as opened here
+
+    def __enter__(self) -> SourceFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def fd(self, path: str) -> int:
+        """A descriptor of ``path``, opened on first use after checking it is the file that was parsed."""
+        if path in self._fds:
+            return self._fds[path]
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            now = FileStamp.of(fd)
+            parsed = self.catalog.stamps.get(path)
+            if parsed is not None and now != parsed:
+                raise FileChangedError(f"changed since its header was read: {parsed.differences(now)}; "
+                                       "open it again", path=path)
+            if now.size < self._required.get(path, 0):
+                raise TruncatedFileError(f"file is {now.size} bytes but its tensors need "
+                                         f"{self._required[path]}", path=path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fds[path], self._stamps[path] = fd, now
+        return fd
+
+    def check(self, path: str) -> None:
+        """Raise :class:`FileChangedError` if ``path`` was truncated or written since it was opened here."""
+        fd = self._fds.get(path)
+        if fd is None:
+            return
+        was = self._stamps[path]
+        st = os.fstat(fd)
+        now = FileStamp.of_stat(st)
+        # Replaced by rename: the name moved on but this inode, the one read, is whole; unlinking it
+        # moved its change time and nothing else (as sparsemap.mapped.FileMapping.check_unchanged).
+        if st.st_nlink == 0:
+            now = now._replace(ctime_ns=was.ctime_ns)
+        if now != was:
+            raise FileChangedError(f"changed while it was being converted: {was.differences(now)}; the "
+                                   "output would mix two versions of it", path=path)
+
+    def check_all(self) -> None:
+        for path in list(self._fds):
+            self.check(path)
+
+    def drop_cache(self, entry: TensorEntry) -> None:
+        """Drop the entry's bytes from the page cache (read once, written: not needed again)."""
+        if entry.nbytes and entry.file in self._fds:
+            os.posix_fadvise(self._fds[entry.file], entry.offset, entry.nbytes, os.POSIX_FADV_DONTNEED)
+
+    def serve(self, entry: TensorEntry) -> torch.Tensor | FileRange:
+        """What the writer copies for ``entry``: its bytes in the file where they are plain, else a tensor."""
+        plain = entry.encoding is None and entry.strides is None and entry.order is None
+        if not plain or entry.name in self.catalog.quantized or entry.nbytes == 0:
+            return self.read(entry)
+        self.fd(entry.file)
+        self.check(entry.file)
+        return self._range(entry, torch_dtype(entry.dtype, path=entry.file, tensor=entry.name), entry.shape)
+
+    def raw(self, entry: TensorEntry) -> torch.Tensor:
+        """The entry's bytes as the file stores them, read into new memory: ``(nbytes,)`` uint8."""
+        self.fd(entry.file)
+        self.check(entry.file)
+        return self._range(entry, torch.uint8, (entry.nbytes,)).read()
+
+    def read(self, entry: TensorEntry) -> torch.Tensor:
+        """The tensor as :meth:`sparsemap.Checkpoint.tensor` serves it (dequantized, in logical order),
+        but read with ``pread`` into new memory instead of viewed in a mapping."""
+        dtype = torch_dtype(entry.dtype, path=entry.file, tensor=entry.name)
+        if entry.numel == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        weight = self.catalog.quantized.get(entry.name)
+        if weight is not None and entry.encoding is not None:  # kept quantized in a file of ours
+            from .quantize import dequantize
+
+            values = dequantize(weight, [self.read(p) for p in weight.parts])
+        elif entry.encoding is not None:  # GGUF blocks
+            values = _dequantize_gguf(self.raw(entry), entry)
+        else:
+            flat = self.raw(entry).view(dtype)  # new memory: aligned for any dtype
+            values = flat.as_strided(entry.shape, entry.strides) if entry.strides is not None \
+                else flat.view(entry.shape)
+        if entry.order is None:
+            return values
+        # stored slice k is logical slice order[k]: logical i is stored inverse[i] (as Checkpoint does)
+        return values.index_select(entry.order_dim, _inverse(entry.order))
+
+    def _range(self, entry: TensorEntry, dtype: torch.dtype, shape: tuple[int, ...]) -> FileRange:
+        return FileRange(entry.name, entry.file, self._fds[entry.file], entry.offset, dtype, shape,
+                         self._stamps[entry.file].size)
+
+
+def _inverse(order: tuple[int, ...]) -> torch.Tensor:
+    inverse = torch.empty(len(order), dtype=torch.int64)  # stored row k is logical row order[k]
+    inverse[torch.tensor(order, dtype=torch.int64)] = torch.arange(len(order))
+    return inverse
+
+
+def _dequantize_gguf(raw: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+    """A GGUF tensor's blocks, already read, as float32 (the ``gguf`` package decodes them)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    qtype = GGMLQuantizationType[entry.encoding]  # type: ignore[misc]
+    values = dequantize(raw.numpy(), qtype)  # (numel,) float32
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(entry.shape)
 
 
 def _source_encoding(catalog: Catalog, name: str) -> str | None:
@@ -124,24 +284,21 @@ def _source_encoding(catalog: Catalog, name: str) -> str | None:
     return catalog[name].encoding
 
 
-def _coded(ckpt: Checkpoint, name: str, mode: str) -> Coded:
+def _coded(files: SourceFiles, name: str, mode: str) -> Coded:
     """A weight to be stored quantized: a GGUF tensor decoded from its blocks (rows put in logical
     order), a weight already kept quantized decoded from its parts, or a float tensor quantized."""
     from .quantize import decode, from_float, from_gguf
 
-    entry = ckpt.catalog[name]
-    if name in ckpt.catalog.quantized:  # a file of ours: its GGUF-born weights as they are, others again
-        weight = ckpt.catalog.quantized[name]
-        coded = decode(weight, ckpt.quantized(name))
+    catalog = files.catalog
+    entry = catalog[name]
+    if name in catalog.quantized:  # a file of ours: its GGUF-born weights as they are, others again
+        weight = catalog.quantized[name]
+        coded = decode(weight, [files.read(p) for p in weight.parts])
         return coded if weight.source in FROM_GGUF else from_float(coded.values(), mode)
     if entry.encoding is None:
-        return from_float(ckpt.tensor(name), mode)
-    coded = from_gguf(ckpt.raw(name), entry.encoding, (entry.shape[0], entry.shape[1]), name=name)
-    if entry.order is None:
-        return coded
-    inverse = torch.empty(len(entry.order), dtype=torch.int64)  # stored row k is logical row order[k]
-    inverse[torch.tensor(entry.order, dtype=torch.int64)] = torch.arange(len(entry.order))
-    return coded.rows(inverse)
+        return from_float(files.read(entry), mode)
+    coded = from_gguf(files.raw(entry), entry.encoding, (entry.shape[0], entry.shape[1]), name=name)
+    return coded if entry.order is None else coded.rows(_inverse(entry.order))
 
 
 def _kept_metadata(catalog: Catalog) -> dict[str, str]:

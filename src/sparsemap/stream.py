@@ -8,7 +8,10 @@ filled buffer to the destination tensors, on a CUDA stream that overlaps the
 next reads. Host memory stays bounded by the ring (``staging`` bytes) whatever
 the model's size; tensors larger than a buffer travel in pieces, small ones
 share a buffer. dtype casts happen on the destination after the bytes arrive,
-so the host never holds a converted copy.
+so the host never holds a converted copy. Each file's stamp is checked once its
+reads are done: a file written or truncated while it was read raises
+:class:`~sparsemap.errors.FileChangedError` instead of returning tensors that
+mix two versions of it.
 
 ``O_DIRECT`` (reads that bypass the page cache) is used where the filesystem
 allows it and a short measurement on the first buffers (a block read each
@@ -28,7 +31,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -151,19 +154,37 @@ def _direct_fd(path: str) -> int | None:
 
 @dataclass
 class _Files:
-    """Open descriptors per file: buffered always, O_DIRECT where allowed."""
+    """Open descriptors per file: buffered always, O_DIRECT where allowed; and each file's stamp."""
 
     buffered: dict[str, int] = field(default_factory=dict)
     direct: dict[str, int | None] = field(default_factory=dict)
+    stamps: dict[str, FileStamp] = field(default_factory=dict)  # each file as its reads began
 
-    def open(self, paths: Iterable[str], want_direct: bool, stamps: dict[str, FileStamp]) -> None:
+    def open(self, paths: Iterable[str], want_direct: bool, stamps: Mapping[str, FileStamp]) -> None:
         for p in paths:
             self.buffered[p] = os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             now = FileStamp.of(self.buffered[p])
             if p in stamps and now != stamps[p]:
                 raise FileChangedError(f"changed since its header was read: {stamps[p].differences(now)}; "
                                        "open it again", path=p)
+            self.stamps[p] = now
             self.direct[p] = _direct_fd(p) if want_direct else None
+
+    def check(self, path: str, note: str = "") -> None:
+        """Raise :class:`FileChangedError` if ``path`` was written or truncated since its reads began.
+
+        Called once every read of the file is done: a stamp that has not moved by then means every
+        byte read belongs to one version. A file replaced by rename is no change here: the descriptors
+        read the old inode, whole, to the end (as a mapping does).
+        """
+        was = self.stamps[path]
+        st = os.fstat(self.buffered[path])
+        now = FileStamp.of_stat(st)
+        if st.st_nlink == 0:  # unlinked by a rename over its name: only its change time moved
+            now = now._replace(ctime_ns=was.ctime_ns)
+        if now != was:
+            raise FileChangedError(f"changed while it was being read: {was.differences(now)}{note}; the "
+                                   "tensors read would mix two versions of it (stream it again)", path=path)
 
     def close(self) -> None:
         for fd in itertools.chain(self.buffered.values(), self.direct.values()):
@@ -187,6 +208,9 @@ def _read_chunk(files: _Files, chunk: Chunk, buf: _Buffer, direct: bool) -> int:
             break
         got += n
     if got < skip + chunk.nbytes:
+        # A file shorter than when its reads began was truncated under them: a change, not a bad file.
+        files.check(chunk.file, f" (truncated while loading? read {max(0, got - skip)} of {chunk.nbytes} "
+                                f"bytes at offset {chunk.offset})")
         size = os.fstat(files.buffered[chunk.file]).st_size
         raise TruncatedFileError(f"read {max(0, got - skip)} of {chunk.nbytes} bytes at offset "
                                  f"{chunk.offset}: "
@@ -323,9 +347,12 @@ def stream_tensors(source: Source | Checkpoint, names: Sequence[str] | None = No
         ``(tensors by name, report)``.
 
     Raises:
-        FileChangedError: a file is no longer the one the catalog parsed.
-        TruncatedFileError: the file ended early (truncated while loading);
-            every reader thread has stopped when it is raised.
+        FileChangedError: a file is no longer the one the catalog parsed, or was
+            written or truncated while it was read (its stamp is checked once
+            its reads are done, so no tensor returned mixes two versions); every
+            reader thread has stopped when it is raised. A file replaced by
+            rename meanwhile is read whole in the version opened.
+        TruncatedFileError: the file ended before the bytes its header promised, unchanged.
 
     Example:
         >>> tensors, report = stream_tensors("model.safetensors", device="cuda:0", staging="256M",
@@ -358,6 +385,8 @@ def stream_tensors(source: Source | Checkpoint, names: Sequence[str] | None = No
                 for _ in range(min(n_buffers, max(1, len(chunks))))]
         with _Readers(chunks, files, ring, readers, direct) as filled:
             transfer.copy_all(filled, files, drop_cache=drop_cache, on_bytes=on_bytes)
+        for path in files.buffered:  # every read is done: the version read must be the one there still
+            files.check(path)
     finally:
         files.close()
     report = StreamReport(nbytes=sum(e.nbytes for e in entries), seconds=time.perf_counter() - started,

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparsemap.errors import LayoutOptionError
+from sparsemap.errors import LayoutOptionError, ReservedNameError
 from sparsemap.formats import planner
 from sparsemap.formats.catalog import TensorEntry
 from sparsemap.formats.dtypes import FLOATING, ITEMSIZE
@@ -50,7 +50,8 @@ def read_back(the_plan: Plan) -> tuple[list[TensorEntry], list[TensorEntry], dic
 
 # ---------------------------------------------------------------- property: any specs, any layout
 
-NAMES = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._", min_size=1, max_size=12)
+NAMES = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._", min_size=1, max_size=12).filter(
+    lambda n: planner.reserved_reason(n) is None)  # "__metadata__" fits the alphabet: refused, tested below
 
 
 @st.composite
@@ -267,10 +268,6 @@ def test_row_page_is_the_alignment_up_to_64k() -> None:
 
 @pytest.mark.parametrize(("specs", "layout", "message"), [
     ([Spec("a", (2,), "F32"), Spec("a", (3,), "F32")], Layout(), "a: two tensors have this name"),
-    ([Spec(f"{PAD_PREFIX}0", (2,), "U8")], Layout(), "are reserved for stored layouts"),
-    ([Spec("emb@rows", (2, 2), "F32")], Layout(), "emb@rows: names starting with"),
-    ([Spec("w@T", (2, 2), "F32")], Layout(), "w@T: names starting with"),
-    ([Spec("x.mlp@bundle", (2, 2), "F32")], Layout(), "x.mlp@bundle: names starting with"),
     ([Spec("a", (2,), "float32")], Layout(), "a: dtype 'float32' has no safetensors name"),
     ([Spec("a", (2, -1), "F32")], Layout(), "a: shape must be non-negative integers, got [2, -1]"),
     ([Spec("cube", (2, 3, 4), "F32")], Layout(transpose="cube"), "cube: only 2-D tensors can be transposed"),
@@ -281,23 +278,39 @@ def test_row_page_is_the_alignment_up_to_64k() -> None:
     ([Spec("x.mlp.gate_proj.weight", (4, 2), "F32"), Spec("x.mlp.up_proj.weight", (4, 2), "F32"),
       Spec("x.mlp.down_proj.weight", (2, 5), "F32")], Layout(bundle_ffn=True),
      "x.mlp@bundle: x.mlp.down_proj.weight has 5 rows, the others 4"),
-    ([Spec("a.intermediate.dense.weight", (4, 2), "F32"), Spec("a.output.dense.weight", (2, 4), "F32"),
-      Spec("a_intermediate.dense.weight", (4, 2), "F32"), Spec("a_output.dense.weight", (2, 4), "F32")],
-     Layout(bundle_ffn=True), "a@bundle: two FFN bundles would be stored under this name"),
     ([Spec("emb", (3, 2), "F32")], Layout(reorder={"emb": [1, 2]}),
      "emb: usage profile has 2 counts for 3 rows"),
     ([Spec("w", (3, 2), "F32")], Layout(transpose="w", reorder={"w": [1, 2, 3]}),
      "w: usage profile has 3 counts for 2 rows"),
     ([Spec("a", (2, 3), "F32", "t"), Spec("b", (3, 2), "F32", "t")], Layout(),
      "b: tied to 'a' but is F32 [3, 2], it F32 [2, 3]"),
-], ids=["duplicate", "pad-prefix", "rows-suffix", "T-suffix", "bundle-suffix", "dtype", "shape",
-        "transpose-3d", "transpose-1d", "bundle-dtypes", "bundle-rows", "bundle-names", "profile-rows",
-        "profile-transposed", "tie"])
+], ids=["duplicate", "dtype", "shape", "transpose-3d", "transpose-1d", "bundle-dtypes", "bundle-rows",
+        "profile-rows", "profile-transposed", "tie"])
 def test_refused_plans_name_the_tensor_and_the_numbers(specs: list[Spec], layout: Layout,
                                                        message: str) -> None:
     with pytest.raises(LayoutOptionError) as info:
         plan(specs, layout)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(("specs", "layout", "name", "message"), [
+    ([Spec(f"{PAD_PREFIX}0", (2,), "U8")], Layout(), f"{PAD_PREFIX}0", "names starting with '__sparsemap'"),
+    ([Spec("__sparsemap", (2,), "U8")], Layout(), "__sparsemap", "names starting with '__sparsemap'"),
+    ([Spec("__metadata__", (2,), "U8")], Layout(), "__metadata__", "the safetensors header's metadata key"),
+    ([Spec("emb@rows", (2, 2), "F32")], Layout(), "emb@rows", "ends in '@rows'"),
+    ([Spec("w@T", (2, 2), "F32")], Layout(), "w@T", "ends in '@T'"),
+    ([Spec("x.mlp@bundle", (2, 2), "F32")], Layout(), "x.mlp@bundle", "ends in '@bundle'"),
+    ([Spec("w@int8.scale", (2, 2), "F32")], Layout(), "w@int8.scale", "contains '@int8'"),
+    ([Spec("a.intermediate.dense.weight", (4, 2), "F32"), Spec("a.output.dense.weight", (2, 4), "F32"),
+      Spec("a_intermediate.dense.weight", (4, 2), "F32"), Spec("a_output.dense.weight", (2, 4), "F32")],
+     Layout(bundle_ffn=True), "a@bundle", "two FFN bundles would be stored under this name"),
+], ids=["pad-prefix", "namespace", "metadata-key", "rows-suffix", "T-suffix", "bundle-suffix", "quant-mark",
+        "bundle-names"])
+def test_reserved_and_colliding_names_are_refused(specs: list[Spec], layout: Layout, name: str,
+                                                  message: str) -> None:
+    with pytest.raises(ReservedNameError) as info:
+        plan(specs, layout)
+    assert info.value.tensor == name and message in str(info.value)
 
 
 @pytest.mark.parametrize(("metadata", "message"), [

@@ -93,14 +93,16 @@ def test_auto_picks_lean_for_a_plain_llama_folder(tmp_path: Path) -> None:
     assert isinstance(pick_engine(folder, "auto"), LeanEngine)
 
 
-def test_chat_tokenizer_reads_added_token_objects_and_refuses_no_template(minilm_folder,
-                                                                           tmp_path: Path) -> None:
+def test_chat_tokenizer_reads_added_token_objects_and_without_a_template_raw_text(
+        minilm_folder, tmp_path: Path) -> None:
     import shutil
 
     folder = tmp_path / "tok"
     shutil.copytree(minilm_folder, folder, ignore=shutil.ignore_patterns("*.safetensors"))
-    with pytest.raises(BadInputError, match="no chat template"):
-        llama.ChatTokenizer(folder)
+    plain = llama.ChatTokenizer(folder)
+    assert plain.template is None and plain.raw_ids("hello")[0] == plain.tokenizer.token_to_id("[CLS]")
+    with pytest.raises(BadInputError, match=r"no chat template .*\(--raw\)"):
+        plain.prompt_ids("hello")
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["chat_template"] = ("{% for m in messages %}{{ bos_token }}{{ m['content'] }}"
                                "{% break %}{% endfor %}")

@@ -29,15 +29,20 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from ..errors import LayoutOptionError
+from ..errors import LayoutOptionError, ReservedNameError
 from .catalog import contiguous_strides
 from .dtypes import FLOATING, ITEMSIZE, name_of
 from .layout import LayoutDocument, LayoutView
 from .quantized import GATHERED, MODES, part_specs, scheme_for
 from .quantized import document as quant_document
-from .reserved import LAYOUT_KEY, PAD_PREFIX, QUANT_KEY, SUFFIXES, is_reserved
+from .reserved import LAYOUT_KEY, PAD_PREFIX, QUANT_KEY, QUANT_MARKS, SUFFIXES, is_reserved
+
+# Source names sparsemap keeps for itself: its whole ``__sparsemap`` namespace (padding tensors are one
+# part of it), and the safetensors header's own key, which a tensor of that name would overwrite.
+RESERVED_PREFIX = "__sparsemap"
+HEADER_KEYS = ("__metadata__",)
 
 # Rows are padded to at most a 64 KiB page (the largest base page in use, arm64's)
 # even when tensors are aligned to 2 MiB huge pages: 2 MiB rows would multiply the file.
@@ -226,12 +231,15 @@ class Plan:
         views: logical name -> view, for each tensor not stored plainly under its own name.
         header: the safetensors header (JSON, padded with spaces), without its 8-byte length.
         data_start: byte offset of the data section in the file (a multiple of the alignment).
+        tensors: what a reader of the file lists: logical name -> ``(dtype, shape)`` (a weight kept
+            quantized is listed as the F32 it dequantizes to). The writer checks the written file against it.
     """
 
     records: tuple[Record, ...]
     views: dict[str, LayoutView]
     header: bytes
     data_start: int
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
 
     @property
     def file_nbytes(self) -> int:
@@ -266,7 +274,9 @@ def plan(specs: Sequence[Spec], layout: Layout, metadata: Mapping[str, str] | No
         The :class:`Plan`: records, views and header.
 
     Raises:
-        LayoutOptionError: a name reserved or given twice, an unknown dtype, a
+        ReservedNameError: a source name in sparsemap's reserved namespace (see
+            :func:`reserved_reason`), or two tensors planned under one stored name.
+        LayoutOptionError: a name given twice, an unknown dtype, a
             layout these tensors cannot take (a 3-D tensor transposed, a bundle
             whose members disagree, a profile of the wrong length), or bad metadata.
 
@@ -284,28 +294,75 @@ def plan(specs: Sequence[Spec], layout: Layout, metadata: Mapping[str, str] | No
             raise LayoutOptionError("int4 weights need the int4 layout of the torch that packs them")
         meta[QUANT_KEY] = quant_document(quantized, int4_layout)
     laid = _place(records, layout.align)
+    _check_stored_names(laid, views, quantized)
     header, data_start = _header(laid, views, layout, meta)
-    return Plan(tuple(laid), views, header, data_start)
+    # What a reader lists: a weight kept quantized as the F32 it dequantizes to, the rest after the cast.
+    tensors = {s.name: ("F32" if s.name in quantized else layout.output_dtype(s.dtype), s.shape)
+               for s in specs}
+    return Plan(tuple(laid), views, header, data_start, tensors)
+
+
+def reserved_reason(name: str) -> str | None:
+    """Why a source tensor may not be called ``name`` (it collides with what a file of ours stores), or None.
+
+    Example:
+        >>> reserved_reason("emb@rows"), reserved_reason("emb")
+        ("ends in '@rows', the suffix of a tensor stored with padded or reordered rows", None)
+    """
+    if name in HEADER_KEYS:
+        return f"{name!r} is the safetensors header's metadata key"
+    if name.startswith(RESERVED_PREFIX):
+        return (f"names starting with {RESERVED_PREFIX!r} are sparsemap's (padding tensors are "
+                f"{PAD_PREFIX}<n>)")
+    for kind, suffix in SUFFIXES.items():
+        if suffix and name.endswith(suffix):
+            what = {"rows": "padded or reordered rows", "transpose": "its columns as rows",
+                    "bundle": "an FFN bundle"}.get(kind, kind)
+            return f"ends in {suffix!r}, the suffix of a tensor stored with {what}"
+    mark = next((m for m in QUANT_MARKS if m in name), None)
+    if mark is not None:
+        return f"contains {mark!r}, the mark of a quantized weight's stored parts"
+    assert not is_reserved(name), name  # reserved.is_reserved names nothing this function lets through
+    return None
 
 
 def _index(specs: Sequence[Spec]) -> dict[str, Spec]:
     """Specs by name, refusing what would make a file that does not reopen as the same tensors."""
     by_name: dict[str, Spec] = {}
-    suffixes = ", ".join(s for s in SUFFIXES.values() if s)
     for s in specs:
         if s.name in by_name:
             raise LayoutOptionError(f"{s.name}: two tensors have this name")
         # Stored names of special layouts and padding tensors live in a namespace
         # of their own, so a source tensor can never collide with one.
-        if is_reserved(s.name):
-            raise LayoutOptionError(f"{s.name}: names starting with {PAD_PREFIX!r} or ending in "
-                                    f"{suffixes} are reserved for stored layouts")
+        reason = reserved_reason(s.name)
+        if reason is not None:
+            raise ReservedNameError(f"tensor name is reserved: {reason}; rename it before saving",
+                                    tensor=s.name)
         if s.dtype not in ITEMSIZE:
             raise LayoutOptionError(f"{s.name}: dtype {s.dtype!r} has no safetensors name")
         if not all(type(d) is int and d >= 0 for d in s.shape):
             raise LayoutOptionError(f"{s.name}: shape must be non-negative integers, got {list(s.shape)}")
         by_name[s.name] = s
     return by_name
+
+
+def _check_stored_names(laid: list[Record], views: Mapping[str, LayoutView],
+                        quantized: Mapping[str, object]) -> None:
+    """Every stored name once, and no logical name (a view, a quantized weight) also a stored tensor's.
+
+    The source names were checked against the reserved namespace already; this is the last word on
+    the header itself, whatever the layout code above derived: two records under one name would make
+    a header with a duplicate key, which a reader refuses or, worse, reads as the last one.
+    """
+    stored: set[str] = set()
+    for r in laid:
+        if r.name in stored or r.name in HEADER_KEYS:
+            raise ReservedNameError("two tensors would be stored under this name", tensor=r.name)
+        stored.add(r.name)
+    for name in (*views, *quantized):
+        if name in stored:
+            raise ReservedNameError("the tensor is planned as a view and also stored under its own name",
+                                    tensor=name)
 
 
 def _check_metadata(metadata: Mapping[str, str] | None) -> None:
@@ -335,7 +392,8 @@ def _stored(specs: Sequence[Spec], by_name: dict[str, Spec],
                 continue  # already in another family's bundle
             stored = _common_prefix(names) + SUFFIXES["bundle"]
             if any(r.name == stored for r in records):  # prefixes such as "a." and "a_" strip to one name
-                raise LayoutOptionError(f"{stored}: two FFN bundles would be stored under this name")
+                raise ReservedNameError(f"two FFN bundles would be stored under this name (the second "
+                                        f"of {', '.join(names)})", tensor=stored)
             record, member_views = _row_record(stored, "bundle", members, layout, pad=True)
             records.append(record)
             views.update(member_views)
