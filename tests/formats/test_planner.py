@@ -35,6 +35,7 @@ from sparsemap.formats.layout import (
     is_padding,
 )
 from sparsemap.formats.planner import Layout, Plan, Spec, plan
+from sparsemap.formats.reserved import reserved_reason
 from sparsemap.formats.safetensors import validate
 
 PATH = "planned.safetensors"
@@ -51,7 +52,7 @@ def read_back(the_plan: Plan) -> tuple[list[TensorEntry], list[TensorEntry], dic
 # ---------------------------------------------------------------- property: any specs, any layout
 
 NAMES = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._", min_size=1, max_size=12).filter(
-    lambda n: planner.reserved_reason(n) is None)  # "__metadata__" fits the alphabet: refused, tested below
+    lambda n: reserved_reason(n) is None)  # "__metadata__" fits the alphabet: refused, tested below
 
 
 @st.composite

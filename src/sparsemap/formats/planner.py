@@ -37,12 +37,7 @@ from .dtypes import FLOATING, ITEMSIZE, name_of
 from .layout import LayoutDocument, LayoutView
 from .quantized import GATHERED, MODES, part_specs, scheme_for
 from .quantized import document as quant_document
-from .reserved import LAYOUT_KEY, PAD_PREFIX, QUANT_KEY, QUANT_MARKS, SUFFIXES, is_reserved
-
-# Source names sparsemap keeps for itself: its whole ``__sparsemap`` namespace (padding tensors are one
-# part of it), and the safetensors header's own key, which a tensor of that name would overwrite.
-RESERVED_PREFIX = "__sparsemap"
-HEADER_KEYS = ("__metadata__",)
+from .reserved import HEADER_KEYS, LAYOUT_KEY, PAD_PREFIX, QUANT_KEY, SUFFIXES, reserved_reason
 
 # Rows are padded to at most a 64 KiB page (the largest base page in use, arm64's)
 # even when tensors are aligned to 2 MiB huge pages: 2 MiB rows would multiply the file.
@@ -300,30 +295,6 @@ def plan(specs: Sequence[Spec], layout: Layout, metadata: Mapping[str, str] | No
     tensors = {s.name: ("F32" if s.name in quantized else layout.output_dtype(s.dtype), s.shape)
                for s in specs}
     return Plan(tuple(laid), views, header, data_start, tensors)
-
-
-def reserved_reason(name: str) -> str | None:
-    """Why a source tensor may not be called ``name`` (it collides with what a file of ours stores), or None.
-
-    Example:
-        >>> reserved_reason("emb@rows"), reserved_reason("emb")
-        ("ends in '@rows', the suffix of a tensor stored with padded or reordered rows", None)
-    """
-    if name in HEADER_KEYS:
-        return f"{name!r} is the safetensors header's metadata key"
-    if name.startswith(RESERVED_PREFIX):
-        return (f"names starting with {RESERVED_PREFIX!r} are sparsemap's (padding tensors are "
-                f"{PAD_PREFIX}<n>)")
-    for kind, suffix in SUFFIXES.items():
-        if suffix and name.endswith(suffix):
-            what = {"rows": "padded or reordered rows", "transpose": "its columns as rows",
-                    "bundle": "an FFN bundle"}.get(kind, kind)
-            return f"ends in {suffix!r}, the suffix of a tensor stored with {what}"
-    mark = next((m for m in QUANT_MARKS if m in name), None)
-    if mark is not None:
-        return f"contains {mark!r}, the mark of a quantized weight's stored parts"
-    assert not is_reserved(name), name  # reserved.is_reserved names nothing this function lets through
-    return None
 
 
 def _index(specs: Sequence[Spec]) -> dict[str, Spec]:

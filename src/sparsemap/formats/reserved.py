@@ -17,6 +17,10 @@ PAD_PREFIX = "__sparsemap_pad__."
 SUFFIXES = {"rows": "@rows", "transpose": "@T", "bundle": "@bundle", "alias": ""}
 # Quantized weights are stored as parts named ``<weight>@int4...`` or ``<weight>@int8...``.
 QUANT_MARKS = ("@int4", "@int8")
+# Source names sparsemap keeps for itself: its whole ``__sparsemap`` namespace (padding tensors are one
+# part of it), and the safetensors header's own key, which a tensor of that name would overwrite.
+RESERVED_PREFIX = "__sparsemap"
+HEADER_KEYS = ("__metadata__",)
 
 
 def is_padding(name: str) -> bool:
@@ -24,7 +28,29 @@ def is_padding(name: str) -> bool:
     return name.startswith(PAD_PREFIX)
 
 
+def reserved_reason(name: str) -> str | None:
+    """Why a source tensor may not be called ``name`` (it collides with what a file of ours stores), or None.
+
+    Example:
+        >>> reserved_reason("emb@rows"), reserved_reason("emb")
+        ("ends in '@rows', the suffix of a tensor stored with padded or reordered rows", None)
+    """
+    if name in HEADER_KEYS:
+        return f"{name!r} is the safetensors header's metadata key"
+    if name.startswith(RESERVED_PREFIX):
+        return (f"names starting with {RESERVED_PREFIX!r} are sparsemap's (padding tensors are "
+                f"{PAD_PREFIX}<n>)")
+    for kind, suffix in SUFFIXES.items():
+        if suffix and name.endswith(suffix):
+            what = {"rows": "padded or reordered rows", "transpose": "its columns as rows",
+                    "bundle": "an FFN bundle"}.get(kind, kind)
+            return f"ends in {suffix!r}, the suffix of a tensor stored with {what}"
+    mark = next((m for m in QUANT_MARKS if m in name), None)
+    if mark is not None:
+        return f"contains {mark!r}, the mark of a quantized weight's stored parts"
+    return None
+
+
 def is_reserved(name: str) -> bool:
-    """Whether a source tensor's ``name`` collides with names the layout compiler writes."""
-    return (name.startswith(PAD_PREFIX) or name.endswith(tuple(s for s in SUFFIXES.values() if s))
-            or any(mark in name for mark in QUANT_MARKS))
+    """Whether a source tensor's ``name`` collides with names a file of ours stores."""
+    return reserved_reason(name) is not None
