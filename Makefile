@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 models: $(STAMP)
-	$(PY) -m sparsemap.models.assets all-MiniLM-L6-v2 SmolLM2-135M-Instruct
+	$(PY) -m sparsemap.models.assets all-MiniLM-L6-v2 SmolLM2-135M-Instruct gemma-3-270m-Q4_K_M
 
 demo: models
 	$(VENV)/bin/sparsemap demo

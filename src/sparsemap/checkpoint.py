@@ -216,13 +216,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             from .qtensor import QuantizedTensor
 
             return QuantizedTensor(self.catalog.quantized[entry.name], self.quantized(entry.name))
-        view = self._stored(entry, check=check)
-        if entry.order is None or stored_order:
-            return view
-        # stored slice k is logical slice order[k]: logical i is stored inverse[i]
-        inverse = torch.empty(len(entry.order), dtype=torch.int64)
-        inverse[torch.tensor(entry.order, dtype=torch.int64)] = torch.arange(len(entry.order))
-        return view.index_select(entry.order_dim, inverse)
+        return logical(entry, self._stored(entry, check=check), stored_order=stored_order)
 
     def _stored(self, entry: TensorEntry, *, check: bool) -> torch.Tensor:
         """The entry as stored: a view of the mapping (a copy if quantized or misaligned)."""
@@ -249,6 +243,18 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         if entry.row_span is not None:
             mm.record_row_span(view, entry.row_span)
         return view
+
+
+def logical(entry: TensorEntry, values: torch.Tensor, *, stored_order: bool = False) -> torch.Tensor:
+    """``values`` as stored put back as the model holds them: rows in logical order (a copy, unless
+    ``stored_order``), the entry's ``shift`` added (a copy). The one place both readers (mapped
+    views here, ``pread`` in the converter) undo what a writer did to a tensor's values."""
+    if entry.order is not None and not stored_order:
+        # stored slice k is logical slice order[k]: logical i is stored inverse[i]
+        inverse = torch.empty(len(entry.order), dtype=torch.int64)
+        inverse[torch.tensor(entry.order, dtype=torch.int64)] = torch.arange(len(entry.order))
+        values = values.index_select(entry.order_dim, inverse)
+    return values + entry.shift if entry.shift else values
 
 
 def _dequantize(mm: FileMapping, entry: TensorEntry) -> torch.Tensor:

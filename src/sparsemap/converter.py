@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoint import Checkpoint, Source
+from .checkpoint import Checkpoint, Source, logical
 from .durable import check_destination
 from .errors import FileChangedError, ReservedNameError, TruncatedFileError, UnsupportedQuantizationError
 from .formats.catalog import Catalog, FileStamp, TensorEntry
@@ -218,7 +218,7 @@ class SourceFiles:
 
     def serve(self, entry: TensorEntry) -> torch.Tensor | FileRange:
         """What the writer copies for ``entry``: its bytes in the file where they are plain, else a tensor."""
-        plain = entry.encoding is None and entry.strides is None and entry.order is None
+        plain = entry.encoding is None and entry.strides is None and entry.order is None and not entry.shift
         if not plain or entry.name in self.catalog.quantized or entry.nbytes == 0:
             return self.read(entry)
         self.fd(entry.file)
@@ -248,10 +248,7 @@ class SourceFiles:
             flat = self.raw(entry).view(dtype)  # new memory: aligned for any dtype
             values = flat.as_strided(entry.shape, entry.strides) if entry.strides is not None \
                 else flat.view(entry.shape)
-        if entry.order is None:
-            return values
-        # stored slice k is logical slice order[k]: logical i is stored inverse[i] (as Checkpoint does)
-        return values.index_select(entry.order_dim, _inverse(entry.order))
+        return logical(entry, values)
 
     def _range(self, entry: TensorEntry, dtype: torch.dtype, shape: tuple[int, ...]) -> FileRange:
         return FileRange(entry.name, entry.file, self._fds[entry.file], entry.offset, dtype, shape,

@@ -60,6 +60,8 @@ class TensorEntry(NamedTuple):
             tensor alone (its row and the padding after it), for rows padded by
             the layout compiler. ``None`` when gaps between rows, if any, may
             hold other tensors' bytes (a bundle's parts, a view of a wider matrix).
+        shift: a constant added to every element as served (llama.cpp stores
+            Gemma's norm weights as ``1 + w``: ``-1.0`` gives ``w`` back); 0 for none.
     """
 
     name: str
@@ -73,6 +75,7 @@ class TensorEntry(NamedTuple):
     order: tuple[int, ...] | None = None
     order_dim: int = 0
     row_span: int | None = None
+    shift: float = 0.0
 
     @property
     def numel(self) -> int:
@@ -90,7 +93,8 @@ class TensorEntry(NamedTuple):
         Misaligned data is served, but by copy: torch kernels assume elements
         aligned to their size.
         """
-        return self.encoding is None and self.order is None and self.offset % ITEMSIZE[self.dtype] == 0
+        return (self.encoding is None and self.order is None and not self.shift
+                and self.offset % ITEMSIZE[self.dtype] == 0)
 
     def alignment(self) -> int:
         """Largest power of two (up to 1 MiB) that divides ``offset``."""

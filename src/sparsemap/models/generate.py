@@ -52,11 +52,11 @@ def resolve_model(model: str | Path | ModelSource) -> ModelSource:
 def check_model(source: ModelSource) -> None:
     """Refuse what is not a model before anything heavy runs (no torch): clear errors, exit code 2."""
     from ..formats.dispatch import open_catalog
-    from .gguf_llama import hf_catalog
+    from .gguf_hf import architecture
 
     catalog = open_catalog(source)  # the weights: missing shards, malformed files, not a checkpoint at all
     if source.is_gguf:
-        hf_catalog(catalog)  # the architecture and tensor names must map to transformers'
+        architecture(catalog)  # transformers must map the architecture (names are mapped at load)
     elif detect_version(catalog) is not None:
         shape_of(pytorch_view(catalog))  # RWKV: version, every tensor and shape, no compute
     elif source.config is None:

@@ -4,8 +4,10 @@ Builds the transformers model class from its config under
 :func:`sparsemap.skeleton` (parameters on meta, buffers such as rotary caches
 computed for real), then maps the checkpoint's weights into it. Sources: a
 Hugging Face folder (config.json + safetensors / .bin, sharded or not), a
-single checkpoint file with ``config=``, or a GGUF file (config from its
-header, tensors renamed to transformers' names, dequantized on access).
+single checkpoint file with ``config=``, or a GGUF file of any architecture
+transformers' GGUF tables map (config from its header, tensors renamed to
+transformers' names and their values put back, dequantized on access:
+:mod:`sparsemap.models.gguf_hf`).
 """
 
 from __future__ import annotations
@@ -17,38 +19,30 @@ import torch
 from torch import nn
 
 from ..errors import BadInputError, SourceNotFoundError
-from ..formats.catalog import Catalog
 from ..formats.dispatch import open_catalog
 from ..formats.source import ModelSource, resolve_source
 from ..loader import Skip, load, skeleton
 from ..names import Rename
-from .gguf_llama import hf_catalog, llama_config_kwargs
+from .gguf_hf import hf_catalog, hf_config
 
 
-def resolve(source: str | os.PathLike[str] | ModelSource, config: Any = None) -> tuple[Catalog, Any]:
-    """The catalog (with transformers' names) and the transformers config of a source.
+def resolve_config(src: ModelSource, config: Any = None) -> Any:
+    """The transformers config of a source: ``config`` when given, a GGUF's header (through
+    transformers' GGUF tables, :func:`~sparsemap.models.gguf_hf.hf_config`), else ``config.json``."""
+    from transformers import AutoConfig
 
-    What the path holds is decided by :func:`~sparsemap.formats.source.resolve_source`:
-    GGUF weights come with their header as the config and are renamed (and
-    their q/k rows put back in transformers' order); other weights need a
-    ``config.json`` beside them, or ``config=``.
-    """
-    from transformers import AutoConfig, LlamaConfig
-
-    src = source if isinstance(source, ModelSource) else resolve_source(source)
+    if config is not None:
+        return config
     if src.is_gguf:
-        raw = open_catalog(src)
-        return hf_catalog(raw), config or LlamaConfig(**llama_config_kwargs(raw))
-    if config is None:
-        if src.config is None:
-            raise SourceNotFoundError(f"no config.json next to the weights; pass config= (looked in "
-                                      f"{src.folder})", path=src.path)
-        try:
-            config = AutoConfig.from_pretrained(src.folder)
-        except ValueError as e:  # an unknown model_type, a malformed config
-            raise BadInputError(f"transformers cannot read config.json: {str(e).splitlines()[0][:200]}",
-                                path=src.config) from None
-    return open_catalog(src), config
+        return hf_config(open_catalog(src))
+    if src.config is None:
+        raise SourceNotFoundError(f"no config.json next to the weights; pass config= (looked in "
+                                  f"{src.folder})", path=src.path)
+    try:
+        return AutoConfig.from_pretrained(src.folder)
+    except ValueError as e:  # an unknown model_type, a malformed config
+        raise BadInputError(f"transformers cannot read config.json: {str(e).splitlines()[0][:200]}",
+                            path=src.config) from None
 
 
 def class_for(config: Any) -> type[nn.Module]:
@@ -93,10 +87,12 @@ def from_pretrained(source: str | os.PathLike[str] | ModelSource, *, config: Any
         >>> model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=8)
     """
     src = source if isinstance(source, ModelSource) else resolve_source(source)
-    catalog, config = resolve(src, config)
+    config = resolve_config(src, config)
     cls = model_class or class_for(config)
     with skeleton():
         model = cls(config)
+    # GGUF weights carry llama.cpp's names and values: seen as this model's (gguf_hf).
+    catalog = hf_catalog(open_catalog(src), model) if src.is_gguf else open_catalog(src)
     load(model, catalog, device=device, dtype=dtype, skip=skip, strict=strict, rename=rename, prefix=prefix)
     model.eval()
     if hasattr(model, "generation_config") and src.generation_config is not None:

@@ -1,0 +1,111 @@
+"""Any GGUF architecture transformers loads, seen as transformers' model: config, names, values.
+
+Three things differ between a llama.cpp file and a transformers checkpoint of
+the same model, and each comes from a table someone else keeps:
+
+- the config: transformers' ``GGUF_CONFIG_MAPPING`` (GGUF key -> config field),
+  read from the header's scalars (sparsemap's own walk, milliseconds);
+- the tensor names: the ``gguf`` package's name map for the architecture,
+  matched against the names of the transformers model built from that config
+  (transformers' ``get_gguf_hf_weights_map``, on a model with no weights);
+- the values, where llama.cpp's converter changed them: the rows of q and k
+  within each head for Llama-family files (put back as a row ``order``, see
+  :func:`~sparsemap.models.gguf_llama.rotary_order`), and Gemma's norm weights,
+  which it stores as ``1 + w`` (given back with a ``shift`` of -1).
+
+Quantized tensors stay quantized in the file: dequantized on access, or
+repacked with ``sparsemap convert --quantize keep``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import GGUFArchitectureError
+from ..formats.catalog import Catalog, TensorEntry
+from .gguf_llama import rotary_order
+
+# llama.cpp architecture -> transformers model_type, for those whose file and model this module has
+# checked against transformers' own GGUF loading (tests/models/test_gguf_architectures.py).
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+               "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3"}
+ROTARY_PERMUTED = ("llama", "mistral")  # llama.cpp interleaves q/k rotary halves for these
+NORM_PLUS_ONE = ("gemma2", "gemma3")  # llama.cpp stores Gemma's RMSNorm weights as 1 + w
+
+
+def architecture(catalog: Catalog) -> str:
+    """The file's llama.cpp architecture, ``mistral`` for Mistral models stored as ``llama`` (as
+    transformers reads them); refused by name when transformers has no mapping for it. No torch."""
+    arch = catalog.metadata.get("general.architecture", "")
+    if arch == "llama" and "mistral" in catalog.metadata.get("general.name", "").lower():
+        arch = "mistral"
+    if arch not in MODEL_TYPES:
+        raise GGUFArchitectureError(f"architecture {arch!r} is not mapped to transformers (supported: "
+                                    f"{', '.join(sorted(MODEL_TYPES))})", path=catalog.source)
+    return arch
+
+
+def _typed(text: str) -> Any:
+    """A header scalar back from its text (the catalog keeps metadata as strings)."""
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            continue
+    return {"True": True, "False": False}.get(text, text)
+
+
+def hf_config(catalog: Catalog) -> Any:
+    """transformers' config for a GGUF file, from its header as transformers' GGUF tables map it."""
+    from transformers import AutoConfig
+    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+
+    arch = architecture(catalog)
+    stored = catalog.metadata.get("general.architecture", arch)
+    fields: dict[str, Any] = dict(GGUF_CONFIG_DEFAULTS_MAPPING.get(MODEL_TYPES[arch], {}))
+    for key, text in catalog.metadata.items():
+        prefix, _, rest = key.replace(stored, arch, 1).partition(".")
+        target = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest) if prefix in (arch, "tokenizer") else None
+        if target not in (None, -1):
+            fields[target] = _typed(text)
+    embed = catalog.get("token_embd.weight")
+    if embed is None:
+        raise GGUFArchitectureError("no token embedding tensor (token_embd.weight)", path=catalog.source)
+    fields.setdefault("vocab_size", embed.shape[0])
+    fields["tie_word_embeddings"] = "output.weight" not in catalog
+    fields.pop("model_type", None)
+    return AutoConfig.for_model(MODEL_TYPES[arch], **fields)
+
+
+def hf_catalog(catalog: Catalog, model: Any) -> Catalog:
+    """The GGUF catalog under the names of ``model`` (a transformers model built from
+    :func:`hf_config`, on the meta device), with the values put back as transformers keeps them.
+
+    Raises:
+        GGUFArchitectureError: a tensor of the file has no name in the model.
+    """
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+    )
+
+    arch = architecture(catalog)
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
+    to_hf = get_gguf_hf_weights_map(model, processor)
+    config = model.config
+    entries: dict[str, TensorEntry] = {}
+    for name, e in catalog.items():
+        hf = to_hf.get(name)
+        if hf is None:
+            raise GGUFArchitectureError(f"no transformers name for GGUF tensor {name!r} in "
+                                        f"{type(model).__name__}", path=catalog.source, tensor=name)
+        entry = e._replace(name=hf)
+        if arch in ROTARY_PERMUTED and name.endswith((".attn_q.weight", ".attn_k.weight")):
+            heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
+            entry = entry._replace(order=rotary_order(e.shape[0], heads), order_dim=0)
+        if arch in NORM_PLUS_ONE and name.endswith("norm.weight"):
+            entry = entry._replace(shift=-1.0)
+        entries[hf] = entry
+    return Catalog(source=catalog.source, format=f"gguf:hf-{arch}", entries=entries,
+                   metadata=dict(catalog.metadata), stamps=catalog.stamps)

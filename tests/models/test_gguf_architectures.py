@@ -1,0 +1,73 @@
+"""GGUF beyond Llama: config, names and values mapped by transformers' and gguf's own tables.
+
+A real Gemma 3 (its norms stored as 1 + w, sliding-window attention, q/k norms, a 262k vocabulary)
+built by sparsemap must give transformers' own GGUF loading's logits and greedy tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sparsemap
+from sparsemap.errors import GGUFArchitectureError
+from sparsemap.models import gguf_hf, gguf_llama
+
+from ..helpers import write_gguf
+
+PROMPT = [[2, 818, 5279, 529, 7001, 563]]  # "<bos>The capital of France is" in Gemma 3's vocabulary
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_gemma3_equals_transformers_own_gguf_loading(gemma3_gguf: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    ours = sparsemap.from_pretrained(gemma3_gguf)
+    reference = AutoModelForCausalLM.from_pretrained(gemma3_gguf.parent, gguf_file=gemma3_gguf.name).eval()
+    assert type(ours) is type(reference) and ours.config.layer_types == reference.config.layer_types
+    ids = torch.tensor(PROMPT)
+    with torch.inference_mode():
+        assert torch.allclose(ours(ids).logits, reference(ids).logits, atol=1e-4, rtol=0)
+        mine = ours.generate(ids, max_new_tokens=8, do_sample=False)
+        theirs = reference.generate(ids, max_new_tokens=8, do_sample=False)
+    assert mine.tolist() == theirs.tolist()
+
+
+@pytest.mark.model
+def test_gemma3_norms_come_back_as_transformers_keeps_them(gemma3_gguf: Path) -> None:
+    raw = sparsemap.open(gemma3_gguf)
+    config = gguf_hf.hf_config(raw)
+    assert config.model_type == "gemma3_text" and config.vocab_size == 262144 and config.tie_word_embeddings
+    from transformers import Gemma3ForCausalLM
+
+    with sparsemap.skeleton():
+        model = Gemma3ForCausalLM(config)
+    cat = gguf_hf.hf_catalog(raw, model)
+    norm = "model.layers.0.input_layernorm.weight"
+    assert cat[norm].shift == -1.0 and not cat[norm].zero_copy
+    stored = sparsemap.Checkpoint(raw).tensor("blk.0.attn_norm.weight")
+    assert torch.equal(sparsemap.Checkpoint(cat).tensor(norm), stored - 1)
+
+
+@pytest.mark.model
+def test_llama_names_from_the_tables_equal_the_llama_map(smollm2_gguf: Path) -> None:
+    """SmolLM2 (llama) through the generic tables: the same names and q/k orders as the Llama map."""
+    from transformers import LlamaForCausalLM
+
+    raw = sparsemap.open(smollm2_gguf)
+    with sparsemap.skeleton():
+        model = LlamaForCausalLM(gguf_hf.hf_config(raw))
+    generic, static = gguf_hf.hf_catalog(raw, model), gguf_llama.hf_catalog(raw)
+    want = {n: (e.order, 0.0) for n, e in static.items()}
+    assert {n: (e.order, e.shift) for n, e in generic.items()} == want
+
+
+def test_an_architecture_transformers_does_not_map_is_refused_by_name(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "x.gguf", {"token_embd.weight": (np.zeros((4, 8), np.float32), None)},
+                      {"general.architecture": "rwkv7"})
+    with pytest.raises(GGUFArchitectureError, match=r"architecture 'rwkv7' is not mapped .*gemma3"):
+        sparsemap.from_pretrained(path)
