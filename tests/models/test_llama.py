@@ -72,7 +72,7 @@ def _config(folder: Path, **changes) -> Path:
 
 
 @pytest.mark.parametrize(("change", "needle"), [
-    ({"hidden_act": "gelu"}, "hidden_act"), ({"attention_bias": True}, "attention_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"), ({"model_type": "qwen2", "use_sliding_window": True}, "sliding"),
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
     ({"model_type": "mistral"}, "model_type"),
 ])
@@ -110,3 +110,40 @@ def test_chat_tokenizer_reads_added_token_objects_and_without_a_template_raw_tex
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     chat = llama.ChatTokenizer(folder)
     assert chat.prompt_ids("hello")[0] == chat.tokenizer.token_to_id("[CLS]")
+
+
+def _random_model(config, folder: Path):
+    torch.manual_seed(1)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # biases start at zero: give them values that show
+            p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama-biases"])
+def test_qwen2_and_llama_with_biases_give_transformers_logits(tmp_path: Path, kind: str) -> None:
+    from transformers import Qwen2Config
+
+    from ..conftest import tiny_llama_config
+
+    if kind == "qwen2":
+        config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+                             tie_word_embeddings=True)
+    else:
+        config = tiny_llama_config(attention_bias=True, mlp_bias=True)
+    reference = _random_model(config, tmp_path / kind)
+    ours = llama.load(tmp_path / kind)
+    ids = torch.tensor([[5, 17, 99, 3, 64, 12]])
+    with torch.inference_mode():
+        assert torch.allclose(ours(ids), reference(ids).logits[:, -1], atol=1e-5)
+        want = reference.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert ours.generate(ids[0].tolist(), 6) == want[: len(ours.generate(ids[0].tolist(), 6))]
+
+
+def test_other_model_types_are_refused_by_name() -> None:
+    assert "not one of llama, qwen2" in (llama.unsupported({"model_type": "gemma3_text"}) or "")

@@ -40,6 +40,9 @@ class LlamaShape:
     vocab_size: int
     tie_word_embeddings: bool
     eos_token_ids: tuple[int, ...]
+    qkv_bias: bool = False  # Qwen2 always; Llama with attention_bias
+    o_bias: bool = False  # Llama with attention_bias
+    mlp_bias: bool = False
 
     @classmethod
     def from_source(cls, source: ModelSource) -> LlamaShape:
@@ -63,10 +66,14 @@ class LlamaShape:
                    head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
                    rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
                    vocab_size=cfg["vocab_size"], tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                   eos_token_ids=eos_ids)
+                   eos_token_ids=eos_ids,
+                   qkv_bias=cfg["model_type"] == "qwen2" or bool(cfg.get("attention_bias")),
+                   o_bias=cfg["model_type"] == "llama" and bool(cfg.get("attention_bias")),
+                   mlp_bias=bool(cfg.get("mlp_bias")))
 
 
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+LEAN_MODEL_TYPES = ("llama", "qwen2")
 
 
 def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -81,17 +88,19 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def unsupported(cfg: dict[str, Any]) -> str | None:
-    """Why the lean runtime cannot run this config, or ``None`` if it can (one check for every caller)."""
-    if cfg.get("model_type") != "llama":
-        return f"model_type is {cfg.get('model_type')!r}, not 'llama'"
+    """Why the lean runtime cannot run this config, or ``None`` if it can (one check for every caller).
+
+    It runs Llama (biases included) and Qwen2 (Llama with q/k/v biases) without sliding windows.
+    """
+    if cfg.get("model_type") not in LEAN_MODEL_TYPES:
+        return f"model_type is {cfg.get('model_type')!r}, not one of {', '.join(LEAN_MODEL_TYPES)}"
     missing = [k for k in REQUIRED if not isinstance(cfg.get(k), int)]
     if missing:
         return f"config.json lacks {', '.join(missing)}"
     if cfg.get("hidden_act", "silu") != "silu":
         return f"hidden_act is {cfg['hidden_act']!r}, not 'silu'"
-    for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key):
-            return f"{key} is set"
+    if cfg.get("use_sliding_window"):
+        return "sliding-window attention is set"
     rope = cfg.get("rope_parameters") or {}
     if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
         return "rope scaling is set"
@@ -112,12 +121,13 @@ def _weight(*shape: int) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = _weight(out_features, in_features)  # (out, in)
+        self.bias = _weight(out_features) if bias else None  # (out,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
 
 class Embedding(nn.Module):
@@ -151,10 +161,10 @@ class Attention(nn.Module):
     def __init__(self, s: LlamaShape) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = s.num_attention_heads, s.num_key_value_heads, s.head_dim
-        self.q_proj = Linear(s.hidden_size, self.heads * self.head_dim)
-        self.k_proj = Linear(s.hidden_size, self.kv_heads * self.head_dim)
-        self.v_proj = Linear(s.hidden_size, self.kv_heads * self.head_dim)
-        self.o_proj = Linear(self.heads * self.head_dim, s.hidden_size)
+        self.q_proj = Linear(s.hidden_size, self.heads * self.head_dim, s.qkv_bias)
+        self.k_proj = Linear(s.hidden_size, self.kv_heads * self.head_dim, s.qkv_bias)
+        self.v_proj = Linear(s.hidden_size, self.kv_heads * self.head_dim, s.qkv_bias)
+        self.o_proj = Linear(self.heads * self.head_dim, s.hidden_size, s.o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: list[torch.Tensor] | None) -> torch.Tensor:
@@ -187,9 +197,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, s: LlamaShape) -> None:
         super().__init__()
-        self.gate_proj = Linear(s.hidden_size, s.intermediate_size)
-        self.up_proj = Linear(s.hidden_size, s.intermediate_size)
-        self.down_proj = Linear(s.intermediate_size, s.hidden_size)
+        self.gate_proj = Linear(s.hidden_size, s.intermediate_size, s.mlp_bias)
+        self.up_proj = Linear(s.hidden_size, s.intermediate_size, s.mlp_bias)
+        self.down_proj = Linear(s.intermediate_size, s.hidden_size, s.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -218,7 +228,7 @@ class Body(nn.Module):
 
 
 class Llama(nn.Module):
-    """Llama with transformers' parameter names (``model.layers.N.self_attn.q_proj.weight``, ...)."""
+    """Llama (and Qwen2) with transformers' parameter names (``model.layers.N.self_attn.q_proj.weight``)."""
 
     def __init__(self, s: LlamaShape) -> None:
         super().__init__()
