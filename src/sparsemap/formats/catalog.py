@@ -280,6 +280,28 @@ class Catalog(Mapping[str, TensorEntry]):
         }
 
 
+def repeated_stride(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, int] | None:
+    """``(stride, extent)`` of the first dimension whose stride lies inside the span of the smaller ones
+    (the view reads some element at two indexes), or ``None`` when no two elements share bytes.
+
+    A sufficient rule, met by every slice, transpose and permutation of a contiguous tensor and by
+    every layout the writer makes: ordered by stride, each dimension's stride reaches past everything
+    the smaller ones span. Empty views repeat nothing.
+
+    Example:
+        >>> repeated_stride((4, 6), (8, 1)), repeated_stride((10**9,), (0,))
+        (None, (0, 1))
+    """
+    if 0 in shape:
+        return None
+    extent = 1
+    for d, s in sorted(((d, s) for d, s in zip(shape, strides, strict=True) if d > 1), key=lambda t: t[1]):
+        if s < extent:
+            return s, extent
+        extent += s * (d - 1)
+    return None
+
+
 def check_name(name: str, path: str, what: str = "tensor name") -> None:
     """Refuse a name that is not valid UTF-8: a str holding a lone surrogate (JSON's ``"\\ud800"``, a
     pickle's surrogatepass strings) cannot be written back to any file, and no other reader accepts it

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import LayoutError
-from .catalog import TensorEntry, check_name
+from .catalog import TensorEntry, check_name, repeated_stride
 from .dtypes import ITEMSIZE
 from .reserved import LAYOUT_KEY, PAD_PREFIX, SUFFIXES, is_padding
 
@@ -329,19 +329,12 @@ def _check_isolated(views: list[TensorEntry], recipes: dict[str, LayoutView], pa
 
 
 def _check_no_overlap(shape: tuple[int, ...], strides: tuple[int, ...], name: str, path: str) -> None:
-    """Refuse a view whose elements share bytes (rows that overlap cannot be masked one at a time).
-
-    Sufficient rule, met by every layout the writer makes: ordered by stride,
-    each dimension's stride reaches past everything the smaller ones span.
-    """
-    if 0 in shape:
-        return  # no elements, nothing to overlap
-    extent = 1
-    for d, s in sorted(((d, s) for d, s in zip(shape, strides, strict=True) if d > 1), key=lambda t: t[1]):
-        if s < extent:
-            raise LayoutError(f"view strides {list(strides)} with shape {list(shape)} make elements overlap "
-                              f"(a stride of {s} inside a span of {extent} elements)", path=path, tensor=name)
-        extent = s * (d - 1) + extent
+    """Refuse a view whose elements share bytes (rows that overlap cannot be masked one at a time)."""
+    repeat = repeated_stride(shape, strides)
+    if repeat is not None:
+        raise LayoutError(f"view strides {list(strides)} with shape {list(shape)} make elements overlap "
+                          f"(a stride of {repeat[0]} inside a span of {repeat[1]} elements)",
+                          path=path, tensor=name)
 
 
 def _order(view: dict[str, Any], name: str, path: str) -> tuple[tuple[int, ...] | None, int]:
