@@ -71,3 +71,24 @@ def test_an_architecture_transformers_does_not_map_is_refused_by_name(tmp_path: 
                       {"general.architecture": "rwkv7"})
     with pytest.raises(GGUFArchitectureError, match=r"architecture 'rwkv7' is not mapped .*gemma3"):
         sparsemap.from_pretrained(path)
+
+
+@pytest.mark.model
+def test_a_gguf_tokenizer_is_converted_once_into_the_cache(smollm2_gguf: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoTokenizer
+
+    from sparsemap.formats.source import resolve_source
+    from sparsemap.models.generate import gguf_tokenizer
+
+    monkeypatch.setenv("SPARSEMAP_CACHE", str(tmp_path))
+    source = resolve_source(smollm2_gguf)
+    first = gguf_tokenizer(source)
+    saved = list((tmp_path / "tokenizers").glob("*/tokenizer.json"))
+    assert len(saved) == 1 and (saved[0].parent / ".complete").is_file()
+    again = gguf_tokenizer(source)  # from tokenizer.json in the cache this time
+    reference = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    text = "Memory maps, not copies. 12345 héllo"
+    assert first(text)["input_ids"] == again(text)["input_ids"] == reference(text)["input_ids"]
+    assert again.chat_template and again.chat_template == sparsemap.open(smollm2_gguf).metadata[
+        "tokenizer.chat_template"]
