@@ -236,3 +236,23 @@ def test_load_state_dict_returns_views_of_every_tensor(tiny_llama):
     expected = reference.state_dict()
     assert sd.keys() == expected.keys()
     assert all(torch.equal(sd[k], expected[k]) for k in sd)
+
+
+class _Normed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.bn = torch.nn.BatchNorm1d(3)
+
+
+def test_initialising_a_missing_weight_keeps_the_loaded_running_statistics(tmp_path):
+    """BatchNorm's reset_parameters also resets its running statistics: those loaded stay the file's."""
+    stats = {"bn.running_mean": torch.tensor([1.0, 2.0, 3.0]),
+             "bn.running_var": torch.tensor([4.0, 5.0, 6.0]), "bn.num_batches_tracked": torch.tensor(7)}
+    save_file({"fc.weight": torch.ones(3, 3), "fc.bias": torch.ones(3), **stats}, tmp_path / "m.safetensors")
+    with pytest.warns(UserWarning, match="2 missing"):
+        model = sparsemap.load(_Normed, tmp_path / "m.safetensors", strict=False)
+    assert torch.equal(model.bn.running_mean, stats["bn.running_mean"])
+    assert torch.equal(model.bn.running_var, stats["bn.running_var"])
+    assert int(model.bn.num_batches_tracked) == 7
+    assert torch.equal(model.bn.weight, torch.ones(3)) and torch.equal(model.bn.bias, torch.zeros(3))

@@ -155,6 +155,7 @@ class LoadPlan(NamedTuple):
     found_change: PrefixChange | None = None  # the prefix change found by itself, when none was given
     missing_slots: tuple[_Slot, ...] = ()  # slots no checkpoint tensor fills (and nobody skipped)
     not_required: frozenset[str] = frozenset()  # missing names the model says it does not need
+    checkpoint_names: tuple[str, ...] = ()  # the checkpoint's first names, for messages
 
     def raise_for_errors(self, source: str, strict: bool) -> None:
         sections = []
@@ -167,10 +168,10 @@ class LoadPlan(NamedTuple):
         if strict and self.unexpected:
             sections.append(f"{len(self.unexpected)} in the checkpoint but not in the model:"
                             + _listing(self.unexpected))
-        if not self.assignments and self.model.slots and not self.mismatched:
+        if not self.assignments and self.missing_slots and self.checkpoint_names and not self.mismatched:
             sections.append("no tensor of the checkpoint is a tensor of the model (compare the names: "
                             f"the model has {_first_names(self.model)}, the checkpoint "
-                            f"{', '.join(repr(u.rsplit(' ', 1)[0]) for u in self.unexpected[:2])})")
+                            f"{', '.join(map(repr, self.checkpoint_names))})")
         if not sections:
             if missing or self.unexpected:
                 warnings.warn(f"{source}: loaded with {len(missing)} missing (initialised) and "
@@ -210,12 +211,11 @@ def plan(model: nn.Module, catalog: Catalog, skip: Skip = None, *, rename: Renam
         change = found
     served: dict[str, str] = {}  # model name -> checkpoint name
     skipped: list[str] = []
-    dropped: list[str] = []  # checkpoint names the rename left out or the model ignores
     for name in catalog:
         as_model = change(name) if change is not None else name
         if as_model is None or leave_out(name) or leave_out(as_model):
-            dropped.append(name)
-        elif as_model in served:
+            continue  # the rename leaves it out, or the model says it never expects it
+        if as_model in served:
             raise LoadError(f"checkpoint tensors {served[as_model]!r} and {name!r} would both load into "
                             f"{as_model!r}; pass rename= to tell them apart", path=catalog.source)
         else:
@@ -252,7 +252,7 @@ def plan(model: nn.Module, catalog: Catalog, skip: Skip = None, *, rename: Renam
             unexpected.append(f"{name} {catalog[name].shape}")
     quiet = frozenset(n for slot in missing_slots for n in slot.names if not_required(n))
     return LoadPlan(assignments, missing, unexpected, mismatched, sorted(set(skipped)), not_loaded, walked,
-                    found, tuple(missing_slots), quiet)
+                    found, tuple(missing_slots), quiet, tuple(list(catalog)[:2]))
 
 
 # ---------------------------------------------------------------- loading
@@ -347,52 +347,64 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
             _assign(slots[name], t, as_parameter=False)
         else:
             _assign(slots[name], _converted(t, device, dtype))
-    _initialise_missing(model, the_plan, ckpt.source, dtype)
+    _initialise_missing(model, the_plan, ckpt.source, dtype, device)
     _check_materialized(the_plan, ckpt.source, strict)
     return model
 
 
-def _initialise_missing(model: nn.Module, the_plan: LoadPlan, source: str, dtype: torch.dtype | None) -> None:
-    """Give the parameters the checkpoint lacks real values on the CPU, as the model initialises them.
+def _initialise_missing(model: nn.Module, the_plan: LoadPlan, source: str, dtype: torch.dtype | None,
+                        device: torch.device) -> None:
+    """Give the parameters the checkpoint lacks real values on ``device``, as the model initialises them.
 
     Only reached when missing tensors are allowed (``strict=False``, or names the model says it does
-    not need). Each missing parameter gets CPU memory (tied names share it); then each module owning
-    one runs its initialiser (transformers' ``_init_weights``, else ``reset_parameters``) with its
-    loaded parameters swapped for meta placeholders, on which initialisers do nothing: a weight mapped
-    from the file is never written (that would copy its pages), and only the missing ones change.
-    A parameter whose module has no initialiser is refused by name.
+    not need). Each missing parameter gets memory filled with NaN (tied names share it); then each
+    module owning one runs its initialiser (transformers' ``_init_weights``, else ``reset_parameters``)
+    with its loaded parameters and buffers swapped for meta placeholders, on which initialisers do
+    nothing: a tensor mapped from the file is never written (that would copy its pages, and change
+    loaded running statistics), and only the missing ones change. A parameter no initialiser filled
+    (still NaN: the model's initialiser skips its kind of module, or there is none) is refused by name.
     """
     slots = [slot for slot in the_plan.missing_slots
              if slot.kind == "param" and (t := slot.now()) is not None and t.is_meta]
     if not slots:
         return
     init = getattr(model, "_init_weights", None)  # transformers' per-module initialiser
-    refused = [n for slot in slots for n in slot.names
-               if init is None and not all(hasattr(m, "reset_parameters") for m, _ in slot.places)]
-    if refused:
-        raise MissingKeysError("these tensors are missing from the checkpoint and their modules have no "
-                               "initialiser (reset_parameters): pass skip= to leave them on the meta device "
-                               "knowingly, or give them in the checkpoint" + _listing(refused),
-                               path=source, missing=refused)
     fresh = set()
     owners: dict[int, nn.Module] = {}
     for slot in slots:
         meta = slot.now()
         assert meta is not None
         target = dtype if dtype is not None and meta.is_floating_point() else meta.dtype
-        _assign(slot, torch.empty(meta.shape, dtype=target, device="cpu"))
+        fill = float("nan") if target.is_floating_point else 0
+        blank = torch.full(meta.shape, fill, dtype=target, device=device)
+        _assign(slot, blank)
         fresh.add(id(slot.now()))
         owners.update((id(m), m) for m, _ in slot.places)
     with torch.no_grad():
         for module in owners.values():
-            kept = {attr: p for attr, p in module._parameters.items() if p is not None and id(p) not in fresh}
-            for attr, p in kept.items():  # placeholders: initialisers write nothing to a meta tensor
+            if init is None and not hasattr(module, "reset_parameters"):
+                continue  # its parameters stay NaN: refused below
+            kept_params = {a: p for a, p in module._parameters.items()
+                           if p is not None and id(p) not in fresh}
+            kept_buffers = {a: b for a, b in module._buffers.items() if b is not None}
+            # Placeholders: initialisers write nothing to a meta tensor.
+            for attr, p in kept_params.items():
                 module._parameters[attr] = nn.Parameter(torch.empty_like(p, device="meta"),
                                                         requires_grad=p.requires_grad)
+            for attr, b in kept_buffers.items():
+                module._buffers[attr] = torch.empty_like(b, device="meta")
             try:
                 init(module) if init is not None else module.reset_parameters()  # type: ignore[operator]
             finally:
-                module._parameters.update(kept)
+                module._parameters.update(kept_params)
+                module._buffers.update(kept_buffers)
+    refused = [n for slot in slots if (t := slot.now()) is not None and t.is_floating_point()
+               and bool(torch.isnan(t).any()) for n in slot.names]
+    if refused:
+        raise MissingKeysError("these tensors are missing from the checkpoint and no initialiser of the "
+                               "model fills them: pass skip= to leave them on the meta device knowingly, or "
+                               "give them in the checkpoint" + _listing(refused),
+                               path=source, missing=refused)
 
 
 def _assign(slot: _Slot, t: torch.Tensor, *, as_parameter: bool = True) -> None:

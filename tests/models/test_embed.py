@@ -71,3 +71,24 @@ def test_embed_command_and_run_on_an_encoder(minilm_folder: Path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "is an encoder (BertModel)" in proc.stderr and "sparsemap embed" in proc.stderr
+
+
+def test_last_token_pooling_finds_the_last_kept_token_on_either_side() -> None:
+    hidden = torch.arange(12.0).view(2, 3, 2)  # (2 texts, 3 tokens, 2)
+    right = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    left = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert pool(hidden, right, ("lasttoken",)).tolist() == [[2.0, 3.0], [10.0, 11.0]]
+    assert pool(hidden, left, ("lasttoken",)).tolist() == [[4.0, 5.0], [10.0, 11.0]]
+
+
+@pytest.mark.parametrize(("files", "needle"), [
+    ({"modules.json": "[1, 2]"}, "must be a list of objects"),
+    ({"modules.json": '[{"path": "1_Pooling", "type": "x.Pooling"}]'}, "not readable JSON"),
+    ({"modules.json": "{oops"}, "not readable JSON"),
+])
+def test_a_broken_sentence_transformers_folder_is_refused_by_path(tmp_path: Path, files: dict,
+                                                                  needle: str) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(BadInputError, match=needle):
+        Pipeline.of(tmp_path)

@@ -92,3 +92,27 @@ def test_a_gguf_tokenizer_is_converted_once_into_the_cache(smollm2_gguf: Path, t
     assert first(text)["input_ids"] == again(text)["input_ids"] == reference(text)["input_ids"]
     assert again.chat_template and again.chat_template == sparsemap.open(smollm2_gguf).metadata[
         "tokenizer.chat_template"]
+
+
+def test_llama_q_and_k_biases_are_put_back_in_order_and_rope_freqs_left_out(tmp_path: Path) -> None:
+    """llama.cpp permutes q/k biases as it does their weights; rope_freqs.weight is computed by the model."""
+    from transformers import LlamaForCausalLM
+
+    from ..conftest import tiny_llama_config
+
+    config = tiny_llama_config(attention_bias=True)  # 4 heads of 8, 2 kv heads
+    q_bias = np.arange(32, dtype=np.float32)
+    path = write_gguf(tmp_path / "b.gguf", {
+        "token_embd.weight": (np.zeros((128, 32), np.float32), None),
+        "blk.0.attn_q.bias": (q_bias, None),
+        "rope_freqs.weight": (np.ones(4, np.float32), None),
+    }, {"llama.attention.head_count": 4, "llama.attention.head_count_kv": 2})
+    with sparsemap.skeleton():
+        model = LlamaForCausalLM(config)
+    cat = gguf_hf.hf_catalog(sparsemap.open(path), model)
+    assert set(cat) == {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.bias"}
+    got = sparsemap.Checkpoint(cat).tensor("model.layers.0.self_attn.q_proj.bias")
+    order = torch.tensor(gguf_llama.rotary_order(32, 4))  # stored row k holds transformers row order[k]
+    want = torch.empty(32)
+    want[order] = torch.from_numpy(q_bias)
+    assert torch.equal(got, want)

@@ -52,18 +52,20 @@ class Pipeline:
         modules_file = root / "modules.json"
         if not modules_file.is_file():
             return cls(encoder=root)
-        try:
-            modules = json.loads(modules_file.read_text())
-        except (OSError, ValueError) as e:
-            raise BadInputError(f"modules.json is not readable JSON: {e}", path=modules_file) from None
+        modules = _json(modules_file)
+        if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+            raise BadInputError("modules.json must be a list of objects", path=modules_file)
         encoder, modes, normalize = root, ("mean_tokens",), False
-        for module in modules if isinstance(modules, list) else []:
+        for module in modules:
             kind = str(module.get("type", "")).rsplit(".", 1)[-1]
             where = root / str(module.get("path", ""))
             if kind == "Transformer":
                 encoder = where
             elif kind == "Pooling":
-                config = json.loads((where / "config.json").read_text())
+                config = _json(where / "config.json")
+                if not isinstance(config, dict):
+                    raise BadInputError("the pooling config must be a JSON object",
+                                        path=where / "config.json")
                 modes = tuple(m for m in POOLING_MODES if config.get(f"pooling_mode_{m}"))
                 unknown = [k for k, v in config.items() if k.startswith("pooling_mode_") and v
                            and k.removeprefix("pooling_mode_") not in POOLING_MODES]
@@ -78,8 +80,19 @@ class Pipeline:
         settings = encoder / "sentence_bert_config.json"
         max_length = 512
         if settings.is_file():
-            max_length = int(json.loads(settings.read_text()).get("max_seq_length") or max_length)
+            doc = _json(settings)
+            value = doc.get("max_seq_length") if isinstance(doc, dict) else None
+            if value is not None and (type(value) is not int or value <= 0):
+                raise BadInputError(f"max_seq_length is {value!r}, not a positive integer", path=settings)
+            max_length = value or max_length
         return cls(encoder=encoder, modes=modes, normalize=normalize, max_length=max_length)
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"not readable JSON: {e}", path=path) from None
 
 
 def pool(hidden: Any, mask: Any, modes: tuple[str, ...]) -> Any:
@@ -98,8 +111,9 @@ def pool(hidden: Any, mask: Any, modes: tuple[str, ...]) -> Any:
             parts.append((hidden * m).sum(1) / lengths)
         elif mode == "mean_sqrt_len_tokens":
             parts.append((hidden * m).sum(1) / lengths.sqrt())
-        else:  # lasttoken: the last position the mask keeps
-            last = mask.sum(1).long() - 1  # (batch,)
+        else:  # lasttoken: the last position the mask keeps, whichever side the padding is on
+            _, from_end = mask.flip(1).max(1)  # (batch,): tokens after the last kept one
+            last = mask.shape[1] - 1 - from_end
             parts.append(hidden[torch.arange(hidden.shape[0]), last])
     return torch.cat(parts, dim=-1)  # (batch, dim * len(modes))
 

@@ -19,6 +19,7 @@ repacked with ``sparsemap convert --quantize keep``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..errors import GGUFArchitectureError
@@ -31,6 +32,7 @@ from .gguf_llama import rotary_order
 # the others use the same tables, unchecked here for want of a small published file.
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
                "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3"}
+logger = logging.getLogger("sparsemap")
 ROTARY_PERMUTED = ("llama", "mistral")  # llama.cpp interleaves q/k rotary halves for these
 NORM_PLUS_ONE = ("gemma2", "gemma3")  # llama.cpp stores Gemma's RMSNorm weights as 1 + w
 
@@ -83,8 +85,9 @@ def hf_catalog(catalog: Catalog, model: Any) -> Catalog:
     """The GGUF catalog under the names of ``model`` (a transformers model built from
     :func:`hf_config`, on the meta device), with the values put back as transformers keeps them.
 
-    Raises:
-        GGUFArchitectureError: a tensor of the file has no name in the model.
+    Tensors of the file the model has no name for (llama 3's ``rope_freqs.weight``, which the model
+    computes) are left out, as transformers leaves them; a model tensor the file lacks is refused
+    when loading.
     """
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
@@ -97,17 +100,21 @@ def hf_catalog(catalog: Catalog, model: Any) -> Catalog:
     to_hf = get_gguf_hf_weights_map(model, processor)
     config = model.config
     entries: dict[str, TensorEntry] = {}
+    left_out = []
     for name, e in catalog.items():
         hf = to_hf.get(name)
-        if hf is None:
-            raise GGUFArchitectureError(f"no transformers name for GGUF tensor {name!r} in "
-                                        f"{type(model).__name__}", path=catalog.source, tensor=name)
+        if hf is None:  # a tensor the model computes (llama 3's rope_freqs.weight): as transformers does
+            left_out.append(name)
+            continue
         entry = e._replace(name=hf)
-        if arch in ROTARY_PERMUTED and name.endswith((".attn_q.weight", ".attn_k.weight")):
+        if arch in ROTARY_PERMUTED and any(f".attn_{p}." in name for p in "qk"):  # weights and biases
             heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
             entry = entry._replace(order=rotary_order(e.shape[0], heads), order_dim=0)
         if arch in NORM_PLUS_ONE and name.endswith("norm.weight"):
             entry = entry._replace(shift=-1.0)
         entries[hf] = entry
+    if left_out:
+        logger.info("%s: tensors with no name in %s left out: %s", catalog.source, type(model).__name__,
+                    ", ".join(left_out[:8]))
     return Catalog(source=catalog.source, format=f"gguf:hf-{arch}", entries=entries,
                    metadata=dict(catalog.metadata), stamps=catalog.stamps)
