@@ -83,3 +83,10 @@ def test_a_regular_file_behind_a_symbolic_link_still_opens(tmp_path: Path) -> No
     save_file({"a": torch.ones(2)}, str(tmp_path / "real.safetensors"))
     (tmp_path / "link.safetensors").symlink_to(tmp_path / "real.safetensors")
     assert set(sparsemap.open(tmp_path / "link.safetensors")) == {"a"}
+
+
+def test_a_fifo_found_in_a_folder_is_refused_by_name(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "model.gguf")
+    with pytest.raises(errors.NotRegularFileError, match="is a FIFO") as info:
+        sparsemap.open(tmp_path)
+    assert info.value.path == str(tmp_path / "model.gguf")

@@ -546,3 +546,32 @@ def test_torch_save_at_every_pickle_protocol_opens(tmp_path: Path, protocol: int
     ckpt = sparsemap.Checkpoint(sparsemap.open(path))
     assert sorted(ckpt) == sorted([f"model.{k}" for k in model.state_dict()] + ["p"])
     assert torch.equal(ckpt.tensor("model.0.weight"), model.state_dict()["0.weight"])
+
+
+def test_storage_members_that_overlap_in_the_file_are_refused(tmp_path: Path) -> None:
+    """Member 0's data holds member 1 (its local header and bytes): torch reads two storages, a mapping
+    would serve one set of bytes under two tensors. The central directory is patched to point there."""
+    import struct as _struct
+    import zipfile as _zipfile
+
+    from ..helpers import FakeStorage, FakeTensor, pickle_checkpoint
+    from .corpus import torch_zip
+
+    inner_name = b"archive/data/1"
+    payload = bytes(range(16))
+    local = _struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 0, 0, 0, _zipfile.crc32(payload), 16, 16,
+                         len(inner_name), 0) + inner_name
+    pkl = pickle_checkpoint({"a": FakeTensor(FakeStorage("0", 4), 0, (4,), (1,)),
+                             "b": FakeTensor(FakeStorage("1", 4), 0, (4,), (1,))})
+    content = bytearray(torch_zip(pkl, {"0": local + payload, "1": payload}))
+    z = _zipfile.ZipFile(io.BytesIO(bytes(content)))
+    data0 = z.getinfo("archive/data/0")
+    inside = data0.header_offset + 30 + len(data0.filename) + len(data0.extra)  # where member 0's data starts
+    record = next(i for i in range(len(content)) if content.startswith(b"PK\x01\x02", i)
+                  and content[i + 46:i + 46 + len(inner_name)] == inner_name)
+    content[record + 42:record + 46] = _struct.pack("<I", inside)
+    path = tmp_path / "overlap.pt"
+    path.write_bytes(bytes(content))
+    with pytest.raises(errors.CorruptCheckpointError, match=r"share the bytes .* members overlap") as info:
+        sparsemap.open(path)
+    assert str(path) in str(info.value)

@@ -108,9 +108,9 @@ def resolve_source(path: str | os.PathLike[str]) -> ModelSource:
         folder, weights = path, _weights_in_folder(path)
     elif os.path.exists(path):
         folder, weights = os.path.dirname(path), path
-        check_regular_file(weights)
     else:
         raise SourceNotFoundError("no such file or folder", path=path)
+    check_regular_file(weights)  # a FIFO named model.gguf in a folder would block the first read
     fmt = "sharded" if weights.endswith(".json") else sniff_format(weights)
 
     def beside(name: str) -> str | None:

@@ -721,7 +721,20 @@ def open_torch_zip(path: str, stamp: FileStamp) -> Catalog:
                             f"of the file ({file_nbytes} bytes)", path=path, tensor=name)
                     storages[st.key] = (start, member.file_size)
                 entries[name] = _entry(name, rec, storages[st.key], path)
+            _check_disjoint(storages, path)
     return Catalog(source=path, format="torch-zip", entries=entries, stamps={path: stamp})
+
+
+def _check_disjoint(storages: dict[str, tuple[int, int]], path: str) -> None:
+    """Refuse storages whose members share bytes (a member's data holding the next member): torch.load
+    reads them as independent storages, sparsemap would map one set of bytes under two tensors, and a
+    converter would write them N times over."""
+    spans = sorted((start, start + nbytes, key) for key, (start, nbytes) in storages.items() if nbytes)
+    for (_, a_end, a_key), (b_start, _, b_key) in itertools.pairwise(spans):
+        if b_start < a_end:
+            raise CorruptCheckpointError(
+                f"storages {_short(a_key)} and {_short(b_key)} share the bytes [{b_start}, {a_end}) of the "
+                "file: the archive's members overlap", path=path)
 
 
 # ---------------------------------------------------------------- names and views

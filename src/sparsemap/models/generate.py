@@ -112,9 +112,13 @@ def gguf_tokenizer(source: ModelSource) -> Any:
     from ..formats.dispatch import open_catalog
     from .assets import cache_dir
 
+    import transformers
+
     weights = Path(source.weights)
     stamp = FileStamp.of(str(weights))
-    key = hashlib.sha256(f"{weights.resolve()}|{stamp.size}|{stamp.mtime_ns}".encode()).hexdigest()[:12]
+    # transformers' version too: a newer conversion is not served a stale tokenizer.json.
+    identity = f"{weights.resolve()}|{stamp.size}|{stamp.mtime_ns}|{transformers.__version__}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
     folder = cache_dir() / "tokenizers" / f"{weights.stem}-{key}"
     if (folder / ".complete").is_file():
         return AutoTokenizer.from_pretrained(folder)
@@ -126,10 +130,13 @@ def gguf_tokenizer(source: ModelSource) -> Any:
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
         tokenizer.save_pretrained(tmp)
         (Path(tmp) / ".complete").write_text(str(weights.resolve()) + "\n")
-        if folder.exists():  # a stale, incomplete earlier attempt
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        os.makedirs(tmp)  # for the context manager to remove
+        if folder.exists() and not (folder / ".complete").is_file():  # an interrupted earlier attempt
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+            os.makedirs(tmp)  # for the context manager to remove
+        except OSError:  # another process put its copy in place first: keep it, drop ours
+            pass
     return tokenizer
 
 
