@@ -106,13 +106,12 @@ def gguf_tokenizer(source: ModelSource) -> Any:
     import shutil
     import tempfile
 
+    import transformers
     from transformers import AutoTokenizer
 
     from ..formats.catalog import FileStamp
     from ..formats.dispatch import open_catalog
     from .assets import cache_dir
-
-    import transformers
 
     weights = Path(source.weights)
     stamp = FileStamp.of(str(weights))
