@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -250,20 +251,32 @@ def logical(entry: TensorEntry, values: torch.Tensor, *, stored_order: bool = Fa
     ``stored_order``), the entry's ``shift`` added (a copy). The one place both readers (mapped
     views here, ``pread`` in the converter) undo what a writer did to a tensor's values."""
     if entry.order is not None and not stored_order:
-        # stored slice k is logical slice order[k]: logical i is stored inverse[i]
-        inverse = torch.empty(len(entry.order), dtype=torch.int64)
-        inverse[torch.tensor(entry.order, dtype=torch.int64)] = torch.arange(len(entry.order))
-        values = values.index_select(entry.order_dim, inverse)
+        values = values.index_select(entry.order_dim, inverse_order(entry.order))
     return values + entry.shift if entry.shift else values
 
 
-def _dequantize(mm: FileMapping, entry: TensorEntry) -> torch.Tensor:
-    """A quantized GGUF tensor as float32: a copy, made by the ``gguf`` package."""
+def inverse_order(order: tuple[int, ...]) -> torch.Tensor:
+    """Stored slice ``k`` is logical slice ``order[k]``: the stored index of each logical one, (len,)."""
+    inverse = torch.empty(len(order), dtype=torch.int64)
+    inverse[torch.tensor(order, dtype=torch.int64)] = torch.arange(len(order))
+    return inverse
+
+
+def dequantize_gguf(raw: Any, entry: TensorEntry) -> torch.Tensor:
+    """A GGUF tensor's blocks (``raw``: its bytes, a buffer or a uint8 array) as float32 in the entry's
+    shape: a copy, decoded by the ``gguf`` package."""
     import numpy as np
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    raw = np.frombuffer(mm, dtype=np.uint8, count=entry.nbytes, offset=entry.offset)
+    blocks = np.frombuffer(raw, dtype=np.uint8) if not isinstance(raw, np.ndarray) else raw
     qtype = GGMLQuantizationType[entry.encoding]  # type: ignore[misc]
-    values = dequantize(raw.reshape(-1), qtype)  # (numel,) float32
+    values = dequantize(blocks.reshape(-1), qtype)  # (numel,) float32
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(entry.shape)
+
+
+def _dequantize(mm: FileMapping, entry: TensorEntry) -> torch.Tensor:
+    """A quantized GGUF tensor of a mapping as float32: a copy, made by the ``gguf`` package."""
+    import numpy as np
+
+    return dequantize_gguf(np.frombuffer(mm, dtype=np.uint8, count=entry.nbytes, offset=entry.offset), entry)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoint import Checkpoint, Source, logical
+from .checkpoint import Checkpoint, Source, dequantize_gguf, inverse_order, logical
 from .durable import check_destination
 from .errors import FileChangedError, ReservedNameError, TruncatedFileError, UnsupportedQuantizationError
 from .formats.catalog import Catalog, FileStamp, TensorEntry
@@ -243,7 +243,7 @@ class SourceFiles:
 
             values = dequantize(weight, [self.read(p) for p in weight.parts])
         elif entry.encoding is not None:  # GGUF blocks
-            values = _dequantize_gguf(self.raw(entry), entry)
+            values = dequantize_gguf(self.raw(entry).numpy(), entry)
         else:
             flat = self.raw(entry).view(dtype)  # new memory: aligned for any dtype
             values = flat.as_strided(entry.shape, entry.strides) if entry.strides is not None \
@@ -253,23 +253,6 @@ class SourceFiles:
     def _range(self, entry: TensorEntry, dtype: torch.dtype, shape: tuple[int, ...]) -> FileRange:
         return FileRange(entry.name, entry.file, self._fds[entry.file], entry.offset, dtype, shape,
                          self._stamps[entry.file].size)
-
-
-def _inverse(order: tuple[int, ...]) -> torch.Tensor:
-    inverse = torch.empty(len(order), dtype=torch.int64)  # stored row k is logical row order[k]
-    inverse[torch.tensor(order, dtype=torch.int64)] = torch.arange(len(order))
-    return inverse
-
-
-def _dequantize_gguf(raw: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
-    """A GGUF tensor's blocks, already read, as float32 (the ``gguf`` package decodes them)."""
-    import numpy as np
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    qtype = GGMLQuantizationType[entry.encoding]  # type: ignore[misc]
-    values = dequantize(raw.numpy(), qtype)  # (numel,) float32
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(entry.shape)
 
 
 def _source_encoding(catalog: Catalog, name: str) -> str | None:
@@ -295,7 +278,7 @@ def _coded(files: SourceFiles, name: str, mode: str) -> Coded:
     if entry.encoding is None:
         return from_float(files.read(entry), mode)
     coded = from_gguf(files.raw(entry), entry.encoding, (entry.shape[0], entry.shape[1]), name=name)
-    return coded if entry.order is None else coded.rows(_inverse(entry.order))
+    return coded if entry.order is None else coded.rows(inverse_order(entry.order))
 
 
 def _kept_metadata(catalog: Catalog) -> dict[str, str]:
