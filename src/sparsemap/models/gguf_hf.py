@@ -68,8 +68,9 @@ def hf_config(catalog: Catalog) -> Any:
     stored = catalog.metadata.get("general.architecture", arch)
     fields: dict[str, Any] = dict(GGUF_CONFIG_DEFAULTS_MAPPING.get(MODEL_TYPES[arch], {}))
     for key, text in catalog.metadata.items():
-        prefix, _, rest = key.replace(stored, arch, 1).partition(".")
-        target = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest) if prefix in (arch, "tokenizer") else None
+        prefix, _, rest = key.partition(".")
+        section = arch if prefix == stored else prefix  # llama.* keys of a Mistral file are Mistral's
+        target = GGUF_CONFIG_MAPPING.get(section, {}).get(rest) if section in (arch, "tokenizer") else None
         if target not in (None, -1):
             fields[target] = _typed(text)
     embed = catalog.get("token_embd.weight")
