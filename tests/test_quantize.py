@@ -81,13 +81,14 @@ def test_gguf_decoder_equals_gguf_dequantize(qtype: str) -> None:
     coded = from_gguf(torch.from_numpy(raw).reshape(-1), qtype, (N, K), name="blk.0.w")
     assert coded.group == FROM_GGUF[qtype][1]
     assert coded.q.shape == (N, K) and coded.scale.shape == (N, K // coded.group)
-    assert (coded.zero is not None) == (qtype in ("Q4_0", "Q4_1", "Q4_K"))
+    assert (coded.zero is not None) == (qtype in ("Q4_0", "Q4_1", "Q4_K", "Q5_1"))
     got = coded.values()
     assert torch.isfinite(got).all()
     assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize(("qtype", "low", "high"), [("Q4_0", 0, 15), ("Q4_1", 0, 15), ("Q4_K", 0, 15),
+                                                    ("Q5_0", -16, 15), ("Q5_1", 0, 31),
                                                     ("Q8_0", -128, 127), ("Q6_K", -32, 31)])
 def test_gguf_values_stay_in_their_range(qtype: str, low: int, high: int) -> None:
     coded = from_gguf(torch.from_numpy(gguf_blocks(qtype)).reshape(-1), qtype, (N, K))

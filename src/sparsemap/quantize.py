@@ -3,7 +3,7 @@
 Every weight goes through one form, :class:`Coded`: integer values ``q``
 ``(N, K)`` with a float scale and zero per group of ``group`` elements along
 ``K``, meaning ``W[n, k] = scale * q + zero``. GGUF's quantizations decode to
-it exactly (:func:`from_gguf`; Q4_0, Q4_1, Q4_K, Q8_0, Q6_K), float tensors are
+it exactly (:func:`from_gguf`; Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q8_0, Q6_K), float tensors are
 quantized to it (:func:`from_float`; ``q8_0``, ``q4_1``), and :func:`pack`
 writes it in the stored parts of :mod:`sparsemap.formats.quantized`: torch's
 packed int4 layout, or group-major int8. :func:`dequantize` goes back.
@@ -100,6 +100,16 @@ def from_gguf(raw: torch.Tensor, encoding: str, shape: tuple[int, int], *, name:
     if encoding == "Q4_1":
         b = raw.view(n, k // 32, 20)  # (N, G, d + m + 16 bytes of nibbles)
         return Coded(_nibbles(b[..., 4:]).view(n, k), _f16(b, 0), _f16(b, 2), 32)
+    if encoding in ("Q5_0", "Q5_1"):
+        head = 2 if encoding == "Q5_0" else 4  # d, or d and m
+        b = raw.view(n, k // 32, head + 20)  # (N, G, d [+ m] + 4 bytes of high bits + 16 bytes of nibbles)
+        high = b[..., head:head + 4].contiguous().view(torch.int32)  # (N, G, 1): bit j is element j's fifth
+        bits = (high >> torch.arange(32, dtype=torch.int32)) & 1  # (N, G, 32)
+        q = _nibbles(b[..., head + 4:]) | (bits.to(torch.int16) << 4)  # (N, G, 32) in 0..31
+        d = _f16(b, 0)
+        if encoding == "Q5_0":
+            return Coded((q - 16).view(n, k), d, None, 32)  # values d * (q - 16)
+        return Coded(q.view(n, k), d, _f16(b, 2), 32)  # values d * q + m
     if encoding == "Q4_K":
         b = raw.view(n, k // 256, 144)  # (N, super-blocks, d + dmin + 12 scale bytes + 128 bytes)
         d, dmin = _f16(b, 0), _f16(b, 2)

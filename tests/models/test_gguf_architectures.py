@@ -23,18 +23,30 @@ PROMPT = [[2, 818, 5279, 529, 7001, 563]]  # "<bos>The capital of France is" in 
 
 @pytest.mark.model
 @pytest.mark.slow
-def test_gemma3_equals_transformers_own_gguf_loading(gemma3_gguf: Path) -> None:
+def test_gemma3_equals_transformers_own_gguf_loading(gemma3_gguf: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dequantized: transformers' logits. Blocks kept quantized (Q4_K to int4; Q5_0, Q6_K, Q8_0 to
+    int8; repacked once into the cache): the same greedy tokens, every weight still mapped."""
     from transformers import AutoModelForCausalLM
+
+    from sparsemap.qtensor import QuantizedTensor
 
     ours = sparsemap.from_pretrained(gemma3_gguf)
     reference = AutoModelForCausalLM.from_pretrained(gemma3_gguf.parent, gguf_file=gemma3_gguf.name).eval()
     assert type(ours) is type(reference) and ours.config.layer_types == reference.config.layer_types
+    monkeypatch.setenv("SPARSEMAP_CACHE", str(tmp_path))
+    kept = sparsemap.from_pretrained(gemma3_gguf, keep_quantized=True)
+    assert list((tmp_path / "gguf").glob("*.safetensors"))
+    assert isinstance(kept.model.layers[0].self_attn.k_proj.weight, QuantizedTensor)  # a Q5_0 weight
     ids = torch.tensor(PROMPT)
     with torch.inference_mode():
-        assert torch.allclose(ours(ids).logits, reference(ids).logits, atol=1e-4, rtol=0)
+        want = reference(ids).logits
+        assert torch.allclose(ours(ids).logits, want, atol=1e-4, rtol=0)
+        assert (kept(ids).logits - want).abs().max() < 0.05 * want.abs().max()  # bf16 scales of int4
         mine = ours.generate(ids, max_new_tokens=8, do_sample=False)
         theirs = reference.generate(ids, max_new_tokens=8, do_sample=False)
-    assert mine.tolist() == theirs.tolist()
+        quantized = kept.generate(ids, max_new_tokens=8, do_sample=False)
+    assert mine.tolist() == theirs.tolist() == quantized.tolist()
 
 
 @pytest.mark.model

@@ -47,6 +47,8 @@ FROM_GGUF: dict[str, tuple[str, int, bool]] = {
     "Q4_0": (INT4, 32, True),  # values d * (q - 8): a zero of -8 d beside each scale
     "Q4_1": (INT4, 32, True),
     "Q4_K": (INT4, 32, True),
+    "Q5_0": (INT8, 32, False),  # 5-bit values d * (q - 16): in int8, one scale per 32
+    "Q5_1": (INT8, 32, True),  # d * q + m: a zero beside each scale
     "Q8_0": (INT8, 32, False),
     "Q6_K": (INT8, 16, False),
 }

@@ -418,7 +418,8 @@ def sparsemap_loader(dtype: Any = None) -> Callable[[ModelSource], Any]:
     def load_model(source: ModelSource) -> Any:
         from .hf import from_pretrained
 
-        return from_pretrained(source, dtype=dtype)
+        # A GGUF's blocks stay quantized (repacked once into the cache) unless a dtype is asked for.
+        return from_pretrained(source, dtype=dtype, keep_quantized=dtype is None)
 
     return load_model
 

@@ -20,6 +20,7 @@ repacked with ``sparsemap convert --quantize keep``.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from ..errors import GGUFArchitectureError
@@ -119,3 +120,32 @@ def hf_catalog(catalog: Catalog, model: Any) -> Catalog:
                     ", ".join(left_out[:8]))
     return Catalog(source=catalog.source, format=f"gguf:hf-{arch}", entries=entries,
                    metadata=dict(catalog.metadata), stamps=catalog.stamps)
+
+
+def repacked(catalog: Catalog, model: Any) -> Catalog:
+    """The GGUF's weights as ``model`` names them, their blocks kept quantized in the int4/int8 kernels'
+    layouts: a file written once into the cache (``gguf/<file>-<hash>.safetensors``, keyed by the GGUF's
+    path, size and mtime and this torch's int4 packing) and mapped from then on. Quantized weights then
+    cost their packed size in the page cache instead of a float32 copy in anonymous memory.
+
+    Raises:
+        UnsupportedQuantizationError: a block type with no kernel layout (the caller dequantizes instead).
+    """
+    import hashlib
+
+    from ..converter import convert
+    from ..formats.dispatch import open_catalog
+    from ..formats.planner import Layout
+    from ..quantize import int4_layout
+    from .assets import cache_dir
+
+    path = catalog.source
+    stamp = catalog.stamps[path]
+    identity = f"{path}|{stamp.size}|{stamp.mtime_ns}|{type(model).__name__}|{int4_layout()}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    target = cache_dir() / "gguf" / f"{os.path.basename(path)}-{key}.safetensors"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        logger.info("%s: repacking its blocks for the int4/int8 kernels, once, into %s", path, target)
+        convert(hf_catalog(catalog, model), target, layout=Layout(quantize="keep"))
+    return open_catalog(target)

@@ -12,18 +12,22 @@ transformers' names and their values put back, dequantized on access:
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import BadInputError, SourceNotFoundError
+from ..errors import BadInputError, SourceNotFoundError, UnsupportedQuantizationError
+from ..formats.catalog import Catalog
 from ..formats.dispatch import open_catalog
 from ..formats.source import ModelSource, resolve_source
 from ..loader import Skip, load, skeleton
 from ..names import Rename
-from .gguf_hf import hf_catalog, hf_config
+from .gguf_hf import hf_catalog, hf_config, repacked
+
+logger = logging.getLogger("sparsemap")
 
 
 def resolve_config(src: ModelSource, config: Any = None) -> Any:
@@ -43,6 +47,16 @@ def resolve_config(src: ModelSource, config: Any = None) -> Any:
     except ValueError as e:  # an unknown model_type, a malformed config
         raise BadInputError(f"transformers cannot read config.json: {str(e).splitlines()[0][:200]}",
                             path=src.config) from None
+
+
+def _gguf_catalog(src: ModelSource, model: nn.Module, keep_quantized: bool) -> Catalog:
+    raw = open_catalog(src)
+    if keep_quantized:
+        try:
+            return repacked(raw, model)
+        except UnsupportedQuantizationError as e:
+            logger.warning("%s: dequantized instead of kept quantized: %s", src.weights, e.detail)
+    return hf_catalog(raw, model)
 
 
 def class_for(config: Any) -> type[nn.Module]:
@@ -65,7 +79,8 @@ def class_for(config: Any) -> type[nn.Module]:
 def from_pretrained(source: str | os.PathLike[str] | ModelSource, *, config: Any = None,
                     dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                     model_class: type[nn.Module] | None = None, skip: Skip = None,
-                    strict: bool = False, rename: Rename = None, prefix: str | None = None) -> nn.Module:
+                    strict: bool = False, rename: Rename = None, prefix: str | None = None,
+                    keep_quantized: bool = False) -> nn.Module:
     """A transformers model with weights mapped from ``source``, in eval mode.
 
     Args:
@@ -81,6 +96,9 @@ def from_pretrained(source: str | os.PathLike[str] | ModelSource, *, config: Any
             model's weights load into a model with a head (its ``base_model_prefix`` added; the head
             initialised, with a warning) and the reverse (the head's weights left out); pass
             ``strict=True`` to refuse anything missing or left over instead.
+        keep_quantized: for a GGUF loaded on the CPU, keep its quantized blocks (repacked once into the
+            cache for the int4/int8 kernels, :func:`~sparsemap.models.gguf_hf.repacked`) instead of
+            dequantizing every weight into memory; block types with no kernel layout dequantize as before.
 
     Example:
         >>> model = sparsemap.from_pretrained("SmolLM2-135M-Instruct/")      # doctest: +SKIP
@@ -92,7 +110,8 @@ def from_pretrained(source: str | os.PathLike[str] | ModelSource, *, config: Any
     with skeleton():
         model = cls(config)
     # GGUF weights carry llama.cpp's names and values: seen as this model's (gguf_hf).
-    catalog = hf_catalog(open_catalog(src), model) if src.is_gguf else open_catalog(src)
+    catalog = _gguf_catalog(src, model, keep_quantized and torch.device(device).type == "cpu") \
+        if src.is_gguf else open_catalog(src)
     load(model, catalog, device=device, dtype=dtype, skip=skip, strict=strict, rename=rename, prefix=prefix)
     model.eval()
     if hasattr(model, "generation_config") and src.generation_config is not None:
