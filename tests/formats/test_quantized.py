@@ -127,7 +127,7 @@ def test_unsupported_gguf_type_is_refused_naming_the_supported_ones() -> None:
         scheme_for("blk.0.ffn_up.weight", (32, 256), "F32", "Q5_K", "keep")
     assert info.value.tensor == "blk.0.ffn_up.weight"
     assert "Q5_K" in str(info.value)
-    assert "Q4_0, Q4_1, Q4_K, Q8_0, Q6_K" in str(info.value)
+    assert "Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q8_0, Q6_K" in str(info.value)
 
 
 @pytest.mark.parametrize("shape", [(64,), (4, 32, 64)])  # a vector; a stack of experts' matrices
