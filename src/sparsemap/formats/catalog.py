@@ -280,6 +280,22 @@ class Catalog(Mapping[str, TensorEntry]):
         }
 
 
+# No tensor can span more bytes than a signed 64-bit size: torch multiplies shapes in int64.
+MAX_NBYTES = (1 << 63) - 1
+
+
+def fits_int64(shape: tuple[int, ...] | list[int], itemsize: int) -> bool:
+    """Whether ``shape`` of ``itemsize``-byte elements stays within :data:`MAX_NBYTES`, its zero dimensions
+    counted as one: an empty tensor still has its other dimensions multiplied by torch (``(0, 2**62,
+    2**62)`` is "Stride calculation overflowed"), so those must fit too."""
+    total = itemsize
+    for d in shape:
+        total *= max(d, 1)
+        if total > MAX_NBYTES:
+            return False
+    return True
+
+
 def repeated_stride(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, int] | None:
     """``(stride, extent)`` of the first dimension whose stride lies inside the span of the smaller ones
     (the view reads some element at two indexes), or ``None`` when no two elements share bytes.

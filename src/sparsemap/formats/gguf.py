@@ -67,7 +67,7 @@ from ..errors import (
     UnknownDtypeError,
     UnsupportedQuantizationError,
 )
-from .catalog import Catalog, FileStamp, TensorEntry
+from .catalog import Catalog, FileStamp, TensorEntry, fits_int64
 from .source import GGUF_MAGIC
 
 SUPPORTED_VERSIONS = (2, 3)
@@ -419,7 +419,7 @@ def _walk_tensor_infos(cur: _Cursor, n_tensors: int, alignment: int) -> list[Ten
             raise UnknownDtypeError(f"unknown GGML type {ttype}", path=path, tensor=name)
         qname, block, type_size = types[ttype]
         numel = math.prod(dims)
-        if any(d > MAX_DIM for d in dims) or numel * type_size > MAX_NBYTES:
+        if any(d > MAX_DIM for d in dims) or not fits_int64(dims, type_size):
             raise SizeOverflowError(f"dims {list(dims)} of {qname} need more than 2**63 bytes",
                                     path=path, tensor=name)
         if not dims and block > 1:  # a scalar: one element, never a whole block (llama.cpp agrees)

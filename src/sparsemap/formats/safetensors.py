@@ -12,6 +12,7 @@ place to audit. No torch here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from typing import Any
@@ -33,7 +34,7 @@ from ..errors import (
     TruncatedFileError,
     UnknownDtypeError,
 )
-from .catalog import Catalog, FileStamp, TensorEntry, check_name
+from .catalog import Catalog, FileStamp, TensorEntry, check_name, fits_int64
 from .dtypes import ITEMSIZE
 from .reserved import LAYOUT_KEY, QUANT_KEY
 
@@ -179,14 +180,12 @@ def _entry(name: str, info: Any, data_start: int, path: str) -> TensorEntry:
     if begin > end:
         raise InvalidOffsetsError(f"data_offsets [{begin}, {end}] end before they begin",
                                   path=path, tensor=name)
-    nbytes = ITEMSIZE[dtype]
-    for d in shape:
-        nbytes *= d
-        # Python ints do not overflow, but a size past MAX_NBYTES cannot be in a
-        # file and would overflow the C code torch hands it to.
-        if nbytes > MAX_NBYTES:
-            raise SizeOverflowError(f"shape {shape} of {dtype} needs more than 2**63 bytes",
-                                    path=path, tensor=name)
+    # Python ints do not overflow, but a size past 2**63 cannot be in a file and would overflow the C
+    # code torch hands it to, even for an empty tensor (its other dimensions are multiplied too).
+    if not fits_int64(shape, ITEMSIZE[dtype]):
+        raise SizeOverflowError(f"shape {shape} of {dtype} needs more than 2**63 bytes (zero dimensions "
+                                "counted as one)", path=path, tensor=name)
+    nbytes = ITEMSIZE[dtype] * math.prod(shape)
     if end - begin != nbytes:
         raise ByteLengthMismatchError(
             f"data_offsets [{begin}, {end}] hold {end - begin} bytes but shape {shape} of {dtype} "
