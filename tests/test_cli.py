@@ -108,3 +108,15 @@ def test_bench_from_json_prints_the_table_and_writes_markdown(tmp_path):
     assert "naive" in result.stdout and f"wrote {md}" in result.stdout
     header, _, killed = md.read_text().splitlines()
     assert header == "| " + " | ".join(COLUMNS) + " |" and killed.endswith("| OOM-killed 1/1 |")
+
+
+def test_inspect_refuses_a_limit_below_one(tmp_path) -> None:
+    import torch
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from sparsemap.cli import main
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "m.safetensors"))
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.safetensors"), "--limit", "-1"])
+    assert result.exit_code == 2 and "-1 is not in the range x>=1" in result.output

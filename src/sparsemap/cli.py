@@ -89,7 +89,7 @@ def printable(text: str) -> str:
 @main.command()
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--limit", type=int, default=None, metavar="N",
+@click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
               help="Show at most N tensors in the table (totals still count all). Default: all.")
 def inspect(path: str, as_json: bool, limit: int | None) -> None:
     """List a checkpoint's tensors without reading their data.
