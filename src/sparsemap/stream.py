@@ -177,13 +177,9 @@ class _Files:
         byte read belongs to one version. A file replaced by rename is no change here: the descriptors
         read the old inode, whole, to the end (as a mapping does).
         """
-        was = self.stamps[path]
-        st = os.fstat(self.buffered[path])
-        now = FileStamp.of_stat(st)
-        if st.st_nlink == 0:  # unlinked by a rename over its name: only its change time moved
-            now = now._replace(ctime_ns=was.ctime_ns)
-        if now != was:
-            raise FileChangedError(f"changed while it was being read: {was.differences(now)}{note}; the "
+        changed = self.stamps[path].changes_in(self.buffered[path])
+        if changed:
+            raise FileChangedError(f"changed while it was being read: {changed}{note}; the "
                                    "tensors read would mix two versions of it (stream it again)", path=path)
 
     def close(self) -> None:

@@ -125,6 +125,18 @@ class FileStamp(NamedTuple):
     def of_stat(cls, st: os.stat_result) -> FileStamp:
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
+    def changes_in(self, fd: int) -> str:
+        """What changed in the file open as ``fd`` since this stamp, in words (``""`` for nothing).
+
+        Replacing the file by rename unlinks this inode, which moves its change time and nothing else:
+        an unlinked inode (no name left to write through) only counts as changed if size or mtime moved.
+        """
+        st = os.fstat(fd)
+        now = FileStamp.of_stat(st)
+        if st.st_nlink == 0:
+            now = now._replace(ctime_ns=self.ctime_ns)
+        return "" if now == self else self.differences(now)
+
     def differences(self, other: FileStamp) -> str:
         """'size 100 -> 40, replaced (inode 5 -> 9)': what changed, for error messages."""
         out = []

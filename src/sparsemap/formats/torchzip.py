@@ -72,7 +72,6 @@ from ..errors import (
     AmplificationError,
     CorruptCheckpointError,
     DuplicateTensorError,
-    InvalidNameError,
     InvalidShapeError,
     LegacyPickleError,
     NestingError,
@@ -82,7 +81,7 @@ from ..errors import (
     UnknownDtypeError,
     UnsafePickleError,
 )
-from .catalog import Catalog, FileStamp, TensorEntry, contiguous_strides, repeated_stride
+from .catalog import Catalog, FileStamp, TensorEntry, check_name, contiguous_strides, repeated_stride
 from .dtypes import FROM_TORCH_NAME, ITEMSIZE
 from .source import LEGACY_HINT, PICKLE_PROTOS, ZIP_MAGIC
 
@@ -822,14 +821,8 @@ def _flatten(obj: Any, pickle_nbytes: int, path: str) -> dict[str, _TensorRecord
         if not isinstance(key, str) or not (is_tensor or isinstance(value, dict)):
             continue
         name = f"{prefix}.{key}" if prefix else key
-        if not key.isascii():
-            try:
-                key.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise InvalidNameError(
-                    f"name holds a lone surrogate U+{ord(key[e.start]):04X} at character "
-                    f"{len(name) - len(key) + e.start}: not valid UTF-8 (safetensors refuses such names too)",
-                    path=path, tensor=name) from None
+        if not key.isascii():  # the prefix is checked already; ASCII needs no check
+            check_name(name, path, "name")
         chars_left -= len(name)
         if chars_left < 0:
             raise AmplificationError(

@@ -71,10 +71,7 @@ class Rwkv7Shape:
         shape = _shape_reader(catalog, "RWKV-7")
 
         vocab, c = _dims(shape("emb.weight"), 2, "emb.weight", catalog)
-        h, n = _dims(shape("blocks.0.att.r_k"), 2, "blocks.0.att.r_k", catalog)
-        if h * n != c:
-            raise RwkvFormatError(f"{h} heads of {n} make {h * n}, but emb.weight is {c} wide",
-                                  path=catalog.source, tensor="blocks.0.att.r_k")
+        h, n = _heads(shape, "blocks.0.att.r_k", c, catalog)
         n_layer = _layer_count(names)
         ffn = shape("blocks.0.ffn.key.weight")[0]
         lora = {x: shape(f"blocks.0.att.{x}1")[-1] for x in ("w", "a", "g")}
@@ -133,10 +130,7 @@ class Rwkv6Shape:
         shape = _shape_reader(catalog, "RWKV-6")
 
         vocab, c = _dims(shape("emb.weight"), 2, "emb.weight", catalog)
-        h, n = _dims(shape("blocks.0.att.time_faaaa"), 2, "blocks.0.att.time_faaaa", catalog)
-        if h * n != c:
-            raise RwkvFormatError(f"{h} heads of {n} make {h * n}, but emb.weight is {c} wide",
-                                  path=catalog.source, tensor="blocks.0.att.time_faaaa")
+        h, n = _heads(shape, "blocks.0.att.time_faaaa", c, catalog)
         n_layer = _layer_count(names)
         mix = shape("blocks.0.att.time_maa_w1")[-1]
         if mix % 5:
@@ -200,10 +194,7 @@ class Rwkv5Shape:
         shape = _shape_reader(catalog, "RWKV-5.2")
 
         vocab, c = _dims(shape("emb.weight"), 2, "emb.weight", catalog)
-        h, n = _dims(shape("blocks.0.att.time_faaaa"), 2, "blocks.0.att.time_faaaa", catalog)
-        if h * n != c:
-            raise RwkvFormatError(f"{h} heads of {n} make {h * n}, but emb.weight is {c} wide",
-                                  path=catalog.source, tensor="blocks.0.att.time_faaaa")
+        h, n = _heads(shape, "blocks.0.att.time_faaaa", c, catalog)
         n_layer = _layer_count(names)
         s = cls(n_layer, c, h, n, vocab, shape("blocks.0.ffn.key.weight")[0])
         model = f"an RWKV-5.2 model of {n_layer} layers, {c} wide, {h} heads, FFN {s.ffn_size}"
@@ -304,6 +295,16 @@ def _shape_reader(catalog: Catalog, label: str) -> Callable[[str], tuple[int, ..
         return catalog[key].shape
 
     return shape
+
+
+def _heads(shape: Callable[[str], tuple[int, ...]], key: str, width: int,
+           catalog: Catalog) -> tuple[int, int]:
+    """(heads, head size) from ``key``'s (H, N) shape; they must make the embedding's ``width``."""
+    h, n = _dims(shape(key), 2, key, catalog)
+    if h * n != width:
+        raise RwkvFormatError(f"{h} heads of {n} make {h * n}, but emb.weight is {width} wide",
+                              path=catalog.source, tensor=key)
+    return h, n
 
 
 def _layer_count(names: set[str]) -> int:
