@@ -210,6 +210,18 @@ class ShapeMismatchError(LoadError):
     """A checkpoint tensor's shape differs from the model's parameter."""
 
 
+class UnsupportedArgumentError(BadInputError, TypeError):
+    """An argument another library's API takes (transformers' ``from_pretrained``) that sparsemap
+    does not honour; the message says why and what to do instead."""
+
+
+class TensorNotFoundError(BadInputError, KeyError):
+    """A tensor name the checkpoint does not hold (``safe_open``'s ``get_tensor``, ``get_slice``)."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return Exception.__str__(self)
+
+
 class UninitializedTensorError(LoadError):
     """After loading, a parameter or buffer is still on the meta device."""
 
@@ -265,6 +277,10 @@ class BudgetError(BadInputError):
 
 class AssetError(SparsemapError):
     """A model asset could not be fetched or extracted."""
+
+
+class MissingExtraError(SparsemapError, ImportError):
+    """An optional dependency is not installed; the message names the ``pip install`` that adds it."""
 
 
 class CgroupUnavailable(SparsemapError):
