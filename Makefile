@@ -11,10 +11,14 @@ PYTEST_ARGS ?=
 
 .PHONY: setup models demo test lint bench clean
 
+# llms-from-scratch (the GPTModel of tests/models/test_llms_from_scratch.py and benchmarks/llms_from_scratch.py)
+# is installed without its dependencies: it asks for tensorflow, jupyterlab and numpy<2.1 (which conflicts with
+# the pinned numpy), and the modules used need torch only. So it cannot be in the `test` extra.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps llms-from-scratch
 	touch $(STAMP)
 
 setup: $(STAMP)

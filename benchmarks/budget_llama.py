@@ -90,11 +90,17 @@ def representation(folder: Path, name: str) -> Path:
 
     target.mkdir(exist_ok=True)
     print(f"converting {folder.name} to {name} ...", file=sys.stderr)
-    print(convert(folder / "model.safetensors", target / "model.safetensors", layout=Layout(quantize=name)),
-          file=sys.stderr)
+    print(convert(folder / "model.safetensors", target / "model.sparsemap.safetensors",
+                  layout=Layout(quantize=name)), file=sys.stderr)
     shutil.copyfile(folder / "config.json", target / "config.json")
     (target / ".complete").write_text(name + "\n")
     return target
+
+
+def _weights(folder: Path) -> Path:
+    """The weights file of a folder: quantized ones go by sparsemap's name, which other loaders skip."""
+    laid_out = folder / "model.sparsemap.safetensors"
+    return laid_out if laid_out.is_file() else folder / "model.safetensors"
 
 
 def main() -> None:
@@ -136,7 +142,7 @@ def main() -> None:
     rows = []
     for repr_name in args.reprs.split(","):
         folder = representation(base, repr_name)
-        weights = folder / "model.safetensors"
+        weights = _weights(folder)
         for text in args.limit.split(","):
             limit = (baseline + int(float(text[:-1]) * weights.stat().st_size) if text.endswith("x")
                      else parse_size(text))
@@ -170,7 +176,7 @@ def _measure(way: str, repr_name: str, folder: Path, limit: int, limit_text: str
     from sparsemap.bench.disk import make_cold
     from sparsemap.bench.measure import run_measured
 
-    weights = folder / "model.safetensors"
+    weights = _weights(folder)
     runs = []
     for i in range(args.repeat):
         for path in (weights, *libraries):

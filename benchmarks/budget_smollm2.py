@@ -71,7 +71,7 @@ def main() -> None:
     quantized, floats, gguf = smollm2.prepare_quantized(), smollm2.prepare(), smollm2.gguf_path(quiet=True)
     ways: dict[str, tuple[list[str], list[Path]]] = {
         "sparsemap (int4/int8 mapped)": (_sparsemap_cmd(quantized, args.max_new_tokens),
-                                         [quantized / "model.safetensors"]),
+                                         [quantized / "model.sparsemap.safetensors"]),
         "sparsemap (float32 mapped)": (_sparsemap_cmd(floats, args.max_new_tokens),
                                        [floats / "model.safetensors"]),
     }

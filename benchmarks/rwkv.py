@@ -67,23 +67,11 @@ def _phase_figures(tracker: dict) -> dict[str, float]:
 
 
 def part1(repeat: int, new_tokens: int) -> list[str]:
-    from sparsemap.bench.rwkv_synthetic import SHAPE_0_1B, write_rwkv7
+    from sparsemap.bench.rwkv_synthetic import prepare_0_1b
     from sparsemap.models import generate
-    from sparsemap.models.assets import cache_dir
 
-    path = cache_dir() / "bench" / "rwkv7-0.1b.pth"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"writing {path} ...", file=sys.stderr)
-        write_rwkv7(path, *SHAPE_0_1B)
-    laid = path.with_name("rwkv7-0.1b-transposed.safetensors")
-    if not laid.is_file():  # the big matrices stored (in, out), the layout a vector-matrix product streams
-        from sparsemap.converter import convert
-        from sparsemap.formats.planner import Layout
-
-        big = ["head.weight", "*.ffn.key.weight", "*.ffn.value.weight", "*.att.receptance.weight",
-               "*.att.key.weight", "*.att.value.weight", "*.att.output.weight"]
-        convert(path, laid, layout=Layout(transpose=big))
+    path, laid = prepare_0_1b()  # the big matrices stored (in, out) in laid: the layout a vector-matrix
+    # product streams (written and converted on first use, cached)
     files = {"sparsemap (.pth as released)": path, "sparsemap (matrices stored transposed)": laid}
     runs: dict[str, list[dict]] = {**{way: [] for way in files}, "rwkv package": []}
     for i in range(repeat):

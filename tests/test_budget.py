@@ -29,6 +29,7 @@ from sparsemap.budget import (
 )
 from sparsemap.converter import convert
 from sparsemap.errors import BudgetError
+from sparsemap.formats.planner import Layout
 from sparsemap.memory import Snapshot
 from sparsemap.models import llama
 from tests.conftest import tiny_llama_config
@@ -52,10 +53,10 @@ def raw_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def folder(raw_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same model aligned to pages by sparsemap convert."""
+    """The same model with every tensor on its own pages (sparsemap convert --fillers)."""
     raw = raw_folder
     out = tmp_path_factory.mktemp("aligned")
-    convert(raw / "model.safetensors", out / "model.safetensors")
+    convert(raw / "model.safetensors", out / "model.safetensors", layout=Layout(fillers=True))
     (out / "config.json").write_text((raw / "config.json").read_text())
     return out
 

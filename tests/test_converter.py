@@ -38,7 +38,8 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def assert_converted(dst: Path, want: dict[str, torch.Tensor]) -> sparsemap.Catalog:
-    """``dst`` opens with exactly ``want``'s names, each bit-identical, every tensor on a page."""
+    """``dst`` opens with exactly ``want``'s names, each bit-identical, every tensor of whole pages on a
+    page; a file of plain tensors holds no filler, so other readers list exactly the tensors stored."""
     ckpt = sparsemap.Checkpoint(dst)
     assert set(ckpt) == set(want)
     for name, t in want.items():
@@ -46,8 +47,13 @@ def assert_converted(dst: Path, want: dict[str, torch.Tensor]) -> sparsemap.Cata
         assert got.dtype == t.dtype and got.shape == t.shape, name
         assert torch.equal(as_bytes(got), as_bytes(t)), name
     for name in ckpt:
-        if ckpt.catalog[name].nbytes and ckpt.catalog[name].strides is None:
-            assert ckpt.catalog[name].offset % 4096 == 0, name
+        e = ckpt.catalog[name]
+        if e.nbytes and e.nbytes % 4096 == 0 and e.strides is None:
+            assert e.offset % 4096 == 0, name
+    with safe_open(dst, framework="pt") as f:
+        stored, metadata = f.keys(), f.metadata()
+    if metadata.get("format") != "sparsemap":
+        assert not [k for k in stored if k.startswith("__sparsemap")]
     return ckpt
 
 
@@ -324,3 +330,28 @@ def test_cli_convert_missing_source_says_so(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "sparsemap: error:" in result.output and "nope.gguf" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_file_of_other_shapes_is_never_taken_for_the_model_by_another_loader(tmp_path: Path) -> None:
+    """Transposed (or padded, bundled, quantized) tensors: refused under a name Hugging Face loaders read,
+    written as model.sparsemap.safetensors (found by sparsemap in a folder), and its format metadata makes
+    accelerate refuse it instead of loading it wrong."""
+    from accelerate.utils.modeling import load_state_dict as accelerate_load
+
+    from sparsemap.errors import DestinationError
+
+    src = tmp_path / "src.safetensors"
+    w = torch.arange(12.0).reshape(3, 4)
+    save_file({"w": w, "b": torch.ones(3)}, src)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(DestinationError, match=r"transpose.*model\.sparsemap\.safetensors"):
+        convert(src, folder / "model.safetensors", layout=Layout(transpose="w"))
+    assert not list(folder.iterdir())
+    convert(src, folder / "model.sparsemap.safetensors", layout=Layout(transpose="w"))
+    assert sparsemap.open(folder).source.endswith("model.sparsemap.safetensors")
+    assert torch.equal(sparsemap.Checkpoint(folder).tensor("w"), w)
+    with pytest.raises(OSError, match="valid metadata"):
+        accelerate_load(str(folder / "model.sparsemap.safetensors"), device_map={"": "cpu"})
+    convert(src, folder / "model.safetensors")  # a plain layout keeps Hugging Face's name
+    assert accelerate_load(str(folder / "model.safetensors"), device_map={"": "cpu"}).keys() == {"w", "b"}

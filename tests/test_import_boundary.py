@@ -33,13 +33,18 @@ PACKAGE = "sparsemap"
 
 # Modules whose import must not import torch, directly or through the package.
 TORCH_FREE = (
-    "sparsemap", "sparsemap.errors", "sparsemap.units", "sparsemap.pages", "sparsemap.memory",
+    "sparsemap", "sparsemap.errors", "sparsemap.extras", "sparsemap.units", "sparsemap.pages",
+    "sparsemap.memory",
     "sparsemap.names", "sparsemap.durable", "sparsemap.cli", "sparsemap.formats.*", "sparsemap.models",
-    "sparsemap.models.assets", "sparsemap.models.gguf_llama", "sparsemap.models.smollm2",
-    "sparsemap.models.generate", "sparsemap.models.minilm", "sparsemap.models.demo", "sparsemap.bench",
+    "sparsemap.models.assets", "sparsemap.models.smollm2", "sparsemap.models.gguf_hf",
+    "sparsemap.models.gguf_convert",
+    "sparsemap.models.generate", "sparsemap.models.chat", "sparsemap.models.minilm", "sparsemap.models.demo",
+    "sparsemap.bench",
     "sparsemap.models.rwkv_config", "sparsemap.models.rwkv_tokenizer",
+    "sparsemap.models.llama2c", "sparsemap.models.llama2c_tokenizer", "sparsemap.models.meta_llama",
     "sparsemap.bench.measure", "sparsemap.bench.cgroup", "sparsemap.bench.disk", "sparsemap.bench.report",
-    "sparsemap.bench.runner",
+    "sparsemap.bench.runner", "sparsemap.serve", "sparsemap.bench.demo", "sparsemap.bench.plot",
+    "sparsemap.bench.rwkv_synthetic",
 )
 
 # Libraries that import torch themselves: importing any of them is importing torch.
@@ -48,7 +53,7 @@ IMPORT_TORCH = ("torch", "transformers", "safetensors.torch", "accelerate", "sen
 
 # The pipeline, bottom up. A module may import from its own layer or a lower one, never a higher one.
 LAYERS = (
-    ("sparsemap.errors", "sparsemap.units", "sparsemap.memory", "sparsemap.names"),
+    ("sparsemap.errors", "sparsemap.extras", "sparsemap.units", "sparsemap.memory", "sparsemap.names"),
     ("sparsemap.formats.*", "sparsemap.formats"),
     ("sparsemap.pages", "sparsemap.durable"),
     ("sparsemap.mapped",),
@@ -56,9 +61,11 @@ LAYERS = (
     ("sparsemap.qtensor",),
     ("sparsemap.checkpoint",),
     ("sparsemap.loader", "sparsemap.writer", "sparsemap.converter", "sparsemap.sparse_rows",
-     "sparsemap.stream", "sparsemap.lifecycle", "sparsemap.budget"),
+     "sparsemap.stream", "sparsemap.lifecycle", "sparsemap.budget", "sparsemap.safetensors_api",
+     "sparsemap.parallel"),
     ("sparsemap.models.*", "sparsemap.models"),
     ("sparsemap.bench.*", "sparsemap.bench"),
+    ("sparsemap.serve",),
     ("sparsemap.cli", "sparsemap"),
 )
 
@@ -313,7 +320,7 @@ def test_public_functions_are_not_shadowed_by_submodules():
             "for m in pkgutil.walk_packages(sparsemap.__path__, 'sparsemap.'):\n"
             "    importlib.import_module(m.name)\n"
             "for name in ('load', 'rows', 'convert', 'save', 'drop', 'to_mapped', 'from_pretrained', 'open', "
-            "'skeleton', 'load_state_dict'):\n"
+            "'skeleton', 'load_state_dict', 'safe_open'):\n"
             "    assert callable(getattr(sparsemap, name)) and not isinstance(getattr(sparsemap, name), "
             "type(sparsemap)), name\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

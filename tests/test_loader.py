@@ -256,3 +256,54 @@ def test_initialising_a_missing_weight_keeps_the_loaded_running_statistics(tmp_p
     assert torch.equal(model.bn.running_var, stats["bn.running_var"])
     assert int(model.bn.num_batches_tracked) == 7
     assert torch.equal(model.bn.weight, torch.ones(3)) and torch.equal(model.bn.bias, torch.zeros(3))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_model_built_with_accelerates_init_empty_weights_loads(tmp_path, tied):
+    """accelerate re-wraps each parameter assigned under init_empty_weights, so transformers' tie of lm_head
+    to embed_tokens comes out as two meta tensors; load ties them again (as the config says) before
+    matching names."""
+    from accelerate import init_empty_weights
+
+    config = tiny_llama_config(tie_word_embeddings=tied)
+    torch.manual_seed(2)
+    reference = LlamaForCausalLM(config).eval()
+    reference.save_pretrained(tmp_path)  # tied: one tensor stored, under embed_tokens' name
+    with init_empty_weights():
+        model = LlamaForCausalLM(config)
+    # What accelerate 1.x leaves (were it to keep the tie, this would test nothing more than skeleton()).
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert all(p.is_meta for p in model.parameters())
+    assert all(not b.is_meta for b in model.buffers())  # rotary inv_freq: computed for real
+    model = sparsemap.load(model, tmp_path).eval()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    for name, p in model.named_parameters():
+        mapping_of(p, name)  # zero-copy
+    with torch.inference_mode():
+        assert torch.equal(model(_ids()).logits, reference(_ids()).logits)
+
+
+def test_skeleton_skips_initialisers_on_meta_tensors_only_and_puts_them_back():
+    original = torch.nn.init.normal_
+    with sparsemap.skeleton():
+        emb = torch.nn.Embedding(10, 4)
+        real = torch.zeros(3)
+        torch.nn.init.ones_(real)  # a real tensor is still initialised
+    assert emb.weight.device.type == "meta" and torch.equal(real, torch.ones(3))
+    assert torch.nn.init.normal_ is original
+
+
+def test_skeleton_spares_the_import_of_torchs_python_meta_kernels():
+    # The first normal_ on a meta tensor imports them (sympy among them): 0.9 s and 70 MB, measured.
+    from .helpers import run_isolated
+
+    got = run_isolated("""
+        import json, sys, torch
+        import sparsemap
+        with sparsemap.skeleton():
+            torch.nn.Embedding(1000, 64)
+        skeleton = "sympy" in sys.modules
+        torch.empty(3, device="meta").normal_()
+        print(json.dumps({"skeleton": skeleton, "plain meta": "sympy" in sys.modules}))
+    """)
+    assert got == {"skeleton": False, "plain meta": True}

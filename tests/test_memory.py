@@ -79,3 +79,20 @@ def test_phase_tracker_reports_peak_and_end_state():
     assert second["peak_rss"] < first["peak_rss"]  # the counter was reset between phases
     assert "allocate and free" in r["table"] and "peak anon" in r["table"]
     assert first["name"] == "allocate and free"
+
+
+def test_phase_tracker_announces_each_phase_as_it_begins_on_the_shared_clock():
+    import time
+
+    from sparsemap.memory import PhaseTracker
+
+    heard = []
+    before = time.monotonic()
+    with PhaseTracker(on_phase=lambda name, at: heard.append((name, at, len(tracker.phases)))) as tracker:
+        with tracker.phase("first"):
+            time.sleep(0.01)
+        with tracker.phase("second"):
+            pass
+    # Heard before the phase ran (none recorded yet for the first), stamped with time.monotonic().
+    assert [(name, done) for name, _, done in heard] == [("first", 0), ("second", 1)]
+    assert before <= heard[0][1] <= heard[1][1] - 0.01 <= time.monotonic()

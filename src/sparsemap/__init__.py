@@ -44,6 +44,7 @@ _LAZY = {
     "StreamReport": "sparsemap.stream",
     "Budget": "sparsemap.budget",
     "QuantizedTensor": "sparsemap.qtensor",
+    "safe_open": "sparsemap.safetensors_api",
     "memory": None,
 }
 
@@ -56,6 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .loader import load, load_state_dict, skeleton
     from .models.hf import from_pretrained
     from .qtensor import QuantizedTensor
+    from .safetensors_api import safe_open
     from .sparse_rows import RowController, rows
     from .stream import StreamReport, stream_tensors
     from .writer import Layout, save
@@ -77,5 +79,5 @@ def __getattr__(name: str) -> Any:
 
 __all__ = ["Budget", "Catalog", "Checkpoint", "Layout", "QuantizedTensor", "RowController", "SparsemapError",
            "StreamReport", "TensorEntry", "__version__", "convert", "drop", "errors", "from_pretrained",
-           "load", "load_state_dict", "memory", "open", "rows", "save", "skeleton", "stream_tensors",
-           "to_mapped"]
+           "load", "load_state_dict", "memory", "open", "rows", "safe_open", "save", "skeleton",
+           "stream_tensors", "to_mapped"]

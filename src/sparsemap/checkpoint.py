@@ -213,7 +213,9 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 
     def _serve(self, entry: TensorEntry, *, stored_order: bool, check: bool,
                keep_quantized: bool = False) -> torch.Tensor:
-        if keep_quantized and entry.name in self.catalog.quantized:
+        # A weight whose rows are stored in another order (llama2.c's q and k) cannot be handed to the kernel
+        # as its parts: it is served dequantized, in logical order.
+        if keep_quantized and entry.name in self.catalog.quantized and entry.order is None:
             from .qtensor import QuantizedTensor
 
             return QuantizedTensor(self.catalog.quantized[entry.name], self.quantized(entry.name))
@@ -264,8 +266,15 @@ def inverse_order(order: tuple[int, ...]) -> torch.Tensor:
 
 def dequantize_gguf(raw: Any, entry: TensorEntry) -> torch.Tensor:
     """A GGUF tensor's blocks (``raw``: its bytes, a buffer or a uint8 array) as float32 in the entry's
-    shape: a copy, decoded by the ``gguf`` package."""
+    shape: a copy, decoded by the ``gguf`` package (llama2.c's Q8_0 by :mod:`sparsemap.quantize`)."""
     import numpy as np
+
+    from .formats.llama2c import Q8_0_FLAT
+
+    if entry.encoding == Q8_0_FLAT:
+        from .quantize import dequantize_flat_q8_0
+
+        return dequantize_flat_q8_0(np.frombuffer(raw, dtype=np.uint8), entry.shape)
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 

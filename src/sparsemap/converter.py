@@ -38,6 +38,7 @@ from .formats.catalog import Catalog, FileStamp, TensorEntry
 from .formats.planner import Layout, Plan, Spec, plan
 from .formats.quantized import FROM_GGUF
 from .formats.reserved import LAYOUT_KEY, QUANT_KEY
+from .formats.source import open_regular_fd
 from .mapped import torch_dtype
 from .writer import FileRange, write
 
@@ -175,7 +176,7 @@ class SourceFiles:
         """A descriptor of ``path``, opened on first use after checking it is the file that was parsed."""
         if path in self._fds:
             return self._fds[path]
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = open_regular_fd(path)
         try:
             now = FileStamp.of(fd)
             parsed = self.catalog.stamps.get(path)
@@ -268,6 +269,8 @@ def _coded(files: SourceFiles, name: str, mode: str) -> Coded:
     if name in catalog.quantized:  # a file of ours: its GGUF-born weights as they are, others again
         weight = catalog.quantized[name]
         coded = decode(weight, [files.read(p) for p in weight.parts])
+        if entry.order is not None:  # rows stored in another order (llama2.c's q and k)
+            coded = coded.rows(inverse_order(entry.order))
         return coded if weight.source in FROM_GGUF else from_float(coded.values(), mode)
     if entry.encoding is None:
         return from_float(files.read(entry), mode)

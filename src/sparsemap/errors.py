@@ -184,6 +184,17 @@ class GGUFArchitectureError(FormatError):
     """The GGUF file's architecture or tensor names are not ones sparsemap maps to transformers."""
 
 
+# ---------------------------------------------------------------- llama2.c, MLC/TVM
+
+class Llama2cFormatError(FormatError):
+    """A llama2.c checkpoint or ``tokenizer.bin`` whose header is inconsistent (a size, the version, a flag,
+    the group size), or a legacy file (no magic) whose size fits another reading of its header."""
+
+
+class MlcFormatError(FormatError):
+    """An MLC-LLM / TVM ``ndarray-cache.json`` that is malformed or names shards outside its folder."""
+
+
 # ---------------------------------------------------------------- loading into a model
 
 class LoadError(BadInputError):
@@ -285,3 +296,25 @@ class MissingExtraError(SparsemapError, ImportError):
 
 class CgroupUnavailable(SparsemapError):
     """No memory cgroup can be created here (not Linux, not root, no memory controller...)."""
+
+
+# ---------------------------------------------------------------- tensor parallelism
+
+class TensorParallelError(BadInputError):
+    """A tensor-parallel plan that cannot be applied to this model on this many ranks: a pattern that names
+    nothing, a sharded dimension or head count the world size does not divide, a style whose slice is not a
+    view. Raised alike on every rank (it depends on the model, the plan and the world size only), before any
+    tensor is mapped."""
+
+
+# ---------------------------------------------------------------- Meta's original Llama release
+
+class MetaLlamaFormatError(FormatError):
+    """Meta's original Llama release (``params.json`` + ``consolidated.NN.pth``) breaks its rules: a
+    ``params.json`` value, a missing file in the numbering, a tensor whose name or shape is not the model's,
+    files that do not slice the same model alike."""
+
+
+class ShardedReleaseError(BadInputError):
+    """A Meta release in several model-parallel files (each a slice of every matrix) asked for as one model:
+    it is joined once with ``sparsemap convert``."""

@@ -13,8 +13,8 @@ import contextlib
 import fnmatch
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from typing import NamedTuple, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from .errors import (
     LoadError,
     MissingKeysError,
     ShapeMismatchError,
+    TensorParallelError,
     UnexpectedKeysError,
     UninitializedTensorError,
 )
@@ -52,7 +53,10 @@ def skeleton() -> Iterator[None]:
     never saves them (BERT's ``position_ids``, rotary ``inv_freq``): they must
     hold real values, and they are small.
 
-    Patches ``nn.Module.register_parameter`` for the duration: not thread-safe.
+    Patches ``nn.Module.register_parameter`` for the duration: not thread-safe. So are ``torch.nn.init``'s
+    initialisers, which do nothing to a meta tensor but cost, the first time one runs on meta in a process,
+    the import of torch's Python meta kernels (``normal_``, as ``nn.Embedding`` calls it: 0.9 s and 70 MB of
+    anonymous memory measured here, more than loading a 700 MB checkpoint): skipped on meta tensors.
 
     Example:
         >>> with sparsemap.skeleton():
@@ -60,6 +64,7 @@ def skeleton() -> Iterator[None]:
         >>> sparsemap.load(model, "model.safetensors")
     """
     original = nn.Module.register_parameter
+    initialisers = {name: getattr(nn.init, name) for name in _INITIALISERS if hasattr(nn.init, name)}
 
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(module, name, param)
@@ -71,10 +76,31 @@ def skeleton() -> Iterator[None]:
             module._parameters[name] = type(param)(param.to("meta"), **attrs)
 
     nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    for name, init in initialisers.items():
+        setattr(nn.init, name, _skipped_on_meta(init))
     try:
         yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+        for name, init in initialisers.items():
+            setattr(nn.init, name, init)
+
+
+# torch.nn.init's in-place initialisers, as modules' reset_parameters call them (``init.normal_(w)``).
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                 "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                 "sparse_")
+
+
+def _skipped_on_meta(init: Callable[..., Any]) -> Callable[..., Any]:
+    """``init``, except that a meta tensor is returned as it is (it has no values to initialise)."""
+    def initialise(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
+            return tensor
+        return init(tensor, *args, **kwargs)
+
+    initialise.__wrapped__ = init  # type: ignore[attr-defined]
+    return initialise
 
 
 # ---------------------------------------------------------------- what the model wants
@@ -260,7 +286,8 @@ def plan(model: nn.Module, catalog: Catalog, skip: Skip = None, *, rename: Renam
 def load(model: M | Callable[[], M], source: Source, *, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None, strict: bool = True, skip: Skip = None,
          rename: Rename = None, prefix: str | None = None,
-         staging: int | str | None = None, readers: int = 2, drop_cache: bool = False) -> M:
+         staging: int | str | None = None, readers: int = 2, drop_cache: bool = False,
+         tp: Any = None, tp_plan: Mapping[str, str] | None = None) -> M:
     """Load a checkpoint into a model built on the meta device, by mapping, not copying.
 
     Args:
@@ -297,6 +324,16 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
             are loaded mapped all the same.
         readers: reader threads when streaming.
         drop_cache: when streaming, drop each range from the page cache once copied.
+        tp: tensor parallelism: the ``torch.distributed`` ``DeviceMesh`` (1-D, or one
+            with a ``"tp"`` dimension) or ``ProcessGroup`` the tensors are split over.
+            Each rank maps only its slice of each tensor the plan splits (a view:
+            contiguous rows for ``colwise``, a strided view for ``rowwise``) and the
+            model gets ``DTensor`` parameters and the parallel forwards, so it runs
+            under tensor parallelism as it is: see :mod:`sparsemap.parallel`. Call it
+            on every rank. The slices go to ``device`` as they are (no ``staging``).
+        tp_plan: with ``tp``, module name patterns to ``"colwise"``, ``"rowwise"``
+            or ``"replicate"`` (``{"layers.*.mlp.up_proj": "colwise"}``); ``None``:
+            the model's own plan (a transformers model's ``tp_plan``).
 
     Returns:
         The model, with every parameter and persistent buffer replaced by the
@@ -309,6 +346,9 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
         UninitializedTensorError: a tensor the checkpoint cannot provide (a
             non-persistent buffer built on meta) is still on meta afterwards.
         FormatError: the checkpoint is malformed (subclasses name the fault).
+        TensorParallelError: ``tp_plan`` names nothing, or splits a dimension (or
+            attention heads) the world size does not divide: raised alike on every
+            rank, before any tensor is mapped.
 
     Example:
         >>> from transformers import BertConfig, BertModel
@@ -317,13 +357,45 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
     if not isinstance(model, nn.Module):
         with skeleton():
             model = model()
+    _tie_again(model)
+    device = torch.device(device)
+    sharding = mesh = None
+    if tp is not None:  # the plan is checked first, alike on every rank: nothing is mapped yet
+        from .parallel import mesh_of, prepare
+
+        if staging is not None:
+            raise TensorParallelError("staging= streams whole tensors; with tp= each rank copies its slices "
+                                      "to the device itself: leave staging out")
+        mesh = mesh_of(tp, device.type)
+        sharding = prepare(model, tp_plan, mesh.size())
+    elif tp_plan is not None:
+        raise TensorParallelError("tp_plan= needs tp=: the device mesh or process group the tensors are "
+                                  "split over")
     ckpt = Checkpoint.of(source)
     the_plan = plan(model, ckpt.catalog, skip, rename=rename, prefix=prefix)
     the_plan.raise_for_errors(ckpt.source, strict)
     if the_plan.found_change is not None:
         logger.info("%s: checkpoint names read with %s", ckpt.source, the_plan.found_change.option())
+    if sharding is not None:
+        sharding.check_loadable((n for slot in the_plan.missing_slots for n in slot.names), ckpt.source)
+        sharding.apply(model, mesh)
+        slots = {name: slot for slot, name in the_plan.assignments}
+        held = {name: slot.now() for name, slot in slots.items()}  # split ones: meta DTensor placeholders
+        for name, t, as_parameter in sharding.serve(ckpt, held, mesh, reads=_reads(device, dtype),  # type: ignore[arg-type]
+                                                    convert=lambda t: _converted(t, device, dtype),
+                                                    keep_quantized=device.type == "cpu"):
+            _assign(slots[name], t, as_parameter=as_parameter)
+    else:
+        _assign_all(ckpt, the_plan, device=device, dtype=dtype, staging=staging, readers=readers,
+                    drop_cache=drop_cache)
+    _initialise_missing(model, the_plan, ckpt.source, dtype, device)
+    _check_materialized(the_plan, ckpt.source, strict)
+    return model
 
-    device = torch.device(device)
+
+def _assign_all(ckpt: Checkpoint, the_plan: LoadPlan, *, device: torch.device, dtype: torch.dtype | None,
+                staging: int | str | None, readers: int, drop_cache: bool) -> None:
+    """Assign every planned tensor, whole: views of the mapping, converted, or streamed to a device."""
     streamed: dict[str, torch.Tensor] = {}
     if staging is not None or device.type != "cpu":  # a GPU is always streamed to
         from .stream import DEFAULT_STAGING, stream_tensors, streamable
@@ -347,9 +419,27 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
             _assign(slots[name], t, as_parameter=False)
         else:
             _assign(slots[name], _converted(t, device, dtype))
-    _initialise_missing(model, the_plan, ckpt.source, dtype, device)
-    _check_materialized(the_plan, ckpt.source, strict)
-    return model
+
+
+def _tie_again(model: nn.Module) -> None:
+    """Tie the weights a transformers model declares tied (``lm_head.weight`` is ``embed_tokens.weight``) when
+    they came out as two meta tensors, before names are matched (else the head is "missing").
+
+    accelerate's ``init_empty_weights`` wraps every parameter assigned while it is active in a new one, so the
+    ties transformers makes in ``post_init`` are lost; transformers' own ``from_pretrained`` ties again after
+    loading, and so does this, with the model's ``tie_weights()``, which follows its config. Only for a model
+    wholly on meta (nothing loaded yet to lose); one built under :func:`skeleton` keeps its ties: a no-op.
+    """
+    tie = getattr(model, "tie_weights", None)
+    if getattr(model, "config", None) is None or not callable(tie):
+        return
+    params = list(model.parameters())  # a tied tensor comes once
+    if not params or not all(p.is_meta for p in params):
+        return
+    tie()
+    if len(list(model.parameters())) < len(params):
+        logger.info("%s: weights tied again as its config declares (they were built untied)",
+                    type(model).__name__)
 
 
 def _initialise_missing(model: nn.Module, the_plan: LoadPlan, source: str, dtype: torch.dtype | None,

@@ -43,6 +43,7 @@ from . import pages
 from .errors import FileChangedError, NotMappedError, TruncatedFileError, UnknownDtypeError
 from .formats.catalog import FileStamp
 from .formats.dtypes import TORCH_NAMES
+from .formats.source import open_regular_fd
 
 if sys.byteorder != "little":  # pragma: no cover - every format we read is little-endian
     raise ImportError("sparsemap maps little-endian files and needs a little-endian machine")
@@ -175,7 +176,7 @@ def map_file(path: str, required_nbytes: int, stamp: FileStamp | None = None) ->
         required_nbytes: how many bytes its tensors need.
         stamp: the file's version when its header was parsed (``Catalog.stamps``).
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd = open_regular_fd(path)
     try:
         now = FileStamp.of(fd)
         if stamp is not None and now != stamp:

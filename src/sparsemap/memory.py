@@ -16,11 +16,13 @@ no such peak). No torch here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -92,9 +94,12 @@ def reset_peak(pid: int | str = "self") -> bool:
 
 # The sampler process: polls RssAnon of a pid, keeps the peak, answers on stdin.
 # Commands: "p" -> prints the peak, "r" -> resets the peak to the current value.
-# It runs with -S (no site) so it starts in a few milliseconds.
+# It runs with -S (no site) so it starts in a few milliseconds. It ignores SIGINT and ends on EOF.
 _SAMPLER_CODE = r"""
-import os, select, sys
+import os, select, signal, sys
+# Ctrl-C at a terminal reaches the whole process group: the parent handles it, and this helper ends
+# when the parent closes its stdin (or exits), not with a KeyboardInterrupt traceback on the terminal.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 path = "/proc/%s/status" % sys.argv[1]
 interval = float(sys.argv[2])
 def read():
@@ -124,6 +129,19 @@ while current >= 0:
 """
 
 
+def _end_process(proc: subprocess.Popen[bytes]) -> None:
+    """Close a sampler's pipes and reap it; a helper already gone (killed, interrupted) is no error."""
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            with contextlib.suppress(OSError):  # BrokenPipeError flushing to a helper that died
+                pipe.close()  # EOF on its stdin ends the helper's loop
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class AnonSampler:
     """Samples a process's anonymous RSS and keeps the peak.
 
@@ -147,6 +165,7 @@ class AnonSampler:
         self.interval_s = interval_s
         self._local_peak = 0
         self._proc: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize | None = None
         self._final: int | None = None
 
     def sample(self) -> int:
@@ -188,19 +207,22 @@ class AnonSampler:
         self._proc = subprocess.Popen(
             [sys.executable, "-S", "-c", _SAMPLER_CODE, str(self.pid), repr(self.interval_s)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        # A sampler nobody stopped (an exception, an interrupt, a caller that forgot) is ended at
+        # collection or at interpreter exit. weakref.finalize runs its atexit hook while modules are
+        # still whole, unlike __del__, which can run after builtins such as open() are torn down.
+        self._finalizer = weakref.finalize(self, _end_process, self._proc)
         self._ask(b"")  # wait until it runs, so no early peak is missed
         return self
 
     def stop(self) -> int:
+        """End the helper process; returns the peak. Safe to call twice, or after the helper died."""
+        if self._proc is None and self._final is not None:
+            return self._final
         self.sample()
         self._final = max(self._local_peak, self._ask(b"") or 0)
-        if self._proc is not None:
-            assert self._proc.stdin is not None
-            self._proc.stdin.close()
-            self._proc.wait(timeout=5)
-            if self._proc.stdout is not None:
-                self._proc.stdout.close()
-            self._proc = None
+        if self._finalizer is not None:
+            self._finalizer()  # runs _end_process once; later calls do nothing
+        self._proc = None
         return self._final
 
     def __enter__(self) -> AnonSampler:
@@ -225,18 +247,26 @@ class Phase:
 class PhaseTracker:
     """Records memory phase by phase and prints them as a table.
 
+    The anonymous peaks come from a helper process (:class:`AnonSampler`), started by the first
+    phase. The tracker owns it: use the tracker as a context manager, or call :meth:`close`; one
+    left open is ended when it is collected or when the interpreter exits.
+
     Example:
-        >>> tracker = PhaseTracker()
-        >>> with tracker.phase("import torch"):
-        ...     import torch
-        >>> with tracker.phase("load"):
-        ...     model = sparsemap.load(factory, "model.safetensors")   # doctest: +SKIP
+        >>> with PhaseTracker() as tracker:
+        ...     with tracker.phase("import torch"):
+        ...         import torch
+        ...     with tracker.phase("load"):
+        ...         model = sparsemap.load(factory, "model.safetensors")   # doctest: +SKIP
         >>> print(tracker.table())
     """
 
     baseline: Snapshot = field(default_factory=Snapshot.take)
     phases: list[Phase] = field(default_factory=list)
     interval_s: float = 0.001
+    # Hears (name, time.monotonic()) as each phase begins: a parent watching this process from outside
+    # marks phases on its own samples (CLOCK_MONOTONIC is the same clock in every process), even when
+    # the process is killed before it can report.
+    on_phase: Callable[[str, float], None] | None = None
 
     _sampler: AnonSampler | None = field(default=None, repr=False)
 
@@ -247,6 +277,8 @@ class PhaseTracker:
         sampler = self._sampler
         sampler.reset()
         exact_rss = reset_peak()
+        if self.on_phase is not None:
+            self.on_phase(name, time.monotonic())
         start = time.perf_counter()
         try:
             yield
@@ -260,12 +292,15 @@ class PhaseTracker:
             self.phases.append(Phase(name, seconds, after, peak_rss, peak_anon))
 
     def close(self) -> None:
-        """Stop the sampler process (also done when the tracker is collected)."""
+        """Stop the sampler process; the phases recorded stay. Safe to call more than once."""
         if self._sampler is not None:
             self._sampler.stop()
             self._sampler = None
 
-    def __del__(self) -> None:
+    def __enter__(self) -> PhaseTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def table(self, title: str = "memory by phase") -> str:

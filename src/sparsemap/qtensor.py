@@ -104,7 +104,10 @@ class QuantizedTensor(torch.Tensor):
         xg = x2.view(x2.shape[0], groups, group)  # (M, G, group)
         y = torch.zeros(x2.shape[0], n)  # (M, N) float32: group sums scaled in full precision
         for g in range(groups):
-            part = torch.ops.aten._weight_int8pack_mm(xg[:, g].contiguous(), q[g], ones)  # (M, N)
+            # q[g] is a view of the file; a strided one (llama2.c's Q8_0 stores rows, not groups, contiguous)
+            # is gathered into one group's (N, group) int8 copy, as the kernel reads only contiguous weights.
+            xs, qs = xg[:, g].contiguous(), q[g].contiguous()
+            part = torch.ops.aten._weight_int8pack_mm(xs, qs, ones)  # (M, N)
             y.addcmul_(part.float(), scale[g])
         if len(self.parts) > 2:  # zeros: each group's zero times the sum of its inputs
             y.addmm_(xg.float().sum(-1), self.parts[2])  # (M, G) @ (G, N)

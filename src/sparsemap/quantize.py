@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -132,6 +133,20 @@ def from_gguf(raw: torch.Tensor, encoding: str, shape: tuple[int, int], *, name:
         return Coded(q.reshape(n, k), scale, None, 16)
     raise UnsupportedQuantizationError(f"{encoding} has no decoder for kernel layouts (supported: "
                                        f"{supported_types()})", tensor=name or None)
+
+
+def dequantize_flat_q8_0(raw: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    """llama2.c's Q8_0 (``runq.c``): ``numel`` int8 values, then one float32 scale per ``group``
+    consecutive values of the flattened tensor (groups may straddle rows), as float32 in ``shape``: a
+    copy. ``raw``: the bytes, a uint8 numpy array; the group size follows from its length.
+    """
+    import numpy as np
+
+    numel = math.prod(shape)
+    scales = raw[numel:].view(np.float32)  # (numel / group,): numpy reads them unaligned if need be
+    group = numel // len(scales) if len(scales) else 1
+    values = raw[:numel].view(np.int8).reshape(-1, group).astype(np.float32) * scales[:, None]
+    return torch.from_numpy(values.reshape(shape))
 
 
 # ---------------------------------------------------------------- float -> Coded
@@ -258,5 +273,6 @@ def dequantize(weight: QuantizedWeight, parts: list[torch.Tensor]) -> torch.Tens
     return decode(weight, parts).values()
 
 
-__all__ = ["FROM_GGUF", "INT4", "INT8", "Coded", "check_layout", "decode", "dequantize", "from_float",
-           "from_gguf", "int4_layout", "int4_values", "pack", "part_getter"]
+__all__ = ["FROM_GGUF", "INT4", "INT8", "Coded", "check_layout", "decode", "dequantize",
+           "dequantize_flat_q8_0", "from_float", "from_gguf", "int4_layout", "int4_values", "pack",
+           "part_getter"]

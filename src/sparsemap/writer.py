@@ -19,6 +19,7 @@ import contextlib
 import errno
 import math
 import os
+import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import torch
 
 from .durable import WritebackSink, atomic_write, check_destination
 from .errors import (
+    DestinationError,
     FileChangedError,
     LayoutOptionError,
     NotMappedError,
@@ -36,6 +38,7 @@ from .errors import (
     WriteVerificationError,
 )
 from .formats.planner import Layout, Plan, Record, Spec, plan
+from .formats.reserved import HF_WEIGHT_FILE, RESHAPED_KINDS, WEIGHTS_NAME
 from .mapped import DTYPE_NAMES, TORCH_DTYPES, mapping_of
 
 # Rows padded, transposed or bundled, and plain tensors cast or gathered, are written through a buffer
@@ -140,6 +143,7 @@ def write(plan_: Plan, get: Callable[[str], Source], path: str | os.PathLike[str
         ...                 Layout())                                          # doctest: +SKIP
         >>> write(the_plan, state.__getitem__, "model.safetensors")               # doctest: +SKIP
     """
+    _check_reshaped_name(plan_, path)
     with atomic_write(path, verify=lambda tmp: verify(plan_, tmp, destination=path)) as fd:
         sink = WritebackSink(fd, on_bytes)
         sink.write(struct.pack("<Q", len(plan_.header)) + plan_.header)
@@ -156,6 +160,20 @@ def write(plan_: Plan, get: Callable[[str], Source], path: str | os.PathLike[str
                     for p in record.parts:
                         on_tensor(p.name)
         assert sink.position == plan_.file_nbytes, (sink.position, plan_.file_nbytes)
+
+
+def _check_reshaped_name(plan_: Plan, path: str | os.PathLike[str]) -> None:
+    """Refuse to give a file whose stored shapes are not the model's a name Hugging Face loaders take for
+    the model's weights: transformers would load it, initialise at random what it cannot find under the
+    model's names, and report it only in a load report."""
+    reshaped = sorted({r.kind for r in plan_.records if r.kind in RESHAPED_KINDS})
+    name = os.path.basename(os.fspath(path))
+    if reshaped and name.lower() != WEIGHTS_NAME and re.fullmatch(HF_WEIGHT_FILE, name):
+        raise DestinationError(
+            f"this layout stores tensors in other shapes than the model's ({', '.join(reshaped)}); under "
+            f"this name transformers would load it as the model and initialise the tensors it cannot find at "
+            f"random: name it {WEIGHTS_NAME} (sparsemap finds it in a folder, other loaders do not)",
+            path=path)
 
 
 def verify(plan_: Plan, written: str | os.PathLike[str], *, destination: str | os.PathLike[str]) -> None:

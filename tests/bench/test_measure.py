@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -82,3 +83,16 @@ def test_page_cache_of_a_cold_file_is_charged_to_the_limited_group(tmp_path: Pat
     assert m.peak_anon < 30 * MiB  # the child itself holds little ...
     # ... but the cache it read is charged
     assert m.cgroup_peak is not None and m.cgroup_peak >= 0.9 * 200 * MiB
+
+
+def test_a_trace_keeps_memory_over_time_on_the_clock_the_child_stamps():
+    code = ("import time\nprint(time.monotonic())\ntime.sleep(0.2)\nb = bytearray(100 << 20)\n"
+            "for i in range(0, len(b), 4096): b[i] = 1\ntime.sleep(0.3)\n")
+    m = run_measured([*PYTHON, code], trace_every_s=0.05)
+    assert m.exit_code == 0, m.stderr
+    times = [t for t, _, _ in m.trace]
+    assert times == sorted(times) and 5 <= len(times) <= 20, times
+    assert all(b - a >= 0.05 for a, b in itertools.pairwise(times))
+    assert max(anon for _, anon, _ in m.trace) >= 95 * MiB > m.trace[0][1]  # the allocation shows, later
+    assert 0 <= float(m.stdout) - m.started < 1.0  # the child's monotonic clock is the parent's
+    assert run_measured([*PYTHON, "pass"]).trace == ()  # kept only when asked for

@@ -135,3 +135,66 @@ def test_bench_on_a_real_model_folder_prepares_each_form_once(minilm_folder: Pat
     assert all(r["runs"] == r["attempts"] == 1 and r["usable_s"] > 0 for r in doc["medians"]), doc["medians"]
     folder = synthetic.from_folder(minilm_folder, quiet=True)  # cached: the same folder, not written again
     assert (folder / "model.pt").is_file() and (folder / "sharded").is_dir()
+
+
+def test_an_interrupted_matrix_keeps_the_runs_that_finished(tiny: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def measure(folder, name, cache, limit, base):
+        calls.append(name)
+        if len(calls) == 3:  # Ctrl-C during the third run: run_measured has killed its child
+            raise KeyboardInterrupt
+        return {**base, "exit_code": 0, "usable_s": 0.5, "forward_s": 0.5, "wall_s": 1.0, "peak_rss": 1,
+                "peak_anon": 1, "anon_growth": 1, "peak_file": 1, "cgroup_peak": None, "major_faults": 0,
+                "read_bytes": 0}
+
+    monkeypatch.setattr(runner, "_measure", measure)
+    monkeypatch.setattr(runner, "cold_read_speed", lambda path: 1e9)
+    with pytest.raises(runner.Interrupted) as caught:
+        runner.run(tiny, ["sparsemap", "naive"], ["warm"], repeat=5)
+    stop = caught.value
+    assert isinstance(stop, KeyboardInterrupt)  # callers that know nothing of it still see Ctrl-C
+    assert (stop.finished, stop.planned) == (2, 10)
+    assert stop.report is not None and stop.report["interrupted"] == {"finished": 2, "planned": 10}
+    assert [r["strategy"] for r in stop.report["results"]] == ["sparsemap", "naive"]
+    assert {r["strategy"]: r["runs"] for r in stop.report["medians"]} == {"sparsemap": 1, "naive": 1}
+
+    def at_once(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "cold_read_speed", at_once)
+    with pytest.raises(runner.Interrupted) as caught:
+        runner.run(tiny, ["sparsemap"], ["warm"])
+    assert caught.value.report is None and caught.value.finished == 0
+
+
+def test_a_measured_child_is_killed_when_the_parent_is_interrupted(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import sys
+
+    from sparsemap.bench import measure
+
+    started = []
+    real_wait4 = os.wait4
+
+    def interrupted_wait4(pid, options):
+        started.append(pid)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(measure.os, "wait4", interrupted_wait4)
+    with pytest.raises(KeyboardInterrupt):
+        measure.run_measured([sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(measure.os, "wait4", real_wait4)
+    assert started and not os.path.exists(f"/proc/{started[0]}")  # killed and reaped, not left behind
+
+
+def test_the_baseline_is_measured_in_a_fresh_child_and_limits_below_it_refused(tiny: Path) -> None:
+    from sparsemap.errors import BudgetError
+
+    measured = runner.baseline(tiny)
+    assert measured["anon"] > 50 * MiB and measured["file"] > 10 * MiB  # python + torch + transformers
+    floor = measured["anon"] + measured["file"]
+    runner.check_limits([None, floor + MiB], measured)
+    with pytest.raises(BudgetError, match="below what each run holds before loading any weight"):
+        runner.check_limits([None, floor + MiB, floor // 2], measured)

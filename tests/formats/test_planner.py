@@ -106,7 +106,7 @@ def cases(draw: st.DrawFn) -> tuple[list[Spec], Layout, dict[str, str]]:
     powers_of_two = st.integers(0, 16).map(lambda k: 1 << k)
     layout = Layout(align=draw(powers_of_two), page=draw(st.none() | powers_of_two),
                     dtype=draw(st.none() | st.sampled_from(DTYPES)), pad_rows=pad_rows, transpose=transpose,
-                    bundle_ffn=bundle_ffn, reorder=reorder or None)
+                    bundle_ffn=bundle_ffn, reorder=reorder or None, fillers=draw(st.booleans()))
     keys = st.text(max_size=5).filter(lambda k: k != LAYOUT_KEY)
     metadata = draw(st.dictionaries(keys, st.text(max_size=5), max_size=2))
     return specs, layout, metadata
@@ -119,12 +119,18 @@ def test_the_parsed_header_is_exactly_the_plan(case: tuple[list[Spec], Layout, d
     the_plan = plan(specs, layout, metadata)
     stored, logical, meta = read_back(the_plan)
 
-    # The file: data starts aligned, after the header; every non-empty stored tensor is aligned.
+    # The file: data starts aligned, after the header. With fillers every non-empty stored tensor is
+    # aligned; without, there is no filler and every tensor of whole pages is.
     assert the_plan.data_start % layout.align == 0 and the_plan.data_start == 8 + len(the_plan.header)
     assert [(e.name, e.offset - the_plan.data_start, e.nbytes) for e in stored] == [
         (r.name, r.offset, r.nbytes) for r in the_plan.records]
     for e in stored:
-        assert e.nbytes == 0 or is_padding(e.name) or (e.offset - the_plan.data_start) % layout.align == 0
+        aligned = (e.offset - the_plan.data_start) % layout.align == 0
+        if layout.fillers or meta["format"] == "sparsemap":
+            assert e.nbytes == 0 or is_padding(e.name) or aligned
+        else:
+            assert not is_padding(e.name)
+            assert aligned or e.nbytes == 0 or e.nbytes % layout.align, e
     assert {k: v for k, v in meta.items() if k not in ("format", LAYOUT_KEY)} == metadata
     assert 0 <= the_plan.padding_nbytes <= the_plan.file_nbytes
 
@@ -165,9 +171,10 @@ def _bundled(specs: list[Spec], layout: Layout) -> set[str]:
 # ---------------------------------------------------------------- what sparsemap has always written
 
 # The header sparsemap's writer produced for these tensors and this layout before the planner moved
-# here (BF16 cast, a reordered bundle, padded rows shared by a tie, a transposed tensor, align 64).
+# here (BF16 cast, a reordered bundle, padded rows shared by a tie, a transposed tensor, align 64), but
+# for its format, now "sparsemap": its stored shapes are not the model's.
 WRITTEN = (
-    b'{"__metadata__":{"format":"pt","sparsemap.layout":"{\\"version\\":1,\\"align\\":64,\\"page\\":64,'
+    b'{"__metadata__":{"format":"sparsemap","sparsemap.layout":"{\\"version\\":1,\\"align\\":64,\\"page\\":64,'
     b'\\"dtype\\":\\"BF16\\",\\"pad_rows\\":[\\"emb\\"],\\"transpose\\":[\\"w\\"],\\"bundle_ffn\\":true,'
     b'\\"reorder\\":[\\"x.mlp.down_proj.weight\\"],\\"views\\":{\\"x.mlp.gate_proj.weight\\":{\\"stored\\":'
     b'\\"x.mlp@bundle\\",\\"kind\\":\\"bundle\\",\\"offset\\":0,\\"shape\\":[4,2],\\"strides\\":[8,1],'
@@ -207,8 +214,8 @@ def test_a_plain_layout_keeps_names_shapes_and_dtypes() -> None:
     specs = [Spec("a", (3, 4), "F32"), Spec("s", (), "F64"), Spec("e", (0, 5), "I8")]
     the_plan = plan(specs, Layout())
     _, logical, meta = read_back(the_plan)
-    assert [(e.name, e.shape, e.dtype) for e in logical] == [("a", (3, 4), "F32"), ("s", (), "F64"),
-                                                             ("e", (0, 5), "I8")]
+    assert sorted((e.name, e.shape, e.dtype) for e in logical) == [("a", (3, 4), "F32"), ("e", (0, 5), "I8"),
+                                                                   ("s", (), "F64")]
     assert json.loads(meta[LAYOUT_KEY])["views"] == {} and meta["format"] == "pt"
 
 

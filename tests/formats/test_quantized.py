@@ -371,7 +371,7 @@ def kept_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tensors["output_norm.weight"] = (rng.standard_normal(64).astype(np.float32), None)
     folder = tmp_path_factory.mktemp("kept")
     src = write_gguf(folder / "model.gguf", tensors)
-    dst = folder / "model.safetensors"
+    dst = folder / "model.sparsemap.safetensors"
     convert(src, dst, layout=Layout(quantize="keep"))
     return src, dst
 

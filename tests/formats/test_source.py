@@ -50,7 +50,8 @@ def test_hugging_face_names_win_in_order(tmp_path: Path, present: tuple[str, ...
     (tmp_path / "other.gguf").write_bytes(GGUF_BYTES)  # never preferred over a Hugging Face name
     src = resolve_source(tmp_path)
     assert src.weights == str(tmp_path / present[0])
-    assert src.format == {"model.safetensors": "safetensors", "pytorch_model.bin": "torch-zip"}.get(
+    assert src.format == {"model.safetensors": "safetensors", "model.sparsemap.safetensors": "safetensors",
+                          "pytorch_model.bin": "torch-zip"}.get(
         present[0], "sharded")
 
 
@@ -80,7 +81,8 @@ def test_folder_with_several_ggufs_names_them(tmp_path: Path) -> None:
 
 def test_folder_with_no_weights_says_what_was_looked_for(tmp_path: Path) -> None:
     put(tmp_path, config__json="{}")
-    with pytest.raises(SourceNotFoundError, match=r"looked for model.safetensors, .*, \*.gguf") as info:
+    looked_for = r"looked for model.sparsemap.safetensors, model.safetensors, .*, \*.gguf"
+    with pytest.raises(SourceNotFoundError, match=looked_for) as info:
         resolve_source(tmp_path)
     assert str(tmp_path) in str(info.value)
 
@@ -144,7 +146,7 @@ def test_resolving_imports_no_parser_and_no_torch(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = json.loads(out.stdout.replace("'", '"'))
     assert loaded == ["sparsemap.formats.catalog", "sparsemap.formats.dispatch", "sparsemap.formats.dtypes",
-                      "sparsemap.formats.source"]
+                      "sparsemap.formats.reserved", "sparsemap.formats.source"]  # reserved: names, no code
 
 
 # ---------------------------------------------------------------- every entry point agrees

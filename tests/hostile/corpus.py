@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sparsemap import errors as E
 
+from ..format_writers import random_state, tiny_llama, write_llama2c, write_meta_release, write_mlc
 from ..helpers import FakeStorage, FakeTensor, pickle_checkpoint
 
 # ---------------------------------------------------------------- safetensors bytes
@@ -128,6 +129,87 @@ def kv_u32(key: str, value: int) -> bytes:
     return gguf_string(key) + struct.pack("<II", 4, value)
 
 
+# ---------------------------------------------------------------- llama2.c and MLC/TVM
+
+# A llama2.c model of a few KiB: dim 8, one layer, 2 heads, 1 kv head, hidden 12 (Q8_0 groups of 8: the down
+# projection's rows of 12 straddle groups, the other matrices' rows of 8 do not).
+LLAMA2C_CFG = {"hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 1, "num_attention_heads": 2,
+               "num_key_value_heads": 1, "vocab_size": 32, "max_position_embeddings": 4}
+
+
+def llama2c_file(path: Path, version: int, *, shared: bool = False) -> Path:
+    return write_llama2c(path, (random_state(LLAMA2C_CFG, shared=shared), LLAMA2C_CFG), version, group_size=8)
+
+
+def _llama2c(version: int, *patches: tuple[int, str, int], cut: int = 0, keep: int | None = None,
+             extra: bytes = b"", shared: bool = False) -> Callable[[Path], Path]:
+    """A tiny llama2.c file of ``version``, header fields overwritten (offset, struct format, value), ``cut``
+    bytes dropped from its end (or only its first ``keep`` kept), ``extra`` appended."""
+    def write(folder: Path) -> Path:
+        path = llama2c_file(folder / "bad.bin", version, shared=shared)
+        data = bytearray(path.read_bytes())
+        for offset, fmt, value in patches:
+            struct.pack_into(fmt, data, offset, value)
+        data = data[:keep] if keep is not None else data[:len(data) - cut]
+        path.write_bytes(bytes(data) + extra)
+        return path
+
+    return write
+
+
+def _mlc(edit: Callable[[dict], object] | None = None, shard: bytes | None = None,
+         raw: bytes | None = None) -> Callable[[Path], Path]:
+    """A two-array MLC cache (``a`` then ``b``, 16 bytes each, one shard): its JSON changed by ``edit``
+    or replaced by ``raw``, its shard replaced by ``shard``."""
+    import numpy as np
+
+    def write(folder: Path) -> Path:
+        path = write_mlc(folder / "mlc", {"a": np.zeros(4, np.float32), "b": np.ones(4, np.float32)},
+                         encode_format="raw")
+        doc = json.loads(path.read_text())
+        if edit is not None:
+            edit(doc)
+        path.write_bytes(raw if raw is not None else json.dumps(doc).encode())
+        if shard is not None:
+            (path.parent / "params_shard_0.bin").write_bytes(shard)
+        return path
+
+    return write
+
+
+def _mlc_rec(**kw: object) -> Callable[[dict], object]:
+    return lambda doc: doc["records"][0]["records"][1].update(kw)
+
+
+# A tiny Llama (hidden 16, 1 layer, feed-forward 32: params.json's multiple_of 32 and ffn_dim_multiplier 0.5)
+META_MODEL = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 32, "max_position_embeddings": 8}
+
+
+def meta_release(folder: Path, n_files: int = 1, **params: object) -> Path:
+    """Meta's release of a tiny Llama in ``n_files`` files, in ``folder/llama``."""
+    return write_meta_release(folder / "llama", tiny_llama(**META_MODEL), n_files, **params)
+
+
+def _meta(n_files: int = 1, *, params: dict | None = None, raw_params: bytes | None = None,
+          edit: Callable[[Path], object] | None = None, **written: object) -> Callable[[Path], Path]:
+    """A Meta release (``written``: params.json's values as written), then ``params`` merged into its
+    params.json (or ``raw_params`` for it), then ``edit(folder)``."""
+    def write(folder: Path) -> Path:
+        path = meta_release(folder, n_files, **written)
+        if params is not None:
+            doc = json.loads((path / "params.json").read_text())
+            doc.update(params)
+            (path / "params.json").write_text(json.dumps(doc))
+        if raw_params is not None:
+            (path / "params.json").write_bytes(raw_params)
+        if edit is not None:
+            edit(path)
+        return path
+
+    return write
+
+
 # ---------------------------------------------------------------- the corpus
 
 
@@ -177,6 +259,7 @@ def _malicious(target: str) -> bytes:
 
 
 S, L, P, X, G = "safetensors", "layout", "pytorch zip", "shard index", "gguf"
+C, M, ML = "llama2c", "mlc", "meta-llama"
 F = ".safetensors"
 
 FAULTS: list[Fault] = [
@@ -350,6 +433,70 @@ FAULTS: list[Fault] = [
     Fault("GGUF row not a whole number of blocks", G,
           _file(".gguf", gguf(tensors=[("w", [20, 2], 2, 0)], data=bytes(64))), E.InvalidShapeError,
           ("'w'", "20", "32")),
+    # ---- llama2.c (v0: no magic, seven int32; v1, v2: "ak42", version, seven int32, flag[, group size])
+    Fault("llama2c unknown version", C, _llama2c(1, (4, "<i", 3)), E.Llama2cFormatError, ("version 3",)),
+    Fault("llama2c dim not a multiple of n_heads", C, _llama2c(1, (20, "<i", 3)), E.Llama2cFormatError,
+          ("dim 8", "n_heads 3")),
+    Fault("llama2c negative vocabulary in a versioned file", C, _llama2c(2, (28, "<i", -32)),
+          E.Llama2cFormatError, ("vocab_size is -32",)),
+    Fault("llama2c shared flag neither 0 nor 1", C, _llama2c(1, (36, "<B", 9)), E.Llama2cFormatError,
+          ("flag", "9")),
+    Fault("llama2c group size zero", C, _llama2c(2, (37, "<i", 0)), E.Llama2cFormatError,
+          ("group size is 0",)),
+    Fault("llama2c group size dividing no matrix", C, _llama2c(2, (37, "<i", 5)), E.Llama2cFormatError,
+          ("groups of 5", "model.embed_tokens.weight")),
+    Fault("llama2c header cut short", C, _llama2c(2, keep=100), E.TruncatedFileError, ("256 bytes", "100")),
+    Fault("llama2c file shorter than its header says", C, _llama2c(1, cut=4), E.TruncatedFileError,
+          ("needs", "the file has")),
+    Fault("llama2c trailing bytes", C, _llama2c(2, extra=bytes(4)), E.TrailingBytesError,
+          ("4 bytes after the last tensor",)),
+    Fault("llama2c vocabulary far beyond the file", C, _llama2c(1, (28, "<i", 2**31 - 1)),
+          E.TruncatedFileError, ("vocabulary 2147483647", "needs")),
+    Fault("llama2c tensor beyond 2**63 bytes", C, _llama2c(1, (8, "<i", 2**31 - 4), (28, "<i", 2**31 - 1)),
+          E.SizeOverflowError, ("2**63", "model.embed_tokens.weight")),
+    Fault("llama2c legacy file cut short", C, _llama2c(0, cut=1), E.TruncatedFileError, ("no magic",)),
+    Fault("llama2c legacy size of the other classifier reading", C, _llama2c(0, cut=32 * 8 * 4),
+          E.Llama2cFormatError, ("disagree", "not shared")),
+    Fault("llama2c legacy trailing bytes", C, _llama2c(0, shared=True, extra=bytes(8)), E.TrailingBytesError,
+          ("8 bytes", "run.c ignores")),
+    # ---- MLC / TVM parameter caches (ndarray-cache.json + params_shard_N.bin)
+    Fault("mlc cache not JSON", M, _mlc(raw=b'{"records": ['), E.MlcFormatError, ("not UTF-8 JSON",)),
+    Fault("mlc records not a list", M, _mlc(lambda d: d.update(records={"a": 1})), E.MlcFormatError,
+          ("records",)),
+    Fault("mlc dataPath escapes the folder", M, _mlc(lambda d: d["records"][0].update(dataPath="../x.bin")),
+          E.MlcFormatError, ("'../x.bin'", "not a file name")),
+    Fault("mlc shard missing", M, _mlc(lambda d: d["records"][0].update(dataPath="params_shard_9.bin")),
+          E.MissingShardError, ("'params_shard_9.bin'",)),
+    Fault("mlc shard shorter than the cache says", M, _mlc(shard=bytes(30)), E.TruncatedFileError,
+          ("30 bytes", "says 32")),
+    Fault("mlc unknown dtype", M, _mlc(_mlc_rec(dtype="float4")), E.UnknownDtypeError, ("'b'", "'float4'")),
+    Fault("mlc nbytes disagrees with the shape", M, _mlc(_mlc_rec(nbytes=12)), E.ByteLengthMismatchError,
+          ("'b'", "12", "16")),
+    Fault("mlc records overlap", M, _mlc(_mlc_rec(byteOffset=8)), E.TensorOverlapError, ("'b'", "'a'", "8")),
+    Fault("mlc record past its shard", M, _mlc(_mlc_rec(byteOffset=20)), E.InvalidOffsetsError,
+          ("'b'", "[20, 36)", "32 bytes")),
+    Fault("mlc array listed twice", M, _mlc(_mlc_rec(name="a")), E.DuplicateTensorError, ("'a'", "twice")),
+    # ---- Meta's Llama release (params.json + consolidated.NN.pth)
+    Fault("meta params.json not JSON", ML, _meta(raw_params=b'{"dim": '), E.MetaLlamaFormatError,
+          ("params.json", "is not JSON")),
+    Fault("meta dim not an integer", ML, _meta(params={"dim": "16"}), E.MetaLlamaFormatError,
+          ("dim is '16'",)),
+    Fault("meta kv heads that do not divide the heads", ML, _meta(params={"n_kv_heads": 3}),
+          E.MetaLlamaFormatError, ("n_heads 4 is not a multiple of n_kv_heads 3",)),
+    Fault("meta quantized release", ML, _meta(params={"quantization_args": {"group_size": 32}}),
+          E.MetaLlamaFormatError, ("a quantized release",)),
+    Fault("meta file missing from the numbering", ML,
+          _meta(2, edit=lambda p: (p / "consolidated.01.pth").rename(p / "consolidated.02.pth")),
+          E.MetaLlamaFormatError, ("not consolidated.01.pth",)),
+    Fault("meta feed-forward width params.json does not give", ML, _meta(ffn_dim_multiplier=None),
+          E.MetaLlamaFormatError, ("consolidated.00.pth", "has shape (32, 16)", "makes it (64, 16)")),
+    Fault("meta vocabulary disagrees with the embedding", ML, _meta(vocab_size=40), E.MetaLlamaFormatError,
+          ("holds 32 rows", "vocab_size 40")),
+    Fault("meta file not a zip", ML,
+          _meta(edit=lambda p: (p / "consolidated.00.pth").write_bytes(b"garbage" * 10)),
+          E.CorruptCheckpointError, ("consolidated.00.pth", "not a zip archive")),
+    Fault("meta several files opened as one model", ML, _meta(2), E.ShardedReleaseError,
+          ("2 model-parallel files", "sparsemap convert")),
 ]
 
 
@@ -409,6 +556,11 @@ def valid_files(folder: Path) -> dict[str, Path]:
                                             "norm.weight": "model-00002-of-00002.safetensors"}}
     out["shard index"] = shards / "model.safetensors.index.json"
     out["shard index"].write_text(json.dumps(index))
+    for version in (0, 1, 2):
+        out[f"llama2c v{version}"] = llama2c_file(folder / f"llama2c-v{version}.bin", version)
+    out["mlc"] = write_mlc(folder / "mlc", {"embed.weight": state["embed.weight"].numpy(),
+                                            "norm.weight": state["norm.weight"].numpy(),
+                                            "ids": state["ids"].numpy()}, shard_cap_nbytes=300)
     out["rwkv.cpp"] = write_rwkv_cpp(folder / "rwkv.bin", {
         "emb.weight": np.random.default_rng(2).standard_normal((16, 8), dtype=np.float32),
         "blocks.0.ln1.weight": np.ones(8, dtype=np.float32),

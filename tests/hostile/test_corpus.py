@@ -19,7 +19,8 @@ def test_the_corpus_is_large_and_covers_every_format() -> None:
     assert len(FAULTS) >= 40
     assert len({f.name for f in FAULTS}) == len(FAULTS)
     by_format = Counter(f.fmt for f in FAULTS)
-    assert set(by_format) == {"safetensors", "layout", "pytorch zip", "shard index", "gguf"}, by_format
+    assert set(by_format) == {"safetensors", "layout", "pytorch zip", "shard index", "gguf", "llama2c",
+                              "mlc", "meta-llama"}, by_format
     assert min(by_format.values()) >= 5, by_format
 
 

@@ -44,7 +44,7 @@ def rewrite_last_value_in_place(path: Path) -> None:
 
 
 def test_replacing_by_rename_leaves_a_loaded_model_untouched(tmp_path: Path) -> None:
-    path = tmp_path / "model.safetensors"
+    path = tmp_path / "model.sparsemap.safetensors"
     old = write(path, 1.0)
     state = sparsemap.load_state_dict(path)
     controller = sparsemap.rows(state["emb"])
@@ -59,7 +59,7 @@ def test_replacing_by_rename_leaves_a_loaded_model_untouched(tmp_path: Path) -> 
 
 
 def test_converting_onto_a_mapped_file_keeps_the_loaders_data(tmp_path: Path) -> None:
-    path, other = tmp_path / "model.safetensors", tmp_path / "other.safetensors"
+    path, other = tmp_path / "model.sparsemap.safetensors", tmp_path / "other.safetensors"
     old = write(path, 1.0)
     save_file({"emb": torch.zeros(ROWS, COLS), "norm": torch.zeros(COLS)}, other)
     state = sparsemap.load_state_dict(path)
@@ -69,7 +69,7 @@ def test_converting_onto_a_mapped_file_keeps_the_loaders_data(tmp_path: Path) ->
 
 
 def test_file_rewritten_in_place_after_open_is_refused_at_mapping(tmp_path: Path) -> None:
-    path = tmp_path / "model.safetensors"
+    path = tmp_path / "model.sparsemap.safetensors"
     write(path, 1.0)
     ckpt = sparsemap.Checkpoint(path)
     rewrite_last_value_in_place(path)
@@ -78,7 +78,7 @@ def test_file_rewritten_in_place_after_open_is_refused_at_mapping(tmp_path: Path
 
 
 def test_rewrite_that_restores_the_modification_time_is_still_seen(tmp_path: Path) -> None:
-    path = tmp_path / "model.safetensors"
+    path = tmp_path / "model.sparsemap.safetensors"
     write(path, 1.0)
     ckpt = sparsemap.Checkpoint(path)
     ckpt.tensor("norm")  # mapped
@@ -90,7 +90,7 @@ def test_rewrite_that_restores_the_modification_time_is_still_seen(tmp_path: Pat
 
 
 def test_file_truncated_after_open_is_refused_at_mapping(tmp_path: Path) -> None:
-    path = tmp_path / "model.safetensors"
+    path = tmp_path / "model.sparsemap.safetensors"
     write(path, 1.0)
     ckpt = sparsemap.Checkpoint(path)
     os.truncate(path, os.path.getsize(path) // 2)
@@ -123,7 +123,7 @@ print(json.dumps(outcome))
 
 
 def test_file_truncated_while_mapped_is_detected_before_any_page_faults(tmp_path: Path) -> None:
-    path = tmp_path / "model.safetensors"
+    path = tmp_path / "model.sparsemap.safetensors"
     write(path, 1.0)
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(CHILD), str(path)], check=False,
                           capture_output=True, text=True, timeout=120)

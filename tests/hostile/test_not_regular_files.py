@@ -90,3 +90,23 @@ def test_a_fifo_found_in_a_folder_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(errors.NotRegularFileError, match="is a FIFO") as info:
         sparsemap.open(tmp_path)
     assert info.value.path == str(tmp_path / "model.gguf")
+
+
+def test_a_fifo_swapped_in_after_the_path_was_checked_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """The check is on what was opened: a FIFO put where a checkpoint was (after resolve_source looked)
+    is refused at once by every reader, never blocked on for a writer that does not come."""
+    import os
+
+    from sparsemap.errors import NotRegularFileError
+    from sparsemap.formats.source import open_regular, open_regular_fd
+
+    path = tmp_path / "model.safetensors"
+    os.mkfifo(path)
+    with pytest.raises(NotRegularFileError, match="a FIFO"):
+        open_regular_fd(path)
+    with pytest.raises(NotRegularFileError, match="a FIFO"):
+        open_regular(path)
+    path.unlink()
+    path.write_bytes(b"x")
+    with open_regular(path) as f:
+        assert f.read() == b"x" and os.get_blocking(f.fileno())

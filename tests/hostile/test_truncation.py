@@ -59,7 +59,7 @@ def sweep(original: Path, target: Path, opened: Path, expected: dict[str, torch.
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pytorch zip", "layout", "gguf", "safetensors 64K",
-                                 "pytorch zip 64K", "gguf Q8_0"])
+                                 "pytorch zip 64K", "gguf Q8_0", "llama2c v0", "llama2c v1", "llama2c v2"])
 def test_truncated_file(fmt: str, seeds: dict[str, Path], tmp_path: Path) -> None:
     original = seeds[fmt]
     expected = tensors_of(original)
@@ -77,3 +77,27 @@ def test_truncated_shard_folder(member: str, seeds: dict[str, Path], tmp_path: P
     expected = tensors_of(index)
     cuts, _ = sweep(seeds["shard index"].parent / member, folder / member, index, expected)
     assert cuts > 50
+
+
+@pytest.mark.parametrize("member", ["ndarray-cache.json", "params_shard_0.bin", "params_shard_1.bin"])
+def test_truncated_mlc_cache(member: str, seeds: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "mlc"
+    shutil.copytree(seeds["mlc"].parent, folder)
+    cache = folder / "ndarray-cache.json"
+    expected = tensors_of(cache)
+    cuts, complete = sweep(seeds["mlc"].parent / member, folder / member, cache, expected)
+    assert cuts > 40
+    assert complete == 0  # a shard must be exactly its listed size, and the JSON ends with its last "}"
+
+
+@pytest.mark.parametrize("member", ["params.json", "consolidated.00.pth"])
+def test_truncated_meta_release(member: str, tmp_path: Path) -> None:
+    from .corpus import meta_release
+
+    seed = meta_release(tmp_path / "seed")
+    folder = tmp_path / "llama"
+    shutil.copytree(seed, folder)
+    expected = tensors_of(folder)
+    cuts, complete = sweep(seed / member, folder / member, folder, expected)
+    assert cuts > 40
+    assert complete == 0  # params.json ends with its last "}", a zip with its end-of-directory record

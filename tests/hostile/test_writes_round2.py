@@ -303,7 +303,7 @@ def test_the_temporary_stays_locked_until_it_is_renamed(tmp_path: Path,
 
 
 def test_two_threads_saving_one_path_both_end_cleanly(tmp_path: Path) -> None:
-    dest = tmp_path / "model.safetensors"
+    dest = tmp_path / "model.sparsemap.safetensors"
     contents = {k: {"w": torch.full((64, 64), float(k)), f"only{k}": torch.arange(k + 3.0)} for k in (1, 2)}
     errors: list[BaseException] = []
     barrier = threading.Barrier(2)
@@ -327,4 +327,4 @@ def test_two_threads_saving_one_path_both_end_cleanly(tmp_path: Path) -> None:
     k = 1 if "only1" in state else 2
     assert set(state) == set(contents[k])
     assert all(torch.equal(state[n], contents[k][n]) for n in state)
-    assert os.listdir(tmp_path) == ["model.safetensors"]
+    assert os.listdir(tmp_path) == ["model.sparsemap.safetensors"]

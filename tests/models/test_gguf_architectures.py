@@ -7,6 +7,7 @@ built by sparsemap must give transformers' own GGUF loading's logits and greedy 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,9 +15,9 @@ import torch
 
 import sparsemap
 from sparsemap.errors import GGUFArchitectureError
-from sparsemap.models import gguf_hf, gguf_llama
+from sparsemap.models import gguf_hf
 
-from ..helpers import write_gguf
+from ..helpers import write_gguf, write_gguf_like_llama_cpp
 
 PROMPT = [[2, 818, 5279, 529, 7001, 563]]  # "<bos>The capital of France is" in Gemma 3's vocabulary
 
@@ -65,17 +66,95 @@ def test_gemma3_norms_come_back_as_transformers_keeps_them(gemma3_gguf: Path) ->
     assert torch.equal(sparsemap.Checkpoint(cat).tensor(norm), stored - 1)
 
 
-@pytest.mark.model
-def test_llama_names_from_the_tables_equal_the_llama_map(smollm2_gguf: Path) -> None:
-    """SmolLM2 (llama) through the generic tables: the same names and q/k orders as the Llama map."""
-    from transformers import LlamaForCausalLM
+ARCHITECTURES = {  # llama.cpp architecture -> what its tiny model needs beyond the shared sizes
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},  # q/k/v biases
+    "qwen3": {},  # q/k norms (head_dim: the default, 128; transformers maps no header key to it)
+    "phi3": {},  # fused qkv and gate/up
+    # 1 + w norms, sliding windows; the header has no query_pre_attn_scalar: transformers' default (256)
+    "gemma3": {"head_dim": 16, "sliding_window": 4},
+}
 
-    raw = sparsemap.open(smollm2_gguf)
-    with sparsemap.skeleton():
-        model = LlamaForCausalLM(gguf_hf.hf_config(raw))
-    generic, static = gguf_hf.hf_catalog(raw, model), gguf_llama.hf_catalog(raw)
-    want = {n: (e.order, 0.0) for n, e in static.items()}
-    assert {n: (e.order, e.shift) for n, e in generic.items()} == want
+
+def _tiny(arch: str) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(gguf_hf.MODEL_TYPES[arch], vocab_size=96, hidden_size=64,
+                                  intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2,
+                                  max_position_embeddings=64, tie_word_embeddings=arch == "gemma3",
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, **ARCHITECTURES[arch])
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random norms and biases, so a wrong shift or order shows
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_mapped_architecture_comes_back_as_the_model_written(arch: str, tmp_path: Path) -> None:
+    """A transformers model written as llama.cpp writes it (names, q/k order, 1 + w norms) comes back from
+    ``from_pretrained(gguf)`` with its own logits and greedy tokens, and as transformers' own GGUF loading
+    gives it. Mistral is checked against the model only: transformers' loading of a Mistral GGUF asks the
+    gguf package for an architecture named "mistral", which it does not have (NotImplementedError)."""
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny(arch)
+    path = write_gguf_like_llama_cpp(model, tmp_path / f"{arch}.gguf")
+    ours = sparsemap.from_pretrained(path)
+    assert type(ours) is type(model)
+    ids = torch.tensor([[1, 5, 9, 33, 2, 77, 40, 41]])
+    with torch.inference_mode():
+        want = model(ids).logits
+        assert torch.allclose(ours(ids).logits, want, atol=1e-5, rtol=0)
+        assert torch.equal(ours.generate(ids, max_new_tokens=6, do_sample=False),
+                           model.generate(ids, max_new_tokens=6, do_sample=False))
+    if arch != "mistral":
+        reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
+        with torch.inference_mode():
+            assert torch.allclose(ours(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_a_gguf_converts_to_a_folder_transformers_loads_with_no_key_left_over(arch: str,
+                                                                              tmp_path: Path) -> None:
+    """``sparsemap convert model.gguf OUT/``: transformers loads the folder with no missing, unexpected or
+    mismatched key and computes the model's logits; safetensors lists exactly the model's own tensors."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from sparsemap.models.gguf_convert import write_folder
+
+    model = _tiny(arch)
+    path = write_gguf_like_llama_cpp(model, tmp_path / f"{arch}.gguf")
+    write_folder(path, tmp_path / "out")
+    assert {"config.json", "generation_config.json", "model.safetensors"} <= {
+        p.name for p in (tmp_path / "out").iterdir()}
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as f:
+        stored = set(f.keys())
+    assert stored == set(model.state_dict()) - ({"lm_head.weight"} if arch == "gemma3" else set())
+    ids = torch.tensor([[1, 5, 9, 33]])
+    with torch.inference_mode():
+        assert torch.allclose(loaded.eval()(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_a_gguf_converts_only_into_a_new_or_empty_folder(tmp_path: Path) -> None:
+    from sparsemap.errors import DestinationError
+    from sparsemap.models.gguf_convert import write_folder
+
+    path = write_gguf_like_llama_cpp(_tiny("llama"), tmp_path / "m.gguf")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    with pytest.raises(DestinationError, match="not empty"):
+        write_folder(path, tmp_path / "full")
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
+    with pytest.raises(DestinationError, match="does not exist"):
+        write_folder(path, tmp_path / "missing" / "out")
 
 
 def test_an_architecture_transformers_does_not_map_is_refused_by_name(tmp_path: Path) -> None:
@@ -91,7 +170,7 @@ def test_a_gguf_tokenizer_is_converted_once_into_the_cache(smollm2_gguf: Path, t
     from transformers import AutoTokenizer
 
     from sparsemap.formats.source import resolve_source
-    from sparsemap.models.generate import gguf_tokenizer
+    from sparsemap.models.gguf_hf import gguf_tokenizer
 
     monkeypatch.setenv("SPARSEMAP_CACHE", str(tmp_path))
     source = resolve_source(smollm2_gguf)
@@ -124,7 +203,7 @@ def test_llama_q_and_k_biases_are_put_back_in_order_and_rope_freqs_left_out(tmp_
     cat = gguf_hf.hf_catalog(sparsemap.open(path), model)
     assert set(cat) == {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.bias"}
     got = sparsemap.Checkpoint(cat).tensor("model.layers.0.self_attn.q_proj.bias")
-    order = torch.tensor(gguf_llama.rotary_order(32, 4))  # stored row k holds transformers row order[k]
+    order = torch.tensor(gguf_hf.rotary_order(32, 4))  # stored row k holds transformers row order[k]
     want = torch.empty(32)
     want[order] = torch.from_numpy(q_bias)
     assert torch.equal(got, want)

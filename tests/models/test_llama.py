@@ -13,7 +13,7 @@ from sparsemap.errors import BadInputError
 from sparsemap.formats.source import resolve_source
 from sparsemap.models import llama
 from sparsemap.models.generate import LeanEngine, TransformersEngine, pick_engine
-from sparsemap.models.gguf_llama import rotary_order
+from sparsemap.models.gguf_hf import rotary_order
 
 from ..conftest import tiny_llama_config
 

@@ -47,8 +47,29 @@ def test_converted_layout_gives_identical_embeddings(minilm_folder, reference, t
     for f in minilm_folder.iterdir():
         if f.is_file() and f.name != "model.safetensors":
             shutil.copy(f, folder)
-    summary = convert(minilm_folder, folder / "model.safetensors", layout=LAYOUTS[layout_name])
+    summary = convert(minilm_folder, folder / "model.sparsemap.safetensors", layout=LAYOUTS[layout_name])
     assert summary.tensors == 104
     tokenizer, expected = reference
     got = minilm.mean_pooled(minilm.build_model(folder), tokenizer, minilm.SENTENCES)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.model
+def test_a_reshaped_folder_is_refused_by_transformers_and_sentence_transformers(minilm_folder,
+                                                                              tmp_path: Path) -> None:
+    """A layout that changes stored shapes, written as sparsemap names it in a folder: transformers and
+    sentence-transformers refuse the folder (no weights they know) instead of initialising the tensors
+    they cannot find at random; sparsemap loads it."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    from sparsemap.models import minilm
+
+    folder = tmp_path / "model"
+    shutil.copytree(minilm_folder, folder, ignore=shutil.ignore_patterns("model.safetensors", "*.bin"))
+    convert(minilm_folder, folder / "model.sparsemap.safetensors", layout=LAYOUTS["transpose"])
+    with pytest.raises(OSError, match=r"model\.safetensors"):
+        AutoModel.from_pretrained(folder)
+    with pytest.raises(OSError):
+        SentenceTransformer(str(folder), device="cpu")
+    assert minilm.build_model(folder) is not None

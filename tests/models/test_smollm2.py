@@ -53,6 +53,29 @@ def test_greedy_tokens_and_logits_match_transformers(smollm2, which):
 
 
 @pytest.mark.model
+def test_the_converted_folder_is_the_model_to_transformers_safetensors_and_accelerate(smollm2, caplog):
+    """No filler tensor and no other name: transformers loads it with nothing missing, unexpected or
+    mismatched, safetensors lists exactly the model's tensors, accelerate uses every one of them."""
+    from accelerate import init_empty_weights, load_checkpoint_in_model
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = smollm2[0]
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        stored = set(f.keys())
+    assert stored == set(model.state_dict()) - {"lm_head.weight"}  # tied to the embedding, stored once
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    empty.tie_weights()
+    with caplog.at_level("WARNING"):
+        load_checkpoint_in_model(empty, str(folder / "model.safetensors"), device_map={"": "cpu"})
+    assert not [r for r in caplog.records if "not used" in r.getMessage() or "unexpected" in r.getMessage()]
+    assert not any(p.is_meta for p in empty.parameters())
+
+
+@pytest.mark.model
 def test_converted_weights_are_zero_copy_and_tied(smollm2):
     folder = smollm2[0]
     model = sparsemap.from_pretrained(folder)
@@ -67,16 +90,13 @@ def test_converted_weights_are_zero_copy_and_tied(smollm2):
 def test_config_from_the_gguf_header_matches_transformers(smollm2):
     from transformers import AutoConfig
 
-    from sparsemap.models.gguf_llama import llama_config_kwargs
+    from sparsemap.models.gguf_hf import hf_config
 
     gguf = smollm2[1]
-    ours = llama_config_kwargs(sparsemap.open(gguf))
-    theirs = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    for key, value in ours.items():
-        if key == "rope_theta":
-            assert theirs.rope_parameters["rope_theta"] == value
-        else:
-            assert getattr(theirs, key) == value, key
+    ours = hf_config(sparsemap.open(gguf)).to_dict()
+    theirs = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).to_dict()
+    differ = {k: (ours.get(k), theirs.get(k)) for k in {*ours, *theirs} if ours.get(k) != theirs.get(k)}
+    assert set(differ) <= {"_name_or_path", "_model_name_or_path"}, differ  # where it was read from
 
 
 @pytest.mark.model
@@ -91,7 +111,7 @@ def test_converted_layouts_generate_the_same(smollm2, tmp_path, layout):
     folder, _, _, ids, ref_tokens, ref_logits = smollm2
     target = tmp_path / "model"
     shutil.copytree(folder, target, ignore=shutil.ignore_patterns("model.safetensors"))
-    sparsemap.convert(folder / "model.safetensors", target / "model.safetensors", layout=layout)
+    sparsemap.convert(folder / "model.safetensors", target / "model.sparsemap.safetensors", layout=layout)
     tokens, logits = _generate(sparsemap.from_pretrained(target), ids)
     assert torch.equal(tokens, ref_tokens)
     assert torch.allclose(logits, ref_logits, rtol=0, atol=1e-4)

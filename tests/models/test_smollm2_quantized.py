@@ -36,7 +36,7 @@ def models():
 
 def test_every_matrix_is_a_quantized_view_of_the_file(models):
     folder, model, _, _ = models
-    ckpt = Checkpoint(folder / "model.safetensors")
+    ckpt = Checkpoint(folder / "model.sparsemap.safetensors")
     assert len(ckpt.catalog.quantized) == 211  # 210 Q4_1 matrices and the Q8_0 embedding
     schemes = {w.scheme for w in ckpt.catalog.quantized.values()}
     assert schemes == {"int4", "int8"}
@@ -45,7 +45,7 @@ def test_every_matrix_is_a_quantized_view_of_the_file(models):
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, one set of parts
     for w in weights:
         for part in w.parts:  # each part lies in the file's mapping: page cache, not anonymous memory
-            assert mapping_of(part).path == str(folder / "model.safetensors")
+            assert mapping_of(part).path == str(folder / "model.sparsemap.safetensors")
     # About a fifth of the float32 file: what a token reads.
     assert sum(w.nbytes_stored for w in {id(w): w for w in weights}.values()) < 100e6
 

@@ -8,11 +8,13 @@ file-backed resident memory (the kernel keeps no peak of either) and for
 exec, so a child of a large parent would report the parent's peak.) When the
 child exits, ``wait4`` returns its major page faults and blocks read from
 disk. Sampling from the parent, which has nothing else to do, avoids the GIL
-starvation an in-process sampler suffers. No torch here.
+starvation an in-process sampler suffers. On request the samples are also kept
+as a trace (resident memory over time, for a picture). No torch here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -42,6 +44,9 @@ class Measurement:
     oom_killed: bool = False
     stdout: str = ""
     stderr: str = ""
+    started: float = 0.0  # time.monotonic() when the child was started: events the child stamps align to it
+    # (seconds since started, RssAnon, RssFile), one about every trace_every_s; empty unless asked for
+    trace: tuple[tuple[float, int, int], ...] = ()
 
 
 def _status(pid: int) -> tuple[int, int, int] | None:
@@ -61,8 +66,18 @@ def _status(pid: int) -> tuple[int, int, int] | None:
     return anon, file, hwm
 
 
+def _kill_and_reap(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``proc`` and wait for it (a child already gone, or already reaped, is no error)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(proc.pid, 0)
+    proc.returncode = -signal.SIGKILL  # reaped here: Popen must not wait for it again
+
+
 def run_measured(cmd: Sequence[str], *, memory_limit: int | None = None, interval_s: float = 0.001,
-                 timeout_s: float | None = None, env: dict[str, str] | None = None) -> Measurement:
+                 timeout_s: float | None = None, env: dict[str, str] | None = None,
+                 trace_every_s: float | None = None) -> Measurement:
     """Run ``cmd`` to completion and measure it.
 
     Args:
@@ -72,6 +87,7 @@ def run_measured(cmd: Sequence[str], *, memory_limit: int | None = None, interva
             kernel killed it for lack of memory.
         interval_s: sampling interval for the anonymous / file-backed peaks.
         timeout_s: kill the child after this long.
+        trace_every_s: keep a sample about this often as ``trace`` (the peaks still use every sample).
 
     Example:
         >>> m = run_measured([sys.executable, "-c", "b = bytearray(100 << 20)"])   # doctest: +SKIP
@@ -83,12 +99,15 @@ def run_measured(cmd: Sequence[str], *, memory_limit: int | None = None, interva
         group.__enter__()
     try:
         start = time.perf_counter()
+        started = time.monotonic()
         proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                                 preexec_fn=group.enter_in_child if group is not None else None)
         peaks = [0, 0, 0, 0]  # anon, file, samples, VmHWM
+        trace: list[tuple[float, int, int]] = []
         done = threading.Event()
 
         def sample() -> None:
+            next_trace = 0.0
             while not done.is_set():
                 now = _status(proc.pid)
                 if now is None:
@@ -96,6 +115,11 @@ def run_measured(cmd: Sequence[str], *, memory_limit: int | None = None, interva
                 peaks[0], peaks[1] = max(peaks[0], now[0]), max(peaks[1], now[1])
                 peaks[3] = max(peaks[3], now[2])
                 peaks[2] += 1
+                if trace_every_s is not None:
+                    at = time.monotonic() - started
+                    if at >= next_trace:
+                        trace.append((at, now[0], now[1]))
+                        next_trace = at + trace_every_s
                 time.sleep(interval_s)
 
         sampler = threading.Thread(target=sample, name="sparsemap-measure", daemon=True)
@@ -107,14 +131,19 @@ def run_measured(cmd: Sequence[str], *, memory_limit: int | None = None, interva
         for r in readers:
             r.start()
         deadline = None if timeout_s is None else start + timeout_s
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if deadline is not None and time.perf_counter() > deadline:
-                deadline = None  # once: Popen.kill() could reap the child behind wait4's back
-                os.kill(proc.pid, signal.SIGKILL)
-            time.sleep(0.001)
+        try:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if deadline is not None and time.perf_counter() > deadline:
+                    deadline = None  # once: Popen.kill() could reap the child behind wait4's back
+                    os.kill(proc.pid, signal.SIGKILL)
+                time.sleep(0.001)
+        except BaseException:  # Ctrl-C in the parent: the child must not outlive it, nor keep its cgroup
+            _kill_and_reap(proc)
+            done.set()
+            raise
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         done.set()
@@ -131,7 +160,7 @@ def run_measured(cmd: Sequence[str], *, memory_limit: int | None = None, interva
             peak_file=peaks[1], major_faults=usage.ru_majflt, read_bytes=usage.ru_inblock * 512,
             samples=peaks[2], cgroup_peak=cgroup_peak, oom_killed=oom,
             stdout=outputs.get("out", b"").decode(errors="replace"),
-            stderr=outputs.get("err", b"").decode(errors="replace"))
+            stderr=outputs.get("err", b"").decode(errors="replace"), started=started, trace=tuple(trace))
     finally:
         if group is not None:
             group.__exit__(None, None, None)

@@ -61,8 +61,11 @@ def table(report: dict[str, Any]) -> Table:
     from rich.table import Table  # here, not above: runner and plot import this module and draw nothing
 
     gb = report["model_nbytes"] / 1e9
+    stopped = report.get("interrupted")  # Ctrl-C: the runs that finished, of those planned
     out = Table(title=f"{Path(report['model']).name}: {gb:.2f} GB, medians of {report['repeat']}; "
-                      f"cold sequential read {report['cold_read_bytes_per_s'] / 1e6:.0f} MB/s")
+                      f"cold sequential read {report['cold_read_bytes_per_s'] / 1e6:.0f} MB/s"
+                      + (f"; interrupted after {stopped['finished']} of {stopped['planned']} runs"
+                         if stopped else ""))
     for col in COLUMNS:
         out.add_column(col, justify="left" if col in _LEFT else "right")
     for row in report["medians"]:

@@ -63,6 +63,51 @@ def cold_read_speed(path: Path, repeat: int = 3) -> float:
     return statistics.median(speeds)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during :func:`run`. ``report`` is the report of the runs that finished (with
+    ``"interrupted": {"finished": n, "planned": m}``), or ``None`` when none had."""
+
+    def __init__(self, report: dict[str, Any] | None, finished: int, planned: int) -> None:
+        super().__init__(f"interrupted after {finished} of {planned} runs")
+        self.report, self.finished, self.planned = report, finished, planned
+
+
+def baseline(folder: Path) -> dict[str, int]:
+    """Resident bytes (``anon``, ``file``) of a fresh child that has imported what every strategy
+    imports (torch, safetensors, the model's transformers class) and loaded nothing yet: measured
+    the way ``sparsemap.budget`` measures a runtime, in the same kind of process the runs use."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "sparsemap.bench.strategies", "--baseline", str(folder)],
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+        raise RuntimeError(f"measuring the runs' baseline failed: {last}")
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"anon": int(doc["anon"]), "file": int(doc["file"])}
+
+
+def check_limits(limits: Iterable[int | None], measured: dict[str, int]) -> None:
+    """Refuse memory limits no run can live in: below what a child holds before loading any weight.
+
+    Such a run is OOM-killed while importing, every time; the table would only say "OOM-killed".
+
+    Raises:
+        BudgetError: naming the smallest such limit and the measured numbers.
+    """
+    from ..errors import BudgetError
+    from ..units import format_size
+
+    floor = measured["anon"] + measured["file"]
+    low = sorted(limit for limit in limits if limit is not None and limit <= floor)
+    if low:
+        raise BudgetError(f"a memory limit of {format_size(low[0])} is below what each run holds before "
+                          f"loading any weight: {format_size(floor)} measured in a fresh interpreter "
+                          f"(python, torch, safetensors, transformers: {format_size(measured['anon'])} "
+                          f"anonymous + {format_size(measured['file'])} file-backed); give more than "
+                          f"{format_size(floor)}, or a percentage of the model above that")
+
+
 def run(folder: Path, strategies: list[str], caches: list[str], *, repeat: int = 1,
         limits: list[int | None] | None = None,
         on_progress: Callable[[str], None] | None = None,
@@ -77,6 +122,9 @@ def run(folder: Path, strategies: list[str], caches: list[str], *, repeat: int =
         limits: memory limits in bytes; ``None`` is unlimited. Limited runs are cold.
         on_progress: called with a line before each run.
         on_result: called with each run's result.
+
+    Raises:
+        Interrupted: on Ctrl-C, after the running child is killed; it carries the finished runs' report.
     """
     limits = limits if limits is not None else [None]
     model = folder / "model.safetensors"
@@ -87,49 +135,68 @@ def run(folder: Path, strategies: list[str], caches: list[str], *, repeat: int =
         ok, why = cgroup.available()
         if not ok:
             skipped_limits = {limit: why for limit in limits if limit is not None}
-    for name in strategies:
-        strategy = STRATEGIES[name]
-        if strategy.prepare is not None and unavailable(name) is None:
-            notify(f"preparing {name} (once, not timed)")
-            strategy.prepare(folder)
-    notify("measuring the cold sequential read speed of the file")
-    read_speed = cold_read_speed(model)
     cells = [(limit, cache) for limit in limits for cache in (caches if limit is None else ["cold"])]
     total = repeat * len(cells) * len(strategies)
+    planned = repeat * sum(1 for limit, _ in cells for name in strategies  # runs that will be measured
+                           if unavailable(name) is None and limit not in skipped_limits)
     results: list[dict[str, Any]] = []
+    read_speed = 0.0
+
+    def report() -> dict[str, Any]:
+        return {"machine": machine(model, read_speed), "model": str(folder), "model_nbytes": nbytes,
+                "cold_read_bytes_per_s": read_speed, "repeat": repeat, "results": results,
+                "medians": medians(results, nbytes, read_speed)}
 
     def emit(r: dict[str, Any]) -> None:
         results.append(r)
         if on_result:
             on_result(r)
 
-    done = 0
-    for i in range(repeat):
-        for limit, cache in cells:
-            for name in strategies:
-                done += 1
-                base = {"strategy": name, "cache": cache, "limit": limit, "run": i}
-                reason = unavailable(name) or skipped_limits.get(limit)  # type: ignore[arg-type]
-                if reason is not None:
-                    if i == 0:
-                        emit({**base, "unavailable": reason})
-                    continue
-                notify(f"[{done}/{total}] {name}, {cache} cache, limit {limit_label(limit)}")
-                cached = prepare_cache(strategy_files(folder, name), cache)
-                m = run_measured([sys.executable, "-m", "sparsemap.bench.strategies", name, str(folder)],
-                                 memory_limit=limit)
-                r: dict[str, Any] = {**base, "cached_before": cached,
-                                     **{k: v for k, v in asdict(m).items() if k not in ("stdout", "stderr")}}
-                if m.exit_code == 0:
-                    r.update(json.loads(m.stdout.strip().splitlines()[-1]))
-                    r["anon_growth"] = r["peak_anon"] - r["baseline_anon"]
-                else:
-                    r["error"] = ("killed by the memory limit" if m.oom_killed else
-                                  (m.stderr.strip().splitlines() or [f"exit {m.exit_code}"])[-1][-300:])
-                emit(r)
-    return {"machine": machine(model, read_speed), "model": str(folder), "model_nbytes": nbytes,
-            "cold_read_bytes_per_s": read_speed, "repeat": repeat, "results": results,
-            "medians": medians(results, nbytes, read_speed)}
+    try:
+        for name in strategies:
+            strategy = STRATEGIES[name]
+            if strategy.prepare is not None and unavailable(name) is None:
+                notify(f"preparing {name} (once, not timed)")
+                strategy.prepare(folder)
+        notify("measuring the cold sequential read speed of the file")
+        read_speed = cold_read_speed(model)
+        done = 0
+        for i in range(repeat):
+            for limit, cache in cells:
+                for name in strategies:
+                    done += 1
+                    base = {"strategy": name, "cache": cache, "limit": limit, "run": i}
+                    reason = unavailable(name) or skipped_limits.get(limit)  # type: ignore[arg-type]
+                    if reason is not None:
+                        if i == 0:
+                            emit({**base, "unavailable": reason})
+                        continue
+                    notify(f"[{done}/{total}] {name}, {cache} cache, limit {limit_label(limit)}")
+                    emit(_measure(folder, name, cache, limit, base))
+    except KeyboardInterrupt:
+        # run_measured has killed the child of the run in progress; the runs that finished are kept
+        # (a run counts once measured, whatever its exit code: an OOM kill is a result).
+        finished = sum("exit_code" in r for r in results)
+        partial = ({**report(), "interrupted": {"finished": finished, "planned": planned}}
+                   if finished else None)
+        raise Interrupted(partial, finished, planned) from None
+    return report()
+
+
+def _measure(folder: Path, name: str, cache: str, limit: int | None, base: dict[str, Any]) -> dict[str, Any]:
+    """One run of strategy ``name``: its files made cold or warm, then a fresh child measured."""
+    cached = prepare_cache(strategy_files(folder, name), cache)
+    m = run_measured([sys.executable, "-m", "sparsemap.bench.strategies", name, str(folder)],
+                     memory_limit=limit)
+    r: dict[str, Any] = {**base, "cached_before": cached,
+                         **{k: v for k, v in asdict(m).items() if k not in ("stdout", "stderr")}}
+    if m.exit_code == 0:
+        r.update(json.loads(m.stdout.strip().splitlines()[-1]))
+        r["anon_growth"] = r["peak_anon"] - r["baseline_anon"]
+    else:
+        r["error"] = ("killed by the memory limit" if m.oom_killed else
+                      (m.stderr.strip().splitlines() or [f"exit {m.exit_code}"])[-1][-300:])
+    return r
 
 
 MEDIAN_KEYS = ("usable_s", "forward_s", "wall_s", "peak_rss", "peak_anon", "anon_growth", "peak_file",

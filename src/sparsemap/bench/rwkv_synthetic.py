@@ -2,32 +2,81 @@
 shapes, scaled like trained ones.
 
 Written by ``torch.save``, as BlinkDL's releases are. Used by the RWKV tests (against the ``rwkv``
-package) and by ``benchmarks/rwkv.py`` (the 0.1 B shape: 12 layers, 768 wide, a 65,536 vocabulary).
-Every version shares the frame (embedding and its first norm, two norms a layer, the output norm and
-head); :func:`_write` draws it and asks each version for the rest of a layer.
+package), by ``benchmarks/rwkv.py`` and by ``sparsemap demo`` (the 0.1 B shape: 12 layers, 768 wide, a
+65,536 vocabulary: :func:`prepare_0_1b`, cached). Every version shares the frame (embedding and its
+first norm, two norms a layer, the output norm and head); :func:`_write` draws it and asks each version
+for the rest of a layer. torch is imported only to draw and write (naming the cached files needs none).
+
+``python -m sparsemap.bench.rwkv_synthetic`` prepares the 0.1 B checkpoint and prints its path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SHAPE_0_1B = (12, 768, 64, 65536, 3072)  # (layers, width, head size, vocabulary, FFN)
-State = dict[str, torch.Tensor]
+State = dict[str, "torch.Tensor"]
+# The matrices a vector-matrix product streams, stored (in, out) in the prepared file: 1.2x the tokens/s
+# of the .pth's (out, in) here, and with ffn.value transposed a neuron's value row is contiguous, so the
+# sparse channel mix reads only the rows it uses (benchmarks/RESULTS.md, RWKV).
+TRANSPOSED = ("head.weight", "*.ffn.key.weight", "*.ffn.value.weight", "*.att.receptance.weight",
+              "*.att.key.weight", "*.att.value.weight", "*.att.output.weight")
+
+
+def paths_0_1b() -> tuple[Path, Path]:
+    """``(the .pth as BlinkDL releases it, the same weights with TRANSPOSED stored (in, out))`` in the
+    cache, whether or not they are written yet. No torch."""
+    from ..models.assets import cache_dir
+
+    folder = cache_dir() / "bench"
+    return folder / "rwkv7-0.1b.pth", folder / "rwkv7-0.1b-transposed.safetensors"
+
+
+def prepare_0_1b(*, quiet: bool = False) -> tuple[Path, Path]:
+    """The 0.1 B-shaped random RWKV-7 (749 MB), written and converted on first use: :func:`paths_0_1b`.
+
+    Example:
+        >>> pth, transposed = prepare_0_1b()                            # doctest: +SKIP
+    """
+    import sys
+
+    path, laid = paths_0_1b()
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not quiet:
+            print(f"writing {path} (random weights in the 0.1 B shape) ...", file=sys.stderr)
+        partial = path.with_name(path.name + ".partial")  # a file cut short is never taken for the model
+        write_rwkv7(partial, *SHAPE_0_1B)
+        partial.replace(path)
+    if not laid.is_file():
+        from ..converter import convert
+        from ..formats.planner import Layout
+
+        convert(path, laid, layout=Layout(transpose=list(TRANSPOSED)))  # writes to a temporary, then renames
+    return path, laid
 
 
 class _Draw:
     """Seeded random tensors: ``normal`` (scaled and shifted) and ``uniform`` in [0, 1)."""
 
     def __init__(self, seed: int) -> None:
+        import torch
+
         self.g = torch.Generator().manual_seed(seed)
 
     def normal(self, *shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+        import torch
+
         return torch.randn(*shape, generator=self.g) * scale + shift
 
     def uniform(self, *shape: int) -> torch.Tensor:
+        import torch
+
         return torch.rand(*shape, generator=self.g)
 
     def norm(self, sd: State, name: str, c: int) -> None:
@@ -41,6 +90,8 @@ class _Draw:
 def _write(path: Path, layers: int, c: int, vocab: int, seed: int,
            layer: Callable[[State, str, _Draw], None]) -> Path:
     """A checkpoint: the frame every version shares, and ``layer(sd, "blocks.N.", draw)`` for the rest."""
+    import torch
+
     draw = _Draw(seed)
     sd: State = {"emb.weight": draw.normal(vocab, c, scale=0.5)}
     draw.norm(sd, "blocks.0.ln0", c)
@@ -140,3 +191,7 @@ def write_rwkv4(path: Path, layers: int, c: int, n: int, vocab: int, ffn: int, s
         _gated_ffn(sd, b, draw, c, ffn, "time_mix_")
 
     return _write(path, layers, c, vocab, seed, layer)
+
+
+if __name__ == "__main__":
+    print(prepare_0_1b()[1])

@@ -237,16 +237,33 @@ def unavailable(name: str) -> str | None:
     return STRATEGIES[name].unavailable()
 
 
+def _import_common(folder: str) -> None:
+    """What every strategy's child imports before its clock starts: torch, safetensors and the model's
+    class. Libraries are imported before the clock starts: "usable" measures loading, not imports
+    (naming the model class imports its modeling module)."""
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+
+    _model_class(Path(folder))
+
+
+def baseline(folder: str) -> dict[str, int]:
+    """What a child holds before any strategy loads a weight (in this fresh process): its resident
+    anonymous and file-backed bytes after :func:`_import_common`, as ``sparsemap.budget`` counts a
+    runtime's baseline. A memory limit below it kills every run before loading begins."""
+    from ..memory import Snapshot
+
+    _import_common(folder)
+    snap = Snapshot.take()
+    return {"anon": snap.anon, "file": snap.file}
+
+
 def child(name: str, folder: str) -> dict[str, float]:
     """Run one strategy (in this fresh process): seconds to a usable model, then one forward pass."""
     start = time.perf_counter()
     strategy = STRATEGIES[name]
-    import safetensors.torch  # noqa: F401
+    _import_common(folder)
     import torch
-
-    # Libraries are imported before the clock starts: "usable" measures loading, not imports
-    # (naming the model class imports its modeling module).
-    _model_class(Path(folder))
 
     from ..memory import rss_anon
 
@@ -263,4 +280,7 @@ def child(name: str, folder: str) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(child(sys.argv[1], sys.argv[2])))
+    if sys.argv[1] == "--baseline":
+        print(json.dumps(baseline(sys.argv[2])))
+    else:
+        print(json.dumps(child(sys.argv[1], sys.argv[2])))

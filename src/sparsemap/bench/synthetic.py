@@ -12,6 +12,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..extras import require
+
 SIZES: dict[str, dict[str, object]] = {
     # hidden, layers, heads, kv heads, intermediate, vocab: Llama-family shapes.
     "llama-tiny": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
@@ -39,6 +41,9 @@ def generate(name: str, *, quiet: bool = False) -> Path:
     if (folder / ".complete").is_file():
         return folder
     import torch
+
+    for module in ("safetensors", "transformers"):  # the peers' own writers write the folder
+        require(module, extra="bench", needed_for="writing the bench's checkpoints")
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -93,6 +98,9 @@ def from_folder(source: Path, *, quiet: bool = False) -> Path:
     if (folder / ".complete").is_file():
         return folder
     import torch
+
+    for module in ("safetensors", "transformers"):
+        require(module, extra="bench", needed_for="writing the bench's checkpoints")
     from transformers import AutoConfig
 
     from ..loader import load, skeleton

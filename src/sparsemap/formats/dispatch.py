@@ -20,8 +20,11 @@ def open_catalog(path: str | os.PathLike[str] | ModelSource) -> Catalog:
 
     Args:
         path: a ``.safetensors`` file, a torch zip checkpoint (``.pt``, ``.pth``,
-            ``.bin``), a ``.gguf`` file, a ``*.index.json`` shard index, a
-            folder holding one of these under a Hugging Face file name, or a
+            ``.bin``), a ``.gguf`` file, an rwkv.cpp or llama2.c model (``.bin``),
+            a ``*.index.json`` shard index, an MLC ``ndarray-cache.json``, Meta's
+            Llama release (``params.json`` + ``consolidated.00.pth``, seen under
+            transformers' names), a folder holding one of these under its usual
+            file name, or a
             :class:`~sparsemap.formats.source.ModelSource` already resolved.
 
     Returns:
@@ -29,6 +32,8 @@ def open_catalog(path: str | os.PathLike[str] | ModelSource) -> Catalog:
 
     Raises:
         SourceNotFoundError: nothing there, or a folder with no checkpoint.
+        ShardedReleaseError: a Meta release in several model-parallel files (join it with
+            ``sparsemap convert``).
         UnknownFormatError: a file in no format we read.
         FormatError: a file in a known format that breaks its rules (a subclass names the rule).
         FileChangedError: a file changed while its header was read.
@@ -43,6 +48,14 @@ def open_catalog(path: str | os.PathLike[str] | ModelSource) -> Catalog:
         from .sharded import open_sharded
 
         return open_sharded(source.weights, open_file=_open_shard)
+    if source.format == "mlc":
+        from .mlc import open_mlc
+
+        return open_mlc(source.weights)
+    if source.format == "meta-llama":  # one file, under transformers' names; several are refused
+        from .meta_llama import open_release
+
+        return open_release(source)
     return _open_file(source.weights, source.format)
 
 
@@ -64,6 +77,10 @@ def _reader(fmt: str) -> Callable[[str, FileStamp], Catalog]:
         from .rwkvcpp import open_rwkvcpp
 
         return open_rwkvcpp
+    if fmt == "llama2c":
+        from .llama2c import open_llama2c
+
+        return open_llama2c
     assert fmt == "gguf", fmt  # resolve_source names no other single-file format
     from .gguf import open_gguf
 

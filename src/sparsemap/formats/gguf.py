@@ -68,7 +68,7 @@ from ..errors import (
     UnsupportedQuantizationError,
 )
 from .catalog import Catalog, FileStamp, TensorEntry, fits_int64
-from .source import GGUF_MAGIC
+from .source import GGUF_MAGIC, open_regular
 
 SUPPORTED_VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -439,7 +439,7 @@ def _walk_tensor_infos(cur: _Cursor, n_tensors: int, alignment: int) -> list[Ten
 
 def open_gguf(path: str, stamp: FileStamp) -> Catalog:
     """Index a GGUF file's tensors; read no tensor data. ``stamp``: the file's version when opened."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         header = validate(f, os.fstat(f.fileno()).st_size, path)
     if sys.byteorder != "little":  # tensors are mapped as they lie: little-endian elements
         raise GGUFError("GGUF files are little-endian and this machine is not", path=path)

@@ -18,6 +18,10 @@ hold one or more logical tensors side by side:
 - ``transpose``: a 2-D tensor's columns as rows (a down projection's neurons);
 - ``bundle``: one FFN neuron's gate row, up row and down column in one record.
 
+A file with none of these, and no quantized weight, lists exactly the source's
+names, shapes and dtypes: alignment comes from the order of the tensors and the
+header's padding, never from filler tensors unless asked for (``fillers``).
+
 Dtypes are safetensors names (``"F32"``, ``"BF16"``); sizes and
 floating-ness come from :mod:`sparsemap.formats.dtypes`.
 """
@@ -37,7 +41,16 @@ from .dtypes import FLOATING, ITEMSIZE, name_of
 from .layout import LayoutDocument, LayoutView
 from .quantized import GATHERED, MODES, part_specs, scheme_for
 from .quantized import document as quant_document
-from .reserved import HEADER_KEYS, LAYOUT_KEY, PAD_PREFIX, QUANT_KEY, SUFFIXES, reserved_reason
+from .reserved import (
+    HEADER_KEYS,
+    LAYOUT_KEY,
+    PAD_PREFIX,
+    QUANT_KEY,
+    RESHAPED_FORMAT,
+    RESHAPED_KINDS,
+    SUFFIXES,
+    reserved_reason,
+)
 
 # Rows are padded to at most a 64 KiB page (the largest base page in use, arm64's)
 # even when tensors are aligned to 2 MiB huge pages: 2 MiB rows would multiply the file.
@@ -86,6 +99,14 @@ class Layout:
             (default): quantized sources are dequantized.
         gathered: glob patterns of weights whose rows are gathered (embeddings):
             with ``quantize``, stored int8 rather than int4, which cannot give back a row.
+        fillers: align every tensor, filling the gaps with padding tensors
+            (``__sparsemap_pad__.N``, which other readers list as tensors of the
+            model). Off by default: tensors are ordered so that the ones of whole
+            pages start on a page and small ones fill the gaps between the others;
+            a tensor that still cannot start on a page is left unaligned, and
+            ``sparsemap inspect`` names it. A file whose layout changes stored shapes
+            (padded, reordered, transposed, bundled or quantized tensors), which
+            other readers refuse anyway, always has its gaps filled.
 
     Example:
         >>> Layout(dtype="bfloat16", pad_rows="*embed_tokens*").dtype, Layout().row_page
@@ -101,11 +122,12 @@ class Layout:
     reorder: Mapping[str, Sequence[float]] | None
     quantize: str | None
     gathered: tuple[str, ...]
+    fillers: bool
 
     def __init__(self, *, align: int = 4096, dtype: object = None, pad_rows: str | Iterable[str] = (),
                  transpose: str | Iterable[str] = (), bundle_ffn: bool = False, page: int | None = None,
                  reorder: Mapping[str, Sequence[float]] | None = None, quantize: str | None = None,
-                 gathered: str | Iterable[str] = GATHERED) -> None:
+                 gathered: str | Iterable[str] = GATHERED, fillers: bool = False) -> None:
         # The one place options are normalised; the planner reads only the normalised fields.
         for what, value in (("align", align), ("page", page)):
             if value is not None and (value <= 0 or value & (value - 1)):
@@ -129,6 +151,7 @@ class Layout:
         set_(self, "reorder", dict(reorder) if reorder is not None else None)
         set_(self, "quantize", quantize)
         set_(self, "gathered", _patterns("gathered", gathered))
+        set_(self, "fillers", bool(fillers))
 
     @property
     def row_page(self) -> int:
@@ -288,7 +311,10 @@ def plan(specs: Sequence[Spec], layout: Layout, metadata: Mapping[str, str] | No
         if int4_layout is None and any(scheme == "int4" for scheme, *_ in quantized.values()):
             raise LayoutOptionError("int4 weights need the int4 layout of the torch that packs them")
         meta[QUANT_KEY] = quant_document(quantized, int4_layout)
-    laid = _place(records, layout.align)
+    # A file whose stored shapes are not the model's is read by sparsemap only (see RESHAPED_FORMAT): its
+    # row records start on pages whatever their sizes, gaps filled.
+    reshaped = any(r.kind in RESHAPED_KINDS for r in records)
+    laid = (_place_with_fillers if layout.fillers or reshaped else _place)(records, layout.align)
     _check_stored_names(laid, views, quantized)
     header, data_start = _header(laid, views, layout, meta)
     # What a reader lists: a weight kept quantized as the F32 it dequantizes to, the rest after the cast.
@@ -471,7 +497,7 @@ def _tied_view(s: Spec, first: Spec, first_view: LayoutView | None) -> LayoutVie
     return LayoutView(first.name, "alias", 0, s.shape, contiguous_strides(s.shape))
 
 
-def _place(records: list[Record], align: int) -> list[Record]:
+def _place_with_fillers(records: list[Record], align: int) -> list[Record]:
     """Records with their offsets: each starts on an ``align`` boundary; gaps become padding tensors."""
     laid: list[Record] = []
     cursor = 0
@@ -485,11 +511,81 @@ def _place(records: list[Record], align: int) -> list[Record]:
     return laid
 
 
+# Gaps are filled by subset sums over bitsets of gap + 1 bits, one per candidate tensor: cheap up to 64 KiB
+# pages; wider gaps (2 MiB huge pages) are left for Layout(fillers=True).
+MAX_FILLED_GAP = 64 << 10
+
+
+def _place(records: list[Record], align: int) -> list[Record]:
+    """Records with their offsets, tiling the data section with no gap and no filler (safetensors requires
+    the data to tile): tensors of whole pages first (each then starts on a page, the data section being
+    aligned by the header's padding), then the others from the largest, each gap before one filled with
+    small tensors whose sizes add up to it exactly, the remaining small tensors last. Every tensor starts
+    on a multiple of its element size when the sizes allow it (largest elements first)."""
+    whole = [r for r in records if r.nbytes and r.nbytes % align == 0]
+    rest = [r for r in records if not (r.nbytes and r.nbytes % align == 0)]
+    by_element = sorted(rest, key=lambda r: (-ITEMSIZE[r.dtype], -r.nbytes))  # stable: file order in ties
+    large = [r for r in by_element if r.nbytes >= align]
+    small = [r for r in by_element if r.nbytes < align]
+    laid: list[Record] = []
+    cursor = 0
+
+    def put(r: Record) -> None:
+        nonlocal cursor
+        laid.append(replace(r, offset=cursor))
+        cursor += r.nbytes
+
+    for r in whole:
+        put(r)
+    for r in large:
+        gap = -cursor % align
+        if gap:
+            for f in _fill(small, gap, cursor):
+                small.remove(f)
+                put(f)
+        put(r)
+    while small:  # largest elements first; a gap before one that would start off its element size is
+        r = small.pop(0)  # filled with smaller-element tensors when some add up to it
+        misaligned = -cursor % ITEMSIZE[r.dtype]
+        if misaligned and r.nbytes:
+            for f in _fill([x for x in small if ITEMSIZE[x.dtype] < ITEMSIZE[r.dtype]], misaligned, cursor):
+                small.remove(f)
+                put(f)
+        put(r)
+    return laid
+
+
+def _fill(small: list[Record], gap: int, cursor: int) -> list[Record]:
+    """Small records whose sizes add up to ``gap`` exactly, each able to start on a multiple of its element
+    size from ``cursor`` (largest elements first), or ``[]`` when none do."""
+    if gap > MAX_FILLED_GAP:
+        return []
+    candidates = [r for r in small if 0 < r.nbytes <= gap and cursor % ITEMSIZE[r.dtype] == 0]
+    full = (1 << (gap + 1)) - 1
+    reach = [1]  # reach[i]: bit t set when some of the first i candidates add up to t bytes
+    for r in candidates:
+        reach.append((reach[-1] | reach[-1] << r.nbytes) & full)
+    if not reach[-1] >> gap & 1:
+        return []
+    chosen = []
+    for i in range(len(candidates), 0, -1):  # walk back: take candidate i - 1 when needed to reach the rest
+        if not reach[i - 1] >> gap & 1:
+            chosen.append(candidates[i - 1])
+            gap -= candidates[i - 1].nbytes
+    return sorted(chosen, key=lambda r: -ITEMSIZE[r.dtype])
+
+
 def _header(laid: list[Record], views: dict[str, LayoutView], layout: Layout,
             metadata: Mapping[str, str] | None) -> tuple[bytes, int]:
     """``(header, data start)``: the header padded with spaces (allowed by the format) to align the data."""
     meta = dict(metadata or {})
     meta.setdefault("format", "pt")
+    if any(r.kind in RESHAPED_KINDS for r in laid):
+        # Stored shapes differ from the model's: loaders that check the format (accelerate, transformers
+        # before 5) refuse the file rather than load it wrong.
+        meta["format"] = RESHAPED_FORMAT
+    elif meta["format"] == RESHAPED_FORMAT:  # metadata kept from a reshaped source: this file is plain
+        meta["format"] = "pt"
     if views or any(r.kind == "pad" for r in laid) or layout.align > 1:
         meta[LAYOUT_KEY] = layout.document(views).to_json()
     doc: dict[str, object] = {"__metadata__": meta}

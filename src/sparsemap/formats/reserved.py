@@ -2,8 +2,8 @@
 
 A file written by the layout compiler carries its layout as a JSON document
 under ``__metadata__[LAYOUT_KEY]`` (read by :mod:`sparsemap.formats.layout`),
-stores tensors in a special layout under a suffixed name, and may fill
-alignment gaps with padding tensors. Source tensors may not use these names.
+stores tensors in a special layout under a suffixed name, and fills
+alignment gaps with padding tensors when asked to. Source tensors may not use these names.
 The constants live apart from the layout reader so that the safetensors reader
 can tell a laid-out file by its metadata without importing that reader.
 """
@@ -20,6 +20,17 @@ QUANT_MARKS = ("@int4", "@int8")
 # Source names sparsemap keeps for itself: its whole ``__sparsemap`` namespace (padding tensors are one
 # part of it), and the safetensors header's own key, which a tensor of that name would overwrite.
 RESERVED_PREFIX = "__sparsemap"
+# A file some of whose stored tensors have other shapes than the model's (padded rows, transposes, bundles,
+# quantized parts) says so in ``__metadata__["format"]``: loaders that check it (accelerate, transformers
+# before 5) refuse such a file instead of loading it wrong. In a folder it is named WEIGHTS_NAME, which
+# Hugging Face loaders do not look for.
+RESHAPED_FORMAT = "sparsemap"
+RESHAPED_KINDS = ("rows", "transpose", "bundle", "quant")
+WEIGHTS_NAME = "model.sparsemap.safetensors"
+# The weight files transformers, sentence-transformers and accelerate take for a folder's model.
+# (case-insensitive: so are some filesystems; variants such as model.fp16.safetensors included)
+HF_WEIGHT_FILE = (r"(?ai)(model|pytorch_model|diffusion_pytorch_model)(\.[\w-]+)?(-\d+-of-\d+)?"
+                  r"\.(safetensors|bin)")
 HEADER_KEYS = ("__metadata__",)
 
 

@@ -35,6 +35,7 @@ from ..errors import (
     UnknownDtypeError,
 )
 from .catalog import Catalog, FileStamp, TensorEntry
+from .source import open_regular
 
 MAGIC = 0x67676D66
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -140,7 +141,7 @@ def _check_complete(header: dict[str, int], entries: dict[str, TensorEntry], pat
 
 def open_rwkvcpp(path: str, stamp: FileStamp) -> Catalog:
     """Index an rwkv.cpp model file's tensors; read no tensor data."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         header, entries = validate(f, os.fstat(f.fileno()).st_size, path)
     metadata = {f"rwkv_cpp.{k}": str(v) for k, v in header.items()}
     return Catalog(source=path, format="rwkv-cpp", entries={e.name: e for e in entries}, metadata=metadata,

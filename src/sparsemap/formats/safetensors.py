@@ -37,6 +37,7 @@ from ..errors import (
 from .catalog import Catalog, FileStamp, TensorEntry, check_name, fits_int64
 from .dtypes import ITEMSIZE
 from .reserved import LAYOUT_KEY, QUANT_KEY
+from .source import open_regular
 
 # The reference implementation refuses headers over 100 MB; a header that big
 # would already be a denial of service for json.loads.
@@ -51,7 +52,7 @@ METADATA_KEY = "__metadata__"
 
 def read_header(path: str) -> tuple[bytes, int]:
     """Return ``(header bytes, file size)``, checking only what reading them needs."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         file_nbytes = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if len(prefix) < 8:

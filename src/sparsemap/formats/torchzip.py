@@ -83,7 +83,7 @@ from ..errors import (
 )
 from .catalog import Catalog, FileStamp, TensorEntry, check_name, contiguous_strides, repeated_stride
 from .dtypes import FROM_TORCH_NAME, ITEMSIZE
-from .source import LEGACY_HINT, PICKLE_PROTOS, ZIP_MAGIC
+from .source import LEGACY_HINT, PICKLE_PROTOS, ZIP_MAGIC, open_regular
 
 # Legacy typed-storage classes name the element type.
 STORAGE_DTYPES: dict[str, str] = {
@@ -675,7 +675,7 @@ def open_torch_zip(path: str, stamp: FileStamp) -> Catalog:
 
     ``stamp`` is the file's version when opened (recorded in the catalog).
     """
-    with open(path, "rb") as raw:
+    with open_regular(path) as raw:
         magic = raw.read(4)
         if magic.startswith(PICKLE_PROTOS):
             raise LegacyPickleError(f"a legacy (pre-1.6, non-zip) torch pickle; {LEGACY_HINT}", path=path)

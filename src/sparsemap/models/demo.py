@@ -1,16 +1,16 @@
-"""The demo's comparisons: a real model through sparsemap next to the usual way, each in a fresh process.
+"""The MiniLM demo (``sparsemap demo --model minilm``): sentence embeddings through sparsemap next to
+sentence-transformers, each in a fresh process.
 
-:func:`compare_smollm2` answers one prompt three ways (sparsemap's lean
-engine, sparsemap loading into transformers' model, transformers' own GGUF
-loading); :func:`compare_minilm` embeds sentences two ways (sparsemap,
-sentence-transformers). Each way runs in its own interpreter so that every
-one pays for its own imports and none inherits another's pages. Both return
-a :class:`DemoResult`: the children's reports, the text ``sparsemap demo``
-prints, and whether the ways agreed.
+:func:`compare_minilm` embeds sentences both ways; each runs in its own
+interpreter so that every one pays for its own imports and none inherits
+another's pages. It returns a :class:`DemoResult`: the children's reports, the
+text ``sparsemap demo`` prints, and whether the embeddings agreed. The analysis
+(:func:`minilm_result`) takes the reports as plain dicts, so it is checked on
+reports written by hand without running a model. No torch here: the children
+import it.
 
-The analysis (:func:`smollm2_result`, :func:`minilm_result`) takes the
-reports as plain dicts, so it is checked on reports written by hand without
-running a model. No torch here: the children import it.
+The main demo (SmolLM2 inside a memory limit, RWKV sparse, a picture) measures
+its children from outside, in memory cgroups: :mod:`sparsemap.bench.demo`.
 """
 
 from __future__ import annotations
@@ -20,25 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import generate
-
-# Label -> the way `python -m sparsemap.models.generate` runs it. Order matters: the table's columns,
-# and the last is the reference the ratios divide by (the usual way to load this model).
-SMOLLM2_WAYS = {"sparsemap (lean)": "sparsemap-lean",
-                "sparsemap + transformers model": "sparsemap-transformers",
-                "transformers (GGUF)": "transformers"}
 MINILM_WAYS = ("sparsemap", "sentence-transformers")  # ours, then the reference
-# How the ratio caption names a reference, where a label alone would read badly.
-_REFERENCE_NAMES = {"transformers (GGUF)": "transformers' GGUF loading"}
-
-# The comparison table's rows: (title, key of generate.figures(), format, show the ratio to the reference).
-# A title with "MiB" shows bytes in MiB. Ratios of a difference (weights added) or of a speed read badly.
-_SMOLLM2_ROWS = (("load: tokenizer + weights, s", "load_s", "{:.2f}", True),
-                 ("first token, s after loading began", "first_token_s", "{:.2f}", True),
-                 ("weights: anonymous MiB added", "weights_anon", "{:+.1f}", False),
-                 ("peak anonymous MiB (whole run)", "peak_anon", "{:.0f}", True),
-                 ("peak RSS MiB (whole run)", "peak_rss", "{:.0f}", True),
-                 ("tokens/s after the first", "tokens_per_s", "{:.1f}", False))
 
 Say = Callable[[str], None]
 
@@ -47,104 +29,13 @@ Say = Callable[[str], None]
 class DemoResult:
     """One demo: each way's report, the text to show after the runs, and whether the ways agreed."""
 
-    runs: dict[str, dict[str, Any]]  # label -> the child's report, in the order the ways ran
-    text: str  # answers (or embeddings) with their phase tables, the comparison, the verdict
-    same: bool  # smollm2: every way generated the same tokens; minilm: embeddings within the tolerance
+    runs: dict[str, dict[str, Any]]  # way -> the child's report, in the order the ways ran
+    text: str  # the phase tables, loading side by side, the verdict
+    same: bool  # the embeddings agree within the tolerance
 
 
 def _quiet(_line: str) -> None:
     pass
-
-
-# ---------------------------------------------------------------- SmolLM2: one prompt, three ways
-
-def compare_smollm2(prompt: str, max_new_tokens: int, *, on_intro: Say | None = None,
-                    on_progress: Say | None = None) -> DemoResult:
-    """Answer ``prompt`` with SmolLM2-135M-Instruct each way of :data:`SMOLLM2_WAYS`, in fresh processes.
-
-    The first call fetches the GGUF and converts it (cached after). sparsemap
-    loads the converted folder, transformers the GGUF itself.
-
-    Args:
-        prompt: the user's message (each way wraps it in the chat template).
-        max_new_tokens: tokens to generate at most, per way.
-        on_intro: called once, before the runs, with which files each way loads and the prompt.
-        on_progress: called with a line as each way starts (a run takes seconds to a minute).
-
-    Returns:
-        The reports, the text (see :func:`smollm2_result`) and whether all ways gave the same tokens.
-
-    Raises:
-        RuntimeError: a child failed (its stderr's tail is in the message).
-
-    Example:
-        >>> result = compare_smollm2("Name three planets.", 20, on_progress=print)  # doctest: +SKIP
-        >>> print(result.text); assert result.same
-    """
-    from . import smollm2
-
-    folder = smollm2.prepare()
-    gguf = smollm2.gguf_path(quiet=True)
-    (on_intro or _quiet)(f"model: SmolLM2-135M-Instruct; sparsemap loads {folder}, "
-                         f"transformers loads {gguf.name}\nprompt: {prompt}")
-    runs = {}
-    for label, way in SMOLLM2_WAYS.items():
-        (on_progress or _quiet)(f"running {label} in a fresh process ...")
-        model = gguf if way == "transformers" else folder
-        runs[label] = generate.run_child(way, str(model), prompt, max_new_tokens)
-    return smollm2_result(runs)
-
-
-def smollm2_result(runs: dict[str, dict[str, Any]]) -> DemoResult:
-    """The demo's analysis of answer reports (:func:`~sparsemap.models.generate.answer`'s, one per way).
-
-    The text holds each way's answer and memory-by-phase table, then one table
-    comparing load time, time to first token, memory and speed, with each
-    figure's ratio to the last way's (the reference), then whether every way
-    generated the same tokens (greedy decoding of the same weights should).
-
-    Raises:
-        ValueError: fewer than two reports: nothing to compare.
-    """
-    if len(runs) < 2:
-        raise ValueError(f"a comparison needs at least two runs, got {len(runs)}: {list(runs)}")
-    labels = list(runs)
-    parts = []
-    for label, r in runs.items():
-        parts.append(f"\n{label} answers: {r['answer'].strip()}")
-        parts.append(r["table"].replace("memory by phase", f"{label}: memory by phase"))
-    parts.append(f"\n(ratios: against {_REFERENCE_NAMES.get(labels[-1], labels[-1])})")
-    parts += _comparison_lines({label: generate.figures(r) for label, r in runs.items()})
-    reference_tokens = runs[labels[-1]]["tokens"]
-    same = all(r["tokens"] == reference_tokens for r in runs.values())
-    everyone = {2: "both", 3: "all three"}.get(len(runs), f"all {len(runs)}")
-    torch_phase = next(p for p in runs[labels[0]]["tracker"]["phases"] if p["name"] == "import torch")
-    parts.append(f"\nsame tokens from {everyone}: {'yes' if same else 'NO'}. "
-                 f"`import torch` alone costs {torch_phase['after']['anon'] / 2**20:.0f} "
-                 "MiB anonymous in every process.")
-    return DemoResult(runs=runs, text="\n".join(parts), same=same)
-
-
-def _comparison_lines(figs: dict[str, dict[str, float]]) -> list[str]:
-    """The comparison table, one line per figure: title left, one right-aligned column per way."""
-    labels = list(figs)
-    ref = figs[labels[-1]]
-
-    def row(title: str, key: str, fmt: str, ratio: bool) -> tuple[str, ...]:
-        scale = 2**20 if "MiB" in title else 1
-        cells = []
-        for label in labels:
-            cell = fmt.format(figs[label][key] / scale)
-            # A zero reference has no meaningful ratio; a real run never measures one, hand-made data might.
-            if ratio and label != labels[-1] and ref[key]:
-                cell += f" ({figs[label][key] / ref[key]:.2f}x)"
-            cells.append(cell)
-        return (title, *cells)
-
-    rows = [("", *labels), *(row(*spec) for spec in _SMOLLM2_ROWS)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join([r[0].ljust(widths[0])] + [c.rjust(widths[i + 1]) for i, c in enumerate(r[1:])])
-            for r in rows]
 
 
 # ---------------------------------------------------------------- MiniLM: sentence embeddings, two ways

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInputError
+from ..extras import require
 
 # sentence-transformers' pooling modes, in the order it concatenates them.
 POOLING_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens", "lasttoken")
@@ -128,6 +129,7 @@ class Embedder:
     """
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
+        require("transformers", needed_for="embedding texts")
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         from .hf import from_pretrained

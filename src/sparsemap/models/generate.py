@@ -16,22 +16,25 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .. import memory
 from ..errors import BadInputError, SourceNotFoundError
-from ..formats.source import ModelSource, resolve_source
+from ..formats.source import ModelSource, reads_as_repo_id, resolve_source
+from .gguf_hf import gguf_tokenizer
 from .rwkv_config import detect_version, pytorch_view, shape_of
+from .sampling import Sampling
 
 # Names sparsemap knows -> the folder's form: its GGUF's blocks kept quantized, or dequantized to float32.
 ALIASES = {"smollm2": "quantized", "smollm2-135m-instruct": "quantized", "smollm2-f32": "float32"}
 
 
 def resolve_model(model: str | Path | ModelSource) -> ModelSource:
-    """What a model argument holds: a path, or the name of a model sparsemap knows (fetched and
-    converted on first use). No torch.
+    """What a model argument holds: a path, the name of a model sparsemap knows (fetched and
+    converted on first use), or a Hugging Face repo id found in the local cache. No torch.
 
     Raises:
         SourceNotFoundError: no such path and no such name.
@@ -43,7 +46,7 @@ def resolve_model(model: str | Path | ModelSource) -> ModelSource:
         from . import smollm2
 
         return resolve_source(smollm2.prepare_quantized() if form == "quantized" else smollm2.prepare())
-    if not Path(model).exists():
+    if not Path(model).exists() and not ("/" in str(model) and reads_as_repo_id(str(model))):
         raise SourceNotFoundError(f"no such model file or folder (known names: {', '.join(sorted(ALIASES))})",
                                   path=Path(model))
     return resolve_source(model)
@@ -57,6 +60,8 @@ def check_model(source: ModelSource) -> None:
     catalog = open_catalog(source)  # the weights: missing shards, malformed files, not a checkpoint at all
     if source.is_gguf:
         architecture(catalog)  # transformers must map the architecture (names are mapped at load)
+    elif source.format == "llama2c":
+        pass  # its header is its config, checked when the file was opened
     elif detect_version(catalog) is not None:
         shape_of(pytorch_view(catalog))  # RWKV: version, every tensor and shape, no compute
     elif source.config is None:
@@ -86,6 +91,9 @@ def _refuse_encoders(config_path: str) -> None:
 
 def load_tokenizer(source: ModelSource) -> Any:
     """transformers' tokenizer of the model: from the folder, or built from a GGUF's header."""
+    from ..extras import require
+
+    require("transformers", needed_for="the transformers engine")
     from transformers import AutoTokenizer
 
     try:
@@ -97,46 +105,67 @@ def load_tokenizer(source: ModelSource) -> Any:
                             f"{str(e).splitlines()[0][:200]})", path=source.folder) from None
 
 
-def gguf_tokenizer(source: ModelSource) -> Any:
-    """transformers' tokenizer of a GGUF file, converted from its header once and kept in the cache
-    (``tokenizers/<file>-<hash of path, size, mtime>``): the conversion takes seconds (16 s for Gemma 3's
-    262k vocabulary), loading the saved ``tokenizer.json`` a fraction of one. The header's
-    ``tokenizer.chat_template``, which transformers' conversion leaves out, is kept with it."""
-    import hashlib
-    import shutil
-    import tempfile
+def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    """The chat turns of a prompt: the system message (when there is one), then the user's."""
+    system_turn = [{"role": "system", "content": system}] if system is not None else []
+    return [*system_turn, {"role": "user", "content": prompt}]
 
-    import transformers
-    from transformers import AutoTokenizer
 
-    from ..formats.catalog import FileStamp
-    from ..formats.dispatch import open_catalog
-    from .assets import cache_dir
+class AnswerText:
+    r"""The answer's text as its tokens arrive: what may be shown yet, and where a stop string ends it.
 
-    weights = Path(source.weights)
-    stamp = FileStamp.of(str(weights))
-    # transformers' version too: a newer conversion is not served a stale tokenizer.json.
-    identity = f"{weights.resolve()}|{stamp.size}|{stamp.mtime_ns}|{transformers.__version__}"
-    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
-    folder = cache_dir() / "tokenizers" / f"{weights.stem}-{key}"
-    if (folder / ".complete").is_file():
-        return AutoTokenizer.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=weights.name)
-    template = open_catalog(source).metadata.get("tokenizer.chat_template")
-    if template and not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = template
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
-        tokenizer.save_pretrained(tmp)
-        (Path(tmp) / ".complete").write_text(str(weights.resolve()) + "\n")
-        if folder.exists() and not (folder / ".complete").is_file():  # an interrupted earlier attempt
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.replace(tmp, folder)
-            os.makedirs(tmp)  # for the context manager to remove
-        except OSError:  # another process put its copy in place first: keep it, drop ours
-            pass
-    return tokenizer
+    Text that could still grow into a stop string is held back, so a stop string is never shown, even in
+    part; a partial UTF-8 character (``\ufffd`` at the end) is held back too.
+
+    Example:
+        >>> pieces = ["Hel", "lo", "\n", "\nBye"]
+        >>> text = AnswerText(lambda ids: "".join(pieces[i] for i in ids), stop=("\n\n",), echo=print)
+        >>> [text.add([0, 1, 2, 3][:n]) for n in range(1, 5)]
+        Hel
+        lo
+        [False, False, False, True]
+        >>> text.final
+        'Hello'
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], *, stop: tuple[str, ...] = (),
+                 echo: Callable[[str], None] | None = None) -> None:
+        self.decode = decode  # the text of new tokens
+        self.stop = stop
+        self.echo = echo
+        self.shown = ""
+        self.final: str | None = None  # set when a stop string appeared: the text before it
+        self.stopped_by: str | None = None
+
+    def add(self, tokens: list[int]) -> bool:
+        """Take the text of the new ``tokens`` so far; true when it holds a stop string (stop here)."""
+        text = self.decode(tokens)
+        found = [(text.find(s), s) for s in self.stop if s in text]
+        if found:
+            at, self.stopped_by = min(found)
+            self.final = text[:at]
+            self._show(self.final)
+            return True
+        if text.endswith("\ufffd"):  # whole characters only
+            return False
+        # The longest tail of the text that begins some stop string waits for the next token.
+        hold = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        self._show(text[:len(text) - hold])
+        return False
+
+    def finish(self, tokens: list[int]) -> str:
+        """The answer of all new ``tokens`` (up to its stop string, if one appeared); shows what was held."""
+        if self.final is not None:
+            return self.final
+        text = self.decode(tokens)
+        self._show(text)
+        return text
+
+    def _show(self, text: str) -> None:
+        # Decoding more tokens may rewrite earlier text (a merged space): show only what extends the shown.
+        if self.echo is not None and text.startswith(self.shown) and len(text) > len(self.shown):
+            self.echo(text[len(self.shown):])
+            self.shown = text
 
 
 class TransformersEngine:
@@ -148,6 +177,9 @@ class TransformersEngine:
         self.load_model = load_model
 
     def import_libraries(self) -> None:
+        from ..extras import require
+
+        require("transformers", needed_for="the transformers engine (--engine lean needs only tokenizers)")
         # transformers imports lazily: name the classes so their modules load here.
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
@@ -157,44 +189,135 @@ class TransformersEngine:
     def has_chat(self, tokenizer: Any) -> bool:
         return bool(getattr(tokenizer, "chat_template", None))
 
-    def prompt_ids(self, tokenizer: Any, prompt: str, raw: bool = False) -> list[int]:
+    def prompt_ids(self, tokenizer: Any, prompt: str, raw: bool = False,
+                   system: str | None = None) -> list[int]:
         if raw:
             return list(tokenizer(prompt)["input_ids"])
+        return self.messages_ids(tokenizer, chat_messages(prompt, system))
+
+    def messages_ids(self, tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+        """The ids of a conversation (``[{"role": ..., "content": ...}, ...]``) rendered by the chat
+        template, ready for the assistant's next turn."""
         if not self.has_chat(tokenizer):
             raise BadInputError("the tokenizer has no chat template: complete the prompt as raw text "
                                 "instead (--raw)", path=getattr(tokenizer, "name_or_path", None) or None)
-        messages = [{"role": "user", "content": prompt}]
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        from jinja2 import TemplateError
+
+        try:
+            out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        except TemplateError as e:  # raise_exception() in the template: e.g. no system role
+            raise BadInputError(f"chat template refused the prompt: {e}") from None
         return list(out["input_ids"])
 
-    def generate(self, model: Any, ids: list[int], max_new_tokens: int, temperature: float,
-                 on_token: Callable[[int], None]) -> list[int]:
+    def generate(self, model: Any, ids: list[int], max_new_tokens: int, sampling: Sampling,
+                 on_token: Callable[[int], bool | None]) -> list[int]:
         import torch
-        from transformers.generation.streamers import BaseStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList
 
-        class Tap(BaseStreamer):  # type: ignore[misc]
-            prompt_seen = False
+        class Tap(StoppingCriteria):  # type: ignore[misc]
+            """Hands each new token to ``on_token`` as soon as it is chosen; stops when told to."""
 
-            def put(self, value: Any) -> None:
-                if not self.prompt_seen:  # the first call carries the prompt
-                    self.prompt_seen = True
-                    return
-                for token in value.reshape(-1).tolist():
-                    on_token(int(token))
+            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+                stop = bool(on_token(int(input_ids[0, -1])))
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
-            def end(self) -> None:
-                pass
-
-        sampling = ({"do_sample": True, "temperature": temperature} if temperature > 0
-                    else {"do_sample": False})
+        sampling.seed_generator()
         with torch.inference_mode():
             out = model.generate(torch.tensor([ids]),
                                  attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=max_new_tokens, streamer=Tap(), **sampling)
+                                 max_new_tokens=max_new_tokens,
+                                 stopping_criteria=StoppingCriteriaList([Tap()]),
+                                 **sampling.transformers_kwargs())
         return list(out[0][len(ids):].tolist())
 
     def decode(self, tokenizer: Any, ids: list[int]) -> str:
         return str(tokenizer.decode(ids, skip_special_tokens=True))
+
+    def start(self, model: Any) -> TransformersState:
+        """An empty running sequence of ``model`` (a conversation's state between turns)."""
+        return TransformersState(model)
+
+
+class TransformersState:
+    """A running sequence of a transformers model: the ids fed so far and their ``DynamicCache``.
+
+    The same protocol as the lean engines' states (``feed``, ``truncate``, ``mark``): :meth:`truncate`
+    crops the cache. Two things a crop cannot do start the cache over instead, the ids kept re-fed with
+    the next :meth:`feed`: mend a forward cut short (Ctrl-C), which may leave some layers longer than
+    others, and cut back a sliding-window layer that has already dropped the tokens before its window.
+
+    Example:
+        >>> state = TransformersEngine(sparsemap_loader()).start(model)
+        >>> logits = state.feed([1, 2, 3, 4])    # (vocab,): what follows token 4
+        >>> state.truncate(2)
+        >>> logits = state.feed([5])             # the sequence is now [1, 2, 5]
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.ids: list[int] = []  # the sequence this state stands for
+        self.cache: Any = None  # holds ids[:done]
+        self.done = 0
+        self._restart()
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(model.config, "eos_token_id", None)
+        self.eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        self.processed = 0  # ids run through the model since the start, re-fed ones included
+        self._busy = False  # a forward began and did not finish
+
+    def _restart(self) -> None:
+        """An empty cache, made as ``generate`` makes it; every id kept waits for the next feed."""
+        from transformers import DynamicCache
+
+        try:  # transformers 5: each layer's kind (full or sliding window) from the config
+            self.cache = DynamicCache(config=self.model.config)
+        except TypeError:  # transformers 4: one kind
+            self.cache = DynamicCache()
+        self.done, self._busy = 0, False
+
+    def feed(self, ids: list[int]) -> Any:
+        """Run ``ids`` (after any ids waiting since :meth:`truncate`); the logits after the last, (vocab,).
+
+        Raises:
+            BadInputError: no ids.
+        """
+        import torch
+
+        if not ids:
+            raise BadInputError("nothing to feed: no ids")
+        if self._busy:
+            self._restart()
+        todo = self.ids[self.done:] + list(ids)
+        self._busy = True
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([todo]), past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        fed = self.ids + list(ids)
+        self.ids, self.done, self._busy = fed, len(fed), False
+        self.processed += len(todo)
+        return out.logits[0, -1]
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` ids (all of them when there are fewer): the cache is cropped to them."""
+        import torch
+
+        if n >= len(self.ids) and not self._busy:
+            return
+        n = min(n, len(self.ids))
+        if self._busy:
+            self._restart()
+        elif n < self.done:
+            try:
+                with torch.inference_mode():
+                    self.cache.crop(n - self.done)  # negative: tokens to drop (transformers 4 and 5 alike)
+                self.done = n
+            except (ValueError, RuntimeError):  # a sliding window past its size: what it dropped is gone
+                self._restart()
+        self.ids = self.ids[:n]
+
+    def mark(self) -> None:
+        """Nothing to do: the cache can be cropped to any length."""
 
 
 class LeanEngine:
@@ -222,15 +345,70 @@ class LeanEngine:
     def has_chat(self, tokenizer: Any) -> bool:
         return tokenizer.template is not None
 
-    def prompt_ids(self, tokenizer: Any, prompt: str, raw: bool = False) -> list[int]:
-        return list(tokenizer.raw_ids(prompt) if raw else tokenizer.prompt_ids(prompt))
+    def prompt_ids(self, tokenizer: Any, prompt: str, raw: bool = False,
+                   system: str | None = None) -> list[int]:
+        if raw:
+            return list(tokenizer.raw_ids(prompt))
+        if system is None or tokenizer.template is None:  # without a template, prompt_ids says what to do
+            return list(tokenizer.prompt_ids(prompt))
+        return self.messages_ids(tokenizer, chat_messages(prompt, system))
 
-    def generate(self, model: Any, ids: list[int], max_new_tokens: int, temperature: float,
-                 on_token: Callable[[int], None]) -> list[int]:
-        return list(model.generate(ids, max_new_tokens, temperature=temperature, on_token=on_token))
+    def messages_ids(self, tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+        """The ids of a conversation rendered by the chat template, ready for the assistant's next turn."""
+        if tokenizer.template is None:
+            raise BadInputError("the tokenizer has no chat template: complete the prompt as raw text "
+                                "instead (--raw)")
+        # ChatTokenizer.prompt_ids renders one user turn; a conversation goes through the same template.
+        text = tokenizer.template.render(messages=messages, add_generation_prompt=True, **tokenizer.special)
+        return list(tokenizer.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def generate(self, model: Any, ids: list[int], max_new_tokens: int, sampling: Sampling,
+                 on_token: Callable[[int], bool | None]) -> list[int]:
+        return list(model.generate(ids, max_new_tokens, sampling=sampling, on_token=on_token))
 
     def decode(self, tokenizer: Any, ids: list[int]) -> str:
         return str(tokenizer.decode(ids))
+
+    def start(self, model: Any) -> Any:
+        """An empty running sequence of ``model`` (:class:`~sparsemap.models.llama.LlamaState`)."""
+        return model.start()
+
+
+class Llama2cEngine(LeanEngine):
+    """The lean Llama for llama2.c files (:mod:`sparsemap.models.llama2c`), with ``run.c``'s tokenizer
+    (``tokenizer.bin``): raw completion, stopping at BOS as ``run.c`` does."""
+
+    libraries = "sparsemap.models.llama2c_tokenizer"
+
+    def import_libraries(self) -> None:
+        from . import llama2c_tokenizer  # noqa: F401
+
+    def load_tokenizer(self, source: ModelSource) -> Any:
+        from ..formats.dispatch import open_catalog
+        from ..formats.llama2c import header_of
+        from .llama2c_tokenizer import Llama2cTokenizer
+
+        if source.tokenizer is None:
+            raise SourceNotFoundError("no tokenizer.bin beside the model: pass its path with --tokenizer",
+                                      path=source.folder)
+        return Llama2cTokenizer.from_file(source.tokenizer, header_of(open_catalog(source)).vocab_size)
+
+    def load_model(self, source: ModelSource) -> Any:
+        from .llama2c import load
+
+        return load(source, dtype=self.dtype)
+
+    def has_chat(self, tokenizer: Any) -> bool:
+        return False  # llama2.c's models continue text
+
+    def prompt_ids(self, tokenizer: Any, prompt: str, raw: bool = False,
+                   system: str | None = None) -> list[int]:
+        if system is not None:
+            raise BadInputError("a llama2.c model continues text: a system message has no place")
+        return list(tokenizer.encode(prompt))
+
+    def messages_ids(self, tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+        raise BadInputError("a llama2.c model has no chat template: give the text to continue as a prompt")
 
 
 class RwkvEngine:
@@ -268,25 +446,43 @@ class RwkvEngine:
     def has_chat(self, tokenizer: Any) -> bool:
         return True  # the chat form RWKV models learn is plain text: every RWKV model takes it
 
-    def prompt_ids(self, tokenizer: Any, prompt: str, raw: bool = False) -> list[int]:
-        return list(tokenizer.encode(prompt if raw else f"User: {prompt}\n\nAssistant:"))
+    def prompt_ids(self, tokenizer: Any, prompt: str, raw: bool = False,
+                   system: str | None = None) -> list[int]:
+        if raw:
+            return list(tokenizer.encode(prompt))
+        return self.messages_ids(tokenizer, chat_messages(prompt, system))
 
-    def generate(self, model: Any, ids: list[int], max_new_tokens: int, temperature: float,
-                 on_token: Callable[[int], None]) -> list[int]:
-        return list(model.generate(ids, max_new_tokens, temperature=temperature, stop=(0,),
-                                   on_token=on_token))
+    def messages_ids(self, tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+        """The ids of a conversation in the plain-text form RWKV models learn (``User: ...\n\nAssistant:``),
+        ready for the assistant's next turn."""
+        names = {"system": "System", "user": "User", "assistant": "Assistant"}
+        turns = "".join(f"{names.get(m['role'], m['role'].title())}: {m['content']}\n\n" for m in messages)
+        return list(tokenizer.encode(turns + "Assistant:"))
+
+    def generate(self, model: Any, ids: list[int], max_new_tokens: int, sampling: Sampling,
+                 on_token: Callable[[int], bool | None]) -> list[int]:
+        return list(model.generate(ids, max_new_tokens, sampling=sampling, stop=(0,), on_token=on_token))
 
     def decode(self, tokenizer: Any, ids: list[int]) -> str:
         return str(tokenizer.decode(ids))
 
+    def start(self, model: Any) -> Any:
+        """An empty running sequence of ``model`` (:class:`~sparsemap.models.rwkv.RwkvState`)."""
+        return model.start()
+
 
 def pick_engine(model: str | Path | ModelSource, engine: str,
                 dtype: Any = None) -> TransformersEngine | LeanEngine | RwkvEngine:
-    """RWKV for RWKV checkpoints; ``lean`` for Llama folders with a tokenizer.json (``auto``), else
-    transformers."""
+    """RWKV for RWKV checkpoints; llama2.c's own for llama2.c files; ``lean`` for Llama folders with a
+    tokenizer.json (``auto``), else transformers."""
+    source = resolve_model(model)
+    if source.format == "llama2c":
+        if engine == "transformers":
+            raise BadInputError("a llama2.c checkpoint runs in the lean engine (its tokenizer.bin is not "
+                                "transformers'): drop --engine transformers", path=source.path)
+        return Llama2cEngine(dtype)
     if engine == "transformers":
         return TransformersEngine(sparsemap_loader(dtype))
-    source = resolve_model(model)
     # A Hugging Face folder has a config.json; an RWKV checkpoint has none: only then are its keys read.
     if source.config is None and not source.is_gguf and source.format != "sharded":
         from ..formats.dispatch import open_catalog
@@ -313,16 +509,81 @@ def _lean_refusal(source: ModelSource) -> str | None:
     return unsupported(read_config(source.config))
 
 
-def answer(engine: TransformersEngine | LeanEngine | RwkvEngine, model: str, prompt: str, *,
-           max_new_tokens: int = 64, temperature: float = 0.0, echo: Callable[[str], None] | None = None,
+def check_options(*, stop: tuple[str, ...], max_new_tokens: int, ctx_size: int | None) -> None:
+    """Refuse generation options out of range, naming the option and the value (``answer`` and a chat).
+
+    Example:
+        >>> check_options(stop=(), max_new_tokens=0, ctx_size=None)
+        Traceback (most recent call last):
+        ...
+        sparsemap.errors.BadInputError: max_new_tokens must be 1 or more, not 0
+    """
+    if any(s == "" for s in stop):
+        raise BadInputError("a stop string must not be empty")
+    if max_new_tokens < 1:
+        raise BadInputError(f"max_new_tokens must be 1 or more, not {max_new_tokens}")
+    if ctx_size is not None and ctx_size < 2:
+        raise BadInputError(f"ctx_size must be 2 or more (a prompt token and a new one), not {ctx_size}")
+
+
+def seeded(settings: Sampling) -> Sampling:
+    """``settings`` with a fresh random seed when they sample without one: reported, so a run can be
+    repeated."""
+    if settings.seed is None and not settings.greedy:
+        import secrets
+
+        return replace(settings, seed=secrets.randbits(32))
+    return settings
+
+
+def fit_context(prompt_tokens: int, max_new_tokens: int, ctx_size: int | None, *, what: str = "the prompt",
+                on_note: Callable[[str], None] | None = None) -> int:
+    """The new tokens a prompt of ``prompt_tokens`` may have within ``ctx_size`` (``None``: no limit), as
+    llama.cpp's ``llama-cli`` counts: ``max_new_tokens``, or the room left (``on_note`` hears of it).
+
+    Raises:
+        BadInputError: the prompt leaves no room; the message has the numbers (``what`` names the prompt).
+
+    Example:
+        >>> fit_context(10, 64, 16)
+        6
+    """
+    if ctx_size is None:
+        return max_new_tokens
+    if prompt_tokens >= ctx_size:
+        raise BadInputError(f"{what} is {prompt_tokens} tokens and the context {ctx_size}: no room "
+                            f"for an answer (a context of {prompt_tokens + max_new_tokens} fits it and "
+                            f"{max_new_tokens} new tokens)")
+    if prompt_tokens + max_new_tokens > ctx_size:
+        max_new_tokens = ctx_size - prompt_tokens
+        if on_note is not None:
+            on_note(f"({what} is {prompt_tokens} tokens and the context {ctx_size}: "
+                    f"at most {max_new_tokens} new tokens)")
+    return max_new_tokens
+
+
+def answer(engine: TransformersEngine | LeanEngine | RwkvEngine, model: str | Path | ModelSource,
+           prompt: str, *,
+           max_new_tokens: int = 64, sampling: Sampling | None = None, system: str | None = None,
+           ctx_size: int | None = None, stop: Sequence[str] = (), echo: Callable[[str], None] | None = None,
            tracker: memory.PhaseTracker | None = None, memory_limit: int | None = None,
            on_plan: Callable[[str], None] | None = None, raw: bool | None = None,
            on_note: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Load a model and answer ``prompt``; returns the answer and the measurements.
 
-    The prompt is the user's turn of the model's chat template; ``raw=True`` (or, when ``raw`` is
-    ``None``, a tokenizer without a chat template: a base model) continues it as plain text, and the
-    report says which (``"prompt_form"``); ``on_note`` hears of the fallback before generation starts.
+    The prompt is the user's turn of the model's chat template, after ``system`` (a system turn) when
+    given; ``raw=True`` (or, when ``raw`` is ``None``, a tokenizer without a chat template: a base model)
+    continues it as plain text, and the report says which (``"prompt_form"``); ``on_note`` hears of the
+    fallback before generation starts. A system message has no place in plain text: refused there.
+
+    Tokens are chosen by ``sampling``; ``None`` takes the model's own defaults
+    (:meth:`Sampling.for_model`: its ``generation_config.json``, else greedy). A draw without a seed
+    gets a fresh random one; the report's ``"sampling"`` holds the settings used, seed included, so a
+    run can be repeated. Generation ends at the end-of-text token, after ``max_new_tokens``, or where
+    the text holds one of the ``stop`` strings: the answer ends before it (``"stopped_by"``), and
+    ``echo`` never shows it. With ``ctx_size``, prompt and answer fit in that many tokens, as in
+    llama.cpp's ``llama-cli``: a prompt that leaves no room is refused with the numbers, and
+    ``max_new_tokens`` shrinks to the room left (``on_note`` hears of it).
 
     Phases: import torch, import the engine's libraries, tokenizer, weights,
     generate. ``first_token_s`` counts from the start of loading (tokenizer +
@@ -335,82 +596,98 @@ def answer(engine: TransformersEngine | LeanEngine | RwkvEngine, model: str, pro
     gets a ``budget`` entry: the plan and the process's own peak accounting.
 
     Raises:
+        BadInputError: an empty stop string, a system message for a plain-text prompt, a prompt with no
+            tokens or too long for ``ctx_size``; settings out of range (from :class:`Sampling`).
         BudgetError: the limit is below the runtime's baseline, or too small to stream the model in.
     """
-    tracker = tracker or memory.PhaseTracker()
+    stop = tuple(stop)
+    check_options(stop=stop, max_new_tokens=max_new_tokens, ctx_size=ctx_size)
+    if system is not None and raw:
+        raise BadInputError("a system message needs the chat template, and --raw continues the prompt as "
+                            "plain text: drop one of them")
     source = resolve_model(model)
     check_model(source)
-    with tracker.phase("import torch"):
-        import torch  # noqa: F401
-    with tracker.phase(f"import {engine.libraries}"):
-        engine.import_libraries()
-    load_start = time.perf_counter()
-    with tracker.phase("tokenizer"):
-        tokenizer = engine.load_tokenizer(source)
-    baseline = None
-    if memory_limit is not None:  # refuse an impossible limit before any weight is loaded
-        from ..budget import check_room
+    settings = seeded(sampling if sampling is not None else Sampling.for_model(source.generation_config))
+    tracker = tracker or memory.PhaseTracker()
+    try:  # its sampler process ends however this does (a refused prompt, Ctrl-C)
+        with tracker.phase("import torch"):
+            import torch  # noqa: F401
+        with tracker.phase(f"import {engine.libraries}"):
+            engine.import_libraries()
+        load_start = time.perf_counter()
+        with tracker.phase("tokenizer"):
+            tokenizer = engine.load_tokenizer(source)
+        # The prompt is checked before any weight is read: a refusal costs no load.
+        raw_text = raw if raw is not None else not engine.has_chat(tokenizer)
+        if system is not None and raw_text:
+            raise BadInputError("the tokenizer has no chat template, so a system message has no place: "
+                                "put it in the prompt instead", path=source.path)
+        if raw is None and raw_text and on_note is not None:
+            on_note("(the tokenizer has no chat template: the prompt is continued as plain text)")
+        ids = engine.prompt_ids(tokenizer, prompt, raw_text, system)
+        if not ids:
+            raise BadInputError("the prompt has no tokens (an empty prompt, and no start-of-text token)")
+        max_new_tokens = fit_context(len(ids), max_new_tokens, ctx_size, on_note=on_note)
+        baseline = None
+        if memory_limit is not None:  # refuse an impossible limit before any weight is loaded
+            from ..budget import check_room
 
-        snap = memory.Snapshot.take()
-        baseline = snap.anon + snap.file
-        check_room(memory_limit, baseline)
-    with tracker.phase("weights"):
-        lm = engine.load_model(source)
-    raw_text = raw if raw is not None else not engine.has_chat(tokenizer)
-    if raw is None and raw_text and on_note is not None:
-        on_note("(the tokenizer has no chat template: the prompt is continued as plain text)")
-    ids = engine.prompt_ids(tokenizer, prompt, raw_text)
-    budget = None
-    if memory_limit is not None:
-        from ..budget import Budget
+            snap = memory.Snapshot.take()
+            baseline = snap.anon + snap.file
+            check_room(memory_limit, baseline)
+        with tracker.phase("weights"):
+            lm = engine.load_model(source)
+        budget = None
+        if memory_limit is not None:
+            from ..budget import Budget
 
-        budget = Budget(lm, limit=memory_limit, baseline=baseline, max_tokens=len(ids) + max_new_tokens)
-        if on_plan is not None:
-            try:
-                on_plan(str(budget.plan))
-            except BaseException:
+            budget = Budget(lm, limit=memory_limit, baseline=baseline, max_tokens=len(ids) + max_new_tokens)
+            if on_plan is not None:
+                try:
+                    on_plan(str(budget.plan))
+                except BaseException:
+                    budget.remove()
+                    raise
+        new: list[int] = []
+        text = AnswerText(lambda tokens: engine.decode(tokenizer, tokens), stop=stop, echo=echo)
+        first_token_at: list[float] = []
+
+        def on_token(token: int) -> bool:
+            if not first_token_at:
+                first_token_at.append(time.perf_counter())
+            new.append(token)
+            return (echo is not None or bool(stop)) and text.add(new)  # no decoding when nobody reads it
+
+        try:
+            with tracker.phase("generate"):
+                tokens = engine.generate(lm, ids, max_new_tokens, settings, on_token)
+                end = time.perf_counter()
+            if budget is not None:
+                budget.sample(every_s=0)
+        finally:  # the model may live on (a caller's): its hooks go whatever happened
+            if budget is not None:
                 budget.remove()
-                raise
-    new: list[int] = []
-    shown = [""]
-    first_token_at: list[float] = []
-
-    def on_token(token: int) -> None:
-        if not first_token_at:
-            first_token_at.append(time.perf_counter())
-        new.append(token)
-        if echo is not None:
-            text = engine.decode(tokenizer, new)
-            if text.startswith(shown[0]) and not text.endswith("\ufffd"):  # whole characters only
-                echo(text[len(shown[0]):])
-                shown[0] = text
-
-    try:
-        with tracker.phase("generate"):
-            tokens = engine.generate(lm, ids, max_new_tokens, temperature, on_token)
-            end = time.perf_counter()
+        first = first_token_at[0] if first_token_at else end
+        decode_tokens = max(len(tokens) - 1, 0)
+        report = {
+            "model": source.path, "engine": type(engine).__name__, "prompt": prompt, "system": system,
+            "prompt_form": (("raw" if raw else "raw: the tokenizer has no chat template") if raw_text
+                            else "chat"),
+            "prompt_tokens": len(ids), "sampling": settings.to_dict(),
+            "answer": text.finish(tokens), "stop": list(stop), "stopped_by": text.stopped_by,
+            "tokens": tokens, "new_tokens": len(tokens),
+            "load_s": sum(p.seconds for p in tracker.phases if p.name in ("tokenizer", "weights")),
+            "first_token_s": first - load_start,
+            "tokens_per_s": decode_tokens / (end - first) if end > first and decode_tokens else 0.0,
+            "tracker": tracker.to_dict(), "table": tracker.table(),
+        }
         if budget is not None:
-            budget.sample(every_s=0)
-    finally:  # the model may live on (a caller's): its hooks go whatever happened
-        if budget is not None:
-            budget.remove()
-    first = first_token_at[0] if first_token_at else end
-    decode_tokens = max(len(tokens) - 1, 0)
-    report = {
-        "model": source.path, "engine": type(engine).__name__, "prompt": prompt,
-        "prompt_form": ("raw" if raw else "raw: the tokenizer has no chat template") if raw_text else "chat",
-        "answer": engine.decode(tokenizer, tokens), "tokens": tokens, "new_tokens": len(tokens),
-        "load_s": sum(p.seconds for p in tracker.phases if p.name in ("tokenizer", "weights")),
-        "first_token_s": first - load_start,
-        "tokens_per_s": decode_tokens / (end - first) if end > first and decode_tokens else 0.0,
-        "tracker": tracker.to_dict(), "table": tracker.table(),
-    }
-    if budget is not None:
-        p = budget.plan
-        report["budget"] = {"limit": p.limit, "baseline": p.baseline, "planned": p.planned_nbytes,
-                            "resident": p.resident_nbytes, "streamed": p.streamed_nbytes,
-                            "own_peak": budget.own_peak, "plan": str(p)}
-    tracker.close()
+            p = budget.plan
+            report["budget"] = {"limit": p.limit, "baseline": p.baseline, "planned": p.planned_nbytes,
+                                "resident": p.resident_nbytes, "streamed": p.streamed_nbytes,
+                                "own_peak": budget.own_peak, "plan": str(p)}
+    finally:
+        tracker.close()
     return report
 
 
@@ -426,6 +703,9 @@ def sparsemap_loader(dtype: Any = None) -> Callable[[ModelSource], Any]:
 
 def transformers_gguf_loader(source: ModelSource) -> Any:
     """transformers' own loading of a GGUF file (dequantizes every tensor into memory)."""
+    from ..extras import require
+
+    require("transformers", needed_for="transformers' own GGUF loading")
     from transformers import AutoModelForCausalLM
 
     if not source.is_gguf:
@@ -443,12 +723,31 @@ def run_child(way: str, model: str, prompt: str, max_new_tokens: int) -> dict[st
     proc = subprocess.run([sys.executable, "-m", "sparsemap.models.generate", way, model, prompt,
                            str(max_new_tokens)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"{way} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        tail = without_events(proc.stderr)[-3000:]
+        raise RuntimeError(f"{way} run failed (exit {proc.returncode}):\n{tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+# A child announces each phase on stderr as it begins: `sparsemap phase: {"name": ..., "at": monotonic}`.
+# A parent watching from outside marks the phases on its samples, even those of a child killed mid-phase.
+PHASE_EVENT = "sparsemap phase: "
+
+
+def phase_events(stderr: str) -> list[tuple[str, float]]:
+    """The ``(name, time.monotonic())`` of each phase a child began, in order, from its stderr."""
+    import json
+
+    return [(e["name"], float(e["at"])) for line in stderr.splitlines() if line.startswith(PHASE_EVENT)
+            for e in [json.loads(line[len(PHASE_EVENT):])]]
+
+
+def without_events(stderr: str) -> str:
+    """A child's stderr without its phase events: what to show when it failed."""
+    return "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith(PHASE_EVENT))
+
+
 def figures(report: dict[str, Any]) -> dict[str, float]:
-    """The numbers the demo and the benchmark compare, from one run's report."""
+    """The numbers `sparsemap run` and the benchmarks compare, from one run's report."""
     phases = {p["name"]: p for p in report["tracker"]["phases"]}
     names = [p["name"] for p in report["tracker"]["phases"]]
     before_weights = report["tracker"]["phases"][names.index("weights") - 1]["after"]
@@ -465,21 +764,60 @@ def figures(report: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def _announce(name: str, at: float) -> None:
+    import json
+
+    print(PHASE_EVENT + json.dumps({"name": name, "at": at}), file=sys.stderr, flush=True)
+
+
+class SparseRwkvEngine(RwkvEngine):
+    """RWKV with the sparse channel mix, counting the value rows each step multiplies (the demo's run)."""
+
+    def __init__(self) -> None:
+        super().__init__(sparse=True)
+        self.model: Any = None
+
+    def load_model(self, source: ModelSource) -> Any:
+        self.model = super().load_model(source)
+        self.model.count_active(True)
+        return self.model
+
+    def rows_read(self) -> dict[str, Any]:
+        """Value rows multiplied per step and layer: the prompt's step first (the rows any of its tokens
+        uses), then one step per token fed after it."""
+        counts = self.model.count_active(False)  # (layers, steps)
+        return {"ffn_size": self.model.shape.ffn_size, "layers": len(counts), "per_layer": counts}
+
+
 def _child_main(argv: list[str]) -> None:
     """``python -m sparsemap.models.generate WAY MODEL PROMPT MAX_NEW [MEMORY_LIMIT]``: one measured run,
-    JSON on the last line."""
+    JSON on the last line, each phase announced on stderr as it begins (:data:`PHASE_EVENT`).
+
+    WAY: ``transformers`` (transformers' own GGUF loading), ``sparsemap`` (the engine ``sparsemap run``
+    picks), ``sparsemap-lean``, ``sparsemap-transformers``, or ``rwkv-sparse`` (RWKV with the sparse
+    channel mix; the report gets ``rows_read``).
+    """
     import json
     import os
 
     way, model, prompt, max_new, *limit = argv
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tracker = memory.PhaseTracker()
+    tracker = memory.PhaseTracker(on_phase=_announce)
+    engine: TransformersEngine | LeanEngine | RwkvEngine
     if way == "transformers":
-        engine: TransformersEngine | LeanEngine = TransformersEngine(transformers_gguf_loader)
-    else:  # "sparsemap" (auto), "sparsemap-lean", "sparsemap-transformers"
+        engine = TransformersEngine(transformers_gguf_loader)
+    elif way == "sparsemap-lean":
+        # Not pick_engine: its checks import torch, which would then cost nothing in the "import torch"
+        # phase. The lean engine refuses what it cannot run when it loads.
+        engine = LeanEngine()
+    elif way == "rwkv-sparse":
+        engine = SparseRwkvEngine()
+    else:  # "sparsemap" (auto), "sparsemap-transformers"
         engine = pick_engine(model, {"sparsemap-transformers": "transformers"}.get(way, "auto"))
     report = answer(engine, model, prompt, max_new_tokens=int(max_new), tracker=tracker,
                     memory_limit=int(limit[0]) if limit else None)
+    if isinstance(engine, SparseRwkvEngine):
+        report["rows_read"] = engine.rows_read()
     print(json.dumps(report))
 
 

@@ -10,8 +10,11 @@ the same model, and each comes from a table someone else keeps:
   (transformers' ``get_gguf_hf_weights_map``, on a model with no weights);
 - the values, where llama.cpp's converter changed them: the rows of q and k
   within each head for Llama-family files (put back as a row ``order``, see
-  :func:`~sparsemap.models.gguf_llama.rotary_order`), and Gemma's norm weights,
+  :func:`rotary_order`), and Gemma's norm weights,
   which it stores as ``1 + w`` (given back with a ``shift`` of -1).
+
+The tokenizer is transformers' conversion of the header's vocabulary, done
+once and kept in the cache (:func:`gguf_tokenizer`).
 
 Quantized tensors stay quantized in the file: dequantized on access, or
 repacked with ``sparsemap convert --quantize keep``.
@@ -21,21 +24,39 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from ..errors import GGUFArchitectureError
 from ..formats.catalog import Catalog, TensorEntry
-from .gguf_llama import rotary_order
+from ..formats.source import ModelSource
 
 # llama.cpp architecture -> transformers model_type: the architectures transformers' GGUF loading knows
-# whose values need no transform beyond those below. Checked on real files against transformers' own
-# GGUF loading: llama (SmolLM2) and gemma3 (Gemma 3 270M), in tests/models/test_gguf_architectures.py;
-# the others use the same tables, unchecked here for want of a small published file.
+# whose values need no transform beyond those below. Checked in tests/models/test_gguf_architectures.py
+# on real files against transformers' own GGUF loading (llama: SmolLM2; gemma3: Gemma 3 270M), and every
+# one on files written from a transformers model the way llama.cpp's converter writes them.
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
                "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3"}
 logger = logging.getLogger("sparsemap")
 ROTARY_PERMUTED = ("llama", "mistral")  # llama.cpp interleaves q/k rotary halves for these
 NORM_PLUS_ONE = ("gemma2", "gemma3")  # llama.cpp stores Gemma's RMSNorm weights as 1 + w
+
+
+def rotary_order(n_rows: int, n_heads: int) -> tuple[int, ...]:
+    """``order[k]``: the transformers row stored at GGUF row ``k`` of a q or k projection.
+
+    Per head, llama.cpp interleaves the two rotary halves: GGUF row
+    ``h*D + 2*j + s`` holds transformers row ``h*D + s*(D/2) + j``.
+
+    Example:
+        >>> rotary_order(4, 1)
+        (0, 2, 1, 3)
+    """
+    if n_heads <= 0 or n_rows % (2 * n_heads):
+        raise GGUFArchitectureError(f"{n_rows} rows cannot split into {n_heads} heads of rotary pairs")
+    head_dim = n_rows // n_heads
+    half = head_dim // 2
+    return tuple(h * head_dim + s * half + j for h in range(n_heads) for j in range(half) for s in range(2))
 
 
 def architecture(catalog: Catalog) -> str:
@@ -99,7 +120,9 @@ def hf_catalog(catalog: Catalog, model: Any) -> Catalog:
 
     arch = architecture(catalog)
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
-    to_hf = get_gguf_hf_weights_map(model, processor)
+    # gguf's tables know Mistral files by what they are stored as: llama (transformers' own loading asks
+    # for "mistral" and fails with this gguf).
+    to_hf = get_gguf_hf_weights_map(model, processor, model_type="llama" if arch == "mistral" else None)
     config = model.config
     entries: dict[str, TensorEntry] = {}
     left_out = []
@@ -120,6 +143,48 @@ def hf_catalog(catalog: Catalog, model: Any) -> Catalog:
                     ", ".join(left_out[:8]))
     return Catalog(source=catalog.source, format=f"gguf:hf-{arch}", entries=entries,
                    metadata=dict(catalog.metadata), stamps=catalog.stamps)
+
+
+def gguf_tokenizer(source: ModelSource) -> Any:
+    """transformers' tokenizer of a GGUF file, converted from its header once and kept in the cache
+    (``tokenizers/<file>-<hash of path, size, mtime>``): the conversion takes seconds (16 s for Gemma 3's
+    262k vocabulary), loading the saved ``tokenizer.json`` a fraction of one. The header's
+    ``tokenizer.chat_template``, which transformers' conversion leaves out, is kept with it."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    from ..formats.catalog import FileStamp
+    from ..formats.dispatch import open_catalog
+    from .assets import cache_dir
+
+    weights = Path(source.weights)
+    stamp = FileStamp.of(str(weights))
+    # transformers' version too: a newer conversion is not served a stale tokenizer.json.
+    identity = f"{weights.resolve()}|{stamp.size}|{stamp.mtime_ns}|{transformers.__version__}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    folder = cache_dir() / "tokenizers" / f"{weights.stem}-{key}"
+    if (folder / ".complete").is_file():
+        return AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=weights.name)
+    template = open_catalog(source).metadata.get("tokenizer.chat_template")
+    if template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = template
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
+        tokenizer.save_pretrained(tmp)
+        (Path(tmp) / ".complete").write_text(str(weights.resolve()) + "\n")
+        if folder.exists() and not (folder / ".complete").is_file():  # an interrupted earlier attempt
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+            os.makedirs(tmp)  # for the context manager to remove
+        except OSError:  # another process put its copy in place first: keep it, drop ours
+            pass
+    return tokenizer
 
 
 def repacked(catalog: Catalog, model: Any) -> Catalog:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import BadInputError
 from ..formats.source import ModelSource, resolve_source
-from .sampling import next_token
+from .sampling import Sampler, Sampling, generate_from, resolve
 
 
 @dataclass(frozen=True)
@@ -253,22 +253,75 @@ class Llama(nn.Module):
             x = layer(x, cos, sin, caches[i] if caches is not None else None)
         return self.lm_head(self.model.norm(x[:, -1:, :]))[:, -1, :]
 
+    def start(self) -> LlamaState:
+        """An empty running sequence of this model: feed it ids, cut it back, feed more (a chat's turns)."""
+        return LlamaState(self)
+
     @torch.inference_mode()
-    def generate(self, ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
-                 on_token: Any = None) -> list[int]:
-        """Greedy (or sampled, ``temperature > 0``) continuation of ``ids``, with a KV cache."""
-        caches: list[list[torch.Tensor]] = [[] for _ in self.model.layers]
-        logits = self(torch.tensor([ids]), 0, caches)
-        out: list[int] = []
-        for step in range(max_new_tokens):
-            token = next_token(logits[0], temperature)
-            out.append(token)
-            if on_token is not None:
-                on_token(token)
-            if token in self.shape.eos_token_ids or step == max_new_tokens - 1:
-                break
-            logits = self(torch.tensor([[token]]), len(ids) + len(out) - 1, caches)
-        return out
+    def generate(self, ids: list[int], max_new_tokens: int, *, sampling: Sampling | None = None,
+                 temperature: float | None = None, on_token: Any = None) -> list[int]:
+        """Continuation of ``ids`` with a KV cache, tokens chosen by ``sampling`` (greedy by default;
+        ``temperature=`` is a shorthand for ``Sampling(temperature=...)``). ``on_token(token)`` hears each
+        token as it comes; a true answer stops the generation there."""
+        state = self.start()
+        logits = state.feed(ids)
+        return generate_from(state, logits, Sampler(resolve(sampling, temperature), ids), max_new_tokens,
+                             stop_ids=self.shape.eos_token_ids, on_token=on_token)
+
+
+class LlamaState:
+    """A running sequence of a :class:`Llama`: the ids fed so far and every layer's KV cache.
+
+    :meth:`truncate` cuts the caches back to any length, so a conversation whose next rendering shares
+    only a prefix with what was fed re-feeds from the first differing token, not from the start.
+
+    Example:
+        >>> state = load("./SmolLM2/").start()
+        >>> logits = state.feed([1, 2, 3, 4])    # (vocab,): what follows token 4
+        >>> state.truncate(2)
+        >>> logits = state.feed([5])             # the sequence is now [1, 2, 5]
+    """
+
+    def __init__(self, model: Llama) -> None:
+        self.model = model
+        self.ids: list[int] = []  # what the caches hold, in order
+        self.caches: list[list[torch.Tensor]] = [[] for _ in model.model.layers]  # per layer: [] or [k, v]
+        self.eos_ids = model.shape.eos_token_ids  # what ends an answer
+        self.processed = 0  # ids run through the model since the start, re-fed ones included
+        self._busy = False  # a feed began and did not finish (Ctrl-C): some layers may hold more than ids
+
+    @torch.inference_mode()
+    def feed(self, ids: list[int]) -> torch.Tensor:
+        """Run ``ids`` after those fed so far; the logits after the last of them, (vocab,).
+
+        Raises:
+            BadInputError: no ids.
+        """
+        if not ids:
+            raise BadInputError("nothing to feed: no ids")
+        if self._busy:
+            self.truncate(len(self.ids))
+        self._busy = True
+        logits = self.model(torch.tensor([ids]), len(self.ids), self.caches)  # (1, vocab)
+        self.ids = self.ids + list(ids)
+        self.processed += len(ids)
+        self._busy = False
+        return logits[0]
+
+    @torch.inference_mode()
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` ids fed (all of them when there are fewer); the caches drop the rest."""
+        n = min(n, len(self.ids))
+        if n == len(self.ids) and not self._busy:
+            return
+        for cache in self.caches:
+            if cache:  # (batch, kv_heads, tokens, head_dim) each: a view of the first n positions
+                cache[:] = [t[:, :, :n] for t in cache]
+        self.ids = self.ids[:n]
+        self._busy = False
+
+    def mark(self) -> None:
+        """Nothing to do: the caches can be cut back to any length (an RWKV state keeps a copy here)."""
 
 
 def load(source: str | os.PathLike[str] | ModelSource, dtype: torch.dtype | None = None) -> Llama:

@@ -16,6 +16,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from .. import memory
+from ..extras import require
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -76,6 +77,7 @@ def _child_reference(folder: str, tracker: memory.PhaseTracker) -> list[list[flo
     with tracker.phase("import torch"):
         import torch  # noqa: F401
     with tracker.phase("import transformers"):
+        require("sentence_transformers", needed_for="the MiniLM demo's reference")
         from sentence_transformers import SentenceTransformer
     with tracker.phase("tokenizer + weights"):
         model = SentenceTransformer(folder, device="cpu")

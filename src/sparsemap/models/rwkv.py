@@ -44,7 +44,7 @@ from .rwkv_config import (
     pytorch_view,
     shape_of,
 )
-from .sampling import next_token
+from .sampling import Sampler, Sampling, generate_from, resolve
 
 RWKV_CPP_V5_NORM_EPS = 1e-5  # rwkv.cpp's RWKV-5 output norm (its tiny 5.2 model's logits need it: tested)
 
@@ -399,22 +399,21 @@ class Rwkv(nn.Module):
             state[i] = [att_prev, att_state, ffn_prev]
         return self.ln_out(x[-1]), state
 
+    def start(self) -> RwkvState:
+        """An empty running sequence of this model: feed it ids, go back to a kept point, feed more."""
+        return RwkvState(self)
+
     @torch.inference_mode()
-    def generate(self, ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
-                 stop: tuple[int, ...] = (), on_token: Any = None) -> list[int]:
-        """Greedy (or sampled, ``temperature > 0``) continuation: the prompt in sequence mode, then one
-        token at a time."""
-        logits, state = self(ids)
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            token = next_token(logits, temperature)
-            out.append(token)
-            if on_token is not None:
-                on_token(token)
-            if token in stop or len(out) == max_new_tokens:
-                break
-            logits, state = self([token], state)
-        return out
+    def generate(self, ids: list[int], max_new_tokens: int, *, sampling: Sampling | None = None,
+                 temperature: float | None = None, stop: tuple[int, ...] = (),
+                 on_token: Any = None) -> list[int]:
+        """Continuation of ``ids``: the prompt in sequence mode, then one token at a time, chosen by
+        ``sampling`` (greedy by default; ``temperature=`` is a shorthand for ``Sampling(temperature=...)``).
+        ``on_token(token)`` hears each token as it comes; a true answer stops the generation there."""
+        state = self.start()
+        logits = state.feed(ids)
+        return generate_from(state, logits, Sampler(resolve(sampling, temperature), ids), max_new_tokens,
+                             stop_ids=stop, on_token=on_token)
 
     def count_active(self, on: bool = True) -> list[list[int]]:
         """Start (or stop) counting active FFN neurons per step; returns the counts so far, per layer.
@@ -459,6 +458,74 @@ class Rwkv(nn.Module):
 Rwkv7 = Rwkv  # the name the first version had
 
 
+class RwkvState:
+    """A running sequence of an :class:`Rwkv`: the ids fed so far and the recurrent state after them.
+
+    A recurrent state cannot be cut back: it holds every token mixed in. So :meth:`mark` keeps a copy of
+    it (the last :data:`MAX_MARKS` copies, one per conversation turn's prompt: a copy is the size of the
+    state, ``layers x (2 C + H N N)`` floats), and :meth:`truncate` goes back to the newest copy at or
+    before the length asked for, the ids between that copy and the length re-fed with the next
+    :meth:`feed` (from the start when no copy fits). A chat keeps a copy at the end of each turn's
+    prompt: the next turn's rendering, when it differs from what was fed, usually differs in the answer
+    (its text tokenized anew), after that point.
+
+    Example:
+        >>> state = load("model.pth").start()
+        >>> logits = state.feed([1, 2, 3]); state.mark()
+        >>> logits = state.feed([4, 5])
+        >>> state.truncate(4)              # back to the copy after [1, 2, 3]; 4 waits for the next feed
+        >>> logits = state.feed([6])       # runs [4, 6]: the sequence is now [1, 2, 3, 4, 6]
+    """
+
+    def __init__(self, model: Rwkv) -> None:
+        self.model = model
+        self.ids: list[int] = []  # the sequence this state stands for
+        self.layers = model.zero_state()  # after ids[:done]
+        self.done = 0  # ids[done:] were cut back to and wait for the next feed
+        self.marks: list[tuple[int, list[list[torch.Tensor]]]] = []  # (length, copy of layers), oldest first
+        self.eos_ids = (0,)  # the end-of-text token of RWKV's vocabularies
+        self.processed = 0  # ids run through the model since the start, re-fed ones included
+
+    def feed(self, ids: list[int]) -> torch.Tensor:
+        """Run ``ids`` (after any ids waiting since :meth:`truncate`); the logits after the last, (vocab,).
+
+        Raises:
+            BadInputError: no ids.
+        """
+        if not ids:
+            raise BadInputError("nothing to feed: no ids")
+        todo = self.ids[self.done:] + list(ids)
+        # The model writes the new state into the list it is given: a copy of the list (not of the
+        # tensors, never written in place), so a feed cut short (Ctrl-C) leaves this state as it was.
+        logits, layers = self.model(todo, [list(layer) for layer in self.layers])
+        fed = self.ids + list(ids)
+        self.layers, self.ids, self.done = layers, fed, len(fed)  # one statement: no Ctrl-C in between
+        self.processed += len(todo)
+        return logits
+
+    def mark(self) -> None:
+        """Keep a copy of the state here, for :meth:`truncate` to return to (the oldest copy beyond
+        :data:`MAX_MARKS` goes). Nothing to keep while ids wait to be re-fed."""
+        if self.done == len(self.ids) and not (self.marks and self.marks[-1][0] == self.done):
+            self.marks = [*self.marks[-(MAX_MARKS - 1):], (self.done, _copy(self.layers))]
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` ids (all of them when there are fewer): back to the newest kept copy at or
+        before ``n``, ids after it re-fed by the next :meth:`feed`."""
+        if n >= len(self.ids):
+            return
+        self.marks = [m for m in self.marks if m[0] <= n]
+        at, layers = self.marks[-1] if self.marks else (0, self.model.zero_state())
+        self.layers, self.ids, self.done = _copy(layers), self.ids[:n], at
+
+
+MAX_MARKS = 4  # copies of the state an RwkvState keeps: the turns a chat can go back over without re-feeding
+
+
+def _copy(layers: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    return [[t.clone() for t in layer] for layer in layers]
+
+
 def load(source: str | os.PathLike[str] | Catalog, *, sparse: bool = False) -> Rwkv:
     """An RWKV-7 or RWKV-6 model with its weights mapped from ``source`` (a ``.pth``, a safetensors file,
     rwkv.cpp's ``.bin``...).
@@ -484,5 +551,5 @@ def load(source: str | os.PathLike[str] | Catalog, *, sparse: bool = False) -> R
 
 
 __all__ = ["ChannelMix", "ChannelMix5", "ChannelMix6", "ChannelMix7", "Rwkv", "Rwkv4Shape", "Rwkv5Shape",
-           "Rwkv6Shape", "Rwkv7", "Rwkv7Shape", "TimeMix4", "TimeMix5", "TimeMix6", "TimeMix7",
+           "Rwkv6Shape", "Rwkv7", "Rwkv7Shape", "RwkvState", "TimeMix4", "TimeMix5", "TimeMix6", "TimeMix7",
            "detect_version", "load", "pytorch_view"]

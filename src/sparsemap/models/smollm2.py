@@ -6,7 +6,8 @@ a generation config next to it:
 
 - :func:`prepare_quantized` (what ``sparsemap run smollm2`` uses) keeps the
   GGUF's Q4_1 and Q8_0 blocks quantized, repacked for torch's int4/int8 CPU
-  kernels (99 MB): the weights are used in place, mapped.
+  kernels (99 MB, in ``model.sparsemap.safetensors``, a name other loaders do
+  not take for the model): the weights are used in place, mapped.
 - :func:`prepare` dequantizes them once into float32 (538 MB). Float32 keeps
   the dequantized values exact, so the model computes what transformers' own
   GGUF loading computes: the reference the quantized run is checked against.
@@ -14,20 +15,15 @@ a generation config next to it:
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from . import assets
-from .gguf_llama import hf_catalog, llama_config_kwargs
 
 CONVERTED_NAME = "SmolLM2-135M-Instruct-sparsemap"
 QUANTIZED_NAME = "SmolLM2-135M-Instruct-sparsemap-q4"
-# What a folder holds besides its weights (copied from the float32 folder to the quantized one).
-COMPANIONS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "chat_template.jinja", "special_tokens_map.json")
+# In each folder's mark: a folder an older sparsemap wrote differently (2: no filler tensors, the quantized
+# weights under model.sparsemap.safetensors) is written again.
+FOLDER_VERSION = "folder 2"
 
 
 def gguf_path(*, quiet: bool = False) -> Path:
@@ -45,26 +41,11 @@ def prepare(*, quiet: bool = False) -> Path:
     A cached folder is returned without importing torch.
     """
     target = assets.cache_dir() / CONVERTED_NAME
-    if (target / ".complete").is_file():
+    made_of = [assets.SMOLLM2.requirement, FOLDER_VERSION]
+    marker = target / ".complete"
+    if marker.is_file() and marker.read_text().split("\n")[:2] == made_of:
         return target
-    from ..converter import convert
-    from ..formats.dispatch import open_catalog
-
-    gguf = gguf_path(quiet=quiet)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{CONVERTED_NAME}.") as tmp:
-        staging = Path(tmp) / "model"
-        staging.mkdir()
-        raw = open_catalog(gguf)
-        summary = convert(hf_catalog(raw), staging / "model.safetensors")
-        if not quiet:
-            print(f"converted {gguf.name}: {summary}", flush=True)
-        _write_config(raw, staging)
-        _write_tokenizer(gguf, staging)
-        (staging / ".complete").write_text(f"{assets.SMOLLM2.requirement}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+    _build(target, "\n".join(made_of) + "\n", layout=None, quiet=quiet)
     return target
 
 
@@ -78,47 +59,25 @@ def prepare_quantized(*, quiet: bool = False) -> Path:
     marker = target / ".complete"
     from ..quantize import int4_layout
 
-    if marker.is_file() and marker.read_text().split("\n")[:2] == [assets.SMOLLM2.requirement, int4_layout()]:
+    made_of = [assets.SMOLLM2.requirement, int4_layout(), FOLDER_VERSION]
+    if marker.is_file() and marker.read_text().split("\n")[:3] == made_of:
         return target
-    from ..converter import convert
-    from ..formats.dispatch import open_catalog
     from ..formats.planner import Layout
 
-    floats = prepare(quiet=quiet)  # config and tokenizer, written once
-    gguf = gguf_path(quiet=quiet)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{QUANTIZED_NAME}.") as tmp:
-        staging = Path(tmp) / "model"
-        staging.mkdir()
-        summary = convert(hf_catalog(open_catalog(gguf)), staging / "model.safetensors",
-                          layout=Layout(quantize="keep"))
-        if not quiet:
-            print(f"repacked {gguf.name} for the int4/int8 kernels: {summary}", flush=True)
-        for name in COMPANIONS:
-            if (floats / name).is_file():
-                shutil.copyfile(floats / name, staging / name)
-        (staging / ".complete").write_text(f"{assets.SMOLLM2.requirement}\n{int4_layout()}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+    _build(target, "\n".join(made_of) + "\n", layout=Layout(quantize="keep"), quiet=quiet)
     return target
 
 
-def _write_config(raw: object, folder: Path) -> None:
-    from transformers import GenerationConfig, LlamaConfig
+def _build(target: Path, mark: str, *, layout: object, quiet: bool) -> None:
+    """The GGUF written as a transformers folder into ``target`` (replacing an older one when complete)."""
+    from .gguf_convert import replace_folder, write_folder
 
-    config = LlamaConfig(**llama_config_kwargs(raw))  # type: ignore[arg-type]
-    config.architectures = ["LlamaForCausalLM"]
-    config.save_pretrained(folder)
-    GenerationConfig.from_model_config(config).save_pretrained(folder)
+    gguf = gguf_path(quiet=quiet)
+    target.parent.mkdir(parents=True, exist_ok=True)
 
+    def build(folder: Path) -> None:
+        summary = write_folder(gguf, folder, layout=layout, mark=mark)  # type: ignore[arg-type]
+        if not quiet:
+            print(f"converted {gguf.name} into {target.name}: {summary}", flush=True)
 
-def _write_tokenizer(gguf: Path, folder: Path) -> None:
-    # transformers reads the GGUF's tokenizer (vocabulary, merges, chat template) and
-    # writes it as tokenizer.json: loading that later takes milliseconds, not seconds.
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer.save_pretrained(folder)
-    if not (folder / "tokenizer.json").is_file():
-        raise assets.AssetError(f"tokenizer for {gguf.name} was not written as tokenizer.json")
-    json.loads((folder / "tokenizer_config.json").read_text())  # written and readable
+    replace_folder(target.parent, target, build)
