@@ -37,7 +37,7 @@ TORCH_FREE = (
     "sparsemap.memory",
     "sparsemap.names", "sparsemap.durable", "sparsemap.cli", "sparsemap.formats.*", "sparsemap.models",
     "sparsemap.models.assets", "sparsemap.models.smollm2", "sparsemap.models.gguf_hf",
-    "sparsemap.models.gguf_convert",
+    "sparsemap.models.gguf_convert", "sparsemap.models.hf_folder",
     "sparsemap.models.generate", "sparsemap.models.chat", "sparsemap.models.minilm", "sparsemap.models.demo",
     "sparsemap.bench",
     "sparsemap.models.rwkv_config", "sparsemap.models.rwkv_tokenizer",

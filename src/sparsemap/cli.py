@@ -449,21 +449,24 @@ def convert(src: str, dst: str, dtype: str | None, align: int, pad_rows: tuple[s
     # file, or a folder holding one), which converts into a folder.
     folder_like = dst.endswith(("/", os.sep)) or os.path.isdir(dst) or not dst.endswith(".safetensors")
     maybe_gguf = src.lower().endswith(".gguf") or os.path.isdir(src)
-    if not (folder_like and maybe_gguf):
+    checked_first = not (folder_like and maybe_gguf)
+    if checked_first:
         check_destination(dst)  # a FIFO, a missing folder: said before the source is read
         _check_writable_folder(dst)
     source = resolve_source(src)
     to_folder = (source.is_gguf or source.format == "meta-llama") and folder_like
     if to_folder:
-        from .models.gguf_convert import check_folder_destination
+        from .models.hf_folder import check_folder_destination
 
-        check_folder_destination(dst)
-    else:
+        check_folder_destination(dst, "a GGUF" if source.is_gguf else "a Meta release")
+        _check_writable_folder(dst)
+    elif not checked_first:
         check_destination(dst)
-    _check_writable_folder(dst)
+        _check_writable_folder(dst)
     layout = Layout(align=align, dtype=getattr(torch, dtype) if dtype else None,
                     pad_rows=pad_rows, transpose=transpose, bundle_ffn=bundle_ffn,
                     reorder=_read_profile(profile) if profile else None, quantize=quantize, fillers=fillers)
+    view = None
     if source.format == "meta-llama" and to_folder:  # its files are joined: any one of them has its names
         from .formats.meta_llama import read_release
 
@@ -471,7 +474,8 @@ def convert(src: str, dst: str, dtype: str | None, align: int, pad_rows: tuple[s
     else:
         catalog = open_catalog(source)
     if source.is_gguf:
-        catalog = _transformers_names(catalog)
+        view = _transformers_view(catalog)
+        catalog = view[0] if view is not None else catalog
     for option, patterns in (("--pad-rows", pad_rows), ("--transpose", transpose)):
         for pattern in _unmatched(patterns, catalog):
             example = next(iter(catalog), None)
@@ -488,24 +492,25 @@ def convert(src: str, dst: str, dtype: str | None, align: int, pad_rows: tuple[s
         elif to_folder:
             from .models.gguf_convert import write_folder
 
-            summary = write_folder(source.weights, dst, layout=layout,
+            summary = write_folder(source.weights, dst, layout=layout, view=view,
                                    on_bytes=lambda n: progress.advance(task, n))
         else:
             summary = run_convert(catalog, dst, layout=layout, on_bytes=lambda n: progress.advance(task, n))
     click.echo(str(summary))
 
 
-def _transformers_names(raw: Catalog) -> Catalog:
-    """A GGUF's tensors as transformers names and orders them, so the output runs and loads into
-    transformers; llama.cpp's own names (with a note) for an architecture transformers does not map."""
+def _transformers_view(raw: Catalog) -> tuple[Catalog, Any] | None:
+    """A GGUF's tensors as transformers names and orders them, and its model's config, so the output runs
+    and loads into transformers; ``None`` (with a note: the tensors keep llama.cpp's names) for an
+    architecture transformers does not map."""
     from .errors import GGUFArchitectureError
     from .models.gguf_convert import transformers_view
 
     try:
-        return transformers_view(raw)[0]
+        return transformers_view(raw)
     except GGUFArchitectureError as e:
         click.echo(f"sparsemap: note: {e.detail}; the tensors keep llama.cpp's names", err=True)
-        return raw
+        return None
 
 
 # ---------------------------------------------------------------- run

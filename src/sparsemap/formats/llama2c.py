@@ -58,6 +58,7 @@ from .llama2c_header import (
     read_legacy,
 )
 from .quantized import INT8, QuantizedWeight
+from .rotary import rotary_order
 from .source import open_regular
 
 # A Q8_0 matrix whose groups straddle its rows: int8 values then float32 scales, one entry spanning
@@ -67,21 +68,6 @@ SOURCE = "llama2c-Q8_0"  # QuantizedWeight.source of the matrices kept quantized
 
 
 # ---------------------------------------------------------------- the walk
-
-def rotary_order(n_rows: int, n_heads: int) -> tuple[int, ...]:
-    """``order[k]``: the transformers row stored at row ``k`` of a q or k matrix in Meta's layout.
-
-    Per head of ``D`` rows, stored row ``2*j + s`` is transformers' row ``s*(D/2) + j`` (the same
-    permutation as GGUF's; see :func:`sparsemap.models.gguf_hf.rotary_order`).
-
-    Example:
-        >>> rotary_order(4, 1)
-        (0, 2, 1, 3)
-    """
-    head = n_rows // n_heads
-    half = head // 2
-    return tuple(h * head + s * half + j for h in range(n_heads) for j in range(half) for s in range(2))
-
 
 def validate(f: object, size: int, path: str) -> tuple[Llama2cHeader, list[TensorEntry],
                                                        dict[str, QuantizedWeight]]:

@@ -18,9 +18,9 @@ Two things differ from a transformers checkpoint of the same model, both fixed t
   (``convert_llama_weights_to_hf.py``, transformers 4) maps them;
 - the rows of ``wq`` and ``wk`` within each head: Meta rotates adjacent pairs (rows ``2j`` and ``2j+1``
   of a head are one complex number), transformers pairs row ``j`` with row ``j + head_dim/2``. The
-  permutation is given back as each entry's row ``order`` (:func:`rotary_order`): loading serves those
-  two weights as copies in transformers' order, every other tensor as a view of the file. (It is the
-  permutation llama.cpp's and llama2.c's files inherited: :func:`~sparsemap.formats.llama2c.rotary_order`.)
+  permutation (the one llama.cpp's and llama2.c's files inherited, :mod:`sparsemap.formats.rotary`) is
+  given back as each entry's row ``order``: loading serves those two weights as copies in transformers'
+  order, every other tensor as a view of the file.
 
 :func:`read_release` reads ``params.json`` and every file's header, checks them against each other and
 returns each file as a :class:`~sparsemap.formats.catalog.Catalog` under transformers' names, with the
@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 
 from ..errors import FileChangedError, MetaLlamaFormatError, ShardedReleaseError, SourceNotFoundError
 from .catalog import Catalog, FileStamp, TensorEntry
-from .llama2c import rotary_order  # llama2.c's files keep Meta's q/k rows: the same permutation
+from .rotary import rotary_order
 from .source import META_PARAMS, META_SHARD, ModelSource, check_regular_file, open_regular
 
 FORMAT = "meta-llama"

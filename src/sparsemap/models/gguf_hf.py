@@ -10,7 +10,7 @@ the same model, and each comes from a table someone else keeps:
   (transformers' ``get_gguf_hf_weights_map``, on a model with no weights);
 - the values, where llama.cpp's converter changed them: the rows of q and k
   within each head for Llama-family files (put back as a row ``order``, see
-  :func:`rotary_order`), and Gemma's norm weights,
+  :func:`~sparsemap.formats.rotary.rotary_order`), and Gemma's norm weights,
   which it stores as ``1 + w`` (given back with a ``shift`` of -1).
 
 The tokenizer is transformers' conversion of the header's vocabulary, done
@@ -29,6 +29,7 @@ from typing import Any
 
 from ..errors import GGUFArchitectureError
 from ..formats.catalog import Catalog, TensorEntry
+from ..formats.rotary import rotary_order
 from ..formats.source import ModelSource
 
 # llama.cpp architecture -> transformers model_type: the architectures transformers' GGUF loading knows
@@ -40,23 +41,6 @@ MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3"
 logger = logging.getLogger("sparsemap")
 ROTARY_PERMUTED = ("llama", "mistral")  # llama.cpp interleaves q/k rotary halves for these
 NORM_PLUS_ONE = ("gemma2", "gemma3")  # llama.cpp stores Gemma's RMSNorm weights as 1 + w
-
-
-def rotary_order(n_rows: int, n_heads: int) -> tuple[int, ...]:
-    """``order[k]``: the transformers row stored at GGUF row ``k`` of a q or k projection.
-
-    Per head, llama.cpp interleaves the two rotary halves: GGUF row
-    ``h*D + 2*j + s`` holds transformers row ``h*D + s*(D/2) + j``.
-
-    Example:
-        >>> rotary_order(4, 1)
-        (0, 2, 1, 3)
-    """
-    if n_heads <= 0 or n_rows % (2 * n_heads):
-        raise GGUFArchitectureError(f"{n_rows} rows cannot split into {n_heads} heads of rotary pairs")
-    head_dim = n_rows // n_heads
-    half = head_dim // 2
-    return tuple(h * head_dim + s * half + j for h in range(n_heads) for j in range(half) for s in range(2))
 
 
 def architecture(catalog: Catalog) -> str:

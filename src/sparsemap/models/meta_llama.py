@@ -28,9 +28,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DestinationError
 from ..formats.meta_llama import Release, read_release
 from ..formats.source import ModelSource
+from .hf_folder import COMPLETE_MARK, check_folder_destination, name_weights, save_configs, staged_folder
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from ..formats.planner import Layout
 
 logger = logging.getLogger("sparsemap")
-COMPLETE_MARK = ".complete"  # written last, as gguf_convert's folders: one without it was not finished
 # The buffer a part split by columns is read through (rows at a time): joining holds the joined tensor and
 # at most this much besides (q and k, whose rows are reordered, are read whole: a part of one projection).
 CHUNK_NBYTES = 16 << 20
@@ -97,24 +96,6 @@ def config(source: ModelSource) -> Any:
 
 # ---------------------------------------------------------------- sparsemap convert
 
-def check_folder_destination(destination: str | os.PathLike[str]) -> Path:
-    """``destination`` as a folder that may be written: absent or empty, in a folder that exists.
-
-    Raises:
-        DestinationError: it is a file, a folder holding something, or its parent is missing.
-    """
-    out = Path(destination).absolute()
-    if out.exists() and not out.is_dir():
-        raise DestinationError("exists and is not a folder; a Meta release converts to a transformers folder",
-                               path=out)
-    if out.is_dir() and any(out.iterdir()):
-        raise DestinationError("folder is not empty; give a new or empty folder (nothing is written over)",
-                               path=out)
-    if not out.parent.is_dir():
-        raise DestinationError("the folder it would go in does not exist", path=out.parent)
-    return out
-
-
 def write_folder(source: str | os.PathLike[str] | ModelSource, destination: str | os.PathLike[str], *,
                  layout: Layout | None = None, mark: str = "",
                  on_bytes: Callable[[int], None] | None = None) -> ConvertSummary:
@@ -148,32 +129,20 @@ def write_folder(source: str | os.PathLike[str] | ModelSource, destination: str 
     """
     import time
 
-    from transformers import GenerationConfig
-
     from ..converter import ConvertSummary
-    from ..formats.dispatch import open_catalog
     from ..formats.planner import Layout
-    from ..formats.reserved import RESHAPED_FORMAT, WEIGHTS_NAME
+    from ..formats.reserved import WEIGHTS_NAME
 
-    out = check_folder_destination(destination)
+    out = check_folder_destination(destination, "a Meta release")
     release = read_release(source)
     config = hf_config(release)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        staging = Path(tmp) / "folder"
-        staging.mkdir()
+    with staged_folder(out) as staging:
         the_plan = _write_weights(release, staging / WEIGHTS_NAME, layout or Layout(), on_bytes)
-        weights = WEIGHTS_NAME
-        if open_catalog(staging / WEIGHTS_NAME).metadata.get("format") != RESHAPED_FORMAT:
-            weights = "model.safetensors"  # the model's own shapes: named for every loader
-            os.replace(staging / WEIGHTS_NAME, staging / weights)
-        config.save_pretrained(staging)
-        GenerationConfig.from_model_config(config).save_pretrained(staging)
+        weights = name_weights(staging)
+        save_configs(config, staging)
         write_tokenizer(release, staging)
         (staging / COMPLETE_MARK).write_text(mark or f"{release.folder}\n")
-        if out.is_dir():
-            out.rmdir()  # empty (checked above); os.replace onto a folder needs it gone
-        os.replace(staging, out)
     return ConvertSummary(source=release.folder, destination=str(out / weights),
                           tensors=len(release.ranks[0]), file_nbytes=the_plan.file_nbytes,
                           padding_nbytes=the_plan.padding_nbytes, seconds=time.perf_counter() - start)

@@ -70,7 +70,8 @@ def prepare_quantized(*, quiet: bool = False) -> Path:
 
 def _build(target: Path, mark: str, *, layout: object, quiet: bool) -> None:
     """The GGUF written as a transformers folder into ``target`` (replacing an older one when complete)."""
-    from .gguf_convert import replace_folder, write_folder
+    from .gguf_convert import write_folder
+    from .hf_folder import replace_folder
 
     gguf = gguf_path(quiet=quiet)
     target.parent.mkdir(parents=True, exist_ok=True)
