@@ -18,6 +18,9 @@ file-backed memory sampled every millisecond, the kernel's peak RSS, the cgroup'
                        (parameters on meta, initialisers skipped, buffers real), then mapped
   sparsemap.load, meta the model built under ``torch.device("meta")`` as the book builds it, then
                        ``sparsemap.load(model, path)``
+  sparsemap + Budget   ``sparsemap.load``, then ``sparsemap.Budget(model, limit=L)`` with L the cgroup's
+                       limit (in the unlimited runs too): the blocks stream one at a time, read ahead and
+                       released after use, and the output head streams in pieces of 4 MiB
   imports only         ``import torch`` and the book's module: the floor under every row
 
 Building under ``torch.device("meta")`` runs the modules' initialisers on meta tensors, and the first
@@ -50,14 +53,15 @@ HERE = Path(__file__).resolve().parent
 GPT_CONFIG_124M = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12, "n_layers": 12,
                    "drop_rate": 0.1, "qkv_bias": False}
 WAYS = ("load_state_dict", "sequential + meta", "mmap + assign", "sparsemap.load", "sparsemap.load, meta",
-        "imports only")
+        "sparsemap + Budget", "imports only")
 MiB = 2**20
 
 
 # ---------------------------------------------------------------- the child: one way, one process
 
-def child(way: str, path: str) -> None:
-    """Load ``path`` one way, run one forward, print a JSON line of timings and a checksum."""
+def child(way: str, path: str, budget: str) -> None:
+    """Load ``path`` one way, run one forward, print a JSON line of timings and a checksum. ``budget``: the
+    limit, in bytes, the Budget way plans for."""
     # This file's folder is first on sys.path, and this file is named like the package: look past it.
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
     import torch
@@ -95,6 +99,9 @@ def child(way: str, path: str) -> None:
         with torch.device("meta"):
             model = GPTModel(GPT_CONFIG_124M)
         sparsemap.load(model, path)
+    elif way == "sparsemap + Budget":
+        model = sparsemap.load(lambda: GPTModel(GPT_CONFIG_124M), path)
+        print(sparsemap.Budget(model, limit=int(budget), max_tokens=ids.shape[1]).plan, file=sys.stderr)
     else:
         raise SystemExit(f"unknown way {way!r}")
     model.eval()
@@ -140,7 +147,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--limit", default="50%", help="the cgroup's limit: a size (350M) or a share of the file")
     ap.add_argument("--json", default=str(HERE / "results" / "llms_from_scratch.json"))
-    ap.add_argument("--child", nargs=2, metavar=("WAY", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS), metavar="WAY",
+                    help=f"the ways to run (default: all of {', '.join(WAYS)})")
+    ap.add_argument("--child", nargs=3, metavar=("WAY", "PATH", "BUDGET"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(*args.child)
@@ -158,13 +167,13 @@ def main() -> None:
     if not ok:
         print(f"no memory cgroup here ({why}): unlimited runs only", file=sys.stderr)
 
-    runs: dict[str, list[dict]] = {f"{way}|{lim}": [] for way in WAYS for lim in limits}
+    runs: dict[str, list[dict]] = {f"{way}|{lim}": [] for way in args.ways for lim in limits}
     for i in range(args.repeat):
         for lim in limits:
-            for way in WAYS:
+            for way in args.ways:
                 cached = make_cold(path)
-                m = run_measured([sys.executable, __file__, "--child", way, str(path)], memory_limit=lim,
-                                 timeout_s=600)
+                m = run_measured([sys.executable, __file__, "--child", way, str(path), str(limit)],
+                                 memory_limit=lim, timeout_s=600)
                 out = {}
                 if m.exit_code == 0 and m.stdout.strip():
                     out = json.loads(m.stdout.strip().splitlines()[-1])

@@ -6,6 +6,10 @@ each rank loads the model split by the model's own plan (transformers' `tp_plan=
 MLP and vocabulary split, norms whole) and runs one forward pass of a 16-token prompt. The ways:
 
   - sparsemap: `sparsemap.from_pretrained(folder, tp_plan="auto")` on the file as saved;
+  - sparsemap aligned: the same on the file converted once with sparsemap's default layout
+    (`sparsemap convert model.safetensors out/model.safetensors`: the same names, shapes and dtypes, a
+    file every reader reads, with each large tensor starting on a page), so that a rank's part of a row
+    of 8 KiB or more is whole pages;
   - sparsemap transposed: the same on the file converted once with the rowwise weights (o_proj, down_proj)
     stored transposed (`sparsemap convert --transpose`), so that every slice is a contiguous run of pages;
   - naive: every rank reads the whole state dict (`safetensors.torch.load_file`), keeps a copy of its
@@ -22,8 +26,8 @@ starts; their cost is reported as the baseline. Runs are interleaved way by way;
 figure, the median over the repeats of the larger of the ranks.
 
 Usage: python benchmarks/tensor_parallel.py [--size llama-1b] [--ranks 2] [--repeat 3]
-           [--ways sparsemap,transposed,naive,transformers] [--json benchmarks/results/tensor_parallel.json]
-           [--plot benchmarks/tensor_parallel.png]
+           [--ways sparsemap,aligned,transposed,naive,transformers]
+           [--json benchmarks/results/tensor_parallel.json] [--plot benchmarks/tensor_parallel.png]
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WAYS = ("sparsemap", "transposed", "naive", "transformers")
+WAYS = ("sparsemap", "aligned", "transposed", "naive", "transformers")
 PROMPT_TOKENS = 16
 MiB = 1 << 20
 
@@ -87,7 +91,7 @@ def load_naive(folder: Path, mesh: object) -> object:
 def load(way: str, folder: Path, mesh: object) -> object:
     import sparsemap
 
-    if way in ("sparsemap", "transposed"):
+    if way in ("sparsemap", "aligned", "transposed"):
         return sparsemap.from_pretrained(folder, tp_plan="auto", device_mesh=mesh)
     if way == "naive":
         return load_naive(folder, mesh)
@@ -168,29 +172,31 @@ def worker(way: str, folders: list[str], out: Path) -> None:
 
 # ---------------------------------------------------------------- the driver
 
-def copies(folder: Path, root: Path, ranks: int, *, transposed: bool) -> list[Path]:
+def copies(folder: Path, root: Path, ranks: int, *, kind: str) -> list[Path]:
     """One folder per rank (config and weights), made once: each rank reads its own copy, as on its own
-    machine. Transposed: the rowwise weights stored transposed (a converted file)."""
+    machine. ``kind``: "plain" (the file as saved), "aligned" (converted with the default layout),
+    "transposed" (converted with the rowwise weights stored transposed)."""
     import sparsemap
 
     made = []
+    name = "model.sparsemap.safetensors" if kind == "transposed" else "model.safetensors"
     for rank in range(ranks):
-        target = root / ("transposed" if transposed else "plain") / f"rank{rank}"
+        target = root / kind / f"rank{rank}"
         made.append(target)
         if (target / ".complete").exists():
             continue
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy(folder / "config.json", target)
-        if not transposed:
+        if kind == "plain":
             shutil.copy(folder / "model.safetensors", target)
         elif rank == 0:
             from sparsemap.parallel import rowwise_weights
 
             plan = {"model.layers.*.self_attn.o_proj": "rowwise", "model.layers.*.mlp.down_proj": "rowwise"}
-            sparsemap.convert(folder / "model.safetensors", target / "model.sparsemap.safetensors",
-                              layout=sparsemap.Layout(transpose=rowwise_weights(plan)))
+            layout = sparsemap.Layout(transpose=rowwise_weights(plan)) if kind == "transposed" else None
+            sparsemap.convert(folder / "model.safetensors", target / name, layout=layout)
         else:
-            shutil.copy(made[0] / "model.sparsemap.safetensors", target)
+            shutil.copy(made[0] / name, target)
         (target / ".complete").write_text("done\n")
     return made
 
@@ -309,8 +315,8 @@ def main() -> int:
 
     folder = generate(args.size)
     root = folder_for(args.size).with_name(f"{folder.name}-tp{args.ranks}")
-    folders = {"sparsemap": copies(folder, root, args.ranks, transposed=False),
-               "transposed": copies(folder, root, args.ranks, transposed=True)}
+    kinds = {"sparsemap": "plain", "aligned": "aligned", "transposed": "transposed"}
+    folders = {way: copies(folder, root, args.ranks, kind=kind) for way, kind in kinds.items()}
     folders["naive"] = folders["transformers"] = folders["sparsemap"]
     ways = args.ways.split(",")
     runs: dict[str, list[list[dict]]] = {way: [] for way in ways}

@@ -436,3 +436,149 @@ def test_smollm2_on_three_ranks_runs_its_own_plan(smollm2_prompt, tmp_path: Path
     assert code == 0, ranks
     assert [rank["tokens"] for rank in ranks] == [want["tokens"]] * 3
     assert all(rank["slice_bytes"] < 0.34 * rank["file_bytes"] for rank in ranks)
+
+
+# ---------------------------------------------------------------- Meta's release in files: rank i maps file i
+
+# TP_LLAMA's shape as Meta's params.json gives it (the writer's multiple_of 32 and ffn_dim_multiplier 0.5 make
+# the feed-forward 704 wide).
+META_LLAMA = {**TP_LLAMA, "intermediate_size": 704}
+META_FILES = ("consolidated.00.pth", "consolidated.01.pth")
+
+
+def meta_release(folder: Path, *, embedding_dim: int, **overrides: object) -> tuple[nn.Module, Path]:
+    """A random Llama (``META_LLAMA``) and its release in 2 files, written as Meta's model-parallel code
+    splits it: ``(model, folder)``."""
+    from .format_writers import tiny_llama, write_meta_release
+
+    model = tiny_llama(**{**META_LLAMA, **overrides})
+    return model, write_meta_release(folder, model, 2, embedding_dim=embedding_dim)
+
+
+def rank_parts(folder: Path, plan: dict[str, str] | None, rank: int) -> dict[str, torch.Tensor]:
+    """What rank ``rank`` of 2 is served from ``folder`` under ``plan`` (``None``: the model's own): its slice
+    of each split tensor, the whole of the others."""
+    from transformers import LlamaForCausalLM
+
+    from sparsemap.formats.meta_llama import read_release
+    from sparsemap.models.meta_llama import hf_config
+    from sparsemap.parallel import RankFiles, open_for_rank
+
+    with sparsemap.skeleton():
+        model = LlamaForCausalLM(hf_config(read_release(folder)))
+    sharding = prepare(model, plan, 2)
+    source = open_for_rank(str(folder), rank, 2)
+    assert isinstance(source, RankFiles)
+    return dict(source.parts({name: sharding.split.get(name) for name in source.catalog}, reads=False))
+
+
+def expected(model: nn.Module, plan: dict[str, str] | None, rank: int) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s tensors cut from the whole model (transformers' names and row order)."""
+    split = prepare(llama(**META_LLAMA), plan, 2).split
+    return {name: t if name not in split else t.chunk(2, split[name])[rank]
+            for name, t in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_rank_i_is_served_file_is_tensors_with_q_and_k_rows_in_transformers_order(tmp_path: Path,
+                                                                                  rank: int) -> None:
+    """Llama 3's split (the embedding by rows) is the one transformers' plan makes: every tensor of rank i
+    is file i's. q and k come in transformers' rotary order: the permutation stays within each head and each
+    file holds whole heads, so permuting file i's rows gives rank i's slice of the permuted whole."""
+    model, folder = meta_release(tmp_path / "llama", embedding_dim=0)
+    served, want = rank_parts(folder, None, rank), expected(model, None, rank)
+    assert served.keys() == want.keys()
+    for name, t in served.items():
+        assert torch.equal(t, want[name]), name
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            with pytest.raises(sparsemap.errors.NotMappedError):
+                mapping_of(t)  # reordered: a copy of file i's part, as a release in one file serves them
+        else:
+            assert mapping_of(t).path == str(folder / META_FILES[rank]), name
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(served[q], model.state_dict()[q].chunk(2)[1 - rank])  # not the other rank's heads
+
+
+def test_a_plan_that_splits_otherwise_than_the_files_is_joined_from_them(tmp_path: Path, caplog) -> None:
+    """Llama 2's embedding is split by columns, transformers' plan splits the vocabulary: each rank's rows
+    are gathered from both files (a copy of its slice); a replicated projection is joined whole. Everything
+    else is still file i's."""
+    model, folder = meta_release(tmp_path / "llama", embedding_dim=1)
+    plan = {**llama(**META_LLAMA).tp_plan, "model.layers.*.self_attn.v_proj": "replicate"}
+    with caplog.at_level("INFO", logger="sparsemap"):
+        served = rank_parts(folder, plan, 1)
+    want = expected(model, plan, 1)
+    joined = ["model.embed_tokens.weight", "model.layers.0.self_attn.v_proj.weight",
+              "model.layers.1.self_attn.v_proj.weight"]
+    for name, t in served.items():
+        assert torch.equal(t, want[name]), name
+        if name in joined:
+            with pytest.raises(sparsemap.errors.NotMappedError):
+                mapping_of(t)
+        elif not name.endswith(("q_proj.weight", "k_proj.weight")):
+            assert mapping_of(t).path == str(folder / META_FILES[1]), name
+    assert served["model.layers.0.self_attn.v_proj.weight"].shape == (256, 512)  # whole: 4 heads of 64
+    assert (f"{folder}: rank 1 joined 3 tensors from the 2 files (5.0 MiB copied), split by the plan "
+            "otherwise than by the files: model.embed_tokens.weight (split on dim 1 in the files, split on "
+            "dim 0 by the plan), model.layers.0.self_attn.v_proj.weight (split on dim 0 in the files, whole "
+            "by the plan)") in caplog.text
+    # A plan that splits the embedding as these files do maps file i only.
+    matching = rank_parts(folder, {**plan, "model.embed_tokens": "embedding_colwise"}, 1)
+    assert mapping_of(matching["model.embed_tokens.weight"]).path == str(folder / META_FILES[1])
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_a_release_in_two_files_needs_two_ranks(tmp_path: Path, size: int) -> None:
+    from sparsemap.parallel import open_for_rank
+
+    _, folder = meta_release(tmp_path / "llama", embedding_dim=0)
+    with pytest.raises(TensorParallelError) as info:
+        open_for_rank(str(folder), 0, size)
+    assert str(info.value) == (
+        f"{folder}: a Meta release in 2 model-parallel files (consolidated.00.pth ... consolidated.01.pth) "
+        f"loads on 2 ranks, rank i mapping file i, not on {size}: run 2 (torchrun --nproc-per-node 2), or "
+        f"join the files once with `sparsemap convert {folder} OUT/` and load OUT/ on any number")
+
+
+def meta_reads(rank: dict, joined_bytes: int = 0) -> None:
+    """Rank i mapped file i and nothing else, read of the other file only its header (and, where the plan
+    joins a tensor, its share of it), and copied nothing but q and k (and what it joined)."""
+    own, other = META_FILES[rank["rank"]], META_FILES[1 - rank["rank"]]
+    assert rank["mapped_files"] == [own]
+    assert rank["cached_at_start"] == 0
+    theirs = rank["files"][other]
+    # Pages, plus the kernel's readahead behind the header's reads and a page per joined piece for rounding.
+    assert theirs["cached_bytes"] <= theirs["header_bytes"] + READAHEAD + joined_bytes + 8 * PAGE, theirs
+    assert rank["files"][own]["cached_bytes"] >= rank["slice_bytes"]
+    assert rank["slice_bytes"] + rank["copied_bytes"] == rank["split_full_bytes"] // 2 + rank["whole_bytes"]
+    assert rank["anon_growth"] < rank["copied_bytes"] + 0.02 * rank["slice_bytes"] + (4 << 20)
+
+
+@pytest.mark.parametrize("embedding_dim", [0, 1],
+                         ids=["llama3-embedding-by-rows", "llama2-embedding-by-columns"])
+def test_two_ranks_load_metas_two_files_each_mapping_its_own(tmp_path: Path, embedding_dim: int) -> None:
+    """Greedy tokens of the release on 2 ranks are the single-process tokens of the same weights joined
+    (``sparsemap convert``). By rows (Llama 3) every tensor is file i's; by columns (Llama 1, 2) each rank
+    gathers its rows of the embedding from both files: half of the other file's part."""
+    from sparsemap.models.meta_llama import write_folder
+
+    _, folder = meta_release(tmp_path / "llama", embedding_dim=embedding_dim)
+    write_folder(folder, tmp_path / "converted")
+    want = reference(tmp_path / "reference", "--source", str(tmp_path / "converted"))
+    code, ranks = run_ranks(2, tmp_path / "out", "--source", copies_per_rank(folder, 2))
+    assert code == 0, ranks
+    embedding_part = META_LLAMA["vocab_size"] * META_LLAMA["hidden_size"] * 4 // 2  # float32, one file's
+    for rank in ranks:
+        assert rank["tokens"] == want["tokens"]
+        meta_reads(rank, joined_bytes=0 if embedding_dim == 0 else embedding_part // 2)
+
+
+def test_a_release_on_the_wrong_number_of_ranks_fails_on_every_rank_alike(tmp_path: Path) -> None:
+    _, folder = meta_release(tmp_path / "llama", embedding_dim=0)
+    code, results = run_ranks(3, tmp_path / "out", "--source", str(folder))
+    assert code != 0
+    error = (f"TensorParallelError: {folder}: a Meta release in 2 model-parallel files (consolidated.00.pth "
+             "... consolidated.01.pth) loads on 2 ranks, rank i mapping file i, not on 3: run 2 (torchrun "
+             f"--nproc-per-node 2), or join the files once with `sparsemap convert {folder} OUT/` and load "
+             "OUT/ on any number")
+    assert [r["error"] for r in results] == [error] * 3

@@ -114,40 +114,59 @@ def warm_up(args: argparse.Namespace, source: str, mesh: object) -> None:
             tiny = nn.Sequential(nn.Linear(8, 8))
         parallelize_module(tiny, mesh, {"0": ColwiseParallel()}, src_data_rank=None)
     if args.mode == "hf":
-        from transformers import AutoConfig
         from transformers.integrations import tensor_parallel  # noqa: F401
 
-        from sparsemap.models.hf import class_for
+        from sparsemap.formats.source import resolve_source
+        from sparsemap.models.hf import class_for, resolve_config
 
-        class_for(AutoConfig.from_pretrained(source))
+        class_for(resolve_config(resolve_source(source)))  # config.json, or a Meta release's params.json
 
 
-def residency(model: nn.Module, source: str) -> dict[str, int]:
-    """What this rank holds of the checkpoint: its slices (bytes, and the pages they span), the pages mapped
-    into this process (pagemap) and the pages in the page cache (mincore: on a copy of its own, what it
-    read)."""
+def catalogs(source: str) -> list[sparsemap.Catalog]:
+    """The checkpoint's catalogs: one, or a Meta release's one per file (which sparsemap.open refuses)."""
+    from sparsemap.formats.meta_llama import read_release
+    from sparsemap.formats.source import resolve_source
+
+    src = resolve_source(source)
+    return list(read_release(src).ranks) if src.format == "meta-llama" else [sparsemap.open(source)]
+
+
+def residency(model: nn.Module, source: str) -> dict[str, object]:
+    """What this rank holds of the checkpoint: its slices (bytes, and the pages they span; copies such as a
+    Meta release's q and k, in transformers' row order, counted apart), the pages mapped into this process
+    (pagemap), the pages in the page cache (mincore: on a copy of its own, what it read), and for each file of
+    the checkpoint whether this rank mapped it and how much of it is cached."""
     from torch.distributed.tensor import DTensor
+
+    from sparsemap.errors import NotMappedError
 
     page = pages.PAGE_SIZE
     mappings: dict[int, object] = {}
     slice_pages: dict[int, set[int]] = {}
-    slice_bytes = split_full = whole = 0
+    slice_bytes = split_full = whole = copied = 0
     for p in {id(p): p for p in model.parameters()}.values():
         local = p.to_local() if isinstance(p, DTensor) else p.data
-        mm = mapping_of(local)
-        mappings[mm.address] = mm
-        covered = slice_pages.setdefault(mm.address, set())
-        for start, end in page_runs(local):
-            covered.update(range(start // page, end // page))
         nbytes = local.numel() * local.element_size()
-        slice_bytes += nbytes
         if isinstance(p, DTensor):
             split_full += p.numel() * p.element_size()
         else:
             whole += nbytes
+        try:
+            mm = mapping_of(local)
+        except NotMappedError:
+            copied += nbytes
+            continue
+        mappings[mm.address] = mm
+        covered = slice_pages.setdefault(mm.address, set())
+        for start, end in page_runs(local):
+            covered.update(range(start // page, end // page))
+        slice_bytes += nbytes
     found = {"touched_bytes": 0, "touched_outside_bytes": 0, "cached_bytes": 0, "cached_outside_bytes": 0,
              "file_bytes": 0, "header_bytes": 0}
-    catalog = sparsemap.open(source)
+    headers: dict[str, int] = {}
+    for catalog in catalogs(source):
+        for e in catalog.values():
+            headers[e.file] = min(headers.get(e.file, e.offset), e.offset)
     for address, mm in mappings.items():
         inside = np.zeros(-(-len(mm) // page), dtype=bool)
         inside[np.fromiter(slice_pages[address], dtype=np.int64) - address // page] = True
@@ -156,10 +175,15 @@ def residency(model: nn.Module, source: str) -> dict[str, int]:
             found[f"{kind}_bytes"] += int(present.sum()) * page
             found[f"{kind}_outside_bytes"] += int((present & ~inside).sum()) * page
         found["file_bytes"] += len(mm)
-        found["header_bytes"] += min(e.offset for e in catalog.values() if e.file == mm.path)
+        found["header_bytes"] += headers[mm.path]
+    files = {os.path.basename(path): {"cached_bytes": cached_bytes(Path(path)), "header_bytes": header,
+                                      "file_bytes": os.path.getsize(path)}
+             for path, header in headers.items()}
     return {**found, "tensors": len({id(p) for p in model.parameters()}),
             "slice_bytes": slice_bytes, "split_full_bytes": split_full, "whole_bytes": whole,
-            "slice_page_bytes": sum(len(s) for s in slice_pages.values()) * page}
+            "copied_bytes": copied, "slice_page_bytes": sum(len(s) for s in slice_pages.values()) * page,
+            "mapped_files": sorted(os.path.basename(mm.path) for mm in mappings.values()),  # type: ignore[attr-defined]
+            "files": files}
 
 
 def run(args: argparse.Namespace, mesh: object, rank: int = 0) -> dict[str, object]:

@@ -21,11 +21,21 @@ process and from the page cache (``MADV_DONTNEED`` + ``POSIX_FADV_DONTNEED``),
 so the cache never grows past the plan and the kernel never needs to reclaim a
 resident page. The rows the embedding gathers are released after each step.
 Each token then reads the streamed bytes, and only those.
+
+A streamed unit's largest linear layers (the output projection over the
+vocabulary, above all) stream in pieces of rows (:mod:`sparsemap.row_pieces`):
+such a unit holds its other weights and two pieces at once, not its whole
+self, so a budget smaller than the head still runs.
+
+The layers are the model's stack: its largest ``nn.ModuleList``, or
+``nn.Sequential`` of modules of one class (a transformers model's decoder
+layers, the lean engine's, LLMs-from-scratch's ``trf_blocks``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -37,6 +47,7 @@ from .errors import BudgetError, NotMappedError
 from .mapped import FileMapping, mapping_of
 from .memory import Snapshot
 from .qtensor import QuantizedTensor
+from .row_pieces import PIECE_NBYTES, RowPieces, can_cut, piece_rows
 from .units import format_size
 
 # The least kept for one step's activations and kernel buffers; see scratch_nbytes.
@@ -59,17 +70,30 @@ class Unit(NamedTuple):
         modules: the modules whose forward reads it (hooks go on the first and the last).
         ranges: the pages of mapped files its weights lie in.
         gathered: read a few rows per step (an embedding), not as a whole.
+        releasable: ``ranges`` less the edge pages another unit's tensors share.
+        pieces: its linear layers that stream in pieces of rows when it streams (see
+            :mod:`sparsemap.row_pieces`).
+        lead: with ``pieces``, what is read ahead of it: its other tensors and each piece layer's first piece.
     """
 
     name: str
     modules: tuple[nn.Module, ...]
     ranges: tuple[Range, ...]
     gathered: bool = False
-    releasable: tuple[Range, ...] = ()  # ranges less the edge pages another unit's tensors share
+    releasable: tuple[Range, ...] = ()
+    pieces: tuple[nn.Module, ...] = ()
+    lead: tuple[Range, ...] = ()
 
     @property
     def nbytes(self) -> int:
         return sum(r.nbytes for r in self.ranges)
+
+    @property
+    def least_nbytes(self) -> int:
+        """Bytes it holds at once while it streams: all of it, or with pieces its lead and one more piece."""
+        if not self.pieces:
+            return self.nbytes
+        return sum(r.nbytes for r in self.lead) + PIECE_NBYTES + pages.PAGE_SIZE
 
 
 def _tensor_spans(t: torch.Tensor) -> list[torch.Tensor]:
@@ -103,25 +127,46 @@ def _ranges(tensors: list[torch.Tensor]) -> tuple[Range, ...]:
     return tuple(out)
 
 
-def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's decoder layers: its largest ``nn.ModuleList`` by parameter count."""
-    best: tuple[str, nn.ModuleList] | None = None
+def _layer_stack(model: nn.Module) -> tuple[str, nn.Module]:
+    """The model's layers: its largest (by parameter count) ``nn.ModuleList``, or ``nn.Sequential`` of
+    modules of one class (decoder blocks, not a ``Sequential(Linear, GELU, Linear)``)."""
+    best: tuple[str, nn.Module] | None = None
     best_n = -1
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module):
+        if len(module) if isinstance(module, nn.ModuleList) else \
+                isinstance(module, nn.Sequential) and len(module) and len({type(m) for m in module}) == 1:
             n = sum(t.numel() for t in module.parameters())
             if n > best_n:
                 best, best_n = (name, module), n
     if best is None:
-        raise BudgetError("the model has no list of layers (nn.ModuleList) to stream")
+        raise BudgetError("the model has no stack of layers to stream (an nn.ModuleList, or nn.Sequential "
+                          "of modules of one class)")
     return best
+
+
+def _weights(module: nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers (a saved buffer, such as a causal mask, is mapped like a weight)."""
+    return [*module.parameters(), *module.buffers()]
+
+
+def _with_pieces(unit: Unit) -> Unit:
+    """``unit`` with its linear layers that can stream in pieces, and its lead (see :class:`Unit`)."""
+    if unit.gathered:
+        return unit
+    cut = tuple(m for module in unit.modules for m in module.modules() if can_cut(m))
+    if not cut:
+        return unit
+    cut_ids = {id(m.weight) for m in cut}
+    rest = [t for module in unit.modules for t in _weights(module) if id(t) not in cut_ids]
+    firsts = [m.weight[:piece_rows(m.weight.shape[1] * m.weight.element_size())] for m in cut]
+    return unit._replace(pieces=cut, lead=_ranges(rest + firsts))
 
 
 def units_of(model: nn.Module) -> list[Unit]:
     """The model's units in forward order: the embedding (gathered), each layer, then the head
     (every other weight: final norm, output projection)."""
-    name, layers = _layer_list(model)
-    in_layers = {id(p) for p in layers.parameters()}
+    name, layers = _layer_stack(model)
+    in_layers = {id(p) for p in _weights(layers)}
     embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)
                   or type(m).__name__ == "Embedding"]
     embedding_params = {id(p) for m in embeddings for p in m.parameters()}
@@ -133,14 +178,14 @@ def units_of(model: nn.Module) -> list[Unit]:
                           () if tied_head else _ranges([p for m in embeddings for p in m.parameters()]),
                           gathered=True))
     for i, layer in enumerate(layers):
-        units.append(Unit(f"{name}.{i}", (layer,), _ranges(list(layer.parameters()))))
+        units.append(Unit(f"{name}.{i}", (layer,), _ranges(_weights(layer))))
     # parameters() gives a tied tensor once: a head tied to the embedding is counted here, once.
-    head = [p for p in model.parameters() if id(p) not in in_layers and (id(p) not in embedding_params
-                                                                         or tied_head)]
+    head = [p for p in _weights(model) if id(p) not in in_layers and (id(p) not in embedding_params
+                                                                      or tied_head)]
     head_modules = tuple(m for m in model.modules() if m not in embeddings and not list(m.children())
                          and any(id(p) not in in_layers for p in m.parameters(recurse=False)))
     units.append(Unit("head", head_modules, _ranges(head)))
-    return [u._replace(releasable=_unshared(u, units)) for u in units]
+    return [_with_pieces(u._replace(releasable=_unshared(u, units))) for u in units]
 
 
 def _unshared(unit: Unit, units: list[Unit]) -> tuple[Range, ...]:
@@ -198,7 +243,7 @@ class BudgetPlan:
     @property
     def in_flight_nbytes(self) -> int:
         """Page cache of streamed units held at once: the one computing and the one read ahead."""
-        return sum(sorted((u.nbytes for u in self.units if u.name in self.streamed), reverse=True)[:2])
+        return _in_flight(u for u in self.units if u.name in self.streamed)
 
     @property
     def planned_nbytes(self) -> int:
@@ -218,6 +263,11 @@ class BudgetPlan:
         lines.append(f"  read from disk per token: {format_size(self.streamed_nbytes)} (streamed units, cold)"
                      if n_streamed else "  every weight stays resident: nothing is read again per token")
         return "\n".join(lines)
+
+
+def _in_flight(streamed: Iterable[Unit]) -> int:
+    """The most two streamed units hold at once (a unit with pieces holds its lead and a piece)."""
+    return sum(sorted((u.least_nbytes for u in streamed), reverse=True)[:2])
 
 
 def check_room(limit: int, baseline: int, kv_cache: int = 0, scratch: int = SCRATCH_NBYTES) -> int:
@@ -254,11 +304,10 @@ def plan(units: list[Unit], *, limit: int, baseline: int, kv_cache: int,
     resident: list[Unit] = []
     rest = sorted(streamable, key=lambda u: -u.nbytes)  # stable: forward order among equals
     while rest:
-        in_flight = sum(u.nbytes for u in rest[1:3])
-        if sum(u.nbytes for u in resident) + rest[0].nbytes + in_flight > room:
+        if sum(u.nbytes for u in resident) + rest[0].nbytes + _in_flight(rest[1:]) > room:
             break
         resident.append(rest.pop(0))
-    in_flight = sum(sorted((u.nbytes for u in rest), reverse=True)[:2])
+    in_flight = _in_flight(rest)
     if sum(u.nbytes for u in resident) + in_flight > room:
         raise BudgetError(f"a memory limit of {format_size(limit)} leaves {format_size(room)} for weights "
                           f"after the runtime's {format_size(fixed)}; streaming needs two units in flight "
@@ -284,6 +333,7 @@ class Budget:
         kv_cache, scratch = kv_cache_nbytes(model, max_tokens), scratch_nbytes(model, max_tokens)
         self.plan = plan(self.units, limit=limit, baseline=baseline, kv_cache=kv_cache, scratch=scratch)
         self._handles: list[Any] = []
+        self._pieces: list[RowPieces] = []
         self.own_peak = 0  # the process's own accounting (resident + the model's cached pages), sampled
         self._last_sample = 0.0
         self._install()
@@ -298,6 +348,10 @@ class Budget:
                 lambda *_, nxt=following: self._read_ahead(nxt)))  # samples too: the peak of a step
             self._handles.append(unit.modules[-1].register_forward_hook(
                 lambda *_, u=unit: self._release(u)))
+            for module in unit.pieces:
+                mapping = mapping_of(module.weight)
+                self._pieces.append(RowPieces(module, give_back=lambda start, nbytes, u=unit, mm=mapping:
+                                              self._give_back(u.name, Range(mm, start, nbytes))))
         for unit in self.units if streamed else ():  # when everything fits, nothing needs releasing
             if unit.gathered and unit.ranges:
                 self._handles.append(unit.modules[-1].register_forward_hook(
@@ -307,28 +361,37 @@ class Budget:
             self._handles.append(last.register_forward_hook(lambda *_: self.sample()))
 
     def _read_ahead(self, unit: Unit) -> None:
-        for r in unit.ranges:
+        for r in unit.lead if unit.pieces else unit.ranges:
             r.mapping.check_unchanged()  # its pages are about to be read from the file again
             pages.will_need(r.start, r.nbytes)
         self.sample()
 
-    @staticmethod
-    def _release(unit: Unit) -> None:
-        """Give back a unit's pages. Pages changed in memory (a weight edited in place, rows masked)
-        are private copies that releasing would throw away: refused, nothing is lost."""
+    @classmethod
+    def _release(cls, unit: Unit) -> None:
+        """Give back a unit's pages (see :meth:`_give_back`)."""
         for r in unit.releasable:
-            if pages.private_in_process(r.start, r.nbytes).any():
-                raise BudgetError(f"{unit.name} has weights changed in memory (copy-on-write pages of "
-                                  f"{r.mapping.path}); streaming it would throw the changes away: save the "
-                                  "model and load the new file, or run without a memory limit")
-            pages.release(r.start, r.nbytes)
-            pages.drop_cache(r.mapping.fd, r.start - r.mapping.address, r.nbytes)
+            cls._give_back(unit.name, r)
+
+    @staticmethod
+    def _give_back(unit_name: str, r: Range) -> None:
+        """Drop ``r``'s pages from the process and the page cache. Pages changed in memory (a weight
+        edited in place, rows masked) are private copies that releasing would throw away: refused, nothing
+        is lost."""
+        if pages.private_in_process(r.start, r.nbytes).any():
+            raise BudgetError(f"{unit_name} has weights changed in memory (copy-on-write pages of "
+                              f"{r.mapping.path}); streaming it would throw the changes away: save the "
+                              "model and load the new file, or run without a memory limit")
+        pages.release(r.start, r.nbytes)
+        pages.drop_cache(r.mapping.fd, r.start - r.mapping.address, r.nbytes)
 
     def remove(self) -> None:
         """Take the hooks off; the model runs unbudgeted again."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for p in self._pieces:
+            p.remove()
+        self._pieces.clear()
 
     def __enter__(self) -> Budget:
         return self
@@ -370,8 +433,15 @@ class Budget:
 
 
 def _dims(model: nn.Module) -> tuple[int, int, int, int, int, int]:
-    """(layers, kv heads, head dim, hidden, intermediate, vocab) of a lean Llama or a transformers model."""
+    """(layers, kv heads, head dim, hidden, intermediate, vocab) of a lean Llama or a transformers model;
+    of any other model, read off its modules: its stack's length, its embedding's width and rows, keys
+    and values as wide as the embedding, an MLP four times as wide."""
     shape = getattr(model, "shape", None) or getattr(model, "config", None)
+    if shape is None or not hasattr(shape, "hidden_size"):
+        tables = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Embedding)]
+        vocab, hidden = max(tables, default=(32000, 4096))
+        layers = len(_layer_stack(model)[1])
+        return layers, 1, hidden, hidden, 4 * hidden, vocab
     layers = getattr(shape, "num_hidden_layers", 32)
     heads = getattr(shape, "num_attention_heads", 32)
     kv_heads = getattr(shape, "num_key_value_heads", None) or heads

@@ -396,9 +396,10 @@ def _parse_size(text: str) -> int:
                    "rows used together share pages (loading puts them back in order, with a copy).")
 @click.option("--quantize", type=click.Choice(["keep", "q8_0", "q4_1", "int8"]), default=None,
               help="Store weights quantized, in the layouts torch's int4/int8 CPU kernels read, so they run "
-                   "mapped: 'keep' keeps a GGUF's Q4_0/Q4_1/Q4_K/Q8_0/Q6_K blocks (no float copy); 'q8_0' "
-                   "(int8, groups of 32), 'int8' (int8, one scale per row) and 'q4_1' (4-bit, groups of 32) "
-                   "also quantize float 2-D weights.")
+                   "mapped: 'keep' keeps a GGUF's Q4_0/Q4_1/Q4_K/Q8_0/Q6_K blocks and a llama2.c file's Q8_0 "
+                   "groups (no float copy; llama2.c groups that straddle rows are dequantized, with a note); "
+                   "'q8_0' (int8, groups of 32), 'int8' (int8, one scale per row) and 'q4_1' (4-bit, groups "
+                   "of 32) also quantize float 2-D weights.")
 @click.option("--fillers", is_flag=True,
               help="Start every tensor on a page, filling the gaps with padding tensors "
                    "(__sparsemap_pad__.N) that other readers list as tensors of the model. Default: tensors "
@@ -579,7 +580,10 @@ def run(model: str, prompt: str | None, prompt_file: Path | None, system: str | 
 
     MODEL is a Hugging Face folder (config.json, tokenizer, weights in any
     format sparsemap reads), a GGUF file, a llama2.c model (.bin, with its
-    tokenizer.bin: the prompt is continued as run.c does), or `smollm2` (SmolLM2-135M-Instruct,
+    tokenizer.bin: the prompt is continued as run.c does), Meta's original
+    Llama release (a folder of params.json, consolidated.NN.pth and
+    tokenizer.model: written once as a transformers folder into
+    $SPARSEMAP_CACHE, its files joined, and run from there), or `smollm2` (SmolLM2-135M-Instruct,
     fetched and converted once into $SPARSEMAP_CACHE). The prompt is wrapped
     in the model's chat template; a base model without one (or --raw)
     continues the prompt as plain text. PROMPT - reads it from stdin.
@@ -614,7 +618,7 @@ def run(model: str, prompt: str | None, prompt_file: Path | None, system: str | 
         prompt = sys.stdin.read().removesuffix("\n")
     assert prompt is not None
     stops = _stop_strings(stop)
-    source = resolve_model(model)
+    source = resolve_model(model, progress=_progress)  # a Meta release: written once, with a bar
     if tokenizer_path is not None:
         if source.format != "llama2c":
             raise BadInputError("--tokenizer names a llama2.c tokenizer.bin; this model brings its own "
@@ -741,7 +745,7 @@ def chat(model: str, system: str | None, max_new_tokens: int, ctx_size: int | No
     from .models.generate import pick_engine, resolve_model
 
     stops = _stop_strings(stop)
-    source = resolve_model(model)
+    source = resolve_model(model, progress=_progress)  # a Meta release: written once, with a bar
     sampling = _sampling(source, temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, seed=seed)
     chosen = pick_engine(source, engine, _torch_dtype(dtype))
@@ -895,6 +899,7 @@ def serve(model: str, host: str, port: int, max_tokens: int, engine: str, memory
       curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
           -d '{"messages": [{"role": "user", "content": "Name three planets."}]}'
     """
+    from .models.generate import resolve_model
     from .serve import ServedModel, make_server
     from .serve import serve as serve_forever
 
@@ -902,7 +907,8 @@ def serve(model: str, host: str, port: int, max_tokens: int, engine: str, memory
     server = make_server(host=host, port=port, log=None if quiet else lambda line: click.echo(line, err=True))
     try:
         click.echo(f"loading {model} ...", err=True)
-        served = ServedModel(model, engine=engine, memory_limit=memory_limit, max_tokens=max_tokens,
+        served = ServedModel(resolve_model(model, progress=_progress),  # type: ignore[arg-type]
+                             name=model, engine=engine, memory_limit=memory_limit, max_tokens=max_tokens,
                              on_plan=lambda text: click.echo(text, err=True))
     except BaseException:  # a refused model or Ctrl-C while loading: the port is given back
         server.server_close()

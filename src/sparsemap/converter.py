@@ -23,6 +23,7 @@ dropped once written, and output pages are flushed and dropped as they go.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from .durable import check_destination
 from .errors import FileChangedError, ReservedNameError, TruncatedFileError, UnsupportedQuantizationError
 from .formats.catalog import Catalog, FileStamp, TensorEntry
 from .formats.planner import Layout, Plan, Spec, plan
-from .formats.quantized import FROM_GGUF
+from .formats.quantized import LLAMA2C_Q8_0, kept_scheme
 from .formats.reserved import LAYOUT_KEY, QUANT_KEY
 from .formats.source import open_regular_fd
 from .mapped import torch_dtype
@@ -45,6 +46,7 @@ from .writer import FileRange, write
 if TYPE_CHECKING:
     from .quantize import Coded
 
+logger = logging.getLogger("sparsemap")
 
 @dataclass(frozen=True)
 class ConvertSummary:
@@ -117,6 +119,8 @@ def convert(source: Source | Checkpoint, destination: str | os.PathLike[str], *,
     except ReservedNameError as e:
         where = catalog[e.tensor].file if e.tensor in catalog else catalog.source
         raise ReservedNameError(e.detail, path=where, tensor=e.tensor) from None
+    if layout.quantize == "keep":
+        _note_dequantized(catalog, the_plan)
 
     with SourceFiles(catalog) as files:
         def get(name: str) -> torch.Tensor | FileRange:
@@ -252,11 +256,40 @@ class SourceFiles:
 
 def _source_encoding(catalog: Catalog, name: str) -> str | None:
     """The quantization a tensor comes in, as the planner judges it: a GGUF type (also for a weight of
-    ours decoded from one), else ``None`` (float, or quantized from float: quantized again by the mode)."""
+    ours decoded from one) or llama2.c's Q8_0 in groups of a size the int8 layout takes, else ``None``
+    (float, or quantized in a form no kernel layout holds: dequantized, or quantized again by the mode)."""
     weight = catalog.quantized.get(name)
     if weight is not None:
-        return weight.source if weight.source in FROM_GGUF else None
-    return catalog[name].encoding
+        return weight.source if kept_scheme(weight.source) is not None else None
+    encoding = catalog[name].encoding
+    return None if encoding == LLAMA2C_Q8_0 else encoding  # llama2.c's groups that straddle rows
+
+
+def _note_dequantized(catalog: Catalog, the_plan: Plan) -> None:
+    """Under ``keep``, say which quantized source tensors the plan stores dequantized, and why (one line
+    per reason): llama2.c's Q8_0 whose groups straddle rows or are not a multiple of 16 values, weights
+    of ours quantized from float."""
+    kept = {r.quantized[0] for r in the_plan.records if r.quantized is not None}
+    reasons: dict[str, list[str]] = {}
+    for name, entry in catalog.items():
+        weight = catalog.quantized.get(name)
+        if name in kept or (weight is None and entry.encoding != LLAMA2C_Q8_0):
+            continue  # kept, or not quantized (GGUF types either keep or were refused by the planner)
+        if weight is None:
+            k = entry.shape[-1]
+            group = entry.numel // ((entry.nbytes - entry.numel) // 4)  # values numel, then the scales
+            why = (f"llama2.c's Q8_0 groups straddle their rows ({k} values a row, groups of {group}), "
+                   "which no kernel layout holds")
+        elif weight.source.startswith(LLAMA2C_Q8_0):
+            why = (f"llama2.c's Q8_0 in groups of {weight.group}; the int8 layout takes groups of a "
+                   "multiple of 16")
+        else:
+            why = f"quantized from {weight.source}, not from a GGUF or llama2.c file ('keep' keeps those)"
+        reasons.setdefault(why, []).append(name)
+    for why, names in reasons.items():
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        logger.warning("%s: --quantize keep: %d tensor(s) stored dequantized to float32 (%s%s): %s",
+                       catalog.source, len(names), ", ".join(names[:3]), more, why)
 
 
 def _coded(files: SourceFiles, name: str, mode: str) -> Coded:
@@ -271,8 +304,8 @@ def _coded(files: SourceFiles, name: str, mode: str) -> Coded:
         coded = decode(weight, [files.read(p) for p in weight.parts])
         if entry.order is not None:  # rows stored in another order (llama2.c's q and k)
             coded = coded.rows(inverse_order(entry.order))
-        return coded if weight.source in FROM_GGUF else from_float(coded.values(), mode)
-    if entry.encoding is None:
+        return coded if kept_scheme(weight.source) is not None else from_float(coded.values(), mode)
+    if entry.encoding is None or entry.encoding == LLAMA2C_Q8_0:  # float, or read as float (dequantized)
         return from_float(files.read(entry), mode)
     coded = from_gguf(files.raw(entry), entry.encoding, (entry.shape[0], entry.shape[1]), name=name)
     return coded if entry.order is None else coded.rows(inverse_order(entry.order))

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 from torch import nn
 
+from . import pages
 from .checkpoint import Checkpoint
 from .checkpoint import Source as CheckpointSource
 from .errors import (
@@ -39,12 +40,14 @@ Skip = Iterable[str] | Callable[[str], bool] | None
 
 # How many names an error message lists before "... and N more".
 MAX_LISTED = 20
+# A saved buffer this large, computed while building under skeleton(saved_buffers=False), trims the heap.
+TRIM_AFTER_NBYTES = 1 << 20
 
 
 # ---------------------------------------------------------------- building a model with no weights
 
 @contextlib.contextmanager
-def skeleton() -> Iterator[None]:
+def skeleton(*, saved_buffers: bool = True) -> Iterator[None]:
     """Build modules with their parameters on the meta device; buffers stay real.
 
     Parameters (the weights) get shapes but no storage, so building a 7 B model
@@ -52,6 +55,13 @@ def skeleton() -> Iterator[None]:
     created normally because a model computes some of them at construction and
     never saves them (BERT's ``position_ids``, rotary ``inv_freq``): they must
     hold real values, and they are small.
+
+    With ``saved_buffers=False``, a buffer registered as persistent (one a
+    checkpoint saves) goes to meta as soon as it is registered: the checkpoint
+    will provide it. ``sparsemap.load(factory, ...)`` builds so, and computes
+    again any such buffer a checkpoint lacks. It matters for saved buffers that
+    are large: LLMs-from-scratch's GPT keeps a 4 MiB causal mask in each of its
+    12 blocks, about 100 MiB of construction that loading throws away.
 
     Patches ``nn.Module.register_parameter`` for the duration: not thread-safe. So are ``torch.nn.init``'s
     initialisers, which do nothing to a meta tensor but cost, the first time one runs on meta in a process,
@@ -64,6 +74,7 @@ def skeleton() -> Iterator[None]:
         >>> sparsemap.load(model, "model.safetensors")
     """
     original = nn.Module.register_parameter
+    original_buffer = nn.Module.register_buffer
     initialisers = {name: getattr(nn.init, name) for name in _INITIALISERS if hasattr(nn.init, name)}
 
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
@@ -75,13 +86,27 @@ def skeleton() -> Iterator[None]:
             attrs["requires_grad"] = param.requires_grad
             module._parameters[name] = type(param)(param.to("meta"), **attrs)
 
+    def register_saved_on_meta(module: nn.Module, name: str, tensor: torch.Tensor | None,
+                               persistent: bool = True) -> None:
+        original_buffer(module, name, tensor, persistent)
+        if persistent and tensor is not None and tensor.device.type != "meta":
+            module._buffers[name] = tensor.to("meta")  # its values are freed on return, not after loading
+            if tensor.nbytes >= TRIM_AFTER_NBYTES:
+                # The C heap keeps freed memory: the last large buffer's, and what computing this one
+                # freed, go back to the kernel now, before the next one is computed (8 MiB a block held
+                # so in LLMs-from-scratch's GPT, 100 MiB over its 12 blocks).
+                pages.trim_heap()
+
     nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    if not saved_buffers:
+        nn.Module.register_buffer = register_saved_on_meta  # type: ignore[method-assign]
     for name, init in initialisers.items():
         setattr(nn.init, name, _skipped_on_meta(init))
     try:
         yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+        nn.Module.register_buffer = original_buffer  # type: ignore[method-assign]
         for name, init in initialisers.items():
             setattr(nn.init, name, init)
 
@@ -331,6 +356,8 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
             model gets ``DTensor`` parameters and the parallel forwards, so it runs
             under tensor parallelism as it is: see :mod:`sparsemap.parallel`. Call it
             on every rank. The slices go to ``device`` as they are (no ``staging``).
+            ``source`` may then also be Meta's release in ``N`` files
+            (``consolidated.NN.pth``) on ``N`` ranks: rank ``i`` maps file ``i`` only.
         tp_plan: with ``tp``, module name patterns to ``"colwise"``, ``"rowwise"``
             or ``"replicate"`` (``{"layers.*.mlp.up_proj": "colwise"}``); ``None``:
             the model's own plan (a transformers model's ``tp_plan``).
@@ -347,49 +374,60 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
             non-persistent buffer built on meta) is still on meta afterwards.
         FormatError: the checkpoint is malformed (subclasses name the fault).
         TensorParallelError: ``tp_plan`` names nothing, or splits a dimension (or
-            attention heads) the world size does not divide: raised alike on every
-            rank, before any tensor is mapped.
+            attention heads) the world size does not divide, or a Meta release's
+            number of files is not the world size: raised alike on every rank,
+            before any tensor is mapped.
 
     Example:
         >>> from transformers import BertConfig, BertModel
         >>> model = sparsemap.load(lambda: BertModel(BertConfig()), "model.safetensors")  # doctest: +SKIP
     """
-    if not isinstance(model, nn.Module):
-        with skeleton():
-            model = model()
+    factory = None if isinstance(model, nn.Module) else model
+    if factory is not None:
+        with skeleton(saved_buffers=False):
+            model = factory()
+    assert isinstance(model, nn.Module)
     _tie_again(model)
     device = torch.device(device)
-    sharding = mesh = None
-    if tp is not None:  # the plan is checked first, alike on every rank: nothing is mapped yet
-        from .parallel import mesh_of, prepare
+    sharding = mesh = ranked = None
+    if tp is not None:  # checked first, alike on every rank: headers are read, nothing is mapped yet
+        from .parallel import mesh_of, open_for_rank, prepare
 
         if staging is not None:
             raise TensorParallelError("staging= streams whole tensors; with tp= each rank copies its slices "
                                       "to the device itself: leave staging out")
         mesh = mesh_of(tp, device.type)
+        # Where this rank's tensors come from: the checkpoint's whole tensors, or its own file of a release
+        # whose files already are the ranks' slices (Meta's consolidated.NN.pth).
+        ranked = open_for_rank(source, mesh.get_local_rank(), mesh.size())
         sharding = prepare(model, tp_plan, mesh.size())
     elif tp_plan is not None:
         raise TensorParallelError("tp_plan= needs tp=: the device mesh or process group the tensors are "
                                   "split over")
-    ckpt = Checkpoint.of(source)
+    ckpt = Checkpoint.of(source) if ranked is None else ranked  # either: .catalog, .source
     the_plan = plan(model, ckpt.catalog, skip, rename=rename, prefix=prefix)
     the_plan.raise_for_errors(ckpt.source, strict)
+    if factory is not None:
+        _compute_unsaved_buffers(factory, the_plan)
     if the_plan.found_change is not None:
         logger.info("%s: checkpoint names read with %s", ckpt.source, the_plan.found_change.option())
-    if sharding is not None:
+    if sharding is not None and ranked is not None:
         sharding.check_loadable((n for slot in the_plan.missing_slots for n in slot.names), ckpt.source)
         sharding.apply(model, mesh)
         slots = {name: slot for slot, name in the_plan.assignments}
         held = {name: slot.now() for name, slot in slots.items()}  # split ones: meta DTensor placeholders
-        for name, t, as_parameter in sharding.serve(ckpt, held, mesh, reads=_reads(device, dtype),  # type: ignore[arg-type]
+        for name, t, as_parameter in sharding.serve(ranked, held, mesh, reads=_reads(device, dtype),  # type: ignore[arg-type]
                                                     convert=lambda t: _converted(t, device, dtype),
                                                     keep_quantized=device.type == "cpu"):
             _assign(slots[name], t, as_parameter=as_parameter)
     else:
+        assert isinstance(ckpt, Checkpoint)
         _assign_all(ckpt, the_plan, device=device, dtype=dtype, staging=staging, readers=readers,
                     drop_cache=drop_cache)
     _initialise_missing(model, the_plan, ckpt.source, dtype, device)
     _check_materialized(the_plan, ckpt.source, strict)
+    if factory is not None:  # what building computed and loading replaced is free now: back to the kernel
+        pages.trim_heap()
     return model
 
 
@@ -419,6 +457,22 @@ def _assign_all(ckpt: Checkpoint, the_plan: LoadPlan, *, device: torch.device, d
             _assign(slots[name], t, as_parameter=False)
         else:
             _assign(slots[name], _converted(t, device, dtype))
+
+
+def _compute_unsaved_buffers(factory: Callable[[], nn.Module], the_plan: LoadPlan) -> None:
+    """Give the persistent buffers the checkpoint lacks (built on meta, see :func:`skeleton`) the values the
+    model computes, by building it once more with real buffers. Rare: a checkpoint saved before a model
+    added a buffer, one a model declares it can do without."""
+    slots = [slot for slot in the_plan.missing_slots
+             if slot.kind == "buffer" and (t := slot.now()) is not None and t.is_meta]
+    if not slots:
+        return
+    with skeleton():
+        computed = dict(factory().named_buffers(remove_duplicate=False))
+    for slot in slots:
+        value = computed.get(slot.names[0])
+        if value is not None and not value.is_meta:
+            _assign(slot, value)
 
 
 def _tie_again(model: nn.Module) -> None:

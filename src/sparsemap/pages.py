@@ -122,6 +122,21 @@ def will_need(addr: int, nbytes: int) -> None:
     madvise(addr, nbytes, MADV_WILLNEED)
 
 
+def trim_heap() -> bool:
+    """Give the heap's free memory back to the kernel (glibc's ``malloc_trim(0)``); False where the C
+    library has none (musl).
+
+    Tensors of a few MiB freed in the middle of the heap stay resident: glibc keeps freed memory for later
+    allocations. A model built with real buffers that loading then replaced by views of the file (the
+    causal masks of LLMs-from-scratch's GPT: 12 x 4 MiB) leaves 35 MiB of anonymous memory held so.
+    """
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 def drop_cache(fd: int, offset: int, nbytes: int) -> None:
     """``posix_fadvise(POSIX_FADV_DONTNEED)``: drop clean cached pages of this file range."""
     os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)

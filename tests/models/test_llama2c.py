@@ -289,6 +289,76 @@ def test_convert_writes_transformers_rows_float_or_requantized(tmp_path: Path, q
         got = converted.tensor(name)
         if quantize is None or want.dim() == 1:
             assert torch.equal(got, want), name
-        else:  # quantized again in groups of 32: within half a step of the values it was given
+        else:  # kept in llama2.c's groups of 64 (as a GGUF's blocks are): within half a step of them
+            assert converted.catalog.quantized[name].group == 64, name
             step = want.abs().reshape(-1, 32).amax(-1).repeat_interleave(32).view(want.shape) / 127
             assert ((got - want).abs() <= step / 2 + 1e-6).all(), name
+
+
+def _lean_folder(converted: Path, source: Path, out: Path) -> Path:
+    """The file converted from ``source`` as a folder the lean Llama loads: it and the header's config."""
+    out.mkdir()
+    converted.rename(out / "model.sparsemap.safetensors")
+    (out / "config.json").write_text(json.dumps(config(sparsemap.open(source))))
+    return out
+
+
+def test_convert_keep_writes_the_q8_0_groups_as_they_lie_and_computes_the_same_logits(tmp_path: Path,
+                                                                                       caplog) -> None:
+    reference = tiny_llama(intermediate_size=128)  # rows of 64 and 128: every matrix kept int8
+    path = write_llama2c(tmp_path / "model.bin", reference, 2)
+    with caplog.at_level("WARNING", logger="sparsemap"):
+        sparsemap.convert(path, tmp_path / "out.safetensors", layout=sparsemap.Layout(quantize="keep"))
+    assert "dequantized" not in caplog.text
+    source, converted = sparsemap.Checkpoint(path), sparsemap.Checkpoint(tmp_path / "out.safetensors")
+    assert set(converted.catalog.quantized) == set(source.catalog.quantized)
+    assert len(source.catalog.quantized) == 16
+    for name, weight in converted.catalog.quantized.items():
+        assert (weight.scheme, weight.group, weight.source) == ("int8", 64, "llama2c-Q8_0/64"), name
+        # The same int8 values and float32 scales, contiguous now (the source's are strided views).
+        theirs, ours = source.quantized(name), converted.quantized(name)
+        if source.catalog[name].order is not None:  # q and k: rows put in transformers' order
+            index = torch.tensor(source.catalog[name].order).argsort()
+            theirs = [theirs[0].index_select(1, index), theirs[1].index_select(1, index)]
+        assert all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True)), name
+        assert torch.equal(converted.tensor(name), source.tensor(name)), name
+    # The same logits, bit for bit: the lean engine runs the same int8 groups through the same kernel.
+    lean = load(path)
+    folder = _lean_folder(tmp_path / "out.safetensors", path, tmp_path / "converted")
+    from_converted = llama.load(folder)
+    assert all(type(w) is QuantizedTensor for w in from_converted.parameters() if w.dim() == 2)
+    assert torch.equal(_logits(from_converted, IDS), _logits(lean, IDS))
+    assert from_converted.generate(IDS, 8) == lean.generate(IDS, 8)
+
+
+def test_convert_keep_dequantizes_groups_that_straddle_rows_and_says_so(tmp_path: Path, caplog) -> None:
+    reference = tiny_llama()  # down_proj rows of 96 in groups of 64: no kernel layout holds them
+    path = write_llama2c(tmp_path / "model.bin", reference, 2)
+    with caplog.at_level("WARNING", logger="sparsemap"):
+        result = CliRunner().invoke(main, ["convert", str(path), str(tmp_path / "out.safetensors"),
+                                           "--quantize", "keep"])
+    assert result.exit_code == 0, result.output
+    notes = [r.getMessage() for r in caplog.records if "dequantized" in r.getMessage()]
+    assert notes == [f"{path}: --quantize keep: 2 tensor(s) stored dequantized to float32 "
+                     "(model.layers.0.mlp.down_proj.weight, model.layers.1.mlp.down_proj.weight): "
+                     "llama2.c's Q8_0 groups straddle their rows (96 values a row, groups of 64), which no "
+                     "kernel layout holds"]
+    converted = sparsemap.Checkpoint(tmp_path / "out.safetensors")
+    assert len(converted.catalog.quantized) == 14 and "model.layers.0.mlp.down_proj.weight" not in \
+        converted.catalog.quantized
+    source = sparsemap.Checkpoint(path)
+    assert all(torch.equal(converted.tensor(n), source.tensor(n)) for n in source)
+    folder = _lean_folder(tmp_path / "out.safetensors", path, tmp_path / "converted")
+    assert torch.equal(_logits(llama.load(folder), IDS), _logits(load(path), IDS))
+
+
+def test_convert_q8_0_quantizes_the_straddling_groups_from_their_values(tmp_path: Path) -> None:
+    path = write_llama2c(tmp_path / "model.bin", tiny_llama(), 2)
+    sparsemap.convert(path, tmp_path / "out.safetensors", layout=sparsemap.Layout(quantize="q8_0"))
+    source, converted = sparsemap.Checkpoint(path), sparsemap.Checkpoint(tmp_path / "out.safetensors")
+    down = converted.catalog.quantized["model.layers.0.mlp.down_proj.weight"]
+    assert (down.group, down.source) == (32, "F32")  # quantized again, in groups of 32 of each row
+    assert converted.catalog.quantized["model.layers.0.mlp.up_proj.weight"].group == 64  # kept as it lies
+    want = source.tensor("model.layers.0.mlp.down_proj.weight")
+    step = want.abs().reshape(-1, 32).amax(-1).repeat_interleave(32).view(want.shape) / 127
+    assert ((converted.tensor("model.layers.0.mlp.down_proj.weight") - want).abs() <= step / 2 + 1e-6).all()

@@ -62,3 +62,30 @@ def test_a_model_class_is_built_under_skeleton_and_loaded(checkpoint: Path, reci
     with torch.inference_mode():
         assert torch.equal(model(IDS), recipe_outputs)
     assert all(mapping_of(p, n) for n, p in model.named_parameters())
+
+
+def test_a_budget_streams_the_blocks_and_the_head_in_pieces(checkpoint: Path, recipe_outputs: torch.Tensor):
+    from sparsemap import pages
+    from sparsemap.budget import Budget, kv_cache_nbytes, scratch_nbytes, units_of
+    from sparsemap.memory import Snapshot
+
+    model = sparsemap.load(lambda: ch04.GPTModel(GPT_CONFIG_124M), checkpoint).eval()
+    units = units_of(model)
+    blocks = [f"trf_blocks.{i}" for i in range(GPT_CONFIG_124M["n_layers"])]
+    assert [u.name for u in units] == ["embedding", *blocks, "head"]  # its stack is an nn.Sequential
+    head = units[-1]
+    assert head.pieces == (model.out_head,) and head.least_nbytes < head.nbytes // 8
+    snap = Snapshot.take()
+    baseline, n = snap.anon + snap.file, IDS.shape[1]
+    limit = baseline + kv_cache_nbytes(model, n) + scratch_nbytes(model, n) + 3 * units[1].nbytes
+    assert limit - baseline < head.nbytes  # the head alone would not fit
+    with Budget(model, limit=limit, baseline=baseline, max_tokens=n) as budget:
+        assert set(budget.plan.streamed) == {*blocks, "head"}
+        with torch.inference_mode():
+            got = model(IDS)
+        for unit in budget.units:
+            if unit.name in budget.plan.streamed:
+                assert not any(pages.present_in_process(r.start, r.nbytes).any() for r in unit.releasable), \
+                    f"{unit.name} stayed in memory after it computed"
+    assert torch.equal(got, recipe_outputs)
+    assert "forward" not in model.out_head.__dict__  # its own forward again

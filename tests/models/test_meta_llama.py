@@ -7,7 +7,9 @@ loaded from a release, and the folder ``sparsemap convert`` joins, must compute 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 import weakref
 from pathlib import Path
@@ -195,7 +197,8 @@ def test_without_sentencepiece_the_tokenizer_is_skipped_and_said(tmp_path: Path,
     monkeypatch.setitem(sys.modules, "sentencepiece", None)  # import sentencepiece fails
     with caplog.at_level(logging.WARNING, logger="sparsemap"):
         write_folder(folder, tmp_path / "hf")
-    assert "needs the sentencepiece package" in caplog.text
+    assert (f"sentencepiece is not installed, and converting the SentencePiece {folder / 'tokenizer.model'} "
+            "needs it: pip install sentencepiece; the folder has no tokenizer") in caplog.text
     assert not list((tmp_path / "hf").glob("tokenizer*"))
 
 
@@ -224,3 +227,158 @@ def test_a_sentencepiece_tokenizer_model_is_converted_by_transformers(tmp_path: 
     theirs = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     for text in ("the quick brown fox", "a lazy dog jumps 42 times", "héllo"):
         assert ours(text)["input_ids"] == [1, *theirs.encode(text)], text
+
+
+# ---------------------------------------------------------------- sparsemap run: written once into the cache
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "a", "cat", "sat", "on", "mat"]
+
+
+def _word_tokenizer(folder: Path) -> None:
+    """A tokenizer.json (and tokenizer_config.json) of whole words with Llama's ids for <unk>, <s>, </s>,
+    made with the tokenizers library: what a release gets from its Hugging Face repo, no sentencepiece."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: 3 + i for i, w in enumerate(WORDS)}}
+    vocab.update({f"w{i}": i for i in range(len(vocab), 300)})  # the model's 300 rows, every one a token
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.decoder = decoders.WordPiece()  # joins words with spaces
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>",
+        "chat_template": "<s>{% for m in messages %}{{ m['content'] }} {% endfor %}"}))
+
+
+def _run(model: Path | str, *more: str) -> tuple[dict, str]:
+    """``sparsemap run MODEL "the quick brown" --json`` (8 greedy tokens): the report and the stderr."""
+    result = CliRunner().invoke(main, ["run", str(model), "the quick brown", "--raw", "--max-new-tokens", "8",
+                                       "--temperature", "0", "--json", *more])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), result.stderr
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("SPARSEMAP_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_run_on_a_release_in_several_files_joins_it_once_and_answers_as_the_converted_folder(
+        tmp_path: Path, model, cache: Path):
+    folder = write_meta_release(tmp_path / "llama", model, 2)
+    _word_tokenizer(folder)
+    write_folder(folder, tmp_path / "hf")  # `sparsemap convert`: the reference
+    want, _ = _run(tmp_path / "hf")
+    got, stderr = _run(folder)
+    assert got["tokens"] == want["tokens"] and got["answer"] == want["answer"] and len(got["tokens"]) == 8
+    assert got["engine"] == "LeanEngine"
+    assert f"sparsemap: {folder} is a Meta release: writing it once as a transformers folder (its 2 files " \
+        "joined" in stderr
+    cached = meta_llama.cache_folder(folder)
+    assert cached.parent == cache / "meta-llama" and got["model"] == str(cached)
+    assert sorted(p.name for p in cached.iterdir()) == [".complete", "config.json", "generation_config.json",
+                                                        "model.safetensors", "tokenizer.json",
+                                                        "tokenizer_config.json"]
+    # Every weight maps from the cached file, q and k too (their rows were put in order once, on disk).
+    loaded = sparsemap.from_pretrained(cached)
+    weights = str(cached / "model.safetensors")
+    assert all(mapping_of(p, n).path == weights for n, p in loaded.named_parameters())
+    torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=0)
+
+    # The next run takes the folder as it is: nothing said, nothing written.
+    inode = (cached / "model.safetensors").stat().st_ino
+    again, stderr = _run(folder)
+    assert again["tokens"] == want["tokens"] and "Meta release" not in stderr
+    assert (cached / "model.safetensors").stat().st_ino == inode
+
+
+def test_a_changed_release_is_written_again(tmp_path: Path, cache: Path):
+    folder = write_meta_release(tmp_path / "llama", tiny_llama(seed=1), 2)
+    _word_tokenizer(folder)
+    first, _ = _run(folder)
+    # One file rewritten in place, the same size and modification time (as `cp -p` leaves it): the change
+    # time still tells.
+    other = tiny_llama(seed=2)
+    part = folder / "consolidated.01.pth"
+    st = part.stat()
+    torch.save(meta_state_dicts(other, 2)[1], part)
+    os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert part.stat().st_size == st.st_size
+    with pytest.raises(errors.MetaLlamaFormatError, match="differs from the same tensor"):  # half of each
+        meta_llama.prepare(folder, on_note=lambda _: None)
+    torch.save(meta_state_dicts(other, 2)[0], folder / "consolidated.00.pth")
+    second, stderr = _run(folder)
+    assert "writing it once" in stderr
+    write_folder(folder, tmp_path / "hf")
+    want, _ = _run(tmp_path / "hf")
+    assert second["tokens"] == want["tokens"] != first["tokens"]
+    torch.testing.assert_close(logits(sparsemap.from_pretrained(meta_llama.cache_folder(folder))),
+                               logits(other), atol=1e-5, rtol=0)
+    assert [p.name for p in (cache / "meta-llama").iterdir()] == [meta_llama.cache_folder(folder).name]
+
+
+def test_chat_and_serve_take_a_release_too(tmp_path: Path, model, cache: Path):
+    from sparsemap.serve import ServedModel
+
+    folder = write_meta_release(tmp_path / "llama", model, 2)
+    _word_tokenizer(folder)
+    served = ServedModel(str(folder), name="llama")
+    assert served.source.folder == str(meta_llama.cache_folder(folder))
+    result = CliRunner().invoke(main, ["chat", str(folder), "--max-new-tokens", "4"],
+                                input="the fox\n/exit\n")
+    assert result.exit_code == 0 and "chatting with" in result.stderr, result.output
+    assert "Meta release" not in result.stderr  # written once, by the server above
+
+
+@pytest.mark.parametrize(("module", "distribution"), [("sentencepiece", "sentencepiece"),
+                                                      ("google.protobuf", "protobuf")])
+def test_run_without_sentencepiece_is_refused_before_anything_is_written(tmp_path: Path, model, cache: Path,
+                                                                        monkeypatch, module: str,
+                                                                        distribution: str):
+    folder = write_meta_release(tmp_path / "llama", model, 2)
+    (folder / "tokenizer.model").write_bytes(b"\x0a\x0b\x0a\x05<unk>")  # a SentencePiece ModelProto's start
+    monkeypatch.setitem(sys.modules, module, None)  # importing it fails
+    result = CliRunner().invoke(main, ["run", str(folder), "Hi"])
+    assert result.exit_code != 0
+    assert result.stderr.strip().splitlines() == [
+        f"sparsemap: error: {distribution} is not installed, and converting the SentencePiece "
+        f"{folder / 'tokenizer.model'} needs it: pip install {distribution}"]
+    assert not cache.exists() or not any(cache.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize(("tokenizer", "words"), [
+    (None, "no tokenizer.model (nor tokenizer.json) beside params.json"),
+    (b"IQ== 0\nIg== 1\n", "not a SentencePiece model (Llama 3's tiktoken ranks?), which sparsemap does not "
+                          "convert: put tokenizer.json and tokenizer_config.json"),
+], ids=["none", "tiktoken"])
+def test_run_without_a_tokenizer_it_can_convert_is_refused(tmp_path: Path, model, cache: Path,
+                                                           tokenizer: bytes | None, words: str):
+    folder = write_meta_release(tmp_path / "llama", model, 2)
+    if tokenizer is not None:
+        (folder / "tokenizer.model").write_bytes(tokenizer)
+    result = CliRunner().invoke(main, ["run", str(folder), "Hi"])
+    assert result.exit_code == 2 and words in result.stderr, result.output
+    assert not cache.exists() or not any(cache.rglob("*.safetensors"))
+
+
+def test_run_with_llama_s_sentencepiece_tokenizer_model(tmp_path: Path, model, cache: Path):
+    spm = pytest.importorskip("sentencepiece", reason="converting tokenizer.model needs sentencepiece "
+                                                      "(the test extra installs it)")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the quick brown fox jumps over the lazy dog {i}" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tok"), vocab_size=300,
+                                   model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, split_digits=True, minloglevel=2)
+    folder = write_meta_release(tmp_path / "llama", model, 2)
+    (tmp_path / "tok.model").rename(folder / "tokenizer.model")
+    got, _ = _run(folder)
+    theirs = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    assert got["prompt_tokens"] == 1 + len(theirs.encode("the quick brown"))  # BOS, as Meta's generate()
+    ids = [1, *theirs.encode("the quick brown")]
+    want = []
+    with torch.inference_mode():  # greedy with the original model, no cache
+        for _ in range(8):
+            want.append(int(model(torch.tensor([ids + want])).logits[0, -1].argmax()))
+    assert got["tokens"] == want

@@ -31,6 +31,9 @@ Q8_0 matrices whose rows hold whole groups (the row length a multiple of the gro
 of the file (values ``(groups, rows, group)``, scales ``(groups, rows)``), so the int8 kernel runs on
 the mapped bytes. A matrix whose groups straddle rows (``runq.c`` computes such a matrix wrongly: its
 loops drop the tail of each row) is served dequantized on access (encoding :data:`Q8_0_FLAT`).
+``sparsemap convert --quantize keep`` writes the kept ones as the converted file's int8 parts, the same
+values and scales in the same groups (the file's int8 layout needs groups of a multiple of 16, which
+``export.py``'s 64 and its halvings down to 16 are); the others are written dequantized, with a note.
 
 Sizes are multiplied in Python integers (``run.c`` needs 64-bit products for 13B models), checked
 against the file before any entry is built. Trailing bytes are refused: ``run.c`` and ``runq.c``
@@ -57,14 +60,20 @@ from .llama2c_header import (
     read_header,
     read_legacy,
 )
-from .quantized import INT8, QuantizedWeight
+from .quantized import INT8, LLAMA2C_Q8_0, QuantizedWeight
 from .rotary import rotary_order
 from .source import open_regular
 
 # A Q8_0 matrix whose groups straddle its rows: int8 values then float32 scales, one entry spanning
 # both; the group size is nbytes' own (values numel, scales 4 * numel / group).
-Q8_0_FLAT = "llama2c-Q8_0"
-SOURCE = "llama2c-Q8_0"  # QuantizedWeight.source of the matrices kept quantized
+Q8_0_FLAT = LLAMA2C_Q8_0
+
+
+def kept_source(group: int) -> str:
+    """``QuantizedWeight.source`` of a matrix kept quantized: ``"llama2c-Q8_0/64"``, its group named, so
+    that ``convert --quantize keep`` keeps it in groups of that size
+    (:func:`~sparsemap.formats.quantized.kept_scheme`)."""
+    return f"{LLAMA2C_Q8_0}/{group}"
 
 
 # ---------------------------------------------------------------- the walk
@@ -162,7 +171,7 @@ def _q8_0(name: str, path: str, offset: int, shape: tuple[int, ...],
     q = TensorEntry(f"{name}@int8", path, offset, numel, "I8", (groups, n, group), strides=(group, k, 1))
     scale = TensorEntry(f"{name}@int8.scale", path, offset + numel, 4 * n * groups, "F32", (groups, n),
                         strides=(1, groups))
-    weight = QuantizedWeight(name, INT8, (n, k), group, SOURCE, q, scale)
+    weight = QuantizedWeight(name, INT8, (n, k), group, kept_source(group), q, scale)
     return TensorEntry(name, path, offset, numel, "F32", shape, encoding=INT8), weight
 
 
@@ -185,4 +194,5 @@ def header_of(catalog: Catalog) -> Llama2cHeader:
 
 
 __all__ = ["FIELDS", "MAGIC", "MAGIC_BYTES", "NAMES", "Q8_0_FLAT", "LegacyReading", "Llama2cHeader",
-           "header_of", "open_llama2c", "read_header", "read_legacy", "rotary_order", "validate"]
+           "header_of", "kept_source", "open_llama2c", "read_header", "read_legacy", "rotary_order",
+           "validate"]

@@ -27,7 +27,8 @@ returns each file as a :class:`~sparsemap.formats.catalog.Catalog` under transfo
 dimension the files split each tensor along: rank ``i``'s tensors for a tensor-parallel load, the parts a
 conversion joins. ``sparsemap.open`` of a release in one file is that file's catalog
 (:func:`open_release`); a release in several files is refused there with the one line that says how to
-join it (``sparsemap convert FOLDER OUT/``, :mod:`sparsemap.models.meta_llama`).
+join it (``sparsemap convert FOLDER OUT/``, :mod:`sparsemap.models.meta_llama`) or load it on as many ranks
+as files (:class:`sparsemap.parallel.RankFiles`).
 """
 
 from __future__ import annotations
@@ -303,9 +304,11 @@ def open_release(source: ModelSource) -> Catalog:
     release = read_release(source)
     if len(release.ranks) > 1:
         first, last = (os.path.basename(c.source) for c in (release.ranks[0], release.ranks[-1]))
+        n = len(release.ranks)
         raise ShardedReleaseError(
-            f"a Meta release in {len(release.ranks)} model-parallel files ({first} ... {last}), each a slice "
-            f"of every matrix: join them once with `sparsemap convert {release.folder} OUT/`, then load OUT/",
+            f"a Meta release in {n} model-parallel files ({first} ... {last}), each a slice of every matrix: "
+            f"join them once with `sparsemap convert {release.folder} OUT/`, then load OUT/; or load it on "
+            f"{n} ranks (torchrun --nproc-per-node {n}, tp_plan='auto'), rank i mapping file i",
             path=release.folder)
     return release.ranks[0]
 

@@ -60,12 +60,32 @@ FROM_FLOAT: dict[str, tuple[str, int, bool]] = {
     "int8": (INT8, 0, False),
 }
 MODES = ("keep", *FROM_FLOAT)
+# llama2.c's Q8_0 (runq.c): int8 values, a float32 scale per group of the file's own size (export.py's
+# group_size). A weight whose rows hold whole groups comes from ``"llama2c-Q8_0/G"`` (G its group): int8
+# in groups of G, as it lies; one whose groups straddle rows has no such form.
+LLAMA2C_Q8_0 = "llama2c-Q8_0"
 # Tensors whose rows are gathered, not multiplied: never int4 (see the module docstring).
 GATHERED = ("*embed_tokens*", "*token_embd*", "*wte*", "*word_embeddings*", "*embeddings.weight")
 
 
 def supported_types() -> str:
     return ", ".join(FROM_GGUF)
+
+
+def kept_scheme(encoding: str) -> tuple[str, int, bool] | None:
+    """``(scheme, group, zero)`` a source's quantization is kept in, or ``None`` where no kernel layout
+    holds it: a GGUF type (:data:`FROM_GGUF`), or llama2.c's Q8_0 in groups of a multiple of 16.
+
+    Example:
+        >>> kept_scheme("Q4_1"), kept_scheme("llama2c-Q8_0/64"), kept_scheme("llama2c-Q8_0/8")
+        (('int4', 32, True), ('int8', 64, False), None)
+    """
+    if encoding in FROM_GGUF:
+        return FROM_GGUF[encoding]
+    kind, _, group = encoding.partition("/")
+    if kind == LLAMA2C_Q8_0 and group.isdecimal() and int(group) and not int(group) % INT8_GROUP_MULTIPLE:
+        return INT8, int(group), False
+    return None
 
 
 class QuantizedWeight(NamedTuple):
@@ -133,11 +153,12 @@ def scheme_for(name: str, shape: tuple[int, ...], dtype: str, encoding: str | No
     if encoding is not None and len(shape) != 2:
         return None  # a stack of matrices (experts): no kernel takes it; stored dequantized
     if encoding is not None:
-        if encoding not in FROM_GGUF:
+        kept = kept_scheme(encoding)
+        if kept is None:
             raise UnsupportedQuantizationError(f"{encoding} cannot be kept quantized (supported: "
-                                               f"{supported_types()}; or convert without quantize to "
-                                               "dequantize it)", tensor=name)
-        chosen = FROM_GGUF[encoding]
+                                               f"{supported_types()}, llama2.c's Q8_0; or convert without "
+                                               "quantize to dequantize it)", tensor=name)
+        chosen = kept
     elif mode != "keep" and dtype in FLOATING and len(shape) == 2 and shape[0] and shape[1] and (
             shape[1] % (FROM_FLOAT[mode][1] or INT8_GROUP_MULTIPLE) == 0):
         scheme, group, zero = FROM_FLOAT[mode]

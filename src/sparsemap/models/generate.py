@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,24 +33,36 @@ from .sampling import Sampling
 ALIASES = {"smollm2": "quantized", "smollm2-135m-instruct": "quantized", "smollm2-f32": "float32"}
 
 
-def resolve_model(model: str | Path | ModelSource) -> ModelSource:
+def resolve_model(model: str | Path | ModelSource, *,
+                  progress: Callable[[str, int], AbstractContextManager[Callable[[int], None]]] | None = None
+                  ) -> ModelSource:
     """What a model argument holds: a path, the name of a model sparsemap knows (fetched and
     converted on first use), or a Hugging Face repo id found in the local cache. No torch.
+
+    Meta's original release (params.json and consolidated.NN.pth) is run from the transformers folder
+    it is written to once in sparsemap's cache (:func:`sparsemap.models.meta_llama.prepare`; ``progress``
+    makes the bar shown while it is written).
 
     Raises:
         SourceNotFoundError: no such path and no such name.
     """
     if isinstance(model, ModelSource):
-        return model
-    form = ALIASES.get(str(model).lower())
-    if form is not None and not Path(model).exists():
-        from . import smollm2
+        source = model
+    else:
+        form = ALIASES.get(str(model).lower())
+        if form is not None and not Path(model).exists():
+            from . import smollm2
 
-        return resolve_source(smollm2.prepare_quantized() if form == "quantized" else smollm2.prepare())
-    if not Path(model).exists() and not ("/" in str(model) and reads_as_repo_id(str(model))):
-        raise SourceNotFoundError(f"no such model file or folder (known names: {', '.join(sorted(ALIASES))})",
-                                  path=Path(model))
-    return resolve_source(model)
+            return resolve_source(smollm2.prepare_quantized() if form == "quantized" else smollm2.prepare())
+        if not Path(model).exists() and not ("/" in str(model) and reads_as_repo_id(str(model))):
+            raise SourceNotFoundError(f"no such model file or folder (known names: "
+                                      f"{', '.join(sorted(ALIASES))})", path=Path(model))
+        source = resolve_source(model)
+    if source.format == "meta-llama":
+        from .meta_llama import prepare
+
+        return resolve_source(prepare(source, progress=progress))
+    return source
 
 
 def check_model(source: ModelSource) -> None:

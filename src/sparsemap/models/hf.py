@@ -526,8 +526,9 @@ def from_pretrained(source: str | os.PathLike[str] | ModelSource, *, config: Any
             (``{"model.layers.*.self_attn.q_proj": "replicate", ...}``). Run on every rank (``torchrun
             --nproc-per-node N``; torch.distributed is set up from its environment when it is not yet: gloo on
             the CPU, NCCL on GPUs): each rank maps only its slice of each split tensor
-            (:mod:`sparsemap.parallel`). A world size that does not divide a split dimension or the attention
-            heads is refused on every rank before anything is mapped.
+            (:mod:`sparsemap.parallel`); Meta's release in ``N`` files loads on ``N`` ranks, rank ``i``
+            mapping file ``i``. A world size that does not divide a split dimension or the attention heads (or
+            is not a Meta release's number of files) is refused on every rank before anything is mapped.
         tp_size: the number of ranks to split over: the mesh's (transformers' meaning); another is refused.
         device_mesh: the 1-D ``DeviceMesh`` (or one with a ``"tp"`` dimension) to split over; by default one
             over every rank.
@@ -573,7 +574,9 @@ def from_pretrained(source: str | os.PathLike[str] | ModelSource, *, config: Any
             f"with `sparsemap convert {src.weights} model.safetensors`", path=src.folder)
     given = config is not None
     config = resolve_config(src, config)
-    catalog = None if src.is_gguf else open_catalog(src)  # a GGUF's is made for the model (below)
+    # A Meta release under tensor parallelism is opened per rank by load (rank i maps file i).
+    per_rank = mesh is not None and src.format == "meta-llama"
+    catalog = None if src.is_gguf or per_rank else open_catalog(src)  # a GGUF's is made for the model (below)
     cast = _auto_dtype(config, catalog) if wanted == "auto" else wanted
     implementations = {name: value for name, value in (("attn_implementation", attn_implementation),
                                                        ("experts_implementation", experts_implementation))
@@ -590,14 +593,14 @@ def from_pretrained(source: str | os.PathLike[str] | ModelSource, *, config: Any
         chosen = ", ".join(f"{name}={value!r}" for name, value in implementations.items())
         raise BadInputError(f"{chosen}: transformers cannot build {cls.__name__} with it: {_first_line(e)}") \
             from None
-    if catalog is None:
+    if catalog is None and not per_rank:
         # GGUF weights carry llama.cpp's names and values: seen as this model's (gguf_hf).
         catalog = _gguf_catalog(src, model, keep_quantized and target.type == "cpu")
     # As in transformers, a plan given overrides rules of the model's own.
     plan = (None if mesh is None or tp_plan == "auto"
             else {**(getattr(model, "tp_plan", None) or {}), **tp_plan})  # type: ignore[dict-item]
-    load(model, catalog, device=target, dtype=cast, skip=skip, strict=strict, rename=rename, prefix=prefix,
-         tp=mesh, tp_plan=plan)
+    load(model, src if catalog is None else catalog, device=target, dtype=cast, skip=skip, strict=strict,
+         rename=rename, prefix=prefix, tp=mesh, tp_plan=plan)
     model.eval()
     if generation_config is not None:
         model.generation_config = generation_config

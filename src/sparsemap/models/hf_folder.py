@@ -1,10 +1,14 @@
 """A transformers folder, written whole or not at all: what ``sparsemap convert`` makes of a GGUF file
-or of a Meta release. No torch.
+or of a Meta release, and what sparsemap keeps in its cache to run them from. No torch.
 
 The folder is built beside the destination and renamed into place when complete, so an interrupted
 conversion leaves nothing under the destination's name; an existing folder that is not empty is never
 written over. Its weights go by ``model.safetensors`` when their stored shapes are the model's, else by
 :data:`~sparsemap.formats.reserved.WEIGHTS_NAME`, which other loaders do not take for the model.
+
+A folder in the cache (:func:`cached_folder`: SmolLM2's, a Meta release joined for ``sparsemap run``)
+says what it was made from in its :data:`COMPLETE_MARK`, one line each (a format version, the source's
+file stamps): one whose mark does not begin with the lines wanted now is made again and replaces it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +100,31 @@ def replace_folder(staging_parent: Path, target: Path, build: Callable[[Path], N
         except OSError:
             if not (target / COMPLETE_MARK).is_file():  # not another process's finished copy: a real fault
                 raise
+
+
+def is_current(target: Path, made_of: Sequence[str]) -> bool:
+    """Whether the cached folder ``target`` is complete and was made from ``made_of`` (its mark's first
+    lines)."""
+    marker = target / COMPLETE_MARK
+    try:
+        lines = marker.read_text().split("\n")
+    except OSError:  # none yet (or not a file): not made
+        return False
+    return lines[:len(made_of)] == list(made_of)
+
+
+def cached_folder(target: Path, made_of: Sequence[str], build: Callable[[Path, str], None]) -> Path:
+    """``target``, a folder sparsemap keeps in its cache: returned as it is when :func:`is_current`, else
+    made by ``build(staging, mark)`` (a new folder at ``staging``, ``mark`` the text of its
+    :data:`COMPLETE_MARK`: the lines ``made_of``) and put in ``target``'s place (:func:`replace_folder`).
+
+    Example:
+        >>> cached_folder(cache_dir() / "model", ["made of x 1", "folder 2"],       # doctest: +SKIP
+        ...               lambda staging, mark: write_folder("x", staging, mark=mark))
+    """
+    if is_current(target, made_of):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mark = "".join(f"{line}\n" for line in made_of)
+    replace_folder(target.parent, target, lambda staging: build(staging, mark))
+    return target

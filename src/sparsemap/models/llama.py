@@ -120,14 +120,14 @@ def _weight(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
 
 
-class Linear(nn.Module):
+class Linear(nn.Linear):
+    """``nn.Linear`` (its forward, ``F.linear(x, weight, bias)``), with its weights on meta until loaded."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # nn.Linear's own would allocate and initialise the weights
+        self.in_features, self.out_features = in_features, out_features
         self.weight = _weight(out_features, in_features)  # (out, in)
         self.bias = _weight(out_features) if bias else None  # (out,)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 class Embedding(nn.Module):

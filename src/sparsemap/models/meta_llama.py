@@ -13,6 +13,12 @@ headers) and names its tensors as transformers does. Here:
   :mod:`sparsemap.converter`) straight into its place in the joined tensor (a part split by columns a
   block of rows at a time), written, and let go.
 
+- :func:`prepare`: what ``sparsemap run`` / ``chat`` / ``serve FOLDER`` run a release from: that folder,
+  written once into sparsemap's cache (``$SPARSEMAP_CACHE/meta-llama/``) and run mapped from there, every
+  weight a view of its file (q and k too, their rows reordered once on disk). Later runs take it as it is
+  while the release's files keep their stamps (size, modification and change times, inode); a changed
+  file makes it again. A tokenizer that cannot be converted refuses the run before anything is written.
+
 A release in several files is not loaded as one model (each file holds a slice of every matrix, so no
 tensor of the model is a view of one file); :func:`~sparsemap.formats.meta_llama.read_release` gives each
 file's tensors for a tensor-parallel load, rank ``i`` mapping file ``i``.
@@ -21,16 +27,29 @@ file's tensors for a tensor-parallel load, rank ``i`` mapping file ``i``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import shutil
+import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..formats.meta_llama import Release, read_release
-from ..formats.source import ModelSource
-from .hf_folder import COMPLETE_MARK, check_folder_destination, name_weights, save_configs, staged_folder
+from ..errors import BadInputError, DestinationError, SourceNotFoundError
+from ..formats.meta_llama import Release, read_release, shard_files
+from ..formats.source import META_PARAMS, ModelSource
+from .hf_folder import (
+    COMPLETE_MARK,
+    cached_folder,
+    check_folder_destination,
+    is_current,
+    name_weights,
+    save_configs,
+    staged_folder,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +72,14 @@ CONTEXT_LLAMA2 = 4096  # Llama 1's was 2048; nothing in its params.json tells th
 # Meta's apply_scaling (Llama 3.1's reference code): factor 8, low 1, high 4, over Llama 3's 8192 positions.
 LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                        "original_max_position_embeddings": CONTEXT_LLAMA3}
+# A tokenizer in transformers' own files beside params.json is taken as it is (how a Llama 3 release,
+# whose tokenizer.model is tiktoken's, gets one: its Hugging Face repo's files); else tokenizer.model.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+SENTENCEPIECE_MODEL = "tokenizer.model"
+# In each cached folder's mark: a folder an older sparsemap wrote differently is written again.
+FOLDER_VERSION = "meta-llama folder 1"
+CACHE_SUBDIR = "meta-llama"
 
 
 def hf_config(release: Release) -> Any:
@@ -252,31 +279,32 @@ def _as_tensor(value: Any) -> torch.Tensor:
 # ---------------------------------------------------------------- the tokenizer
 
 def write_tokenizer(release: Release, folder: Path) -> bool:
-    """Convert the release's ``tokenizer.model`` with transformers' ``LlamaTokenizer`` into ``folder``.
+    """Convert the release's ``tokenizer.model`` with transformers' ``LlamaTokenizer`` into ``folder``, or
+    copy transformers' tokenizer files (:data:`TOKENIZER_FILES`) where a ``tokenizer.json`` lies beside
+    ``params.json``.
 
     Llama 1 and 2's SentencePiece model converts where the ``sentencepiece`` package is installed (the
     conversion reads it through it). Llama 3's tokenizer.model is tiktoken's ranks, which this does not
-    convert. Either way a tokenizer that is not written is said (a warning) and the weights are unaffected.
+    convert. Either way a tokenizer that is not written is said (a warning, :func:`check_tokenizer`'s
+    reason) and the weights are unaffected.
 
     Returns:
         Whether a tokenizer was written.
     """
-    path = release.tokenizer
-    if path is None:
-        logger.warning("%s: no tokenizer.model; the folder has no tokenizer", release.folder)
-        return False
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if not head.startswith(b"\x0a"):  # a SentencePiece ModelProto starts with field 1 (pieces)
-        logger.warning("%s: not a SentencePiece model (Llama 3's tiktoken ranks?); not converted, the folder "
-                       "has no tokenizer (take tokenizer.json from the model's Hugging Face repo)", path)
-        return False
+    from ..errors import MissingExtraError
+
+    given = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(release.folder, name))]
+    if "tokenizer.json" in given:
+        for name in given:
+            shutil.copyfile(os.path.join(release.folder, name), folder / name)
+        return True
     try:
-        import sentencepiece  # noqa: F401  (transformers' conversion of a .model needs it)
-    except ImportError:
-        logger.warning("%s: not converted: converting a SentencePiece tokenizer.model needs the "
-                       "sentencepiece package (pip install sentencepiece); the folder has no tokenizer", path)
+        check_tokenizer(release)
+    except (BadInputError, MissingExtraError) as e:
+        logger.warning("%s; the folder has no tokenizer", e)
         return False
+    path = release.tokenizer
+    assert path is not None  # check_tokenizer refuses a release without one
     from transformers import LlamaTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:  # from_pretrained reads tokenizer.model from a folder
@@ -284,3 +312,148 @@ def write_tokenizer(release: Release, folder: Path) -> bool:
         tokenizer = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True)  # as Meta's generate() encodes
     tokenizer.save_pretrained(folder)
     return True
+
+
+def check_tokenizer(release: Release) -> None:
+    """Refuse, in one line that says what to do, a release whose tokenizer :func:`write_tokenizer` cannot
+    write. No torch.
+
+    Raises:
+        SourceNotFoundError: no tokenizer.model and no tokenizer.json beside params.json.
+        BadInputError: a tokenizer.model that is not SentencePiece (Llama 3's tiktoken ranks).
+        MissingExtraError: sentencepiece, protobuf or transformers, which the conversion needs, is not
+            installed.
+    """
+    if os.path.isfile(os.path.join(release.folder, "tokenizer.json")):
+        return  # copied as it is
+    path = release.tokenizer
+    if path is None:
+        raise SourceNotFoundError(f"no {SENTENCEPIECE_MODEL} (nor tokenizer.json) beside {META_PARAMS}: the "
+                                  "release has no tokenizer", path=release.folder)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head.startswith(b"\x0a"):  # a SentencePiece ModelProto starts with field 1 (pieces)
+        raise BadInputError("not a SentencePiece model (Llama 3's tiktoken ranks?), which sparsemap does not "
+                            "convert: put tokenizer.json and tokenizer_config.json from the model's Hugging "
+                            f"Face repo beside {META_PARAMS}", path=path)
+    import importlib.util
+
+    from ..errors import MissingExtraError
+    from ..extras import check
+
+    check("transformers", needed_for=f"converting the SentencePiece {path}")
+    missing = []
+    for module, distribution in (("sentencepiece", "sentencepiece"), ("google.protobuf", "protobuf")):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent missing, or a module set to None in sys.modules
+            found = False
+        if not found:
+            missing.append(distribution)
+    if missing:  # transformers' conversion reads the model's protobuf through both
+        raise MissingExtraError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                                f"installed, and converting the SentencePiece {path} needs "
+                                f"{'it' if len(missing) == 1 else 'them'}: pip install {' '.join(missing)}")
+
+
+# ---------------------------------------------------------------- sparsemap run: joined once, cached
+
+def cache_folder(source: str | os.PathLike[str] | ModelSource) -> Path:
+    """Where :func:`prepare` keeps the release at ``source``: one folder per release folder
+    (``$SPARSEMAP_CACHE/meta-llama/<name>-<hash of its path>``), made again when the release changes."""
+    from .assets import cache_dir
+
+    folder = _folder_of(source)
+    key = hashlib.sha256(os.path.realpath(folder).encode()).hexdigest()[:12]  # one per release, however named
+    return cache_dir() / CACHE_SUBDIR / f"{os.path.basename(folder)}-{key}"
+
+
+def prepare(source: str | os.PathLike[str] | ModelSource, *,
+            progress: Callable[[str, int], AbstractContextManager[Callable[[int], None]]] | None = None,
+            on_note: Callable[[str], None] | None = None) -> Path:
+    """The release as a transformers folder in sparsemap's cache (:func:`cache_folder`), written there on
+    first use by :func:`write_folder`: what ``sparsemap run``, ``chat`` and ``serve`` run a release from.
+
+    The folder is taken as it is while the release's files (``params.json``, every
+    ``consolidated.NN.pth``, the tokenizer's) have the stamps its mark records: size, modification and
+    change times, inode (a file rewritten in place with its old modification time is still seen, as
+    :class:`~sparsemap.formats.catalog.FileStamp` sees it). Otherwise the release is checked, its tokenizer
+    first (so a run that cannot tokenize is refused before gigabytes are written), the disk's free space
+    against the weights, and the folder is written beside the old one and put in its place when complete.
+    A cached folder is returned without importing torch.
+
+    Args:
+        source: the release's folder (or its ``params.json``, or the source resolved from either).
+        progress: ``progress(description, total_nbytes)``, a context manager that gives the callback of
+            bytes written: a progress bar while the weights are written.
+        on_note: hears the one line that says the release is being written, where and how large (default:
+            printed on stderr).
+
+    Raises:
+        MissingExtraError: the tokenizer.model needs sentencepiece, protobuf or transformers, not
+            installed.
+        BadInputError: no tokenizer, or Llama 3's tiktoken tokenizer.model without a tokenizer.json.
+        DestinationError: the cache's disk has no room for the weights.
+        MetaLlamaFormatError: the release's files do not describe one model.
+
+    Example:
+        >>> sparsemap.models.generate.resolve_model("Llama-2-13b/").folder        # doctest: +SKIP
+        '/home/me/.cache/sparsemap/meta-llama/Llama-2-13b-3f1c2a9b0d4e'
+    """
+    from ..units import format_size
+
+    folder = _folder_of(source)
+    target = cache_folder(folder)
+    made_of = [FOLDER_VERSION, *_stamp_lines(folder)]
+    if is_current(target, made_of):
+        return target
+    release = read_release(folder)
+    check_tokenizer(release)
+    nbytes = sum(entry.nbytes for catalog in release.ranks for entry in catalog.values())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(target.parent).free
+    if free < nbytes:
+        raise DestinationError(f"has {format_size(free)} free; the release's weights need about "
+                               f"{format_size(nbytes)} there (free some space, or set SPARSEMAP_CACHE to a "
+                               "folder on a disk with room)", path=target.parent)
+    files = f"its {len(release.ranks)} files joined" if len(release.ranks) > 1 else "its one file"
+    (on_note or _to_stderr)(f"sparsemap: {folder} is a Meta release: writing it once as a transformers "
+                            f"folder ({files}, {format_size(nbytes)}) into {target}; later runs map it from "
+                            "there")
+
+    def build(staging: Path, mark: str) -> None:
+        bar = progress(f"joining {len(release.ranks)} files" if len(release.ranks) > 1 else "writing",
+                       nbytes) if progress is not None else contextlib.nullcontext(None)
+        with bar as advance:
+            write_folder(folder, staging, mark=mark, on_bytes=advance)
+        if not (staging / "tokenizer.json").is_file():  # checked above; a folder without one never runs
+            raise BadInputError("the tokenizer was not written (see the warning above)", path=folder)
+
+    return cached_folder(target, made_of, build)
+
+
+def _folder_of(source: str | os.PathLike[str] | ModelSource) -> str:
+    if isinstance(source, ModelSource):
+        return source.folder
+    path = os.path.abspath(os.fspath(source))
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
+def _stamp_lines(folder: str) -> list[str]:
+    """One line per file the cached folder is made from: its name and stamp (the device left out: it
+    can change across reboots for the same file on some filesystems)."""
+    names = [META_PARAMS, *(os.path.basename(p) for p in shard_files(folder)), SENTENCEPIECE_MODEL,
+             *TOKENIZER_FILES]
+    lines = []
+    for name in names:
+        try:
+            st = os.stat(os.path.join(folder, name))
+        except FileNotFoundError:
+            continue  # an optional tokenizer file; a missing shard or params.json is read_release's to say
+        lines.append(f"{name} size {st.st_size} mtime_ns {st.st_mtime_ns} ctime_ns {st.st_ctime_ns} "
+                     f"inode {st.st_ino}")
+    return lines
+
+
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)

@@ -40,13 +40,8 @@ def prepare(*, quiet: bool = False) -> Path:
 
     A cached folder is returned without importing torch.
     """
-    target = assets.cache_dir() / CONVERTED_NAME
-    made_of = [assets.SMOLLM2.requirement, FOLDER_VERSION]
-    marker = target / ".complete"
-    if marker.is_file() and marker.read_text().split("\n")[:2] == made_of:
-        return target
-    _build(target, "\n".join(made_of) + "\n", layout=None, quiet=quiet)
-    return target
+    return _build(assets.cache_dir() / CONVERTED_NAME, [assets.SMOLLM2.requirement, FOLDER_VERSION],
+                  layout=None, quiet=quiet)
 
 
 def prepare_quantized(*, quiet: bool = False) -> Path:
@@ -55,30 +50,25 @@ def prepare_quantized(*, quiet: bool = False) -> Path:
     The int4 layout depends on the CPU torch dispatches to: a folder packed
     for another one (a cache shared between machines) is packed again.
     """
-    target = assets.cache_dir() / QUANTIZED_NAME
-    marker = target / ".complete"
+    from ..formats.planner import Layout
     from ..quantize import int4_layout
 
-    made_of = [assets.SMOLLM2.requirement, int4_layout(), FOLDER_VERSION]
-    if marker.is_file() and marker.read_text().split("\n")[:3] == made_of:
-        return target
-    from ..formats.planner import Layout
-
-    _build(target, "\n".join(made_of) + "\n", layout=Layout(quantize="keep"), quiet=quiet)
-    return target
+    return _build(assets.cache_dir() / QUANTIZED_NAME,
+                  [assets.SMOLLM2.requirement, int4_layout(), FOLDER_VERSION], layout=Layout(quantize="keep"),
+                  quiet=quiet)
 
 
-def _build(target: Path, mark: str, *, layout: object, quiet: bool) -> None:
-    """The GGUF written as a transformers folder into ``target`` (replacing an older one when complete)."""
-    from .gguf_convert import write_folder
-    from .hf_folder import replace_folder
+def _build(target: Path, made_of: list[str], *, layout: object, quiet: bool) -> Path:
+    """``target``, the GGUF written as a transformers folder, unless the cache holds it made of ``made_of``
+    (an older one is replaced once the new one is complete)."""
+    from .hf_folder import cached_folder
 
-    gguf = gguf_path(quiet=quiet)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    def build(folder: Path, mark: str) -> None:
+        from .gguf_convert import write_folder
 
-    def build(folder: Path) -> None:
+        gguf = gguf_path(quiet=quiet)
         summary = write_folder(gguf, folder, layout=layout, mark=mark)  # type: ignore[arg-type]
         if not quiet:
             print(f"converted {gguf.name} into {target.name}: {summary}", flush=True)
 
-    replace_folder(target.parent, target, build)
+    return cached_folder(target, made_of, build)
