@@ -110,6 +110,28 @@ def test_a_limit_below_the_baseline_is_refused_with_the_numbers() -> None:
         check_room(200 << 20, 300 << 20)
 
 
+def test_units_stream_whole_where_they_fit_and_a_head_in_pieces_where_it_does_not() -> None:
+    from sparsemap.budget import Range, Unit
+
+    mib = 1 << 20
+    layers = [Unit(f"layers.{i}", (), (Range(None, 0, 10 * mib),)) for i in range(4)]  # type: ignore[arg-type]
+    head = Unit("head", (), (Range(None, 0, 100 * mib),), pieces=(torch.nn.Linear(1, 1),),  # type: ignore[arg-type]
+                lead=(Range(None, 0, 5 * mib),), piece_nbytes=4 * mib)  # type: ignore[arg-type]
+    units, fixed = [*layers, head], (100 << 20) + SCRATCH_NBYTES
+
+    kept = plan(units, limit=fixed + 125 * mib, baseline=100 << 20, kv_cache=0)
+    assert kept.streamed == {"layers.0", "layers.1", "layers.2", "layers.3"} and not kept.in_pieces
+    whole = plan(units, limit=fixed + 115 * mib, baseline=100 << 20, kv_cache=0)  # the head in flight, whole
+    assert whole.streamed == {u.name for u in units} and not whole.in_pieces
+    pieced = plan(units, limit=fixed + 25 * mib, baseline=100 << 20, kv_cache=0)  # the head alone is 100
+    assert pieced.streamed == {u.name for u in units} and pieced.in_pieces == {"head"}
+    assert head.least_nbytes < 10 * mib and pieced.in_flight_nbytes == 20 * mib  # two layers, not the head
+    assert pieced.planned_nbytes <= pieced.limit
+    assert "1 in pieces of rows" in str(pieced)
+    with pytest.raises(BudgetError, match="in pieces"):
+        plan(units, limit=fixed + 15 * mib, baseline=100 << 20, kv_cache=0)
+
+
 def test_a_limit_too_small_to_stream_is_refused(folder: Path) -> None:
     units = units_of(_model(folder))
     with pytest.raises(BudgetError, match="two units in flight"):

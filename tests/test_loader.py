@@ -321,12 +321,15 @@ class _Masked(torch.nn.Module):
 
 
 def test_skeleton_can_leave_saved_buffers_to_the_checkpoint():
+    original = torch.nn.Module.register_buffer
     with sparsemap.skeleton(saved_buffers=False):
         model = _Masked()
     assert model.mask.is_meta and torch.equal(model.scale, torch.arange(4.0))
     with sparsemap.skeleton():
         assert not _Masked().mask.is_meta
-    assert torch.nn.Module.register_buffer.__name__ == "register_buffer"  # put back
+    with pytest.raises(RuntimeError, match="the constructor failed"), sparsemap.skeleton(saved_buffers=False):
+        raise RuntimeError("the constructor failed")
+    assert torch.nn.Module.register_buffer is original  # put back, after an error too
 
 
 def test_a_factory_gets_saved_buffers_from_the_file_and_computed_ones_from_building(tmp_path):
@@ -345,6 +348,47 @@ def test_a_saved_buffer_the_checkpoint_lacks_gets_its_computed_value(tmp_path):
     with pytest.warns(UserWarning):  # strict=False: a missing tensor is said, not refused
         model = sparsemap.load(_Masked, path, strict=False)
     assert not model.mask.is_meta and torch.equal(model.mask, torch.triu(torch.ones(512, 512), diagonal=1))
+
+
+def test_a_skipped_saved_buffer_keeps_its_computed_value(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file(dict(_Masked().state_dict()), path)
+    model = sparsemap.load(_Masked, path, skip=["mask"])
+    assert torch.equal(model.mask, torch.triu(torch.ones(512, 512), diagonal=1))
+
+
+class _Rotary(torch.nn.Module):
+    """Older rotary code: a saved buffer, and one computed from it at construction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 8, 2.0) / 8))
+        self.register_buffer("cos", self.inv_freq.cos(), persistent=False)
+
+
+def test_a_buffer_computed_from_a_saved_one_is_computed_again(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file(dict(_Rotary().state_dict()), path)
+    model = sparsemap.load(_Rotary, path)
+    assert torch.equal(model.cos, _Rotary().inv_freq.cos())
+
+
+class _ReadsItsBuffer(torch.nn.Module):
+    """A constructor that reads a saved buffer's values: it cannot run with them on meta."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.register_buffer("steps", torch.tensor(3))
+        self.n = int(self.steps.item())
+
+
+def test_a_constructor_that_reads_a_saved_buffer_is_built_with_real_buffers(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file(dict(_ReadsItsBuffer().state_dict()), path)
+    model = sparsemap.load(_ReadsItsBuffer, path)
+    assert model.n == 3 and int(model.steps) == 3
 
 
 def test_building_from_a_factory_does_not_hold_what_saved_buffers_cost():
@@ -367,6 +411,8 @@ def test_building_from_a_factory_does_not_hold_what_saved_buffers_cost():
         def hwm():
             return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) << 10
 
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak starts from what the process holds now, not from the imports' peak
         before = hwm()
         with sparsemap.skeleton(saved_buffers=False):
             nn.Sequential(*[Block() for _ in range(12)])

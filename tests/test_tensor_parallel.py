@@ -26,7 +26,8 @@ import sparsemap
 from sparsemap import pages
 from sparsemap.errors import BadInputError, TensorParallelError
 from sparsemap.mapped import mapping_of
-from sparsemap.parallel import page_runs, prepare, rowwise_weights
+from sparsemap.parallel import prepare, rowwise_weights
+from sparsemap.rank_sources import page_runs
 
 from .conftest import tiny_llama_config
 
@@ -462,7 +463,7 @@ def rank_parts(folder: Path, plan: dict[str, str] | None, rank: int) -> dict[str
 
     from sparsemap.formats.meta_llama import read_release
     from sparsemap.models.meta_llama import hf_config
-    from sparsemap.parallel import RankFiles, open_for_rank
+    from sparsemap.rank_sources import RankFiles, open_for_rank
 
     with sparsemap.skeleton():
         model = LlamaForCausalLM(hf_config(read_release(folder)))
@@ -529,7 +530,7 @@ def test_a_plan_that_splits_otherwise_than_the_files_is_joined_from_them(tmp_pat
 
 @pytest.mark.parametrize("size", [1, 3])
 def test_a_release_in_two_files_needs_two_ranks(tmp_path: Path, size: int) -> None:
-    from sparsemap.parallel import open_for_rank
+    from sparsemap.rank_sources import open_for_rank
 
     _, folder = meta_release(tmp_path / "llama", embedding_dim=0)
     with pytest.raises(TensorParallelError) as info:

@@ -34,7 +34,7 @@ import sparsemap
 from sparsemap import pages
 from sparsemap.mapped import mapping_of
 from sparsemap.memory import Snapshot
-from sparsemap.parallel import page_runs
+from sparsemap.rank_sources import page_runs
 
 
 class MLP(nn.Module):

@@ -22,14 +22,16 @@ so the cache never grows past the plan and the kernel never needs to reclaim a
 resident page. The rows the embedding gathers are released after each step.
 Each token then reads the streamed bytes, and only those.
 
-A streamed unit's largest linear layers (the output projection over the
-vocabulary, above all) stream in pieces of rows (:mod:`sparsemap.row_pieces`):
-such a unit holds its other weights and two pieces at once, not its whole
-self, so a budget smaller than the head still runs.
+Where two whole units do not fit in flight, the streamed units' large linear
+layers (the output projection over the vocabulary, above all) stream in
+pieces of rows (:mod:`sparsemap.row_pieces`): such a unit holds its other
+weights and two pieces at once, not its whole self, so a budget smaller than
+the head still runs.
 
 The layers are the model's stack: its largest ``nn.ModuleList``, or
-``nn.Sequential`` of modules of one class (a transformers model's decoder
-layers, the lean engine's, LLMs-from-scratch's ``trf_blocks``).
+``nn.Sequential`` of two or more modules of one class (a transformers model's
+decoder layers, the lean engine's, LLMs-from-scratch's ``trf_blocks``; not a
+``Sequential(Linear, GELU, Linear)``, nor a ``Sequential`` wrapping one model).
 """
 
 from __future__ import annotations
@@ -43,11 +45,11 @@ import torch
 from torch import nn
 
 from . import pages
-from .errors import BudgetError, NotMappedError
-from .mapped import FileMapping, mapping_of
+from .errors import BudgetError
+from .mapped import FileMapping, mapping_of, mapping_or_none
 from .memory import Snapshot
 from .qtensor import QuantizedTensor
-from .row_pieces import PIECE_NBYTES, RowPieces, can_cut, piece_rows
+from .row_pieces import RowPieces, can_cut, piece_rows
 from .units import format_size
 
 # The least kept for one step's activations and kernel buffers; see scratch_nbytes.
@@ -74,6 +76,7 @@ class Unit(NamedTuple):
         pieces: its linear layers that stream in pieces of rows when it streams (see
             :mod:`sparsemap.row_pieces`).
         lead: with ``pieces``, what is read ahead of it: its other tensors and each piece layer's first piece.
+        piece_nbytes: with ``pieces``, the bytes of the largest piece (one more is read while one computes).
     """
 
     name: str
@@ -83,6 +86,7 @@ class Unit(NamedTuple):
     releasable: tuple[Range, ...] = ()
     pieces: tuple[nn.Module, ...] = ()
     lead: tuple[Range, ...] = ()
+    piece_nbytes: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -90,10 +94,11 @@ class Unit(NamedTuple):
 
     @property
     def least_nbytes(self) -> int:
-        """Bytes it holds at once while it streams: all of it, or with pieces its lead and one more piece."""
+        """Bytes it holds at once while it streams in pieces: its lead and one more piece (all of it, for a
+        unit without pieces)."""
         if not self.pieces:
             return self.nbytes
-        return sum(r.nbytes for r in self.lead) + PIECE_NBYTES + pages.PAGE_SIZE
+        return sum(r.nbytes for r in self.lead) + self.piece_nbytes + pages.PAGE_SIZE
 
 
 def _tensor_spans(t: torch.Tensor) -> list[torch.Tensor]:
@@ -107,9 +112,8 @@ def _ranges(tensors: list[torch.Tensor]) -> tuple[Range, ...]:
         for part in _tensor_spans(t):
             if part.numel() == 0 or part.device.type != "cpu":
                 continue
-            try:
-                mm = mapping_of(part)
-            except NotMappedError:  # a copy (a dequantized or computed tensor): not ours to stream
+            mm = mapping_or_none(part)
+            if mm is None:  # a copy (a dequantized or computed tensor): not ours to stream
                 continue
             start = part.data_ptr()
             first, last = pages.pages_covering(start, start + part.numel() * part.element_size())
@@ -128,13 +132,13 @@ def _ranges(tensors: list[torch.Tensor]) -> tuple[Range, ...]:
 
 
 def _layer_stack(model: nn.Module) -> tuple[str, nn.Module]:
-    """The model's layers: its largest (by parameter count) ``nn.ModuleList``, or ``nn.Sequential`` of
-    modules of one class (decoder blocks, not a ``Sequential(Linear, GELU, Linear)``)."""
+    """The model's layers: its largest (by parameter count) ``nn.ModuleList``, or ``nn.Sequential`` of two
+    or more modules of one class (decoder blocks, not a ``Sequential(Linear, GELU, Linear)``)."""
     best: tuple[str, nn.Module] | None = None
     best_n = -1
     for name, module in model.named_modules():
         if len(module) if isinstance(module, nn.ModuleList) else \
-                isinstance(module, nn.Sequential) and len(module) and len({type(m) for m in module}) == 1:
+                isinstance(module, nn.Sequential) and len(module) > 1 and len({type(m) for m in module}) == 1:
             n = sum(t.numel() for t in module.parameters())
             if n > best_n:
                 best, best_n = (name, module), n
@@ -159,7 +163,8 @@ def _with_pieces(unit: Unit) -> Unit:
     cut_ids = {id(m.weight) for m in cut}
     rest = [t for module in unit.modules for t in _weights(module) if id(t) not in cut_ids]
     firsts = [m.weight[:piece_rows(m.weight.shape[1] * m.weight.element_size())] for m in cut]
-    return unit._replace(pieces=cut, lead=_ranges(rest + firsts))
+    return unit._replace(pieces=cut, lead=_ranges(rest + firsts),
+                         piece_nbytes=max(f.numel() * f.element_size() for f in firsts))
 
 
 def units_of(model: nn.Module) -> list[Unit]:
@@ -221,6 +226,8 @@ class BudgetPlan:
         scratch: bytes kept for one step's activations and kernel buffers.
         units: every unit, in forward order.
         streamed: names of the units that stream; the rest stay resident.
+        in_pieces: names of the streamed units whose large linear layers stream in pieces of rows (only
+            when streaming whole units does not fit).
     """
 
     limit: int
@@ -229,6 +236,7 @@ class BudgetPlan:
     scratch: int
     units: tuple[Unit, ...]
     streamed: frozenset[str]
+    in_pieces: frozenset[str] = frozenset()
 
     @property
     def resident_nbytes(self) -> int:
@@ -243,7 +251,7 @@ class BudgetPlan:
     @property
     def in_flight_nbytes(self) -> int:
         """Page cache of streamed units held at once: the one computing and the one read ahead."""
-        return _in_flight(u for u in self.units if u.name in self.streamed)
+        return _in_flight([u for u in self.units if u.name in self.streamed], pieces=bool(self.in_pieces))
 
     @property
     def planned_nbytes(self) -> int:
@@ -256,7 +264,8 @@ class BudgetPlan:
                 ("KV cache and scratch", self.kv_cache + self.scratch),
                 (f"weights resident ({len(self.units) - n_streamed} units)", self.resident_nbytes)]
         if n_streamed:
-            rows.append((f"weights streamed ({n_streamed} units): two in flight", self.in_flight_nbytes))
+            how = f", {len(self.in_pieces)} in pieces of rows" if self.in_pieces else ""
+            rows.append((f"weights streamed ({n_streamed} units{how}): two in flight", self.in_flight_nbytes))
         rows.append(("planned peak", self.planned_nbytes))
         lines = [f"memory plan for a limit of {format_size(self.limit)}:"]
         lines += [f"  {title:<52}{format_size(n):>10}" for title, n in rows]
@@ -265,9 +274,10 @@ class BudgetPlan:
         return "\n".join(lines)
 
 
-def _in_flight(streamed: Iterable[Unit]) -> int:
-    """The most two streamed units hold at once (a unit with pieces holds its lead and a piece)."""
-    return sum(sorted((u.least_nbytes for u in streamed), reverse=True)[:2])
+def _in_flight(streamed: Iterable[Unit], *, pieces: bool) -> int:
+    """The most two streamed units hold at once (with ``pieces``, a unit with pieces holds its lead and a
+    piece)."""
+    return sum(sorted((u.least_nbytes if pieces else u.nbytes for u in streamed), reverse=True)[:2])
 
 
 def check_room(limit: int, baseline: int, kv_cache: int = 0, scratch: int = SCRATCH_NBYTES) -> int:
@@ -290,29 +300,34 @@ def plan(units: list[Unit], *, limit: int, baseline: int, kv_cache: int,
 
     Largest first: every unit is read once per step, so the bytes read per
     token are what is left out either way, and leaving out small units leaves
-    the least in flight (room that could have held resident weights).
+    the least in flight (room that could have held resident weights). Streamed
+    units are read whole (ahead, in large requests); where two of them do not
+    fit, their large linear layers stream in pieces of rows.
 
     Raises:
         BudgetError: the limit is below the runtime's own baseline, or leaves
-            no room for the largest unit to stream (message: the numbers).
+            no room to stream even in pieces (message: the numbers).
     """
     room = check_room(limit, baseline, kv_cache, scratch)
     fixed = limit - room
     streamable = [u for u in units if not u.gathered and u.nbytes]
     if sum(u.nbytes for u in streamable) <= room:
         return BudgetPlan(limit, baseline, kv_cache, scratch, tuple(units), frozenset())
-    resident: list[Unit] = []
-    rest = sorted(streamable, key=lambda u: -u.nbytes)  # stable: forward order among equals
-    while rest:
-        if sum(u.nbytes for u in resident) + rest[0].nbytes + _in_flight(rest[1:]) > room:
-            break
-        resident.append(rest.pop(0))
-    in_flight = _in_flight(rest)
-    if sum(u.nbytes for u in resident) + in_flight > room:
-        raise BudgetError(f"a memory limit of {format_size(limit)} leaves {format_size(room)} for weights "
-                          f"after the runtime's {format_size(fixed)}; streaming needs two units in flight "
-                          f"({format_size(in_flight)})")
-    return BudgetPlan(limit, baseline, kv_cache, scratch, tuple(units), frozenset(u.name for u in rest))
+    for pieces in (False, True):
+        resident: list[Unit] = []
+        rest = sorted(streamable, key=lambda u: -u.nbytes)  # stable: forward order among equals
+        while rest:
+            if sum(u.nbytes for u in resident) + rest[0].nbytes + _in_flight(rest[1:], pieces=pieces) > room:
+                break
+            resident.append(rest.pop(0))
+        in_flight = _in_flight(rest, pieces=pieces)
+        if sum(u.nbytes for u in resident) + in_flight <= room:
+            streamed = frozenset(u.name for u in rest)
+            in_pieces = frozenset(u.name for u in rest if u.pieces and pieces)
+            return BudgetPlan(limit, baseline, kv_cache, scratch, tuple(units), streamed, in_pieces)
+    raise BudgetError(f"a memory limit of {format_size(limit)} leaves {format_size(room)} for weights after "
+                      f"the runtime's {format_size(fixed)}; streaming needs two units in flight "
+                      f"({format_size(in_flight)}, their largest linear layers in pieces)")
 
 
 class Budget:
@@ -348,7 +363,7 @@ class Budget:
                 lambda *_, nxt=following: self._read_ahead(nxt)))  # samples too: the peak of a step
             self._handles.append(unit.modules[-1].register_forward_hook(
                 lambda *_, u=unit: self._release(u)))
-            for module in unit.pieces:
+            for module in unit.pieces if unit.name in self.plan.in_pieces else ():
                 mapping = mapping_of(module.weight)
                 self._pieces.append(RowPieces(module, give_back=lambda start, nbytes, u=unit, mm=mapping:
                                               self._give_back(u.name, Range(mm, start, nbytes))))
@@ -361,7 +376,7 @@ class Budget:
             self._handles.append(last.register_forward_hook(lambda *_: self.sample()))
 
     def _read_ahead(self, unit: Unit) -> None:
-        for r in unit.lead if unit.pieces else unit.ranges:
+        for r in unit.lead if unit.name in self.plan.in_pieces else unit.ranges:
             r.mapping.check_unchanged()  # its pages are about to be read from the file again
             pages.will_need(r.start, r.nbytes)
         self.sample()

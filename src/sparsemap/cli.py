@@ -399,7 +399,7 @@ def _parse_size(text: str) -> int:
                    "mapped: 'keep' keeps a GGUF's Q4_0/Q4_1/Q4_K/Q8_0/Q6_K blocks and a llama2.c file's Q8_0 "
                    "groups (no float copy; llama2.c groups that straddle rows are dequantized, with a note); "
                    "'q8_0' (int8, groups of 32), 'int8' (int8, one scale per row) and 'q4_1' (4-bit, groups "
-                   "of 32) also quantize float 2-D weights.")
+                   "of 32) keep those too and quantize float 2-D weights.")
 @click.option("--fillers", is_flag=True,
               help="Start every tensor on a page, filling the gaps with padding tensors "
                    "(__sparsemap_pad__.N) that other readers list as tensors of the model. Default: tensors "
@@ -907,7 +907,7 @@ def serve(model: str, host: str, port: int, max_tokens: int, engine: str, memory
     server = make_server(host=host, port=port, log=None if quiet else lambda line: click.echo(line, err=True))
     try:
         click.echo(f"loading {model} ...", err=True)
-        served = ServedModel(resolve_model(model, progress=_progress),  # type: ignore[arg-type]
+        served = ServedModel(resolve_model(model, progress=_progress),
                              name=model, engine=engine, memory_limit=memory_limit, max_tokens=max_tokens,
                              on_plan=lambda text: click.echo(text, err=True))
     except BaseException:  # a refused model or Ctrl-C while loading: the port is given back

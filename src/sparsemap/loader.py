@@ -58,12 +58,14 @@ def skeleton(*, saved_buffers: bool = True) -> Iterator[None]:
 
     With ``saved_buffers=False``, a buffer registered as persistent (one a
     checkpoint saves) goes to meta as soon as it is registered: the checkpoint
-    will provide it. ``sparsemap.load(factory, ...)`` builds so, and computes
-    again any such buffer a checkpoint lacks. It matters for saved buffers that
-    are large: LLMs-from-scratch's GPT keeps a 4 MiB causal mask in each of its
-    12 blocks, about 100 MiB of construction that loading throws away.
+    will provide it. ``sparsemap.load(factory, ...)`` builds so (and calls the
+    factory a second time where that leaves a buffer without a value, see
+    :func:`load`). It matters for saved buffers that are large:
+    LLMs-from-scratch's GPT keeps a 4 MiB causal mask in each of its 12 blocks,
+    about 100 MiB of construction that loading throws away.
 
-    Patches ``nn.Module.register_parameter`` for the duration: not thread-safe. So are ``torch.nn.init``'s
+    Patches ``nn.Module.register_parameter`` (and ``register_buffer``, with ``saved_buffers=False``) for
+    the duration: not thread-safe. So are ``torch.nn.init``'s
     initialisers, which do nothing to a meta tensor but cost, the first time one runs on meta in a process,
     the import of torch's Python meta kernels (``normal_``, as ``nn.Embedding`` calls it: 0.9 s and 70 MB of
     anonymous memory measured here, more than loading a 700 MB checkpoint): skipped on meta tensors.
@@ -318,7 +320,11 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
     Args:
         model: a module whose parameters are on the meta device (see
             :func:`skeleton`), or a zero-argument factory, built under
-            :func:`skeleton`. Real parameters are replaced all the same.
+            :func:`skeleton` with the buffers the checkpoint saves left to it
+            (``saved_buffers=False``). The factory is called again, with real
+            buffers, where that leaves one without a value: a constructor that
+            reads a saved buffer, a buffer the checkpoint lacks or ``skip``
+            leaves out. Real parameters are replaced all the same.
         source: a checkpoint path (any format :func:`sparsemap.open` reads), a
             catalog, or a :class:`~sparsemap.Checkpoint` (whose mappings are reused).
         device: where the weights go. ``"cpu"`` keeps them as views of the file.
@@ -384,14 +390,13 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
     """
     factory = None if isinstance(model, nn.Module) else model
     if factory is not None:
-        with skeleton(saved_buffers=False):
-            model = factory()
-    assert isinstance(model, nn.Module)
+        model = _build(factory)
     _tie_again(model)
     device = torch.device(device)
     sharding = mesh = ranked = None
     if tp is not None:  # checked first, alike on every rank: headers are read, nothing is mapped yet
-        from .parallel import mesh_of, open_for_rank, prepare
+        from .parallel import mesh_of, prepare
+        from .rank_sources import open_for_rank
 
         if staging is not None:
             raise TensorParallelError("staging= streams whole tensors; with tp= each rank copies its slices "
@@ -407,8 +412,6 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
     ckpt = Checkpoint.of(source) if ranked is None else ranked  # either: .catalog, .source
     the_plan = plan(model, ckpt.catalog, skip, rename=rename, prefix=prefix)
     the_plan.raise_for_errors(ckpt.source, strict)
-    if factory is not None:
-        _compute_unsaved_buffers(factory, the_plan)
     if the_plan.found_change is not None:
         logger.info("%s: checkpoint names read with %s", ckpt.source, the_plan.found_change.option())
     if sharding is not None and ranked is not None:
@@ -424,6 +427,8 @@ def load(model: M | Callable[[], M], source: Source, *, device: str | torch.devi
         assert isinstance(ckpt, Checkpoint)
         _assign_all(ckpt, the_plan, device=device, dtype=dtype, staging=staging, readers=readers,
                     drop_cache=drop_cache)
+    if factory is not None:
+        _compute_buffers_left_on_meta(factory, model)
     _initialise_missing(model, the_plan, ckpt.source, dtype, device)
     _check_materialized(the_plan, ckpt.source, strict)
     if factory is not None:  # what building computed and loading replaced is free now: back to the kernel
@@ -459,20 +464,39 @@ def _assign_all(ckpt: Checkpoint, the_plan: LoadPlan, *, device: torch.device, d
             _assign(slots[name], _converted(t, device, dtype))
 
 
-def _compute_unsaved_buffers(factory: Callable[[], nn.Module], the_plan: LoadPlan) -> None:
-    """Give the persistent buffers the checkpoint lacks (built on meta, see :func:`skeleton`) the values the
-    model computes, by building it once more with real buffers. Rare: a checkpoint saved before a model
-    added a buffer, one a model declares it can do without."""
-    slots = [slot for slot in the_plan.missing_slots
-             if slot.kind == "buffer" and (t := slot.now()) is not None and t.is_meta]
-    if not slots:
+def _build(factory: Callable[[], nn.Module]) -> nn.Module:
+    """``factory()`` under :func:`skeleton`, the buffers a checkpoint saves left on meta for the file to give.
+
+    A constructor that reads such a buffer's values (``.item()``, a branch on it) cannot run on meta: it is
+    built again with real buffers, as :func:`skeleton` builds by default.
+    """
+    try:
+        with skeleton(saved_buffers=False):
+            model = factory()
+    except Exception as e:  # any failure on meta values: the plain build below says what is really wrong
+        logger.debug("building with saved buffers on meta failed (%s): building with real buffers", e)
+        with skeleton():
+            model = factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the model factory returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _compute_buffers_left_on_meta(factory: Callable[[], nn.Module], model: nn.Module) -> None:
+    """Give every buffer still on meta after loading the value the model computes, from one build with real
+    buffers: buffers built on meta that the checkpoint lacks or that ``skip`` left out, and buffers the
+    constructor computed from them (older rotary code: ``cos`` from a saved ``inv_freq``). So a model
+    built from a factory holds every buffer :func:`skeleton`'s default build would."""
+    left = [(prefix, module, attr) for prefix, module in model.named_modules(remove_duplicate=False)
+            for attr, b in module._buffers.items() if b is not None and b.is_meta]
+    if not left:
         return
     with skeleton():
         computed = dict(factory().named_buffers(remove_duplicate=False))
-    for slot in slots:
-        value = computed.get(slot.names[0])
+    for prefix, module, attr in left:
+        value = computed.get(f"{prefix}.{attr}" if prefix else attr)
         if value is not None and not value.is_meta:
-            _assign(slot, value)
+            module._buffers[attr] = value
 
 
 def _tie_again(model: nn.Module) -> None:
@@ -590,7 +614,8 @@ def _check_materialized(the_plan: LoadPlan, source: str, strict: bool) -> None:
         return
     message = (f"{len(left)} tensors are still on the meta device after loading; the checkpoint cannot "
                "provide them (non-persistent buffers are never saved). Build the model under "
-               "sparsemap.skeleton(), which keeps buffers real:" + _listing(left))
+               "sparsemap.skeleton(), which keeps buffers real, or pass sparsemap.load a factory:"
+               + _listing(left))
     if strict:
         raise UninitializedTensorError(message, path=source)
     warnings.warn(f"{source}: {message}", stacklevel=3)

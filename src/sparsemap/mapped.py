@@ -221,6 +221,14 @@ def mapping_of(t: torch.Tensor, name: str | None = None) -> FileMapping:
     return mm
 
 
+def mapping_or_none(t: torch.Tensor) -> FileMapping | None:
+    """The file mapping ``t``'s data lies in, or ``None`` where it is not a view of one (a copy)."""
+    try:
+        return mapping_of(t)
+    except NotMappedError:
+        return None
+
+
 def release_pages(t: torch.Tensor, *, drop_cache: bool = False) -> int:
     """Release the pages wholly inside a mapped tensor's bytes; returns bytes released (0 if not mapped).
 
@@ -229,9 +237,8 @@ def release_pages(t: torch.Tensor, *, drop_cache: bool = False) -> int:
     not a view of a mapping is left alone: releasing anonymous pages would
     zero them.
     """
-    try:
-        mm = mapping_of(t)
-    except NotMappedError:
+    mm = mapping_or_none(t)
+    if mm is None:
         return 0
     start = t.data_ptr()
     first, last = pages.pages_inside(start, start + t.numel() * t.element_size())

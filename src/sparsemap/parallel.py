@@ -21,7 +21,7 @@ class's ``_tp_plan``, what transformers' ``tp_plan="auto"`` applies) also uses t
 The steps; the first two read headers and the model built on meta only, so that a bad plan or source fails
 alike on every rank, before anything is mapped:
 
-0. :func:`open_for_rank` says where this rank's tensors come from (below).
+0. :func:`~sparsemap.rank_sources.open_for_rank` says where this rank's tensors come from (below).
 1. :func:`prepare` checks the plan against the model (built on meta) and the world size: that every pattern
    names something, which dimension each parameter is split on, that the world size divides it (and the
    attention heads it holds), that tied weights are split alike. It returns a :class:`Sharding`.
@@ -34,7 +34,7 @@ alike on every rank, before anything is mapped:
    each slice's pages are read ahead with ``MADV_WILLNEED``: large reads, of this rank's pages only.
 
 Where a rank's tensors come from is decided in one place, the ``parts`` of the object
-:func:`open_for_rank` returns:
+:func:`sparsemap.rank_sources.open_for_rank` returns:
 
 * :class:`WholeTensors`, for any checkpoint sparsemap opens: each split tensor narrowed to the rank's slice
   (:func:`narrowed`), a view of the mapping;
@@ -61,30 +61,19 @@ Example (run under ``torchrun --nproc-per-node 2``)::
 from __future__ import annotations
 
 import fnmatch
-import logging
-import math
-import mmap
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from . import pages
-from .checkpoint import Checkpoint, logical
-from .checkpoint import Source as CheckpointSource
-from .errors import NotMappedError, TensorParallelError
-from .formats.catalog import Catalog, TensorEntry
-from .formats.dtypes import ITEMSIZE
-from .formats.meta_llama import Release, read_release
-from .formats.source import ModelSource, resolve_source
-from .mapped import FileMapping, mapping_of
+from .errors import TensorParallelError
+from .mapped import mapping_or_none
+from .rank_sources import RankFiles, WholeTensors, narrowed, read_ahead
 
-logger = logging.getLogger("sparsemap")
 Plan = Mapping[str, str]
 
 # Styles that split no parameter (they change a module's forward at most).
@@ -95,12 +84,6 @@ _ROWWISE = frozenset({"rowwise", "rowwise_rep", "rowwise_split_input"})
 _EMBEDDING = {"embedding_rowwise": 0, "embedding_colwise": 1}
 # The styles of torch.distributed.tensor.parallel a plain module's plan may name.
 TORCH_STYLES = ("colwise", "rowwise", "replicate")
-
-MADV_RANDOM = getattr(mmap, "MADV_RANDOM", 1)
-# The kernel reads at most max(read_ahead_kb, the device's largest request) per MADV_WILLNEED
-# (force_page_cache_ra clamps it, silently): 128 KiB on a default device. Asked for more in one call, it reads
-# the first part only (8 MiB of a 1 GiB slice here, measured), so slices are asked for in pieces this big.
-WILLNEED_NBYTES = 128 << 10
 
 # How many patterns or names a message shows.
 _SHOWN = 3
@@ -337,7 +320,7 @@ class Sharding:
             if name in source.catalog.quantized and keep_quantized and wanted[name] is None:
                 yield name, t, False
                 continue
-            if prefetch and (mm := _mapping(t)) is not None:
+            if prefetch and (mm := mapping_or_none(t)) is not None:
                 read_ahead(mm, t, advised)
             placeholder = held[name]
             if not isinstance(placeholder, DTensor):
@@ -449,7 +432,7 @@ def rowwise_weights(plan: Plan) -> list[str]:
     return [f"{pattern}.weight" for pattern, style in plan.items() if style in _ROWWISE]
 
 
-# ---------------------------------------------------------------- where a rank's tensors come from
+# ---------------------------------------------------------------- placements
 
 def shard_dim(placeholder: torch.Tensor) -> int | None:
     """The dimension a ``DTensor`` placeholder on a 1-D mesh is split on (its ``Shard``), or ``None``:
@@ -460,241 +443,5 @@ def shard_dim(placeholder: torch.Tensor) -> int | None:
     return None
 
 
-def narrowed(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
-    """Rank ``rank``'s part of ``full`` split ``size`` ways along ``dim``: a view (``prepare`` checked that
-    ``size`` divides it)."""
-    n = full.shape[dim] // size
-    return full.narrow(dim, rank * n, n)
-
-
-class WholeTensors:
-    """A checkpoint of whole tensors (any format sparsemap opens): each rank narrows every split tensor to its
-    slice, a view of the mapping (contiguous rows for a split on dim 0, strided for one on dim 1)."""
-
-    def __init__(self, ckpt: Checkpoint, rank: int, size: int) -> None:
-        self.ckpt, self.rank, self.size = ckpt, rank, size
-
-    @property
-    def catalog(self) -> Catalog:
-        return self.ckpt.catalog
-
-    @property
-    def source(self) -> str:
-        return self.ckpt.source
-
-    def parts(self, wanted: Mapping[str, int | None], *, reads: bool,
-              keep_quantized: bool) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, tensor)`` for each of ``wanted`` (name -> the dimension this rank's slice is split on,
-        ``None``: the whole tensor, weights kept quantized as they are)."""
-        whole = [name for name, dim in wanted.items() if dim is None]
-        yield from self.ckpt.tensors(whole, reads=reads, keep_quantized=keep_quantized)
-        # A split weight stored quantized is dequantized whole, then sliced.
-        split = [name for name, dim in wanted.items() if dim is not None]
-        for name, full in self.ckpt.tensors(split, reads=reads):
-            local = narrowed(full, wanted[name], self.rank, self.size)  # type: ignore[arg-type]
-            yield name, local if self.ckpt.owns(full) else local.clone()  # the full copy goes now
-
-
-class RankFiles:
-    """A checkpoint whose files already are the ranks' slices: Meta's release in ``N`` files
-    (``consolidated.00.pth`` ...) on ``N`` ranks, rank ``i`` mapping file ``i``.
-
-    Each tensor, as the plan and the files split it:
-
-    * along the same dimension (the colwise q, k, v, gate, up and the head by rows; the rowwise o and down by
-      columns; the embedding as the release splits it: by rows in Llama 3, which transformers' plan splits
-      the same way): file ``i``'s tensor, a view of its mapping. q and k are copies of file ``i``'s part
-      with their rows in transformers' rotary order, as a release in one file serves them: the permutation
-      stays within each head and every file holds whole heads, so it is rank ``i``'s slice of the permuted
-      whole;
-    * whole in every file (the norms): file ``i``'s own copy (narrowed, should the plan split it);
-    * split by the files otherwise than the plan splits it (replicated, or along the other dimension: Llama
-      1 and 2's embedding, split by columns, under transformers' plan, which splits the vocabulary): joined
-      from every file's part, a copy of what this rank holds of that tensor (its slice: the same bytes, read
-      from every file; or the whole, replicated), logged. Joining is what loading the converted folder would
-      give; refusing would leave ``sparsemap convert`` (a copy of everything) as the only way. A plan that
-      splits as the files do (``{"model.embed_tokens": "embedding_colwise"}`` for Llama 1 and 2) maps file
-      ``i`` only.
-    """
-
-    def __init__(self, release: Release, rank: int) -> None:
-        self.release, self.rank, self.size = release, rank, len(release.ranks)
-        self.files = Checkpoint(release.ranks[rank])  # mapped on first use
-        self.catalog = whole_catalog(release)
-        self._advised: set[str] = set()  # the files advised MADV_RANDOM
-
-    @property
-    def source(self) -> str:
-        return self.release.folder
-
-    def parts(self, wanted: Mapping[str, int | None], *, reads: bool,
-              keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, tensor)`` for each of ``wanted`` (name -> the dimension this rank's slice is split on,
-        ``None``: the whole tensor)."""
-        split_dims = self.release.split_dims
-        own: dict[str, int | None] = {}  # what file i holds: the dimension its tensor is still to be split on
-        joined: dict[str, int | None] = {}
-        for name, dim in wanted.items():
-            files_dim = split_dims[name]
-            if files_dim is None:
-                own[name] = dim
-            elif files_dim == dim:
-                own[name] = None
-            else:
-                joined[name] = dim
-        for name, t in self.files.tensors(own, reads=reads, stored_order=True):
-            t = self._logical(self.files, name, t)
-            dim = own[name]
-            yield name, t if dim is None else narrowed(t, dim, self.rank, self.size)
-        if not joined:
-            return
-        others = [self.files if j == self.rank else Checkpoint(c) for j, c in enumerate(self.release.ranks)]
-        copied = 0
-        try:
-            for name, dim in joined.items():
-                t = self._joined(name, dim, others)
-                copied += t.numel() * t.element_size()
-                yield name, t
-        finally:
-            for j, ckpt in enumerate(others):
-                if j != self.rank:
-                    ckpt.close()  # nothing served from them is kept: their mappings go
-        shown = ", ".join(f"{name} ({_split_words(split_dims[name])} in the files, "
-                          f"{_split_words(dim)} by the plan)" for name, dim in list(joined.items())[:_SHOWN])
-        logger.info("%s: rank %d joined %d tensors from the %d files (%.1f MiB copied), split by the plan "
-                    "otherwise than by the files: %s", self.release.folder, self.rank, len(joined), self.size,
-                    copied / (1 << 20), shown)
-
-    def _joined(self, name: str, dim: int | None, files: list[Checkpoint]) -> torch.Tensor:
-        """Rank ``rank``'s part of tensor ``name`` split along ``dim`` (``None``: whole), gathered from every
-        file's part: the files split it along another dimension, so the slice along ``dim`` of each part is a
-        piece of it."""
-        files_dim = self.release.split_dims[name]
-        assert files_dim is not None and files_dim != dim
-        shape = list(self.catalog[name].shape)
-        if dim is not None:
-            shape[dim] //= self.size
-        out: torch.Tensor | None = None
-        for j, ckpt in enumerate(files):
-            part = self._logical(ckpt, name, ckpt.tensor(name, stored_order=True))
-            piece = part if dim is None else narrowed(part, dim, self.rank, self.size)
-            if out is None:
-                out = torch.empty(shape, dtype=piece.dtype)
-            if (mm := _mapping(piece)) is not None:
-                read_ahead(mm, piece, self._advised)  # this piece's pages only
-            step = piece.shape[files_dim]
-            out.narrow(files_dim, j * step, step).copy_(piece)
-        assert out is not None
-        return out
-
-    def _logical(self, ckpt: Checkpoint, name: str, stored: torch.Tensor) -> torch.Tensor:
-        """``stored`` (a view of ``ckpt``'s file) as the model holds it: q and k with their rows in
-        transformers' order, a copy whose pages are read ahead first (under ``MADV_RANDOM`` each fault
-        would read one page); every other tensor as it is."""
-        entry = ckpt.catalog[name]
-        if entry.order is None:
-            return stored
-        if (mm := _mapping(stored)) is not None:
-            read_ahead(mm, stored, self._advised)
-        return logical(entry, stored)
-
-
-def _split_words(dim: int | None) -> str:
-    return "whole" if dim is None else f"split on dim {dim}"
-
-
-def whole_catalog(release: Release) -> Catalog:
-    """The whole model's tensors as the joined files would hold them (names, whole shapes, dtypes), to
-    match the model against. Never served: every entry's file is the release's folder, which nothing
-    maps."""
-    entries = {}
-    for name, e in release.ranks[0].items():
-        shape = release.shape(name)
-        entries[name] = TensorEntry(name=name, file=release.folder, offset=0,
-                                    nbytes=math.prod(shape) * ITEMSIZE[e.dtype], dtype=e.dtype, shape=shape)
-    return Catalog(release.folder, release.ranks[0].format, entries)
-
-
-def open_for_rank(source: Checkpoint | CheckpointSource, rank: int, size: int) -> WholeTensors | RankFiles:
-    """Where rank ``rank`` of ``size`` takes its tensors from: :class:`RankFiles` for a Meta release in
-    several files, :class:`WholeTensors` for any other checkpoint. Reads headers only, nothing is mapped.
-
-    Raises:
-        TensorParallelError: a Meta release whose number of files is not the world size (the same on every
-            rank).
-    """
-    if isinstance(source, Checkpoint):
-        return WholeTensors(source, rank, size)
-    if isinstance(source, Catalog):
-        return WholeTensors(Checkpoint(source), rank, size)
-    src = source if isinstance(source, ModelSource) else resolve_source(source)
-    if src.format != "meta-llama":
-        return WholeTensors(Checkpoint(src), rank, size)
-    release = read_release(src)
-    n = len(release.ranks)
-    if n == 1:
-        return WholeTensors(Checkpoint(release.ranks[0]), rank, size)
-    if n != size:
-        first, last = (os.path.basename(c.source) for c in (release.ranks[0], release.ranks[-1]))
-        raise TensorParallelError(f"a Meta release in {n} model-parallel files ({first} ... {last}) loads on "
-                                  f"{n} ranks, rank i mapping file i, not on {size}: run {n} (torchrun "
-                                  f"--nproc-per-node {n}), or join the files once with `sparsemap convert "
-                                  f"{release.folder} OUT/` and load OUT/ on any number", path=release.folder)
-    return RankFiles(release, rank)
-
-
-def _mapping(t: torch.Tensor) -> FileMapping | None:
-    """The mapping ``t`` is a view of, or ``None`` (a copy)."""
-    try:
-        return mapping_of(t)
-    except NotMappedError:
-        return None
-
-
-def read_ahead(mm: FileMapping, view: torch.Tensor, advised: set[str]) -> None:
-    """Advise ``mm`` ``MADV_RANDOM`` (once: ``advised`` holds the paths done) and read the pages of ``view``
-    ahead (``MADV_WILLNEED``), in pieces the kernel reads whole."""
-    if mm.path not in advised:
-        pages.madvise(mm.address, len(mm), MADV_RANDOM)
-        advised.add(mm.path)
-    for start, end in page_runs(view):
-        for piece in range(start, end, WILLNEED_NBYTES):
-            pages.will_need(piece, min(WILLNEED_NBYTES, end - piece))
-
-
-# ---------------------------------------------------------------- pages
-
-def page_runs(t: torch.Tensor) -> list[tuple[int, int]]:
-    """``[(start, end), ...]``: the page-aligned address ranges holding ``t``'s elements, merged, in
-    order.
-
-    One range for a dense view (a colwise slice, a transposed rowwise one); one per stretch of rows that
-    share or touch pages for a strided one (a rowwise slice of a row-major weight).
-    """
-    if t.numel() == 0:
-        return []
-    page = pages.PAGE_SIZE
-    itemsize = t.element_size()
-    dims = sorted((stride, n) for n, stride in zip(t.shape, t.stride(), strict=True) if n > 1)
-    block = 1  # elements in the dense innermost block
-    i = 0
-    while i < len(dims) and dims[i][0] == block:
-        block *= dims[i][1]
-        i += 1
-    offsets = np.zeros(1, dtype=np.int64)  # (n_blocks,) element offsets of each block
-    for stride, n in dims[i:]:
-        offsets = (offsets[:, None] + np.arange(n, dtype=np.int64) * stride).ravel()
-    starts = t.data_ptr() + np.sort(offsets) * itemsize
-    first = starts // page
-    last = (starts + block * itemsize - 1) // page
-    reach = np.maximum.accumulate(last)
-    new = np.ones(len(first), dtype=bool)
-    new[1:] = first[1:] > reach[:-1] + 1  # a gap of a whole page or more starts a new run
-    begin = np.flatnonzero(new)
-    end = np.append(begin[1:], len(first)) - 1
-    return [(int(first[b]) * page, (int(reach[e]) + 1) * page) for b, e in zip(begin, end, strict=True)]
-
-
-__all__ = ["Plan", "RankFiles", "Sharding", "WholeTensors", "mesh_of", "model_plan", "narrowed",
-           "open_for_rank", "page_runs", "prepare", "read_ahead", "rowwise_weights", "shard_dim",
-           "whole_catalog", "world_mesh"]
+__all__ = ["Plan", "Sharding", "mesh_of", "model_plan", "prepare", "rowwise_weights", "shard_dim",
+           "world_mesh"]

@@ -13,8 +13,9 @@ back through a callback the caller owns (:class:`sparsemap.Budget`'s, which refu
 memory). At most two pieces are in memory at once. Each output element is the same dot product over ``in``
 as the whole matrix computes, so the output equals the unpieced one (tested).
 
-Only an ``nn.Linear`` with its own forward (``F.linear(x, self.weight, self.bias)``; the lean engine's
-``Linear`` is one) and a plain mapped row-major weight is cut: :func:`can_cut` says which.
+Only a module whose forward is ``nn.Linear``'s (``F.linear(x, self.weight, self.bias)``: ``nn.Linear``, the
+lean engine's ``Linear``), not wrapped on the instance (accelerate's hooks), with a plain mapped row-major
+weight is cut: :func:`can_cut` says which.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import pages
-from .errors import NotMappedError
-from .mapped import mapping_of
+from .mapped import mapping_or_none
 
 # One piece's bytes: large enough that a piece is one efficient read and matmul, small beside any budget.
 PIECE_NBYTES = 4 << 20
@@ -40,10 +40,10 @@ GiveBack = Callable[[int, int], None]
 
 
 def can_cut(module: nn.Module) -> bool:
-    """Whether ``module`` computes ``F.linear`` of a plain mapped row-major weight of at least
-    :data:`CUT_MIN_NBYTES` on the CPU: what :class:`RowPieces` can compute in pieces."""
+    """Whether ``module`` computes ``nn.Linear``'s forward, unwrapped, of a plain mapped row-major weight of
+    at least :data:`CUT_MIN_NBYTES` on the CPU: what :class:`RowPieces` can compute in pieces."""
     weight = getattr(module, "weight", None)
-    if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
+    if type(module).forward is not nn.Linear.forward or "forward" in module.__dict__:  # a hook's wrapper
         return False
     if type(weight) not in (nn.Parameter, torch.Tensor):
         return False  # quantized blocks (QuantizedTensor), a DTensor: not rows of a mapping
@@ -51,11 +51,7 @@ def can_cut(module: nn.Module) -> bool:
         return False
     if weight.numel() * weight.element_size() < CUT_MIN_NBYTES:
         return False
-    try:
-        mapping_of(weight)
-    except NotMappedError:
-        return False
-    return True
+    return mapping_or_none(weight) is not None
 
 
 def piece_rows(row_nbytes: int, piece_nbytes: int = PIECE_NBYTES) -> int:
@@ -93,16 +89,12 @@ class RowPieces:
         self.give_back = give_back
         weight = module.weight  # (out, in)
         self.rows = piece_rows(weight.shape[1] * weight.element_size(), piece_nbytes)
-        self._had_forward = "forward" in module.__dict__
-        self._previous = module.__dict__.get("forward")
         module.forward = self.forward  # type: ignore[method-assign]
 
     def remove(self) -> None:
-        """Give the module its own forward back."""
-        if self._had_forward:
-            self.module.forward = self._previous  # type: ignore[method-assign]
-        else:
-            del self.module.forward
+        """Give the module its own forward back (unless something replaced this one since: left as it is)."""
+        if self.module.__dict__.get("forward") == self.forward:
+            del self.module.forward  # the class's forward again (can_cut refused a module with its own)
 
     def _span(self, first: int, stop: int) -> tuple[int, int]:
         """Addresses ``[start, end)`` of rows ``[first, stop)`` of the weight."""

@@ -41,6 +41,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from . import memory
 from .errors import BadInputError
+from .formats.source import ModelSource
 from .models.generate import AnswerText, check_model, pick_engine, resolve_model
 from .models.sampling import Sampling
 
@@ -303,7 +304,8 @@ class ServedModel:
     inside a :class:`sparsemap.budget.Budget` planned for its prompt and ``max_tokens``.
 
     Args:
-        model: a path, a name sparsemap knows (``smollm2``) or a cached Hugging Face repo id.
+        model: a path, a name sparsemap knows (``smollm2``) or a cached Hugging Face repo id, or what
+            :func:`~sparsemap.models.generate.resolve_model` made of one.
         engine: ``auto``, ``lean`` or ``transformers`` (:func:`~sparsemap.models.generate.pick_engine`).
         memory_limit: keep the process inside this many bytes; ``None``: no limit.
         max_tokens: new tokens for a request that does not say (1 to :data:`MAX_TOKENS`).
@@ -320,7 +322,7 @@ class ServedModel:
         'Hello! How can I help you today?'
     """
 
-    def __init__(self, model: str, *, engine: str = "auto", memory_limit: int | None = None,
+    def __init__(self, model: str | ModelSource, *, engine: str = "auto", memory_limit: int | None = None,
                  max_tokens: int = 256, name: str | None = None,
                  on_plan: Callable[[str], None] | None = None) -> None:
         if not 1 <= max_tokens <= MAX_TOKENS:

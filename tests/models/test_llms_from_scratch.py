@@ -64,10 +64,16 @@ def test_a_model_class_is_built_under_skeleton_and_loaded(checkpoint: Path, reci
     assert all(mapping_of(p, n) for n, p in model.named_parameters())
 
 
-def test_a_budget_streams_the_blocks_and_the_head_in_pieces(checkpoint: Path, recipe_outputs: torch.Tensor):
+def test_a_budget_streams_the_blocks_and_the_head_in_pieces(checkpoint: Path, recipe_outputs: torch.Tensor,
+                                                            monkeypatch: pytest.MonkeyPatch):
     from sparsemap import pages
     from sparsemap.budget import Budget, kv_cache_nbytes, scratch_nbytes, units_of
     from sparsemap.memory import Snapshot
+
+    given_back: list[tuple[str, int]] = []  # (unit, bytes), in order
+    give_back = Budget._give_back
+    monkeypatch.setattr(Budget, "_give_back", staticmethod(
+        lambda name, r: (given_back.append((name, r.nbytes)), give_back(name, r))))
 
     model = sparsemap.load(lambda: ch04.GPTModel(GPT_CONFIG_124M), checkpoint).eval()
     units = units_of(model)
@@ -80,7 +86,7 @@ def test_a_budget_streams_the_blocks_and_the_head_in_pieces(checkpoint: Path, re
     limit = baseline + kv_cache_nbytes(model, n) + scratch_nbytes(model, n) + 3 * units[1].nbytes
     assert limit - baseline < head.nbytes  # the head alone would not fit
     with Budget(model, limit=limit, baseline=baseline, max_tokens=n) as budget:
-        assert set(budget.plan.streamed) == {*blocks, "head"}
+        assert set(budget.plan.streamed) == {*blocks, "head"} and budget.plan.in_pieces == {"head"}
         with torch.inference_mode():
             got = model(IDS)
         for unit in budget.units:
@@ -89,3 +95,7 @@ def test_a_budget_streams_the_blocks_and_the_head_in_pieces(checkpoint: Path, re
                     f"{unit.name} stayed in memory after it computed"
     assert torch.equal(got, recipe_outputs)
     assert "forward" not in model.out_head.__dict__  # its own forward again
+    # The head was given back a piece at a time while it computed, not all at once after.
+    head_pieces = [n for name, n in given_back if name == "head"][:-1]  # the last: the unit's own release
+    assert len(head_pieces) >= head.nbytes // head.piece_nbytes - 1
+    assert max(head_pieces) <= head.piece_nbytes + pages.PAGE_SIZE

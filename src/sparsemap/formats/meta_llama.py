@@ -28,7 +28,7 @@ dimension the files split each tensor along: rank ``i``'s tensors for a tensor-p
 conversion joins. ``sparsemap.open`` of a release in one file is that file's catalog
 (:func:`open_release`); a release in several files is refused there with the one line that says how to
 join it (``sparsemap convert FOLDER OUT/``, :mod:`sparsemap.models.meta_llama`) or load it on as many ranks
-as files (:class:`sparsemap.parallel.RankFiles`).
+as files (:class:`sparsemap.rank_sources.RankFiles`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 
 from ..errors import FileChangedError, MetaLlamaFormatError, ShardedReleaseError, SourceNotFoundError
 from .catalog import Catalog, FileStamp, TensorEntry
+from .dtypes import ITEMSIZE
 from .rotary import rotary_order
 from .source import META_PARAMS, META_SHARD, ModelSource, check_regular_file, open_regular
 
@@ -236,6 +237,18 @@ class Release(NamedTuple):
         if dim is None:
             return part
         return (*part[:dim], part[dim] * len(self.ranks), *part[dim + 1:])
+
+    def whole_catalog(self) -> Catalog:
+        """The whole model's tensors as the joined files would hold them (names, whole shapes, dtypes), to
+        match a model against. Never served: every entry's file is the release's folder, which nothing
+        maps."""
+        entries = {}
+        for name, e in self.ranks[0].items():
+            shape = self.shape(name)
+            nbytes = math.prod(shape) * ITEMSIZE[e.dtype]
+            entries[name] = TensorEntry(name=name, file=self.folder, offset=0, nbytes=nbytes, dtype=e.dtype,
+                                        shape=shape)
+        return Catalog(self.folder, self.ranks[0].format, entries)
 
 
 def shard_files(folder: str) -> tuple[str, ...]:

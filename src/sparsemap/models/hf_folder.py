@@ -103,14 +103,14 @@ def replace_folder(staging_parent: Path, target: Path, build: Callable[[Path], N
 
 
 def is_current(target: Path, made_of: Sequence[str]) -> bool:
-    """Whether the cached folder ``target`` is complete and was made from ``made_of`` (its mark's first
-    lines)."""
+    """Whether the cached folder ``target`` is complete and was made from exactly ``made_of`` (its mark's
+    lines: a source file gone from the list is a change too)."""
     marker = target / COMPLETE_MARK
     try:
-        lines = marker.read_text().split("\n")
+        lines = marker.read_text().splitlines()
     except OSError:  # none yet (or not a file): not made
         return False
-    return lines[:len(made_of)] == list(made_of)
+    return lines == list(made_of)
 
 
 def cached_folder(target: Path, made_of: Sequence[str], build: Callable[[Path, str], None]) -> Path:

@@ -120,14 +120,17 @@ def _weight(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` (its forward, ``F.linear(x, weight, bias)``), with its weights on meta until loaded."""
+class Linear(nn.Module):
+    """A linear layer with its weights on meta until loaded, and nothing to initialise them (a weight the
+    file lacks is refused, never made up). Its forward is ``nn.Linear``'s own, ``F.linear(x, weight,
+    bias)``, which is what lets a budget compute it in pieces of rows (:mod:`sparsemap.row_pieces`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        nn.Module.__init__(self)  # nn.Linear's own would allocate and initialise the weights
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__()
         self.weight = _weight(out_features, in_features)  # (out, in)
         self.bias = _weight(out_features) if bias else None  # (out,)
+
+    forward = nn.Linear.forward
 
 
 class Embedding(nn.Module):
