@@ -500,6 +500,37 @@ def test_rank_i_is_served_file_is_tensors_with_q_and_k_rows_in_transformers_orde
     assert not torch.equal(served[q], model.state_dict()[q].chunk(2)[1 - rank])  # not the other rank's heads
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_release_in_one_file_serves_q_and_k_slices_reordered_after_slicing(tmp_path: Path, rank: int,
+                                                                            monkeypatch) -> None:
+    """A checkpoint of whole tensors whose q and k rows are stored in Meta's order (a release in one file, a
+    GGUF, llama2.c): each rank reorders its own heads' rows only, never the whole tensor."""
+    from transformers import LlamaForCausalLM
+
+    from sparsemap.formats.meta_llama import read_release
+    from sparsemap.models.meta_llama import hf_config
+    from sparsemap.rank_sources import WholeTensors, open_for_rank
+
+    from .format_writers import tiny_llama, write_meta_release
+
+    model = tiny_llama(**META_LLAMA)
+    folder = write_meta_release(tmp_path / "llama", model, 1)
+    with sparsemap.skeleton():
+        sharding = prepare(LlamaForCausalLM(hf_config(read_release(folder))), None, 2)
+    source = open_for_rank(str(folder), rank, 2)
+    assert isinstance(source, WholeTensors)
+    selected: list[int] = []  # rows of each reordering
+    index_select = torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select",
+                        lambda t, dim, index: (selected.append(t.shape[dim]), index_select(t, dim, index))[1])
+    served = dict(source.parts({name: sharding.split.get(name) for name in source.catalog}, reads=False))
+    want = expected(model, None, rank)
+    for name, t in served.items():
+        assert torch.equal(t, want[name]), name
+    n_qk = sum(name.endswith(("q_proj.weight", "k_proj.weight")) for name in served)
+    assert len(selected) == n_qk and all(rows <= META_LLAMA["hidden_size"] // 2 for rows in selected)
+
+
 def test_a_plan_that_splits_otherwise_than_the_files_is_joined_from_them(tmp_path: Path, caplog) -> None:
     """Llama 2's embedding is split by columns, transformers' plan splits the vocabulary: each rank's rows
     are gathered from both files (a copy of its slice); a replicated projection is joined whole. Everything

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from . import pages
-from .checkpoint import Checkpoint, logical
+from .checkpoint import Checkpoint, inverse_order, logical
 from .checkpoint import Source as CheckpointSource
 from .errors import TensorParallelError
-from .formats.catalog import Catalog
+from .formats.catalog import Catalog, TensorEntry
 from .formats.meta_llama import Release, read_release
 from .formats.source import ModelSource, resolve_source
 from .mapped import FileMapping, mapping_or_none
@@ -54,10 +54,17 @@ def narrowed(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor
 
 class WholeTensors:
     """A checkpoint of whole tensors (any format sparsemap opens): each rank narrows every split tensor to its
-    slice, a view of the mapping (contiguous rows for a split on dim 0, strided for one on dim 1)."""
+    slice, a view of the mapping (contiguous rows for a split on dim 0, strided for one on dim 1).
+
+    A tensor stored with its rows in another order (q and k of a GGUF, a llama2.c file or Meta's release in
+    one file: rotary pairs within each head) is sliced first and reordered after, where the rank's stored
+    rows are exactly its logical ones (a permutation within heads, and heads split whole): a copy of the
+    slice only, read from the rank's pages only. Any other order is put back whole, then sliced.
+    """
 
     def __init__(self, ckpt: Checkpoint, rank: int, size: int) -> None:
         self.ckpt, self.rank, self.size = ckpt, rank, size
+        self._advised: set[str] = set()  # the files advised MADV_RANDOM
 
     @property
     def catalog(self) -> Catalog:
@@ -75,9 +82,27 @@ class WholeTensors:
         yield from self.ckpt.tensors(whole, reads=reads, keep_quantized=keep_quantized)
         # A split weight stored quantized is dequantized whole, then sliced.
         split = [name for name, dim in wanted.items() if dim is not None]
-        for name, full in self.ckpt.tensors(split, reads=reads):
-            local = narrowed(full, wanted[name], self.rank, self.size)  # type: ignore[arg-type]
-            yield name, local if self.ckpt.owns(full) else local.clone()  # the full copy goes now
+        for name, stored in self.ckpt.tensors(split, reads=reads, stored_order=True):
+            dim = wanted[name]
+            assert dim is not None
+            entry = self.catalog[name]
+            if entry.order is not None:
+                yield name, self._reordered_slice(entry, stored, dim)
+                continue
+            local = narrowed(stored, dim, self.rank, self.size)
+            yield name, local if self.ckpt.owns(stored) else local.clone()  # the full copy goes now
+
+    def _reordered_slice(self, entry: TensorEntry, stored: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's slice along ``dim`` of ``stored`` (in ``entry.order``) in logical order: a copy."""
+        n = stored.shape[dim] // self.size
+        lo = self.rank * n
+        block = entry.order[lo:lo + n] if entry.order is not None and entry.order_dim == dim else ()
+        if sorted(block) == list(range(lo, lo + n)):  # its stored rows are its logical rows, permuted
+            if (mm := mapping_or_none(stored)) is not None:
+                read_ahead(mm, stored.narrow(dim, lo, n), self._advised)  # not page by page
+            return stored.narrow(dim, lo, n).index_select(dim, inverse_order(tuple(i - lo for i in block)))
+        whole = stored.index_select(entry.order_dim, inverse_order(entry.order))  # type: ignore[arg-type]
+        return narrowed(whole, dim, self.rank, self.size).clone()  # the whole copy goes now
 
 
 class RankFiles:

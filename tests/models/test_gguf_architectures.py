@@ -207,3 +207,31 @@ def test_llama_q_and_k_biases_are_put_back_in_order_and_rope_freqs_left_out(tmp_
     want = torch.empty(32)
     want[order] = torch.from_numpy(q_bias)
     assert torch.equal(got, want)
+
+
+def test_a_gguf_rewritten_in_place_with_its_mtime_put_back_is_repacked_again(tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    """The repacked copy in the cache is keyed by the GGUF's inode and change time too: ``cp -p`` or
+    ``rsync -t`` over the file restores its mtime, never its change time."""
+    import os
+
+    monkeypatch.setenv("SPARSEMAP_CACHE", str(tmp_path / "cache"))
+    model = _tiny("llama")
+    path = write_gguf_like_llama_cpp(model, tmp_path / "llama.gguf")
+    with sparsemap.skeleton():
+        skeleton = type(model)(model.config)
+    first = gguf_hf.repacked(sparsemap.open(path), skeleton)
+    assert gguf_hf.repacked(sparsemap.open(path), skeleton).source == first.source  # made once
+    before = os.stat(path)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    data = write_gguf_like_llama_cpp(model, tmp_path / "other.gguf").read_bytes()
+    assert len(data) == before.st_size
+    with open(path, "r+b") as f:  # in place: the same inode and size
+        f.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    second = gguf_hf.repacked(sparsemap.open(path), skeleton)
+    assert second.source != first.source
+    head = "lm_head.weight"
+    old, new = sparsemap.Checkpoint(first).tensor(head), sparsemap.Checkpoint(second).tensor(head)
+    assert torch.equal(new, 2 * old)

@@ -294,6 +294,38 @@ def test_run_on_a_release_in_several_files_joins_it_once_and_answers_as_the_conv
     assert (cached / "model.safetensors").stat().st_ino == inode
 
 
+def test_run_on_a_release_in_one_file_maps_it_as_it_lies(tmp_path: Path, model, cache: Path):
+    """One file: only the config and tokenizer are written to the cache; the lean engine maps every weight
+    from the release's own file, q and k as stored (their outputs put in order), and answers as the
+    converted folder does."""
+    from sparsemap.models import llama
+    from sparsemap.models.generate import resolve_model
+
+    folder = write_meta_release(tmp_path / "llama", model, 1)
+    _word_tokenizer(folder)
+    write_folder(folder, tmp_path / "hf")
+    want, _ = _run(tmp_path / "hf")
+    got, stderr = _run(folder)
+    assert got["tokens"] == want["tokens"] and got["answer"] == want["answer"]
+    assert got["engine"] == "LeanEngine" and "writing its config and tokenizer once" in stderr
+    cached = meta_llama.cache_folder(folder)
+    assert sorted(p.name for p in cached.iterdir()) == [".complete", "config.json", "generation_config.json",
+                                                        "tokenizer.json", "tokenizer_config.json"]
+    source, weights = resolve_model(folder), str(folder / "consolidated.00.pth")
+    assert source.format == "meta-llama" and source.folder == str(folder)
+    assert source.config == str(cached / "config.json")
+    lean = llama.load(source)
+    assert all(mapping_of(p, n).path == weights for n, p in lean.named_parameters())  # q and k too
+    reference = llama.load(tmp_path / "hf")
+    ids = torch.tensor([[1, 5, 9, 33, 2, 77]])
+    with torch.inference_mode():
+        torch.testing.assert_close(lean(ids), reference(ids), atol=1e-5, rtol=0)
+    again, stderr = _run(folder)
+    assert again["tokens"] == want["tokens"] and "Meta release" not in stderr
+    through_transformers, _ = _run(folder, "--engine", "transformers")  # its tokenizer from the cache too
+    assert through_transformers["tokens"] == want["tokens"]
+
+
 def test_a_changed_release_is_written_again(tmp_path: Path, cache: Path):
     folder = write_meta_release(tmp_path / "llama", tiny_llama(seed=1), 2)
     _word_tokenizer(folder)

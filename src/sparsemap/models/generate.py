@@ -39,9 +39,10 @@ def resolve_model(model: str | Path | ModelSource, *,
     """What a model argument holds: a path, the name of a model sparsemap knows (fetched and
     converted on first use), or a Hugging Face repo id found in the local cache. No torch.
 
-    Meta's original release (params.json and consolidated.NN.pth) is run from the transformers folder
-    it is written to once in sparsemap's cache (:func:`sparsemap.models.meta_llama.prepare`; ``progress``
-    makes the bar shown while it is written).
+    Meta's original release (params.json and consolidated.NN.pth) gets its config and tokenizer, and a
+    release in several files its joined weights, written once in sparsemap's cache
+    (:func:`sparsemap.models.meta_llama.prepare`; ``progress`` makes the bar shown while weights are
+    written).
 
     Raises:
         SourceNotFoundError: no such path and no such name.
@@ -61,7 +62,7 @@ def resolve_model(model: str | Path | ModelSource, *,
     if source.format == "meta-llama":
         from .meta_llama import prepare
 
-        return resolve_source(prepare(source, progress=progress))
+        return prepare(source, progress=progress)
     return source
 
 
@@ -112,7 +113,9 @@ def load_tokenizer(source: ModelSource) -> Any:
     try:
         if source.is_gguf:
             return gguf_tokenizer(source)
-        return AutoTokenizer.from_pretrained(source.folder)
+        # The folder its tokenizer.json lies in: the model's, or the cache's for a Meta release.
+        return AutoTokenizer.from_pretrained(os.path.dirname(source.tokenizer) if source.tokenizer
+                                             else source.folder)
     except (OSError, ValueError) as e:
         raise BadInputError(f"no usable tokenizer next to the model ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]})", path=source.folder) from None

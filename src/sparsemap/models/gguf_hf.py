@@ -174,8 +174,9 @@ def gguf_tokenizer(source: ModelSource) -> Any:
 def repacked(catalog: Catalog, model: Any) -> Catalog:
     """The GGUF's weights as ``model`` names them, their blocks kept quantized in the int4/int8 kernels'
     layouts: a file written once into the cache (``gguf/<file>-<hash>.safetensors``, keyed by the GGUF's
-    path, size and mtime and this torch's int4 packing) and mapped from then on. Quantized weights then
-    cost their packed size in the page cache instead of a float32 copy in anonymous memory.
+    path, inode, size, mtime and change time, and this torch's int4 packing) and mapped from then on.
+    Quantized weights then cost their packed size in the page cache instead of a float32 copy in anonymous
+    memory.
 
     Raises:
         UnsupportedQuantizationError: a block type with no kernel layout (the caller dequantizes instead).
@@ -190,7 +191,9 @@ def repacked(catalog: Catalog, model: Any) -> Catalog:
 
     path = catalog.source
     stamp = catalog.stamps[path]
-    identity = f"{path}|{stamp.size}|{stamp.mtime_ns}|{type(model).__name__}|{int4_layout()}"
+    # The inode and change time too: a GGUF rewritten in place with its old mtime restored is a new file.
+    identity = (f"{path}|{stamp.ino}|{stamp.size}|{stamp.mtime_ns}|{stamp.ctime_ns}|{type(model).__name__}|"
+                f"{int4_layout()}")
     key = hashlib.sha256(identity.encode()).hexdigest()[:12]
     target = cache_dir() / "gguf" / f"{os.path.basename(path)}-{key}.safetensors"
     if not target.is_file():

@@ -607,5 +607,6 @@ def from_pretrained(source: str | os.PathLike[str] | ModelSource, *, config: Any
     elif hasattr(model, "generation_config") and src.generation_config is not None:
         from transformers import GenerationConfig
 
-        model.generation_config = GenerationConfig.from_pretrained(src.folder)
+        folder, name = os.path.split(src.generation_config)  # beside the weights, or in the cache
+        model.generation_config = GenerationConfig.from_pretrained(folder, config_file_name=name)
     return model

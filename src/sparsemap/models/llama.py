@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BadInputError
+from ..formats.catalog import Catalog
 from ..formats.source import ModelSource, resolve_source
 from .sampling import Sampler, Sampling, generate_from, resolve
 
@@ -330,13 +331,44 @@ class LlamaState:
 def load(source: str | os.PathLike[str] | ModelSource, dtype: torch.dtype | None = None) -> Llama:
     """The lean model with weights mapped from ``source`` (a folder, or its resolved source),
     zero-copy when dtype matches."""
-    from ..loader import load as load_weights
+    from ..formats.dispatch import open_catalog
 
     if not isinstance(source, ModelSource):
         source = resolve_source(source)
-    s = LlamaShape.from_source(source)
+    return map_weights(Llama(LlamaShape.from_source(source)), open_catalog(source), dtype)
+
+
+def map_weights(model: Llama, catalog: Catalog, dtype: torch.dtype | None = None) -> Llama:
+    """``catalog``'s weights mapped into ``model`` (zero-copy when ``dtype`` is theirs), ready to run.
+
+    A projection stored with its rows in another order (q and k in Meta's rotary order: a llama2.c file,
+    Meta's release, a GGUF) is mapped as stored, and its output put back in the model's order (a
+    permutation of its output features per token, ``to_logical``) instead of copying the matrix; kept
+    quantized weights stay quantized so. One with a bias is served in the model's order (a copy).
+    """
+    from ..checkpoint import inverse_order
+    from ..loader import load as load_weights
+
+    modules = dict(model.named_modules())
+    entries = dict(catalog.items())
+    for name, entry in catalog.items():
+        module = modules.get(name.removesuffix(".weight"))
+        if entry.order is None or entry.order_dim != 0 or not isinstance(module, Linear) \
+                or module.bias is not None or not name.endswith(".weight"):
+            continue
+        # to_logical[j]: the stored output feature that is the model's feature j.
+        module.register_buffer("to_logical", inverse_order(entry.order), persistent=False)
+        module.register_forward_hook(_in_logical_order)
+        entries[name] = entry._replace(order=None)
+    as_stored = Catalog(catalog.source, catalog.format, entries, catalog.metadata, catalog.stamps,
+                        catalog.quantized)
     # Old checkpoints saved rotary caches; this runtime computes them. Built on meta already: no skeleton.
-    return load_weights(Llama(s), source, dtype=dtype, skip=["*.rotary_emb.inv_freq"]).eval()
+    return load_weights(model, as_stored, dtype=dtype, skip=["*.rotary_emb.inv_freq"]).eval()
+
+
+def _in_logical_order(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+    """A projection's output, (..., out_features), from its stored row order to the model's."""
+    return out.index_select(-1, module.to_logical)
 
 
 class ChatTokenizer:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BadInputError
 from ..formats.catalog import Catalog
 from ..formats.dispatch import open_catalog
-from ..formats.llama2c import Llama2cHeader, header_of, rotary_order
+from ..formats.llama2c import Llama2cHeader, header_of
 from ..formats.source import ModelSource
 from .llama2c_tokenizer import BOS, EOS
 
@@ -65,14 +65,6 @@ def shape(header: Llama2cHeader) -> LlamaShape:
                       tie_word_embeddings=header.shared, eos_token_ids=(BOS,))
 
 
-def stored_order(catalog: Catalog) -> Catalog:
-    """The catalog with q and k served as stored (no row ``order``): zero-copy views, and quantized
-    weights kept quantized, for a model that reorders the projections' outputs instead."""
-    entries = {name: e._replace(order=None) if e.order is not None else e for name, e in catalog.items()}
-    return Catalog(catalog.source, catalog.format, entries, catalog.metadata, catalog.stamps,
-                   catalog.quantized)
-
-
 def _check(catalog: Catalog) -> None:
     if catalog.format != "llama2c":
         raise BadInputError(f"not a llama2.c checkpoint (format {catalog.format})", path=catalog.source)
@@ -85,25 +77,9 @@ def load(source: str | os.PathLike[str] | ModelSource | Catalog, dtype: Any = No
         >>> model = load("stories15M.bin")                                       # doctest: +SKIP
         >>> model.generate([1, 403, 2501, 263, 931], 20)
     """
-    from ..checkpoint import inverse_order
-    from ..loader import load as load_weights
-    from .llama import Llama
+    from .llama import Llama, map_weights
 
     catalog = source if isinstance(source, Catalog) else open_catalog(source)
     _check(catalog)
-    s = shape(header_of(catalog))
-    model = Llama(s)
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        for proj, heads in ((attn.q_proj, s.num_attention_heads), (attn.k_proj, s.num_key_value_heads)):
-            rows = heads * s.head_dim
-            # to_logical[j]: the stored output feature that is transformers' feature j.
-            proj.register_buffer("to_logical", inverse_order(rotary_order(rows, heads)), persistent=False)
-            proj.register_forward_hook(_in_logical_order)
-    return load_weights(model, stored_order(catalog), dtype=dtype).eval()
-
-
-def _in_logical_order(module: Any, args: Any, out: Any) -> Any:
-    """A q or k projection's output, (..., heads * head_dim), from Meta's row order to transformers'."""
-    return out.index_select(-1, module.to_logical)
+    return map_weights(Llama(shape(header_of(catalog))), catalog, dtype)
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BadInputError, DestinationError, SourceNotFoundError
 from ..formats.meta_llama import Release, read_release, shard_files
-from ..formats.source import META_PARAMS, ModelSource
+from ..formats.source import META_PARAMS, ModelSource, resolve_source
 from .hf_folder import (
     COMPLETE_MARK,
     cached_folder,
@@ -370,17 +370,23 @@ def cache_folder(source: str | os.PathLike[str] | ModelSource) -> Path:
 
 def prepare(source: str | os.PathLike[str] | ModelSource, *,
             progress: Callable[[str, int], AbstractContextManager[Callable[[int], None]]] | None = None,
-            on_note: Callable[[str], None] | None = None) -> Path:
-    """The release as a transformers folder in sparsemap's cache (:func:`cache_folder`), written there on
-    first use by :func:`write_folder`: what ``sparsemap run``, ``chat`` and ``serve`` run a release from.
+            on_note: Callable[[str], None] | None = None) -> ModelSource:
+    """The release as ``sparsemap run``, ``chat`` and ``serve`` run it, with what it lacks written once into
+    sparsemap's cache (:func:`cache_folder`):
+
+    * a release in one file runs from that file, mapped as it lies (the lean engine maps q and k as stored
+      and reorders their outputs: :func:`sparsemap.models.llama.map_weights`); the cache folder holds
+      only its ``config.json``, generation config and ``tokenizer.json``;
+    * a release in several files is joined there into a transformers folder by :func:`write_folder`, and
+      runs from it.
 
     The folder is taken as it is while the release's files (``params.json``, every
     ``consolidated.NN.pth``, the tokenizer's) have the stamps its mark records: size, modification and
     change times, inode (a file rewritten in place with its old modification time is still seen, as
     :class:`~sparsemap.formats.catalog.FileStamp` sees it). Otherwise the release is checked, its tokenizer
     first (so a run that cannot tokenize is refused before gigabytes are written), the disk's free space
-    against the weights, and the folder is written beside the old one and put in its place when complete.
-    A cached folder is returned without importing torch.
+    against the weights to be joined, and the folder is written beside the old one and put in its place
+    when complete. A cached folder is taken without importing torch.
 
     Args:
         source: the release's folder (or its ``params.json``, or the source resolved from either).
@@ -397,18 +403,56 @@ def prepare(source: str | os.PathLike[str] | ModelSource, *,
         MetaLlamaFormatError: the release's files do not describe one model.
 
     Example:
-        >>> sparsemap.models.generate.resolve_model("Llama-2-13b/").folder        # doctest: +SKIP
+        >>> prepare("Llama-2-13b/").folder                                     # doctest: +SKIP
         '/home/me/.cache/sparsemap/meta-llama/Llama-2-13b-3f1c2a9b0d4e'
+        >>> prepare("Llama-2-7b/").weights                                     # doctest: +SKIP
+        '/data/Llama-2-7b/consolidated.00.pth'
     """
-    from ..units import format_size
-
     folder = _folder_of(source)
     target = cache_folder(folder)
-    made_of = [FOLDER_VERSION, *_stamp_lines(folder)]
-    if is_current(target, made_of):
-        return target
-    release = read_release(folder)
-    check_tokenizer(release)
+    one_file = len(shard_files(folder)) == 1
+    made_of = [FOLDER_VERSION, "companions" if one_file else "joined", *_stamp_lines(folder)]
+    if not is_current(target, made_of):
+        release = read_release(folder)
+        check_tokenizer(release)
+        if one_file:
+            _write_companions(release, target, made_of, on_note)
+        else:
+            _write_joined(release, target, made_of, progress, on_note)
+    if not one_file:
+        return resolve_source(target)
+    # The weights are the release's own file, mapped as they lie; config and tokenizer come from the cache.
+    return resolve_source(folder)._replace(config=str(target / "config.json"),
+                                           tokenizer=str(target / "tokenizer.json"),
+                                           generation_config=str(target / "generation_config.json"))
+
+
+def _write_companions(release: Release, target: Path, made_of: list[str],
+                      on_note: Callable[[str], None] | None) -> None:
+    """What a release in one file lacks to run mapped as it lies: ``config.json``, the generation config and
+    the tokenizer, written into ``target``."""
+    (on_note or _to_stderr)(f"sparsemap: {release.folder} is a Meta release: writing its config and "
+                            f"tokenizer once into {target}; its weights are mapped from the release")
+
+    def build(staging: Path, mark: str) -> None:
+        staging.mkdir()
+        save_configs(hf_config(release), staging)
+        write_tokenizer(release, staging)
+        if not (staging / "tokenizer.json").is_file():  # checked above; a folder without one never runs
+            raise BadInputError("the tokenizer was not written (see the warning above)", path=release.folder)
+        (staging / COMPLETE_MARK).write_text(mark)
+
+    cached_folder(target, made_of, build)
+
+
+def _write_joined(release: Release, target: Path, made_of: list[str],
+                  progress: Callable[[str, int], AbstractContextManager[Callable[[int], None]]] | None,
+                  on_note: Callable[[str], None] | None) -> None:
+    """A release in several files joined into a transformers folder at ``target``, its disk space checked
+    first."""
+    from ..units import format_size
+
+    folder = release.folder
     nbytes = sum(entry.nbytes for catalog in release.ranks for entry in catalog.values())
     target.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(target.parent).free
@@ -416,20 +460,19 @@ def prepare(source: str | os.PathLike[str] | ModelSource, *,
         raise DestinationError(f"has {format_size(free)} free; the release's weights need about "
                                f"{format_size(nbytes)} there (free some space, or set SPARSEMAP_CACHE to a "
                                "folder on a disk with room)", path=target.parent)
-    files = f"its {len(release.ranks)} files joined" if len(release.ranks) > 1 else "its one file"
     (on_note or _to_stderr)(f"sparsemap: {folder} is a Meta release: writing it once as a transformers "
-                            f"folder ({files}, {format_size(nbytes)}) into {target}; later runs map it from "
-                            "there")
+                            f"folder (its {len(release.ranks)} files joined, {format_size(nbytes)}) into "
+                            f"{target}; later runs map it from there")
 
     def build(staging: Path, mark: str) -> None:
-        bar = progress(f"joining {len(release.ranks)} files" if len(release.ranks) > 1 else "writing",
-                       nbytes) if progress is not None else contextlib.nullcontext(None)
+        bar = progress(f"joining {len(release.ranks)} files", nbytes) if progress is not None \
+            else contextlib.nullcontext(None)
         with bar as advance:
             write_folder(folder, staging, mark=mark, on_bytes=advance)
         if not (staging / "tokenizer.json").is_file():  # checked above; a folder without one never runs
             raise BadInputError("the tokenizer was not written (see the warning above)", path=folder)
 
-    return cached_folder(target, made_of, build)
+    cached_folder(target, made_of, build)
 
 
 def _folder_of(source: str | os.PathLike[str] | ModelSource) -> str:
