@@ -33,20 +33,13 @@ alike on every rank, before anything is mapped:
    kernel's read-around on a fault, 128 KiB to several MiB, would read the neighbouring ranks' slices) and
    each slice's pages are read ahead with ``MADV_WILLNEED``: large reads, of this rank's pages only.
 
-Where a rank's tensors come from is decided in one place, the ``parts`` of the object
-:func:`sparsemap.rank_sources.open_for_rank` returns:
-
-* :class:`WholeTensors`, for any checkpoint sparsemap opens: each split tensor narrowed to the rank's slice
-  (:func:`narrowed`), a view of the mapping;
-* :class:`RankFiles`, for Meta's release in ``N`` files (``consolidated.00.pth`` ...), which already are the
-  ranks' slices, on ``N`` ranks: rank ``i`` maps file ``i`` and no other. A tensor the plan splits as the
-  files do (transformers' Llama plan: every projection, the head, and the embedding where the files split
-  the vocabulary, Llama 3) is file ``i``'s, a view of its mapping (q and k copies in transformers' rotary
-  order, as for a release in one file); the norms are file ``i``'s copy; a tensor the plan splits otherwise
-  (replicated, or Llama 1 and 2's embedding, split by columns in the files) is joined from every file's
-  part, a copy of what the rank holds of it only (its slice, or the whole where replicated). Another number
-  of ranks is refused (:class:`TensorParallelError`, the same line on every rank): ``sparsemap convert``
-  joins the files for any number.
+Where a rank's tensors come from is decided in one place, :mod:`sparsemap.rank_sources`: the ``parts`` of
+what its ``open_for_rank`` returns, ``WholeTensors`` for any checkpoint sparsemap opens (each split tensor
+narrowed to the rank's slice, a view of the mapping) or ``RankFiles`` for Meta's release in ``N`` files on
+``N`` ranks (rank ``i`` maps file ``i`` and no other; a tensor the plan splits otherwise than the files is
+joined from every file's part, the rank's share only). Another number of ranks is refused
+(:class:`TensorParallelError`, the same line on every rank): ``sparsemap convert`` joins the files for any
+number.
 
 Example (run under ``torchrun --nproc-per-node 2``)::
 
@@ -72,7 +65,7 @@ from torch import nn
 
 from .errors import TensorParallelError
 from .mapped import mapping_or_none
-from .rank_sources import RankFiles, WholeTensors, narrowed, read_ahead
+from .rank_sources import RankSource, narrowed, read_ahead
 
 Plan = Mapping[str, str]
 
@@ -300,7 +293,7 @@ class Sharding:
         dim = shard_dim(placeholder)
         return full if dim is None else narrowed(full, dim, rank, self.size)
 
-    def serve(self, source: WholeTensors | RankFiles, held: Mapping[str, torch.Tensor], mesh: Any, *,
+    def serve(self, source: RankSource, held: Mapping[str, torch.Tensor], mesh: Any, *,
               reads: bool, convert: Callable[[torch.Tensor], torch.Tensor], keep_quantized: bool,
               prefetch: bool = True) -> Iterator[tuple[str, torch.Tensor, bool]]:
         """``(checkpoint name, tensor, as a parameter)`` for each of ``held`` (checkpoint name -> what the

@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 from collections.abc import Iterator, Mapping
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -50,6 +51,23 @@ def narrowed(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor
     ``size`` divides it)."""
     n = full.shape[dim] // size
     return full.narrow(dim, rank * n, n)
+
+
+class RankSource(Protocol):
+    """Where one rank takes its tensors from: what :func:`open_for_rank` gives."""
+
+    @property
+    def catalog(self) -> Catalog:
+        """The model's tensors, whole (names, shapes, dtypes), to match the model against."""
+
+    @property
+    def source(self) -> str:
+        """The checkpoint, for messages."""
+
+    def parts(self, wanted: Mapping[str, int | None], *, reads: bool,
+              keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` for each of ``wanted`` (name -> the dimension this rank's slice is split on,
+        ``None``: the whole tensor)."""
 
 
 class WholeTensors:
@@ -286,5 +304,5 @@ def page_runs(t: torch.Tensor) -> list[tuple[int, int]]:
     return [(int(first[b]) * page, (int(reach[e]) + 1) * page) for b, e in zip(begin, end, strict=True)]
 
 
-__all__ = ["MADV_RANDOM", "WILLNEED_NBYTES", "RankFiles", "WholeTensors", "narrowed",
+__all__ = ["MADV_RANDOM", "WILLNEED_NBYTES", "RankFiles", "RankSource", "WholeTensors", "narrowed",
            "open_for_rank", "page_runs", "read_ahead"]
