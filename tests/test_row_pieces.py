@@ -1,7 +1,9 @@
 """sparsemap.row_pieces: a linear layer over a mapped weight computed a piece of rows at a time.
 
-The output must equal the whole layer's, bit for bit; the pages behind each piece are handed to the caller
-as they are done with (and given back by it: not present in the process afterwards); only a plain
+The output must equal the whole layer's, bit for bit: each output element is the same dot product over the
+input features whatever rows are computed with it (a BLAS that blocked that reduction differently for fewer
+rows would break this on its CPU, and the test would say so). The pages behind each piece are handed to the
+caller as they are done with (and given back by it: not present in the process afterwards); only a plain
 ``nn.Linear`` over a mapped weight large enough is cut, and removing gives the module its forward back.
 """
 
