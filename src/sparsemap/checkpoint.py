@@ -269,9 +269,9 @@ def dequantize_gguf(raw: Any, entry: TensorEntry) -> torch.Tensor:
     shape: a copy, decoded by the ``gguf`` package (llama2.c's Q8_0 by :mod:`sparsemap.quantize`)."""
     import numpy as np
 
-    from .formats.llama2c import Q8_0_FLAT
+    from .formats.quantized import LLAMA2C_Q8_0
 
-    if entry.encoding == Q8_0_FLAT:
+    if entry.encoding == LLAMA2C_Q8_0:
         from .quantize import dequantize_flat_q8_0
 
         return dequantize_flat_q8_0(np.frombuffer(raw, dtype=np.uint8), entry.shape)

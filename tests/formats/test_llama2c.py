@@ -17,8 +17,9 @@ import torch
 
 import sparsemap
 from sparsemap import errors
-from sparsemap.formats.llama2c import Q8_0_FLAT, header_of, rotary_order
+from sparsemap.formats.llama2c import header_of, rotary_order
 from sparsemap.formats.llama2c_header import PARAMS, Llama2cHeader
+from sparsemap.formats.quantized import LLAMA2C_Q8_0
 from sparsemap.formats.source import resolve_source
 from sparsemap.mapped import mapping_of
 
@@ -109,7 +110,7 @@ def test_q8_0_values_are_export_pys_quantization_exactly(tmp_path: Path, state: 
     kept = set(cat.quantized)
     straddling = {n for n in cat if "down_proj" in n}  # rows of 48 in groups of 32
     assert kept == {n for n in expected(sd, shared) if sd[n].dim() == 2} - straddling
-    assert all(cat[n].encoding == Q8_0_FLAT and n not in cat.quantized for n in straddling)
+    assert all(cat[n].encoding == LLAMA2C_Q8_0 and n not in cat.quantized for n in straddling)
 
 
 def test_q8_0_parts_are_strided_views_of_the_file(tmp_path: Path, state: tuple) -> None:

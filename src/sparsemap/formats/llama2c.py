@@ -30,7 +30,8 @@ Q8_0 matrices whose rows hold whole groups (the row length a multiple of the gro
 :class:`~sparsemap.formats.quantized.QuantizedWeight` of scheme ``int8`` whose parts are strided views
 of the file (values ``(groups, rows, group)``, scales ``(groups, rows)``), so the int8 kernel runs on
 the mapped bytes. A matrix whose groups straddle rows (``runq.c`` computes such a matrix wrongly: its
-loops drop the tail of each row) is served dequantized on access (encoding :data:`Q8_0_FLAT`).
+loops drop the tail of each row) is served dequantized on access: one entry of encoding
+``LLAMA2C_Q8_0`` spanning its int8 values then its float32 scales, the group size nbytes' own.
 ``sparsemap convert --quantize keep`` writes the kept ones as the converted file's int8 parts, the same
 values and scales in the same groups (the file's int8 layout needs groups of a multiple of 16, which
 ``export.py``'s 64 and its halvings down to 16 are); the others are written dequantized, with a note.
@@ -63,10 +64,6 @@ from .llama2c_header import (
 from .quantized import INT8, LLAMA2C_Q8_0, QuantizedWeight
 from .rotary import rotary_order
 from .source import open_regular
-
-# A Q8_0 matrix whose groups straddle its rows: int8 values then float32 scales, one entry spanning
-# both; the group size is nbytes' own (values numel, scales 4 * numel / group).
-Q8_0_FLAT = LLAMA2C_Q8_0
 
 
 def kept_source(group: int) -> str:
@@ -164,7 +161,7 @@ def _q8_0(name: str, path: str, offset: int, shape: tuple[int, ...],
     numel = n * k
     if k % group:  # groups straddle rows: no kernel layout; dequantized on access
         return TensorEntry(name, path, offset, numel + 4 * (numel // group), "F32", shape,
-                           encoding=Q8_0_FLAT), None
+                           encoding=LLAMA2C_Q8_0), None
     groups = k // group
     # Stored (N, G, group) and (N, G); the int8 layout wants (G, N, group) and (G, N): the same bytes
     # seen with the first two dimensions swapped.
@@ -193,6 +190,6 @@ def header_of(catalog: Catalog) -> Llama2cHeader:
                          header_nbytes=LEGACY_HEADER_NBYTES if version == 0 else HEADER_NBYTES)
 
 
-__all__ = ["FIELDS", "MAGIC", "MAGIC_BYTES", "NAMES", "Q8_0_FLAT", "LegacyReading", "Llama2cHeader",
+__all__ = ["FIELDS", "MAGIC", "MAGIC_BYTES", "NAMES", "LegacyReading", "Llama2cHeader",
            "header_of", "kept_source", "open_llama2c", "read_header", "read_legacy", "rotary_order",
            "validate"]

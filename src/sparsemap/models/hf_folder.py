@@ -8,7 +8,7 @@ written over. Its weights go by ``model.safetensors`` when their stored shapes a
 
 A folder in the cache (:func:`cached_folder`: SmolLM2's, a Meta release joined for ``sparsemap run``)
 says what it was made from in its :data:`COMPLETE_MARK`, one line each (a format version, the source's
-file stamps): one whose mark does not begin with the lines wanted now is made again and replaces it.
+file stamps): one whose mark is not exactly the lines wanted now is made again and replaces it.
 """
 
 from __future__ import annotations

@@ -45,7 +45,6 @@ from .hf_folder import (
     COMPLETE_MARK,
     cached_folder,
     check_folder_destination,
-    is_current,
     name_weights,
     save_configs,
     staged_folder,
@@ -412,13 +411,18 @@ def prepare(source: str | os.PathLike[str] | ModelSource, *,
     target = cache_folder(folder)
     one_file = len(shard_files(folder)) == 1
     made_of = [FOLDER_VERSION, "companions" if one_file else "joined", *_stamp_lines(folder)]
-    if not is_current(target, made_of):
+
+    def build(staging: Path, mark: str) -> None:  # only when the cache does not hold it as made_of says
         release = read_release(folder)
-        check_tokenizer(release)
+        check_tokenizer(release)  # a run that cannot tokenize is refused before anything is written
         if one_file:
-            _write_companions(release, target, made_of, on_note)
+            _write_companions(release, staging, target, mark, on_note)
         else:
-            _write_joined(release, target, made_of, progress, on_note)
+            _write_joined(release, staging, target, mark, progress, on_note)
+        if not (staging / "tokenizer.json").is_file():  # checked above; a folder without one never runs
+            raise BadInputError("the tokenizer was not written (see the warning above)", path=folder)
+
+    cached_folder(target, made_of, build)
     if not one_file:
         return resolve_source(target)
     # The weights are the release's own file, mapped as they lie; config and tokenizer come from the cache.
@@ -427,52 +431,38 @@ def prepare(source: str | os.PathLike[str] | ModelSource, *,
                                            generation_config=str(target / "generation_config.json"))
 
 
-def _write_companions(release: Release, target: Path, made_of: list[str],
+def _write_companions(release: Release, staging: Path, target: Path, mark: str,
                       on_note: Callable[[str], None] | None) -> None:
-    """What a release in one file lacks to run mapped as it lies: ``config.json``, the generation config and
-    the tokenizer, written into ``target``."""
+    """What a release in one file lacks to run mapped as it lies (``config.json``, the generation config and
+    the tokenizer), written into ``staging``, the folder that becomes ``target``."""
     (on_note or _to_stderr)(f"sparsemap: {release.folder} is a Meta release: writing its config and "
                             f"tokenizer once into {target}; its weights are mapped from the release")
-
-    def build(staging: Path, mark: str) -> None:
-        staging.mkdir()
-        save_configs(hf_config(release), staging)
-        write_tokenizer(release, staging)
-        if not (staging / "tokenizer.json").is_file():  # checked above; a folder without one never runs
-            raise BadInputError("the tokenizer was not written (see the warning above)", path=release.folder)
-        (staging / COMPLETE_MARK).write_text(mark)
-
-    cached_folder(target, made_of, build)
+    staging.mkdir()
+    save_configs(hf_config(release), staging)
+    write_tokenizer(release, staging)
+    (staging / COMPLETE_MARK).write_text(mark)
 
 
-def _write_joined(release: Release, target: Path, made_of: list[str],
+def _write_joined(release: Release, staging: Path, target: Path, mark: str,
                   progress: Callable[[str, int], AbstractContextManager[Callable[[int], None]]] | None,
                   on_note: Callable[[str], None] | None) -> None:
-    """A release in several files joined into a transformers folder at ``target``, its disk space checked
-    first."""
+    """A release in several files joined into a transformers folder at ``staging``, the folder that becomes
+    ``target``, the disk's free space checked first."""
     from ..units import format_size
 
-    folder = release.folder
     nbytes = sum(entry.nbytes for catalog in release.ranks for entry in catalog.values())
-    target.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(target.parent).free
     if free < nbytes:
         raise DestinationError(f"has {format_size(free)} free; the release's weights need about "
                                f"{format_size(nbytes)} there (free some space, or set SPARSEMAP_CACHE to a "
                                "folder on a disk with room)", path=target.parent)
-    (on_note or _to_stderr)(f"sparsemap: {folder} is a Meta release: writing it once as a transformers "
-                            f"folder (its {len(release.ranks)} files joined, {format_size(nbytes)}) into "
-                            f"{target}; later runs map it from there")
-
-    def build(staging: Path, mark: str) -> None:
-        bar = progress(f"joining {len(release.ranks)} files", nbytes) if progress is not None \
-            else contextlib.nullcontext(None)
-        with bar as advance:
-            write_folder(folder, staging, mark=mark, on_bytes=advance)
-        if not (staging / "tokenizer.json").is_file():  # checked above; a folder without one never runs
-            raise BadInputError("the tokenizer was not written (see the warning above)", path=folder)
-
-    cached_folder(target, made_of, build)
+    (on_note or _to_stderr)(f"sparsemap: {release.folder} is a Meta release: writing it once as a "
+                            f"transformers folder (its {len(release.ranks)} files joined, "
+                            f"{format_size(nbytes)}) into {target}; later runs map it from there")
+    bar = progress(f"joining {len(release.ranks)} files", nbytes) if progress is not None \
+        else contextlib.nullcontext(None)
+    with bar as advance:
+        write_folder(release.folder, staging, mark=mark, on_bytes=advance)
 
 
 def _folder_of(source: str | os.PathLike[str] | ModelSource) -> str:
