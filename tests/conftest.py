@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,37 @@ def tiny_llama_config(**overrides):
           "tie_word_embeddings": False}
     kw.update(overrides)
     return LlamaConfig(**kw)
+
+
+class ModuleFolders:
+    """Folders for one test module's shared fixtures, removed when the module's tests are done.
+
+    A module-scoped fixture that made its folder with ``tmp_path_factory`` kept it until the session ended,
+    so the suite's disk use grew to the sum of every module's files (GBs); with these it peaks at one
+    module's. A failing test's own ``tmp_path`` is still kept (``tmp_path_retention_policy``)."""
+
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        self._factory = factory
+        self._made: list[Path] = []
+
+    def make(self, name: str) -> Path:
+        """A new empty folder whose name starts with ``name``."""
+        folder = self._factory.mktemp(name)
+        self._made.append(folder)
+        return folder
+
+    def remove_all(self) -> None:
+        for folder in self._made:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._made.clear()
+
+
+@pytest.fixture(scope="module")
+def module_folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleFolders]:
+    """Folders for this module's shared fixtures (see ``ModuleFolders``)."""
+    folders = ModuleFolders(tmp_path_factory)
+    yield folders
+    folders.remove_all()
 
 
 @pytest.fixture

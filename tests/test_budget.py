@@ -32,13 +32,14 @@ from sparsemap.errors import BudgetError
 from sparsemap.formats.planner import Layout
 from sparsemap.memory import Snapshot
 from sparsemap.models import llama
-from tests.conftest import tiny_llama_config
+
+from .conftest import ModuleFolders, tiny_llama_config
 
 IDS = [3, 14, 15, 92, 65, 35]
 
 
 @pytest.fixture(scope="module")
-def raw_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def raw_folder(module_folders: ModuleFolders) -> Path:
     """A Llama of 4 layers (about 4 MiB each in float32) as transformers writes it: tensors packed
     back to back, so neighbouring layers share a page."""
     from transformers import LlamaForCausalLM
@@ -46,16 +47,16 @@ def raw_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     config = tiny_llama_config(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                                num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
-    raw = tmp_path_factory.mktemp("raw")
+    raw = module_folders.make("raw")
     LlamaForCausalLM(config).save_pretrained(raw)
     return raw
 
 
 @pytest.fixture(scope="module")
-def folder(raw_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def folder(raw_folder: Path, module_folders: ModuleFolders) -> Path:
     """The same model with every tensor on its own pages (sparsemap convert --fillers)."""
     raw = raw_folder
-    out = tmp_path_factory.mktemp("aligned")
+    out = module_folders.make("aligned")
     convert(raw / "model.safetensors", out / "model.safetensors", layout=Layout(fillers=True))
     (out / "config.json").write_text((raw / "config.json").read_text())
     return out

@@ -20,14 +20,16 @@ from sparsemap.cli import main
 from sparsemap.models.chat import open_conversation
 from sparsemap.models.generate import RwkvEngine
 
+from .conftest import ModuleFolders
+
 NEW = 6
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> str:
+def model(module_folders: ModuleFolders) -> str:
     """A tiny random RWKV-7 with a byte vocabulary whose answers never end before --max-new-tokens: the
     end-of-text token's head row is zero, so some other token is always likelier."""
-    path = write_rwkv7(tmp_path_factory.mktemp("rwkv") / "model.pth", 2, 64, 16, 256, 256)
+    path = write_rwkv7(module_folders.make("rwkv") / "model.pth", 2, 64, 16, 256, 256)
     weights = torch.load(path)
     weights["head.weight"][0] = 0
     torch.save(weights, path)

@@ -12,11 +12,13 @@ from click.testing import CliRunner
 from sparsemap.bench.rwkv_synthetic import write_rwkv7
 from sparsemap.cli import main
 
+from .conftest import ModuleFolders
+
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> str:
+def model(module_folders: ModuleFolders) -> str:
     """A tiny random RWKV-7 with a byte vocabulary: a model with a tokenizer, fast enough to run often."""
-    return str(write_rwkv7(tmp_path_factory.mktemp("rwkv") / "model.pth", 2, 64, 16, 256, 256))
+    return str(write_rwkv7(module_folders.make("rwkv") / "model.pth", 2, 64, 16, 256, 256))
 
 
 def _run(*args: str, input: str | None = None) -> tuple[int, str, str]:

@@ -25,6 +25,8 @@ from sparsemap.errors import QuantizationError
 from sparsemap.qtensor import QuantizedTensor
 from sparsemap.writer import Layout
 
+from .conftest import ModuleFolders
+
 K = 256
 SHAPES = {"proj.weight": (128, K), "odd.weight": (40, K), "model.embed_tokens.weight": (64, K)}
 
@@ -47,10 +49,10 @@ def originals() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory: pytest.TempPathFactory,
+def converted(module_folders: ModuleFolders,
               originals: dict[str, torch.Tensor]) -> dict[str, Path]:
     """mode -> a file converted from ``originals`` with ``Layout(quantize=mode)``."""
-    folder = tmp_path_factory.mktemp("qtensor")
+    folder = module_folders.make("qtensor")
     src = folder / "float.safetensors"
     sparsemap.save(originals, src)
     out = {}

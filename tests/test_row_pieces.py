@@ -21,6 +21,8 @@ import sparsemap
 from sparsemap import pages
 from sparsemap.row_pieces import CUT_MIN_NBYTES, PIECE_NBYTES, RowPieces, can_cut, piece_rows
 
+from .conftest import ModuleFolders
+
 OUT, IN = 5003, 1024  # 20 MB of float32 rows, an odd number of them: the last piece is short
 
 
@@ -31,9 +33,9 @@ class Head(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def path(module_folders: ModuleFolders) -> Path:
     torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("head") / "head.safetensors"
+    out = module_folders.make("head") / "head.safetensors"
     save_file({"lm_head.weight": torch.randn(OUT, IN), "lm_head.bias": torch.randn(OUT)}, out)
     return out
 

@@ -26,6 +26,7 @@ import sparsemap
 from sparsemap import errors
 from sparsemap.mapped import mapping_of
 
+from .conftest import ModuleFolders
 from .formats.test_rwkvcpp import write as write_rwkv
 from .helpers import assert_bit_identical, random_tensor, write_gguf
 
@@ -63,29 +64,29 @@ def tensors() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def st_path(tmp_path_factory: pytest.TempPathFactory, tensors: dict[str, torch.Tensor]) -> Path:
-    path = tmp_path_factory.mktemp("st") / "model.safetensors"
+def st_path(module_folders: ModuleFolders, tensors: dict[str, torch.Tensor]) -> Path:
+    path = module_folders.make("st") / "model.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt", "note": "sparsemap"})
     return path
 
 
 @pytest.fixture(scope="module")
-def st_bare(tmp_path_factory: pytest.TempPathFactory, tensors: dict[str, torch.Tensor]) -> Path:
+def st_bare(module_folders: ModuleFolders, tensors: dict[str, torch.Tensor]) -> Path:
     """No ``__metadata__`` at all."""
-    path = tmp_path_factory.mktemp("bare") / "model.safetensors"
+    path = module_folders.make("bare") / "model.safetensors"
     save_file({"w": tensors["model.embed.weight"]}, str(path))
     return path
 
 
 @pytest.fixture(scope="module")
-def zip_path(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+def zip_path(module_folders: ModuleFolders) -> tuple[Path, dict[str, torch.Tensor]]:
     """A torch.save checkpoint with a nested dict, a transposed view and two views of one storage."""
     gen = torch.Generator().manual_seed(1)
     base = torch.randn(6, 5, 8, generator=gen)
     shared = torch.randn(4, 10, generator=gen)
     obj = {"model": {"w": base, "wt": torch.randn(8, 6, generator=gen).t(), "half": base.half()},
            "row": shared[1], "cols": shared[:, 2:5], "step": torch.tensor(3)}
-    path = tmp_path_factory.mktemp("zip") / "model.pt"
+    path = module_folders.make("zip") / "model.pt"
     torch.save(obj, path)
     flat = {"model.w": base, "model.wt": obj["model"]["wt"], "model.half": obj["model"]["half"],
             "row": obj["row"], "cols": obj["cols"], "step": obj["step"]}
@@ -93,9 +94,9 @@ def zip_path(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory: pytest.TempPathFactory, tensors: dict[str, torch.Tensor]) -> Path:
+def sharded(module_folders: ModuleFolders, tensors: dict[str, torch.Tensor]) -> Path:
     """A Hugging Face shard folder: two safetensors shards and their index."""
-    folder = tmp_path_factory.mktemp("sharded")
+    folder = module_folders.make("sharded")
     names = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
     weight_map = {}

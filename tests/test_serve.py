@@ -31,6 +31,8 @@ from sparsemap.models.generate import answer, pick_engine
 from sparsemap.models.sampling import Sampling
 from sparsemap.serve import MAX_TOKENS, RequestError, ServedModel, Server, make_server, parse_request
 
+from .conftest import ModuleFolders
+
 openai = pytest.importorskip("openai")
 
 TIMEOUT_S = 60  # any one request; the tiny model answers in milliseconds
@@ -38,10 +40,10 @@ CHAT = "Hello"
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> str:
+def model(module_folders: ModuleFolders) -> str:
     """A tiny random RWKV-7 with a byte vocabulary (one token a byte): fast, and its greedy answers run
     for thousands of tokens without the end-of-text token."""
-    return str(write_rwkv7(tmp_path_factory.mktemp("rwkv") / "model.pth", 2, 64, 16, 256, 256))
+    return str(write_rwkv7(module_folders.make("rwkv") / "model.pth", 2, 64, 16, 256, 256))
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import sparsemap
 from sparsemap.errors import BadInputError, FileChangedError
 from sparsemap.stream import MAX_GAP, PAGE, parse_size, plan_chunks, stream_tensors
 
+from .conftest import ModuleFolders
 from .helpers import assert_bit_identical, random_tensor, run_isolated
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
@@ -21,13 +22,13 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int
 
 
 @pytest.fixture(scope="module")
-def every_dtype(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def every_dtype(module_folders: ModuleFolders) -> Path:
     gen = torch.Generator().manual_seed(0)
     state = {f"t.{str(d).removeprefix('torch.')}": random_tensor(d, (333, 77), gen) for d in DTYPES}
     state["big"] = torch.randn(1024, 300, generator=gen)  # 1.2 MB: larger than every ring below
     state["scalar"] = torch.tensor(3.5)
     state["empty"] = torch.empty(0, 5)
-    path = tmp_path_factory.mktemp("stream") / "every_dtype.safetensors"
+    path = module_folders.make("stream") / "every_dtype.safetensors"
     save_file(state, path)
     return path
 

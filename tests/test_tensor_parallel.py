@@ -29,7 +29,7 @@ from sparsemap.mapped import mapping_of
 from sparsemap.parallel import prepare, rowwise_weights
 from sparsemap.rank_sources import page_runs
 
-from .conftest import tiny_llama_config
+from .conftest import ModuleFolders, tiny_llama_config
 
 WORKER = Path(__file__).resolve().parent / "tp_worker.py"
 PAGE = pages.PAGE_SIZE
@@ -289,11 +289,11 @@ def transposed(folder: Path, plan: dict[str, str], target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tp_llama(tmp_path_factory) -> Path:
+def tp_llama(module_folders: ModuleFolders) -> Path:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tp") / "llama"
+    folder = module_folders.make("tp") / "llama"
     LlamaForCausalLM(tiny_llama_config(**TP_LLAMA)).save_pretrained(folder)
     return folder
 

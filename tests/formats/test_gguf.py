@@ -18,6 +18,7 @@ import sparsemap
 from sparsemap import errors
 from sparsemap.errors import SparsemapError
 
+from ..conftest import ModuleFolders
 from ..helpers import write_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -37,7 +38,7 @@ def weights() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def gguf_file(tmp_path_factory: pytest.TempPathFactory, weights: np.ndarray) -> Path:
+def gguf_file(module_folders: ModuleFolders, weights: np.ndarray) -> Path:
     rng = np.random.default_rng(1)
     tensors: dict[str, tuple[np.ndarray, Q | None]] = {
         "f32": (weights, None),
@@ -52,7 +53,7 @@ def gguf_file(tmp_path_factory: pytest.TempPathFactory, weights: np.ndarray) -> 
         tensors["bf16"] = (quantize(weights, Q.BF16), Q.BF16)
     for q in QUANTIZED:
         tensors[q] = (quantize(weights, Q[q]), Q[q])
-    return _write(tmp_path_factory.mktemp("gguf") / "model.gguf", tensors)
+    return _write(module_folders.make("gguf") / "model.gguf", tensors)
 
 
 def raises_any(path: Path, *allowed: type[SparsemapError]) -> SparsemapError:

@@ -23,6 +23,7 @@ from sparsemap import errors
 from sparsemap.formats import gguf as gguf_format
 from sparsemap.formats.catalog import TensorEntry
 
+from ..conftest import ModuleFolders
 from ..helpers import raises, write_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -60,9 +61,9 @@ def assert_same_as_reader(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def every_type(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def every_type(module_folders: ModuleFolders) -> Path:
     """A file with a value of every metadata type, odd values included, alignment 64, mixed tensors."""
-    path = tmp_path_factory.mktemp("types") / "types.gguf"
+    path = module_folders.make("types") / "types.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_uint8("t.u8", 255)
     w.add_int8("t.i8", -128)

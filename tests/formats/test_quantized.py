@@ -36,6 +36,7 @@ from sparsemap.formats.quantized import (
 from sparsemap.formats.reserved import QUANT_KEY
 from sparsemap.writer import Layout
 
+from ..conftest import ModuleFolders
 from ..helpers import raises, write_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -359,7 +360,7 @@ KEPT = {
 
 
 @pytest.fixture(scope="module")
-def kept_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def kept_gguf(module_folders: ModuleFolders) -> tuple[Path, Path]:
     """(source GGUF, its conversion with quantize="keep")."""
     rng = np.random.default_rng(0)
     tensors: dict[str, tuple[np.ndarray, Q | None]] = {}
@@ -369,7 +370,7 @@ def kept_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         else:
             tensors[name] = (quantize(rng.standard_normal((n, k)).astype(np.float32), Q[qtype]), Q[qtype])
     tensors["output_norm.weight"] = (rng.standard_normal(64).astype(np.float32), None)
-    folder = tmp_path_factory.mktemp("kept")
+    folder = module_folders.make("kept")
     src = write_gguf(folder / "model.gguf", tensors)
     dst = folder / "model.sparsemap.safetensors"
     convert(src, dst, layout=Layout(quantize="keep"))

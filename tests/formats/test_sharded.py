@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 import sparsemap
 from sparsemap import errors
 
+from ..conftest import ModuleFolders
 from ..helpers import assert_bit_identical, raises
 
 transformers = pytest.importorskip("transformers")
@@ -38,16 +39,16 @@ def llama() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def st_folder(llama: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("llama_st")
+def st_folder(llama: torch.nn.Module, module_folders: ModuleFolders) -> Path:
+    folder = module_folders.make("llama_st")
     llama.save_pretrained(folder, max_shard_size=SHARD_SIZE)
     assert (folder / "model.safetensors.index.json").is_file()
     return folder
 
 
 @pytest.fixture(scope="module")
-def bin_folder(llama: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("llama_bin")
+def bin_folder(llama: torch.nn.Module, module_folders: ModuleFolders) -> Path:
+    folder = module_folders.make("llama_bin")
     llama.save_pretrained(folder, max_shard_size=SHARD_SIZE, safe_serialization=False)
     if not (folder / "pytorch_model.bin.index.json").is_file():
         # transformers >= 5 writes only safetensors; write the shards the way 4.x

@@ -15,6 +15,7 @@ import torch
 import sparsemap
 from sparsemap.errors import BadInputError
 
+from ..conftest import ModuleFolders
 from .corpus import valid_files
 
 EVERY_OFFSET_UP_TO = 4096
@@ -22,8 +23,8 @@ RANDOM_BEYOND = 1000
 
 
 @pytest.fixture(scope="module")
-def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return valid_files(tmp_path_factory.mktemp("seeds"))
+def seeds(module_folders: ModuleFolders) -> dict[str, Path]:
+    return valid_files(module_folders.make("seeds"))
 
 
 def offsets(size: int, rng: random.Random) -> list[int]:

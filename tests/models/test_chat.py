@@ -20,7 +20,7 @@ from sparsemap.models.chat import Conversation, common_prefix, open_conversation
 from sparsemap.models.generate import LeanEngine, RwkvEngine, TransformersEngine, answer, load_tokenizer
 from sparsemap.models.sampling import Sampling
 
-from ..conftest import tiny_llama_config
+from ..conftest import ModuleFolders, tiny_llama_config
 
 # ChatML, as SmolLM2 and Qwen2 write it: each turn appends.
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -57,8 +57,8 @@ def write_chat_llama(folder: Path, template: str = CHATML) -> LlamaForCausalLM:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaForCausalLM, Path]:
-    folder = tmp_path_factory.mktemp("chat-llama")
+def tiny(module_folders: ModuleFolders) -> tuple[LlamaForCausalLM, Path]:
+    folder = module_folders.make("chat-llama")
     return write_chat_llama(folder), folder
 
 
@@ -248,8 +248,8 @@ def test_the_llama_state_cut_back_and_fed_again_gives_a_fresh_forward(tiny) -> N
 # ---------------------------------------------------------------- RWKV: a kept copy of the state
 
 @pytest.fixture(scope="module")
-def rwkv_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_rwkv7(tmp_path_factory.mktemp("rwkv") / "model.pth", 2, 64, 16, 256, 256)
+def rwkv_path(module_folders: ModuleFolders) -> Path:
+    return write_rwkv7(module_folders.make("rwkv") / "model.pth", 2, 64, 16, 256, 256)
 
 
 def test_rwkv_turns_equal_a_fresh_run_and_restart_from_the_last_prompt(rwkv_path: Path) -> None:

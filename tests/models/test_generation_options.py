@@ -15,7 +15,7 @@ from sparsemap.models import llama, rwkv
 from sparsemap.models.generate import AnswerText, LeanEngine, RwkvEngine, TransformersEngine, answer
 from sparsemap.models.sampling import Sampling
 
-from ..conftest import tiny_llama_config
+from ..conftest import ModuleFolders, tiny_llama_config
 
 SETTINGS = {
     "temperature-only": Sampling(temperature=1.0, top_k=0, seed=0),
@@ -43,9 +43,9 @@ def _reference(settings: Sampling, model: LlamaForCausalLM, ids: torch.Tensor) -
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaForCausalLM, llama.Llama, torch.Tensor]:
+def tiny(module_folders: ModuleFolders) -> tuple[LlamaForCausalLM, llama.Llama, torch.Tensor]:
     """(transformers' model, the lean one from its saved folder, a prompt (1, 9))."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
+    folder = module_folders.make("tiny-llama")
     torch.manual_seed(7)
     reference = LlamaForCausalLM(tiny_llama_config()).eval()
     reference.save_pretrained(folder)
@@ -106,8 +106,8 @@ def test_the_temperature_shorthand_still_samples(tiny) -> None:
 # ---------------------------------------------------------------- RWKV
 
 @pytest.fixture(scope="module")
-def rwkv_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_rwkv7(tmp_path_factory.mktemp("rwkv") / "model.pth", 2, 64, 16, 256, 256)
+def rwkv_path(module_folders: ModuleFolders) -> Path:
+    return write_rwkv7(module_folders.make("rwkv") / "model.pth", 2, 64, 16, 256, 256)
 
 
 PROMPT = [(i * 37 + 11) % 256 for i in range(16)]

@@ -16,6 +16,8 @@ import torch
 import sparsemap
 from sparsemap.mapped import mapping_of
 
+from ..conftest import ModuleFolders
+
 ch04 = pytest.importorskip("llms_from_scratch.ch04", reason="llms-from-scratch is not installed "
                            "(the Makefile installs it with --no-deps)")
 
@@ -28,10 +30,10 @@ IDS = torch.tensor([[6109, 3626, 6100, 345], [6109, 1110, 6622, 257]])  # the bo
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(module_folders: ModuleFolders) -> Path:
     torch.manual_seed(123)
     model = ch04.GPTModel(GPT_CONFIG_124M)
-    path = tmp_path_factory.mktemp("gpt") / "model.pth"
+    path = module_folders.make("gpt") / "model.pth"
     torch.save(model.state_dict(), path)  # as the book saves it
     return path
 

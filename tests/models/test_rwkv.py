@@ -27,6 +27,8 @@ from sparsemap.errors import RwkvFormatError
 from sparsemap.mapped import mapping_of
 from sparsemap.models import rwkv
 
+from ..conftest import ModuleFolders
+
 pytest.importorskip("rwkv", reason="the reference runtime (PyPI rwkv) is in the test extra")
 
 SHAPES = {  # (layers, width, head size, vocabulary, FFN)
@@ -60,9 +62,9 @@ WRITERS = {"7": write_rwkv7, "6": write_rwkv6, "5": write_rwkv5, "4": write_rwkv
 
 @pytest.fixture(scope="module", params=[(v, s) for v in WRITERS for s in SHAPES],
                 ids=lambda p: f"v{p[0]}-{p[1]}")
-def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(request: pytest.FixtureRequest, module_folders: ModuleFolders) -> Path:
     version, shape = request.param
-    return WRITERS[version](tmp_path_factory.mktemp("rwkv") / f"v{version}-{shape}.pth", *SHAPES[shape])
+    return WRITERS[version](module_folders.make("rwkv") / f"v{version}-{shape}.pth", *SHAPES[shape])
 
 
 @pytest.fixture(scope="module")
