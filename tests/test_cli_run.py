@@ -37,6 +37,7 @@ def test_help_shows_examples_and_every_option_with_range_and_default() -> None:
     assert code == 0 and "Examples:" in out and "sparsemap run smollm2" in out and "--seed 42" in out
     expected = {"--seed": ("2**64-1", "Default: a fresh random seed"),
                 "--top-k": ("0 turns it off", "else 50"), "--top-p": ("0 to 1", "else 1"),
+                "--min-p": ("0 turns it off", "llama.cpp's --min-p", "else 0"),
                 "--repetition-penalty": ("Above 0", "else 1"), "--temperature": ("0 or more", "else 0"),
                 "--ctx-size": ("refused", "Default: no limit"), "--stop": ("repeatable", "Default: none"),
                 "--system": ("--raw", "Default: none"), "--file": ("exactly one",)}
@@ -56,6 +57,7 @@ def test_exactly_one_prompt_source_or_exit_2(args: list[str]) -> None:
     (["--temperature", "-1"], "temperature must be 0 (greedy) or more, not -1.0"),
     (["--top-k", "-3"], "top_k must be a whole number, 0 (off) or more, not -3"),
     (["--top-p", "1.5"], "top_p must be between 0 and 1, not 1.5"),
+    (["--min-p", "-0.5"], "min_p must be between 0 (off) and 1, not -0.5"),
     (["--repetition-penalty", "0"], "repetition_penalty must be above 0 (1 turns it off), not 0.0"),
     (["--seed", "-1"], "seed must be a whole number from 0 to 2**64 - 1, not -1"),
     (["--ctx-size", "1"], "ctx_size must be 2 or more (a prompt token and a new one), not 1"),
@@ -83,11 +85,11 @@ def test_the_prompt_from_stdin_or_a_file_loses_one_trailing_newline(model: str, 
 
 
 def test_the_seed_repeats_a_run_and_a_run_without_one_reports_its_own(model: str) -> None:
-    args = (model, "Hello", "--temperature", "1.5", "--top-k", "20", "--top-p", "0.9",
+    args = (model, "Hello", "--temperature", "1.5", "--top-k", "20", "--top-p", "0.9", "--min-p", "0.05",
             "--repetition-penalty", "1.1", "--max-new-tokens", "8")
     first = _report(*args, "--seed", "7")
-    assert first["sampling"] == {"temperature": 1.5, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.1,
-                                 "seed": 7}
+    assert first["sampling"] == {"temperature": 1.5, "top_k": 20, "top_p": 0.9, "min_p": 0.05,
+                                 "repetition_penalty": 1.1, "seed": 7}
     assert _report(*args, "--seed", "7")["tokens"] == first["tokens"]
     unseeded = _report(*args)
     assert isinstance(unseeded["sampling"]["seed"], int)
@@ -96,10 +98,13 @@ def test_the_seed_repeats_a_run_and_a_run_without_one_reports_its_own(model: str
 
 def test_the_text_output_names_the_settings_and_greedy_flags_get_a_note(model: str) -> None:
     code, out, _ = _run(model, "Hello", "--temperature", "0.5", "--seed", "3", "--max-new-tokens", "3")
-    assert code == 0 and "sampled: temperature 0.5, top-k 50, top-p 1, seed 3" in out
+    assert code == 0 and "sampled: temperature 0.5, top-k 50, top-p 1, seed 3" in out and "min-p" not in out
+    code, out, _ = _run(model, "Hello", "--temperature", "0.5", "--min-p", "0.1", "--seed", "3",
+                        "--max-new-tokens", "3")
+    assert code == 0 and "sampled: temperature 0.5, top-k 50, top-p 1, min-p 0.1, seed 3" in out
     code, out, err = _run(model, "Hello", "--top-k", "5", "--max-new-tokens", "3")
     assert code == 0 and "greedy decoding" in out
-    assert "--top-k, --top-p and --seed apply when sampling" in err
+    assert "--top-k, --top-p, --min-p and --seed apply when sampling" in err
 
 
 def test_stop_strings_take_escapes_and_the_system_turn_reaches_the_prompt(model: str) -> None:
@@ -147,8 +152,27 @@ def sampling_smollm2(tmp_path: Path) -> Path:
 def test_generation_config_gives_the_defaults_and_flags_override_them(sampling_smollm2: Path) -> None:
     folder = str(sampling_smollm2)
     defaults = _report(folder, "Hi", "--max-new-tokens", "2", "--seed", "1")["sampling"]
-    assert defaults == {"temperature": 0.6, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.05, "seed": 1}
+    assert defaults == {"temperature": 0.6, "top_k": 20, "top_p": 0.9, "min_p": 0.0,
+                        "repetition_penalty": 1.05, "seed": 1}
     flags = ("--temperature", "0", "--top-k", "5")
     overridden = _report(folder, "Hi", "--max-new-tokens", "2", *flags)["sampling"]
-    assert overridden == {"temperature": 0.0, "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.05,
-                          "seed": None}
+    assert overridden == {"temperature": 0.0, "top_k": 5, "top_p": 0.9, "min_p": 0.0,
+                          "repetition_penalty": 1.05, "seed": None}
+
+
+@pytest.mark.model
+def test_settings_the_lean_engine_leaves_out_of_generation_config_are_said(sampling_smollm2: Path) -> None:
+    path = sampling_smollm2 / "generation_config.json"
+    config = json.loads(path.read_text())
+    config.update(typical_p=0.9, no_repeat_ngram_size=3, num_beams=1)  # num_beams 1: nothing asked
+    path.write_text(json.dumps(config))
+    folder = str(sampling_smollm2)
+    code, _, err = _run(folder, "Hi", "--max-new-tokens", "2", "--engine", "lean")
+    assert code == 0, err
+    assert ("(generation_config.json asks for no_repeat_ngram_size 3, typical_p 0.9: sparsemap's sampling "
+            "does not apply them; --engine transformers does)") in err
+    # Greedy decoding: transformers ignores typical_p too.
+    code, _, err = _run(folder, "Hi", "--max-new-tokens", "2", "--engine", "lean", "--temperature", "0")
+    assert code == 0 and "asks for no_repeat_ngram_size 3: sparsemap's sampling does not apply it;" in err
+    code, _, err = _run(folder, "Hi", "--max-new-tokens", "2", "--engine", "transformers")
+    assert code == 0 and "generation_config.json asks for" not in err

@@ -240,6 +240,7 @@ def test_n_above_one_is_a_400_in_openai_error_shape(client: Any) -> None:
     ("POST", "/v1/completions", b'{"max_tokens": 4}', 400, "prompt is required"),
     ("POST", "/v1/completions", b'{"prompt": "x", "temperature": -1}', 400,
      "temperature must be 0 (greedy) or more, not -1.0"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "min_p": 2}', 400, "min_p must be between 0 (off) and 1"),
     ("POST", "/v1/embeddings", b"{}", 404, "no route POST /v1/embeddings; the routes are GET /health"),
     ("GET", "/v2/models", None, 404, "no route GET /v2/models"),
     ("GET", "/v1/completions", None, 405, "/v1/completions takes POST, not GET"),
@@ -321,14 +322,14 @@ def test_a_request_is_read_into_its_fields_and_the_rest_ignored() -> None:
                          {"role": "user", "content": [{"type": "text", "text": "Hi "},
                                                       {"type": "text", "text": "there"}]},
                          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}],
-            "max_tokens": 9, "max_completion_tokens": 7, "temperature": 1, "top_p": 0.5, "seed": 3,
-            "stop": "\n", "stream": True, "stream_options": {"include_usage": True}}
+            "max_tokens": 9, "max_completion_tokens": 7, "temperature": 1, "top_p": 0.5, "min_p": 0.1,
+            "seed": 3, "stop": "\n", "stream": True, "stream_options": {"include_usage": True}}
     r = parse_request(json.dumps(body).encode(), chat=True)
     assert r.messages == ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
                           {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"})
-    assert (r.max_tokens, r.temperature, r.top_p, r.seed, r.stop, r.stream, r.include_usage) == (
-        7, 1.0, 0.5, 3, ("\n",), True, True)  # max_completion_tokens wins: max_tokens is its old name
-    assert r.sampling(None) == Sampling(temperature=1.0, top_p=0.5, seed=3)
+    assert (r.max_tokens, r.temperature, r.top_p, r.min_p, r.seed, r.stop, r.stream, r.include_usage) == (
+        7, 1.0, 0.5, 0.1, 3, ("\n",), True, True)  # max_completion_tokens wins: max_tokens is its old name
+    assert r.sampling(None) == Sampling(temperature=1.0, top_p=0.5, min_p=0.1, seed=3)
     assert parse_request(b'{"prompt": ["one"]}', chat=False).prompt == "one"  # a batch of one
 
 

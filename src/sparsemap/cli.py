@@ -542,6 +542,10 @@ def _transformers_view(raw: Catalog) -> tuple[Catalog, Any] | None:
 @click.option("--top-p", type=float, default=None, metavar="P",
               help="Sample among the likeliest tokens whose probabilities add up to P (nucleus sampling). "
                    "0 to 1; 1 turns it off. Default: generation_config.json, else 1.")
+@click.option("--min-p", type=float, default=None, metavar="P",
+              help="Sample among tokens at least P times as likely as the likeliest (after top-k and top-p), "
+                   "as llama.cpp's --min-p. 0 to 1; 0 turns it off. Default: generation_config.json, "
+                   "else 0 (transformers' default; llama.cpp's is 0.05).")
 @click.option("--repetition-penalty", type=float, default=None, metavar="R",
               help="Make tokens already in the text (prompt included) less likely: their positive logits "
                    "are divided by R, negative ones multiplied (transformers' rule; greedy too). Above 0; "
@@ -574,8 +578,9 @@ def _transformers_view(raw: Catalog) -> tuple[Catalog, Any] | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the answer and measurements as JSON.")
 def run(model: str, prompt: str | None, prompt_file: Path | None, system: str | None, max_new_tokens: int,
         ctx_size: int | None, temperature: float | None, top_k: int | None, top_p: float | None,
-        repetition_penalty: float | None, seed: int | None, stop: tuple[str, ...], dtype: str | None,
-        engine: str, memory_limit: str | None, raw: bool, tokenizer_path: Path | None, as_json: bool) -> None:
+        min_p: float | None, repetition_penalty: float | None, seed: int | None, stop: tuple[str, ...],
+        dtype: str | None, engine: str, memory_limit: str | None, raw: bool, tokenizer_path: Path | None,
+        as_json: bool) -> None:
     """Answer PROMPT with MODEL, streaming tokens, then show memory by phase.
 
     MODEL is a Hugging Face folder (config.json, tokenizer, weights in any
@@ -590,9 +595,11 @@ def run(model: str, prompt: str | None, prompt_file: Path | None, system: str | 
 
     Decoding is greedy unless the model's generation_config.json samples or
     --temperature is above 0. Sampling follows transformers' generate:
-    repetition penalty, temperature, top-k, top-p, then one draw from torch's
-    generator seeded with --seed, so both engines and transformers draw the
-    same tokens.
+    repetition penalty, temperature, top-k, top-p, min-p, then one draw from
+    torch's generator seeded with --seed, so both engines and transformers
+    draw the same tokens. A generation_config.json asking for more (beam
+    search, typical-p, ...) gets a note from the lean engine, which leaves it
+    out; --engine transformers applies it.
 
     \b
     Examples:
@@ -624,7 +631,7 @@ def run(model: str, prompt: str | None, prompt_file: Path | None, system: str | 
             raise BadInputError("--tokenizer names a llama2.c tokenizer.bin; this model brings its own "
                                 "tokenizer", path=source.path)
         source = source._replace(tokenizer=str(tokenizer_path.resolve()))
-    sampling = _sampling(source, temperature=temperature, top_k=top_k, top_p=top_p,
+    sampling = _sampling(source, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                          repetition_penalty=repetition_penalty, seed=seed)
     torch_dtype = _torch_dtype(dtype)
     echo = None if as_json else (lambda text: click.echo(text, nl=False))
@@ -665,16 +672,16 @@ def _stop_strings(stop: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _sampling(source: Any, *, temperature: float | None, top_k: int | None, top_p: float | None,
-              repetition_penalty: float | None, seed: int | None) -> Any:
+              min_p: float | None, repetition_penalty: float | None, seed: int | None) -> Any:
     """The sampling flags over the model's generation_config.json, checked before anything loads (exit 2
     naming the setting); a note when flags that only sampling reads are given for greedy decoding."""
     from .models.sampling import Sampling
 
     sampling = Sampling.for_model(source.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  repetition_penalty=repetition_penalty, seed=seed)
-    if sampling.greedy and (top_k is not None or top_p is not None or seed is not None):
-        click.echo("(greedy decoding: --top-k, --top-p and --seed apply when sampling, with --temperature "
-                   "above 0)", err=True)
+                                  min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    if sampling.greedy and any(v is not None for v in (top_k, top_p, min_p, seed)):
+        click.echo("(greedy decoding: --top-k, --top-p, --min-p and --seed apply when sampling, with "
+                   "--temperature above 0)", err=True)
     return sampling
 
 
@@ -688,9 +695,10 @@ def _torch_dtype(dtype: str | None) -> Any:
 
 def _describe_sampling(used: dict[str, Any]) -> str:
     """One line naming the settings a generation used (``Sampling.to_dict()``), seed included."""
+    min_p = f"min-p {used['min_p']:g}, " if used["min_p"] != 0 else ""
     how = "greedy decoding" if used["temperature"] == 0 else (
         f"sampled: temperature {used['temperature']:g}, top-k {used['top_k']}, top-p {used['top_p']:g}, "
-        f"seed {used['seed']}")
+        f"{min_p}seed {used['seed']}")
     if used["repetition_penalty"] != 1:
         how += f", repetition penalty {used['repetition_penalty']:g}"
     return how
@@ -719,8 +727,8 @@ A line ending with \\ goes on on the next line. Ctrl-C stops an answer; at the p
               help="Seed of the draws (0 to 2**64-1), set once for the session: the same seed, settings and "
                    "messages give the same answers. Default: a fresh random seed, printed at the start.")
 def chat(model: str, system: str | None, max_new_tokens: int, ctx_size: int | None, temperature: float | None,
-         top_k: int | None, top_p: float | None, repetition_penalty: float | None, seed: int | None,
-         stop: tuple[str, ...], dtype: str | None, engine: str) -> None:
+         top_k: int | None, top_p: float | None, min_p: float | None, repetition_penalty: float | None,
+         seed: int | None, stop: tuple[str, ...], dtype: str | None, engine: str) -> None:
     """Talk with MODEL, one line a turn, as llama.cpp's `llama-cli -cnv`.
 
     MODEL is what `sparsemap run` takes. Each answer streams as it comes and
@@ -746,7 +754,7 @@ def chat(model: str, system: str | None, max_new_tokens: int, ctx_size: int | No
 
     stops = _stop_strings(stop)
     source = resolve_model(model, progress=_progress)  # a Meta release: written once, with a bar
-    sampling = _sampling(source, temperature=temperature, top_k=top_k, top_p=top_p,
+    sampling = _sampling(source, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                          repetition_penalty=repetition_penalty, seed=seed)
     chosen = pick_engine(source, engine, _torch_dtype(dtype))
     conversation = open_conversation(chosen, source, sampling=sampling, system=system, ctx_size=ctx_size,
@@ -807,8 +815,8 @@ def _read_message() -> str | None:
 
 
 # Options that mean in a chat what they mean in `run`: run's own, so their ranges, defaults and help agree.
-chat.params.extend(p for p in run.params if p.name in ("temperature", "top_k", "top_p", "repetition_penalty",
-                                                       "stop", "dtype", "engine"))
+chat.params.extend(p for p in run.params if p.name in ("temperature", "top_k", "top_p", "min_p",
+                                                       "repetition_penalty", "stop", "dtype", "engine"))
 
 
 # ---------------------------------------------------------------- embed
@@ -888,8 +896,8 @@ def serve(model: str, host: str, port: int, max_tokens: int, engine: str, memory
                                  Prometheus text, or JSON with ?format=json
 
     Requests take stream, max_tokens (or max_completion_tokens), temperature,
-    top_p, top_k, repetition_penalty, seed and stop (a string or a list); n
-    must be 1. Sampling settings not given are the model's generation_config.json.
+    top_p, top_k, min_p, repetition_penalty, seed and stop (a string or a
+    list); n must be 1. Sampling settings not given are the model's generation_config.json.
 
     \b
     Examples:
@@ -909,7 +917,8 @@ def serve(model: str, host: str, port: int, max_tokens: int, engine: str, memory
         click.echo(f"loading {model} ...", err=True)
         served = ServedModel(resolve_model(model, progress=_progress),
                              name=model, engine=engine, memory_limit=memory_limit, max_tokens=max_tokens,
-                             on_plan=lambda text: click.echo(text, err=True))
+                             on_plan=lambda text: click.echo(text, err=True),
+                             on_note=lambda text: click.echo(text, err=True))
     except BaseException:  # a refused model or Ctrl-C while loading: the port is given back
         server.server_close()
         raise

@@ -42,7 +42,14 @@ from urllib.parse import parse_qs, urlsplit
 from . import memory
 from .errors import BadInputError
 from .formats.source import ModelSource
-from .models.generate import AnswerText, check_model, pick_engine, resolve_model
+from .models.generate import (
+    AnswerText,
+    TransformersEngine,
+    check_model,
+    note_unapplied,
+    pick_engine,
+    resolve_model,
+)
 from .models.sampling import Sampling
 
 DEFAULT_HOST = "127.0.0.1"  # this machine only: the server has no authentication
@@ -82,8 +89,9 @@ class CompletionRequest:
         prompt: the text to continue (completions).
         max_tokens: new tokens at most (``max_completion_tokens`` or ``max_tokens``); ``None``: the
             server's default.
-        temperature, top_p, top_k, repetition_penalty, seed: the sampling settings given (``None``: not
-            given, the model's ``generation_config.json`` decides, as in ``sparsemap run``).
+        temperature, top_p, top_k, min_p, repetition_penalty, seed: the sampling settings given
+            (``None``: not given, the model's ``generation_config.json`` decides, as in ``sparsemap run``;
+            ``top_k``, ``min_p`` and ``repetition_penalty`` are llama.cpp server's extensions).
         stop: strings that end the answer (not included in it).
         stream: answer with server-sent events; ``include_usage``: a last chunk with the token counts.
     """
@@ -95,6 +103,7 @@ class CompletionRequest:
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
@@ -104,8 +113,8 @@ class CompletionRequest:
     def sampling(self, generation_config: str | None) -> Sampling:
         """The settings: the model's ``generation_config.json`` under the values given (ranges checked)."""
         return Sampling.for_model(generation_config, temperature=self.temperature, top_k=self.top_k,
-                                  top_p=self.top_p, repetition_penalty=self.repetition_penalty,
-                                  seed=self.seed)
+                                  top_p=self.top_p, min_p=self.min_p,
+                                  repetition_penalty=self.repetition_penalty, seed=self.seed)
 
 
 # Fields that would change the answer and that this server cannot honour: refused, not ignored, so a
@@ -172,7 +181,8 @@ def parse_request(body: bytes, *, chat: bool) -> CompletionRequest:
     return CompletionRequest(
         chat=chat, messages=messages, prompt=prompt, max_tokens=max_tokens,
         temperature=_optional(doc, "temperature", float), top_p=_optional(doc, "top_p", float),
-        top_k=_optional(doc, "top_k", int), repetition_penalty=_optional(doc, "repetition_penalty", float),
+        top_k=_optional(doc, "top_k", int), min_p=_optional(doc, "min_p", float),
+        repetition_penalty=_optional(doc, "repetition_penalty", float),
         seed=_optional(doc, "seed", int), stop=_stop(doc.get("stop")), stream=stream,
         include_usage=include_usage)
 
@@ -311,6 +321,8 @@ class ServedModel:
         max_tokens: new tokens for a request that does not say (1 to :data:`MAX_TOKENS`).
         name: the model's id in responses and ``/v1/models``; by default ``model`` as given.
         on_plan: hears the memory plan (with ``memory_limit``).
+        on_note: hears of settings of the model's ``generation_config.json`` that a lean engine's
+            sampling rules leave out.
 
     Raises:
         BadInputError: not a model, no tokenizer, an impossible memory limit (``BudgetError``).
@@ -324,14 +336,17 @@ class ServedModel:
 
     def __init__(self, model: str | ModelSource, *, engine: str = "auto", memory_limit: int | None = None,
                  max_tokens: int = 256, name: str | None = None,
-                 on_plan: Callable[[str], None] | None = None) -> None:
+                 on_plan: Callable[[str], None] | None = None,
+                 on_note: Callable[[str], None] | None = None) -> None:
         if not 1 <= max_tokens <= MAX_TOKENS:
             raise BadInputError(f"max_tokens must be from 1 to {MAX_TOKENS}, not {max_tokens}")
         self.name = name or str(model)
         self.source = resolve_model(model)
         check_model(self.source)
-        Sampling.for_model(self.source.generation_config)  # a bad generation_config.json: said now
+        file_settings = Sampling.for_model(self.source.generation_config)  # a bad file: refused now
         self.engine = pick_engine(self.source, engine)
+        if not isinstance(self.engine, TransformersEngine):  # transformers' generate applies the whole file
+            note_unapplied(self.source, file_settings, on_note)
         self.max_tokens = max_tokens
         self.memory_limit = memory_limit
         self.counters = Counters()

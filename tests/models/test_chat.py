@@ -283,6 +283,29 @@ def test_the_rwkv_state_goes_back_to_the_newest_copy_and_refeeds_the_rest(rwkv_p
     assert torch.allclose(state.feed([9]), model([*ids[:3], 9])[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("engine", ["lean", "transformers"])
+def test_what_the_sampling_rules_leave_out_of_generation_config_is_said(tiny, engine: str,
+                                                                         tmp_path: Path) -> None:
+    """A conversation's turns are chosen by ``Sampler`` in every engine; ``serve`` answers with
+    transformers' ``generate`` there, which applies the whole file, so only its lean engine says so."""
+    from sparsemap.models.generate import pick_engine
+    from sparsemap.serve import ServedModel
+
+    _, folder = tiny
+    copy = tmp_path / "beams"
+    copy.mkdir()
+    for f in folder.iterdir():
+        if f.name != "generation_config.json":  # written anew below, never through a link
+            (copy / f.name).symlink_to(f)
+    (copy / "generation_config.json").write_text(json.dumps({"num_beams": 4, "eos_token_id": 2}))
+    notes: list[str] = []
+    open_conversation(pick_engine(copy, engine), copy, on_note=notes.append, max_new_tokens=2)
+    assert notes == ["(generation_config.json asks for num_beams 4: sparsemap's sampling does not apply it)"]
+    served: list[str] = []
+    ServedModel(str(copy), engine=engine, on_note=served.append)
+    assert served == (notes if engine == "lean" else [])
+
+
 # ---------------------------------------------------------------- the real SmolLM2
 
 @pytest.mark.model

@@ -3,6 +3,7 @@ and settings; stop strings, the system turn and the context size through :func:`
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,9 @@ SETTINGS = {
     "all-four": Sampling(temperature=0.8, top_k=10, top_p=0.9, repetition_penalty=1.3, seed=5),
     "hot-nucleus": Sampling(temperature=1.5, top_k=0, top_p=0.5, seed=2**40),
     "reward-repeats": Sampling(temperature=2.0, top_k=3, repetition_penalty=0.7, seed=9),
+    # The tiny model's logits are nearly flat: min-p filters only at a low temperature.
+    "cold-min-p": Sampling(temperature=0.1, top_k=0, min_p=0.3, seed=4),
+    "all-five": Sampling(temperature=0.3, top_k=40, top_p=0.95, min_p=0.5, repetition_penalty=1.2, seed=6),
     "greedy-penalized": Sampling(repetition_penalty=1.5),
 }
 NEW = 40
@@ -35,7 +39,7 @@ def _reference(settings: Sampling, model: LlamaForCausalLM, ids: torch.Tensor) -
     kwargs: dict = {"do_sample": False}
     if not settings.greedy:
         kwargs = {"do_sample": True, "temperature": settings.temperature, "top_k": settings.top_k,
-                  "top_p": settings.top_p}
+                  "top_p": settings.top_p, "min_p": settings.min_p or None}
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
                              repetition_penalty=settings.repetition_penalty, **kwargs)
@@ -63,9 +67,11 @@ def test_lean_llama_samples_transformers_tokens(tiny, name: str) -> None:
     assert lean.generate(ids[0].tolist(), NEW, sampling=settings) == want
     if not settings.greedy:
         assert want != _reference(Sampling(), reference, ids)  # it did sample
+    if settings.min_p:
+        assert want != _reference(replace(settings, min_p=0.0), reference, ids)  # min-p did filter
 
 
-@pytest.mark.parametrize("name", ["all-four", "greedy-penalized"])
+@pytest.mark.parametrize("name", ["all-four", "all-five", "greedy-penalized"])
 def test_both_engines_choose_the_same_tokens_and_stream_each(tiny, name: str) -> None:
     """``LeanEngine.generate`` and ``TransformersEngine.generate`` (seeding, settings, the per-token tap)."""
     reference, lean, ids = tiny

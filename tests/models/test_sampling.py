@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -17,7 +18,7 @@ from transformers.generation.logits_process import (
 )
 
 from sparsemap.errors import BadInputError
-from sparsemap.models.sampling import GREEDY, Sampler, Sampling, resolve
+from sparsemap.models.sampling import GREEDY, Sampler, Sampling, resolve, unapplied
 
 VOCAB = 97
 
@@ -77,13 +78,25 @@ def test_top_p_is_transformers_warper(seed: int, top_p: float) -> None:
     assert torch.isfinite(ours).sum() >= 1  # the likeliest token always stays
 
 
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("min_p", [0.01, 0.1, 0.5, 1.0])
+def test_min_p_is_transformers_warper(seed: int, min_p: float) -> None:
+    logits, ids = _case(seed)
+    want = MinPLogitsWarper(min_p)(ids, logits.clone())
+    ours = _ours(Sampling(temperature=1.0, top_k=0, min_p=min_p), ids, logits)
+    assert torch.equal(ours, want)
+    kept = int(torch.isfinite(ours).sum())
+    assert 1 <= kept < VOCAB if min_p >= 0.1 else kept >= 1  # it filtered, and the likeliest stayed
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_the_chain_runs_in_transformers_order(seed: int) -> None:
-    """Penalty, temperature, top-k, top-p: the order of transformers' ``_get_logits_processor``."""
+    """Penalty, temperature, top-k, top-p, min-p: the order of transformers' ``_get_logits_processor``."""
     logits, ids = _case(seed)
-    settings = Sampling(temperature=0.6, top_k=20, top_p=0.8, repetition_penalty=1.4)
+    settings = Sampling(temperature=0.6, top_k=20, top_p=0.8, min_p=0.05, repetition_penalty=1.4)
     want = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.4), TemperatureLogitsWarper(0.6),
-                                TopKLogitsWarper(20), TopPLogitsWarper(0.8)])(ids, logits.clone())
+                                TopKLogitsWarper(20), TopPLogitsWarper(0.8),
+                                MinPLogitsWarper(0.05)])(ids, logits.clone())
     assert torch.equal(_ours(settings, ids, logits), want)
 
 
@@ -159,6 +172,8 @@ def test_without_a_seed_the_global_generator_is_left_alone() -> None:
     ({"top_k": True}, "top_k must be a whole number, 0 (off) or more, not True"),
     ({"top_p": 1.5}, "top_p must be between 0 and 1, not 1.5"),
     ({"top_p": -0.1}, "top_p must be between 0 and 1, not -0.1"),
+    ({"min_p": 1.01}, "min_p must be between 0 (off) and 1, not 1.01"),
+    ({"min_p": None}, "min_p must be a finite number, not None"),
     ({"repetition_penalty": 0}, "repetition_penalty must be above 0 (1 turns it off), not 0"),
     ({"repetition_penalty": float("inf")}, "repetition_penalty must be a finite number, not inf"),
     ({"seed": -1}, "seed must be a whole number from 0 to 2**64 - 1, not -1"),
@@ -175,16 +190,20 @@ def test_settings_are_frozen_and_numbers_become_floats() -> None:
     assert (type(s.temperature), type(s.top_p), type(s.repetition_penalty)) == (float, float, float)
     with pytest.raises(AttributeError):
         s.top_k = 3  # type: ignore[misc]
-    assert s.to_dict() == {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 2.0,
-                           "seed": 2**64 - 1}
+    assert s.to_dict() == {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0,
+                           "repetition_penalty": 2.0, "seed": 2**64 - 1}
 
 
 def test_defaults_are_transformers_and_greedy_means_temperature_zero() -> None:
-    assert Sampling(temperature=0.0, top_k=50, top_p=1.0, repetition_penalty=1.0, seed=None) == GREEDY
+    assert Sampling(temperature=0.0, top_k=50, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                    seed=None) == GREEDY
     assert GREEDY.greedy and not Sampling(temperature=0.1).greedy
     assert GREEDY.transformers_kwargs() == {"do_sample": False, "repetition_penalty": 1.0}
     assert Sampling(temperature=0.5, top_k=0, top_p=0.9).transformers_kwargs() == {
         "do_sample": True, "temperature": 0.5, "top_k": 0, "top_p": 0.9, "repetition_penalty": 1.0}
+    # transformers' min_p is off by default (None): passed only when it filters; greedy ignores it.
+    assert Sampling(temperature=0.5, min_p=0.1).transformers_kwargs()["min_p"] == 0.1
+    assert "min_p" not in Sampling(min_p=0.1).transformers_kwargs()
 
 
 def test_resolve_takes_settings_or_the_temperature_shorthand() -> None:
@@ -205,12 +224,14 @@ def _config(tmp_path: Path, values: object) -> Path:
 
 
 def test_a_sampling_generation_config_sets_the_defaults(tmp_path: Path) -> None:
-    path = _config(tmp_path, {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20,
+    path = _config(tmp_path, {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05,
                               "repetition_penalty": 1.1, "eos_token_id": 2})
-    assert Sampling.for_model(path) == Sampling(temperature=0.6, top_k=20, top_p=0.9, repetition_penalty=1.1)
+    assert Sampling.for_model(path) == Sampling(temperature=0.6, top_k=20, top_p=0.9, min_p=0.05,
+                                                repetition_penalty=1.1)
+    assert Sampling.for_model(path, min_p=0).min_p == 0.0
     # Given values win, one by one; temperature 0 asks for greedy decoding.
-    assert Sampling.for_model(path, top_k=5, seed=3) == Sampling(temperature=0.6, top_k=5, top_p=0.9,
-                                                                 repetition_penalty=1.1, seed=3)
+    assert Sampling.for_model(path, top_k=5, seed=3) == Sampling(
+        temperature=0.6, top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.1, seed=3)
     assert Sampling.for_model(path, temperature=0).greedy
 
 
@@ -241,3 +262,17 @@ def test_a_malformed_generation_config_is_refused(tmp_path: Path, text: str, nee
     with pytest.raises(BadInputError, match=needle) as e:
         Sampling.for_model(path)
     assert e.value.path == str(path)
+
+
+def test_settings_the_rules_leave_out_are_named_with_their_values(tmp_path: Path) -> None:
+    path = _config(tmp_path, {"do_sample": True, "typical_p": 0.95, "no_repeat_ngram_size": 3,
+                              "bad_words_ids": [[5, 6]], "num_beams": 1, "epsilon_cutoff": 0.0,
+                              "suppress_tokens": [], "min_p": 0.1, "top_k": 20, "eos_token_id": 2})
+    # num_beams 1, epsilon 0 and no suppressed tokens ask for nothing; min_p and top_k are applied.
+    assert unapplied(path, Sampling.for_model(path)) == ["no_repeat_ngram_size 3", "bad_words_ids [[5, 6]]",
+                                                         "typical_p 0.95"]
+    assert unapplied(path, GREEDY) == ["no_repeat_ngram_size 3", "bad_words_ids [[5, 6]]"]  # as transformers
+    assert unapplied(_config(tmp_path, {"eos_token_id": 2, "pad_token_id": 2}), GREEDY) == []
+    assert unapplied(None, GREEDY) == []
+    with pytest.raises(BadInputError, match="not a JSON object"):
+        unapplied(_config(tmp_path, [1]), GREEDY)

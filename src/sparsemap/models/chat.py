@@ -29,6 +29,7 @@ from .generate import (
     check_model,
     check_options,
     fit_context,
+    note_unapplied,
     resolve_model,
     seeded,
 )
@@ -212,6 +213,8 @@ def open_conversation(engine: Engine, model: str | Path | ModelSource, *, sampli
     """Load ``model`` (a path, a name sparsemap knows, a cached repo id) with ``engine`` and start a
     :class:`Conversation` with it. ``sampling`` ``None`` takes the model's own defaults
     (:meth:`Sampling.for_model`); sampling without a seed gets a fresh one (``conversation.sampling``).
+    Every engine's turns are chosen by :class:`Sampler`'s rules: ``on_note`` hears at once of any setting
+    of the model's ``generation_config.json`` they leave out (beam search, typical-p, ...).
 
     The tokenizer and its chat template are checked before any weight is read.
 
@@ -223,6 +226,7 @@ def open_conversation(engine: Engine, model: str | Path | ModelSource, *, sampli
     source = resolve_model(model)
     check_model(source)
     settings = seeded(sampling if sampling is not None else Sampling.for_model(source.generation_config))
+    note_unapplied(source, settings, on_note)
     engine.import_libraries()
     tokenizer = engine.load_tokenizer(source)
     check_chat(engine, tokenizer, system)  # before the weights: a refusal costs no load

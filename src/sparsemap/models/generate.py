@@ -27,7 +27,7 @@ from ..errors import BadInputError, SourceNotFoundError
 from ..formats.source import ModelSource, reads_as_repo_id, resolve_source
 from .gguf_hf import gguf_tokenizer
 from .rwkv_config import detect_version, pytorch_view, shape_of
-from .sampling import Sampling
+from .sampling import Sampling, unapplied
 
 # Names sparsemap knows -> the folder's form: its GGUF's blocks kept quantized, or dequantized to float32.
 ALIASES = {"smollm2": "quantized", "smollm2-135m-instruct": "quantized", "smollm2-f32": "float32"}
@@ -552,6 +552,17 @@ def seeded(settings: Sampling) -> Sampling:
     return settings
 
 
+def note_unapplied(source: ModelSource, settings: Sampling, on_note: Callable[[str], None] | None, *,
+                   hint: str = "") -> None:
+    """Tell ``on_note`` which settings of the model's ``generation_config.json`` a generation with
+    ``settings`` leaves out because sparsemap's sampling rules do not have them (``unapplied``); ``hint``
+    ends the line (where another engine applies them)."""
+    left_out = unapplied(source.generation_config, settings)
+    if left_out and on_note is not None:
+        on_note(f"(generation_config.json asks for {', '.join(left_out)}: sparsemap's sampling does not "
+                f"apply {'it' if len(left_out) == 1 else 'them'}{hint})")
+
+
 def fit_context(prompt_tokens: int, max_new_tokens: int, ctx_size: int | None, *, what: str = "the prompt",
                 on_note: Callable[[str], None] | None = None) -> int:
     """The new tokens a prompt of ``prompt_tokens`` may have within ``ctx_size`` (``None``: no limit), as
@@ -599,7 +610,9 @@ def answer(engine: TransformersEngine | LeanEngine | RwkvEngine, model: str | Pa
     the text holds one of the ``stop`` strings: the answer ends before it (``"stopped_by"``), and
     ``echo`` never shows it. With ``ctx_size``, prompt and answer fit in that many tokens, as in
     llama.cpp's ``llama-cli``: a prompt that leaves no room is refused with the numbers, and
-    ``max_new_tokens`` shrinks to the room left (``on_note`` hears of it).
+    ``max_new_tokens`` shrinks to the room left (``on_note`` hears of it). The lean engines choose tokens
+    by :class:`Sampler`'s rules; ``on_note`` hears of any setting of the model's
+    ``generation_config.json`` those leave out (beam search, typical-p, ...) and transformers applies.
 
     Phases: import torch, import the engine's libraries, tokenizer, weights,
     generate. ``first_token_s`` counts from the start of loading (tokenizer +
@@ -624,6 +637,9 @@ def answer(engine: TransformersEngine | LeanEngine | RwkvEngine, model: str | Pa
     source = resolve_model(model)
     check_model(source)
     settings = seeded(sampling if sampling is not None else Sampling.for_model(source.generation_config))
+    if not isinstance(engine, TransformersEngine):
+        hint = "" if isinstance(engine, RwkvEngine) else "; --engine transformers does"
+        note_unapplied(source, settings, on_note, hint=hint)
     tracker = tracker or memory.PhaseTracker()
     try:  # its sampler process ends however this does (a refused prompt, Ctrl-C)
         with tracker.phase("import torch"):

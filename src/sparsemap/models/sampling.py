@@ -8,9 +8,13 @@ choose the same tokens from the same logits and seed:
    (``RepetitionPenaltyLogitsProcessor``: a positive logit is divided by it, a negative one multiplied);
 2. greedy (temperature 0) takes the argmax here; sampling goes on with
 3. the temperature (``TemperatureLogitsWarper``), 4. top-k (``TopKLogitsWarper``),
-   5. top-p (``TopPLogitsWarper``), each skipped at its neutral value as transformers skips it;
-6. ``torch.multinomial(softmax(scores), 1)`` on torch's global generator, seeded with
+   5. top-p (``TopPLogitsWarper``), 6. min-p (``MinPLogitsWarper``), each skipped at its neutral value as
+   transformers skips it;
+7. ``torch.multinomial(softmax(scores), 1)`` on torch's global generator, seeded with
    ``torch.manual_seed(seed)`` when a seed is given.
+
+What else a ``generation_config.json`` may ask of transformers' ``generate`` (typical-p, banned words, beam
+search, ...) is not applied here; :func:`unapplied` names what a file asks that these rules leave out.
 
 Importing this module does not import torch (``sparsemap.models.generate`` imports it before the
 measured "import torch" phase); :class:`Sampler` imports it when a generation starts.
@@ -44,6 +48,8 @@ class Sampling:
         top_k: draw only among the ``top_k`` most likely tokens; 0 turns it off. Sampling only.
         top_p: draw only among the most likely tokens whose probabilities add up to ``top_p``
             (nucleus sampling, at least one token kept); 1 turns it off. Sampling only.
+        min_p: draw only among tokens at least ``min_p`` times as likely as the likeliest one (after
+            the temperature, top-k and top-p), as llama.cpp's ``--min-p``; 0 turns it off. Sampling only.
         repetition_penalty: above 1, tokens already in the sequence (prompt included) get less likely;
             below 1, more likely; 1 turns it off. Applies to greedy decoding too, as in transformers.
         seed: the seed of torch's global generator for this generation (``torch.manual_seed``);
@@ -64,6 +70,7 @@ class Sampling:
     temperature: float = 0.0
     top_k: int = 50
     top_p: float = 1.0
+    min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
 
@@ -75,6 +82,9 @@ class Sampling:
         top_p = _number("top_p", self.top_p)
         if not 0 <= top_p <= 1:
             raise BadInputError(f"top_p must be between 0 and 1, not {self.top_p}")
+        min_p = _number("min_p", self.min_p)
+        if not 0 <= min_p <= 1:
+            raise BadInputError(f"min_p must be between 0 (off) and 1, not {self.min_p}")
         penalty = _number("repetition_penalty", self.repetition_penalty)
         if penalty <= 0:
             raise BadInputError("repetition_penalty must be above 0 (1 turns it off), "
@@ -84,17 +94,19 @@ class Sampling:
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise BadInputError(f"seed must be a whole number from 0 to 2**64 - 1, not {self.seed!r}")
         # Whole-number floats (a JSON 1.0) are kept as floats; ints given for floats become floats.
-        for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", penalty)):
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
+                            ("repetition_penalty", penalty)):
             object.__setattr__(self, name, value)
 
     @property
     def greedy(self) -> bool:
-        """Whether the argmax is taken (temperature 0): top-k, top-p and the seed then change nothing."""
+        """Whether the argmax is taken (temperature 0): top-k, top-p, min-p and the seed then change
+        nothing."""
         return self.temperature == 0
 
     @classmethod
     def for_model(cls, generation_config: str | os.PathLike[str] | None, *, temperature: float | None = None,
-                  top_k: int | None = None, top_p: float | None = None,
+                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                   repetition_penalty: float | None = None, seed: int | None = None) -> Sampling:
         """The settings for a model: transformers' defaults, then its ``generation_config.json`` (when
         there is one), then the values given here (``None``: not given), as transformers' ``generate``
@@ -109,9 +121,9 @@ class Sampling:
 
         Example:
             >>> Sampling.for_model(None, temperature=0.8, seed=1)
-            Sampling(temperature=0.8, top_k=50, top_p=1.0, repetition_penalty=1.0, seed=1)
+            Sampling(temperature=0.8, top_k=50, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=1)
         """
-        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
                  "repetition_penalty": repetition_penalty, "seed": seed}
         base = cls()
         if generation_config is not None:
@@ -128,8 +140,11 @@ class Sampling:
         see :meth:`seed_generator`)."""
         if self.greedy:
             return {"do_sample": False, "repetition_penalty": self.repetition_penalty}
-        return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
-                "repetition_penalty": self.repetition_penalty}
+        kwargs: dict[str, Any] = {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k,
+                                  "top_p": self.top_p, "repetition_penalty": self.repetition_penalty}
+        if self.min_p > 0:  # transformers' own default is None (off), which 0 equals
+            kwargs["min_p"] = self.min_p
+        return kwargs
 
     def seed_generator(self) -> None:
         """Seed torch's global generator with :attr:`seed`, when there is one: transformers' draws and
@@ -156,15 +171,21 @@ def _number(name: str, value: object) -> float:
     return float(value)
 
 
-def _read_generation_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The sampling settings a ``generation_config.json`` holds, in :class:`Sampling`'s terms."""
+def _read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A ``generation_config.json``'s object, or an error naming the file."""
     try:
         config = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise BadInputError(f"cannot read generation_config.json: {e}", path=path) from None
     if not isinstance(config, dict):
         raise BadInputError("generation_config.json is not a JSON object", path=path)
-    values: dict[str, Any] = {k: config[k] for k in ("top_k", "top_p", "repetition_penalty")
+    return config
+
+
+def _read_generation_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The sampling settings a ``generation_config.json`` holds, in :class:`Sampling`'s terms."""
+    config = _read_json_object(path)
+    values: dict[str, Any] = {k: config[k] for k in ("top_k", "top_p", "min_p", "repetition_penalty")
                               if config.get(k) is not None}
     if config.get("do_sample") is True:
         # transformers' default temperature (1.0) when the file samples without naming one.
@@ -174,6 +195,34 @@ def _read_generation_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 GREEDY = Sampling()  # transformers' default: the argmax
+
+# What a generation_config.json may ask of transformers' generate that Sampler leaves out, each with the
+# value at which it does nothing. The second group acts only when sampling, in transformers too.
+_LEFT_OUT = {"no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
+             "min_length": 0, "min_new_tokens": 0, "sequence_bias": None, "suppress_tokens": None,
+             "begin_suppress_tokens": None, "forced_eos_token_id": None, "num_beams": 1,
+             "penalty_alpha": None, "guidance_scale": 1, "exponential_decay_length_penalty": None}
+_LEFT_OUT_WHEN_SAMPLING = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
+
+
+def unapplied(generation_config: str | os.PathLike[str] | None, settings: Sampling) -> list[str]:
+    """The settings of ``generation_config`` (a ``generation_config.json``; ``None``: none) that
+    transformers' ``generate`` would apply to a generation with ``settings`` and :class:`Sampler` does
+    not, as ``"name value"``: what a lean engine says it leaves out, rather than leaving it out unsaid.
+
+    Raises:
+        BadInputError: the file is not a JSON object.
+
+    Example:
+        >>> unapplied(None, GREEDY)
+        []
+    """
+    if generation_config is None:
+        return []
+    config = _read_json_object(generation_config)
+    asked = _LEFT_OUT if settings.greedy else {**_LEFT_OUT, **_LEFT_OUT_WHEN_SAMPLING}
+    return [f"{name} {config[name]}" for name, off in asked.items()
+            if config.get(name) not in (None, off, [], {})]
 
 
 def resolve(sampling: Sampling | None, temperature: float | None) -> Sampling:
@@ -234,6 +283,10 @@ class Sampler:
             drop = cumulative <= (1 - s.top_p)  # the unlikely tail whose mass stays within 1 - top_p
             drop[..., -1:] = False  # the likeliest token always stays
             scores = scores.masked_fill(drop.scatter(1, order, drop), -math.inf)
+        if s.min_p > 0.0:
+            # The likeliest token is never below min_p (at most 1) times itself, so one always stays.
+            probs = scores.softmax(dim=-1)  # (1, vocab)
+            scores = scores.masked_fill(probs < s.min_p * probs.amax(dim=-1, keepdim=True), -math.inf)
         return scores
 
     def __call__(self, logits: torch.Tensor) -> int:
