@@ -34,7 +34,10 @@ from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402
 
 TORCH_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "BF16": torch.bfloat16, "F32": torch.float32}
-N, K = 32, 512  # two Q4_K / Q6_K super-blocks per row
+N, K = 32, 512  # two K-quant super-blocks per row
+# K-quant -> (bytes a super-block, where its f16 scales lie); gguf cannot quantize these: random blocks.
+K_QUANTS = {"Q4_K": (144, (0, 2)), "Q6_K": (210, (208,)), "Q5_K": (176, (0, 2)), "Q3_K": (110, (108,)),
+            "Q2_K": (84, (80, 82))}
 
 
 def weight_of(scheme: str, shape: tuple[int, int], group: int, zero: bool, *, name: str = "w",
@@ -53,11 +56,10 @@ def float_weight(seed: int, n: int = 64, k: int = 256) -> torch.Tensor:
 
 
 def k_quant_blocks(qtype: str, n: int, k: int, seed: int) -> np.ndarray:
-    """Random Q4_K / Q6_K blocks with finite f16 scales: (n, bytes per row) uint8."""
+    """Random K-quant blocks with finite f16 scales: (n, bytes per row) uint8."""
     rng = np.random.default_rng(seed)
-    size = {"Q4_K": 144, "Q6_K": 210}[qtype]
+    size, scale_at = K_QUANTS[qtype]
     blocks = rng.integers(0, 256, (n, k // 256, size), dtype=np.uint8)  # (n, super-blocks, size)
-    scale_at = (0, 2) if qtype == "Q4_K" else (208,)  # d and dmin; d
     for start in scale_at:
         d = rng.uniform(0.001, 0.1, (n, k // 256, 1)).astype(np.float16)  # (n, S, 1)
         blocks[..., start:start + 2] = d.view(np.uint8)
@@ -66,8 +68,8 @@ def k_quant_blocks(qtype: str, n: int, k: int, seed: int) -> np.ndarray:
 
 def gguf_blocks(qtype: str) -> np.ndarray:
     """(N, bytes per row) uint8 of a GGUF quantization of random weights."""
-    if qtype in ("Q4_K", "Q6_K"):
-        return k_quant_blocks(qtype, N, K, seed=2 if qtype == "Q4_K" else 3)
+    if qtype in K_QUANTS:
+        return k_quant_blocks(qtype, N, K, seed=2 + list(K_QUANTS).index(qtype))
     w = float_weight(1, N, K).numpy()  # (N, K)
     return gguf_quantize(w, Q[qtype])
 
@@ -81,7 +83,7 @@ def test_gguf_decoder_equals_gguf_dequantize(qtype: str) -> None:
     coded = from_gguf(torch.from_numpy(raw).reshape(-1), qtype, (N, K), name="blk.0.w")
     assert coded.group == FROM_GGUF[qtype][1]
     assert coded.q.shape == (N, K) and coded.scale.shape == (N, K // coded.group)
-    assert (coded.zero is not None) == (qtype in ("Q4_0", "Q4_1", "Q4_K", "Q5_1"))
+    assert (coded.zero is not None) == (qtype in ("Q4_0", "Q4_1", "Q4_K", "Q5_1", "Q5_K", "Q2_K"))
     got = coded.values()
     assert torch.isfinite(got).all()
     assert torch.equal(got, want)
@@ -89,19 +91,22 @@ def test_gguf_decoder_equals_gguf_dequantize(qtype: str) -> None:
 
 @pytest.mark.parametrize(("qtype", "low", "high"), [("Q4_0", 0, 15), ("Q4_1", 0, 15), ("Q4_K", 0, 15),
                                                     ("Q5_0", -16, 15), ("Q5_1", 0, 31),
-                                                    ("Q8_0", -128, 127), ("Q6_K", -32, 31)])
+                                                    ("Q8_0", -128, 127), ("Q6_K", -32, 31),
+                                                    ("Q5_K", 0, 31), ("Q3_K", -4, 3), ("Q2_K", 0, 3)])
 def test_gguf_values_stay_in_their_range(qtype: str, low: int, high: int) -> None:
     coded = from_gguf(torch.from_numpy(gguf_blocks(qtype)).reshape(-1), qtype, (N, K))
     assert low <= int(coded.q.min()) and int(coded.q.max()) <= high
+    if qtype in K_QUANTS:  # random bits reach both ends: every bit of the packing was read
+        assert (int(coded.q.min()), int(coded.q.max())) == (low, high)
 
 
 def test_unsupported_gguf_type_lists_the_supported_ones() -> None:
-    raw = torch.zeros(N * (K // 256) * 176, dtype=torch.uint8)  # Q5_K's bytes
+    raw = torch.zeros(N * (K // 256) * 136, dtype=torch.uint8)  # IQ4_XS's bytes
     with pytest.raises(UnsupportedQuantizationError) as info:
-        from_gguf(raw, "Q5_K", (N, K), name="blk.0.ffn_up.weight")
+        from_gguf(raw, "IQ4_XS", (N, K), name="blk.0.ffn_up.weight")
     message = str(info.value)
     assert info.value.tensor == "blk.0.ffn_up.weight"
-    assert "Q5_K" in message and "blk.0.ffn_up.weight" in message
+    assert "IQ4_XS" in message and "blk.0.ffn_up.weight" in message
     for supported in FROM_GGUF:
         assert supported in message
 

@@ -396,8 +396,9 @@ def _parse_size(text: str) -> int:
                    "rows used together share pages (loading puts them back in order, with a copy).")
 @click.option("--quantize", type=click.Choice(["keep", "q8_0", "q4_1", "int8"]), default=None,
               help="Store weights quantized, in the layouts torch's int4/int8 CPU kernels read, so they run "
-                   "mapped: 'keep' keeps a GGUF's Q4_0/Q4_1/Q4_K/Q8_0/Q6_K blocks and a llama2.c file's Q8_0 "
-                   "groups (no float copy; llama2.c groups that straddle rows are dequantized, with a note); "
+                   "mapped: 'keep' keeps a GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and Q2_K to Q6_K blocks and a "
+                   "llama2.c file's Q8_0 groups (no float copy; IQ blocks and llama2.c groups that straddle "
+                   "rows, which no layout holds, are stored dequantized, with a note); "
                    "'q8_0' (int8, groups of 32), 'int8' (int8, one scale per row) and 'q4_1' (4-bit, groups "
                    "of 32) keep those too and quantize float 2-D weights.")
 @click.option("--fillers", is_flag=True,

@@ -37,7 +37,7 @@ from .durable import check_destination
 from .errors import FileChangedError, ReservedNameError, TruncatedFileError, UnsupportedQuantizationError
 from .formats.catalog import Catalog, FileStamp, TensorEntry
 from .formats.planner import Layout, Plan, Spec, plan
-from .formats.quantized import LLAMA2C_Q8_0, kept_scheme
+from .formats.quantized import LLAMA2C_Q8_0, kept_scheme, supported_types
 from .formats.reserved import LAYOUT_KEY, QUANT_KEY
 from .formats.source import open_regular_fd
 from .mapped import torch_dtype
@@ -255,34 +255,38 @@ class SourceFiles:
 
 
 def _source_encoding(catalog: Catalog, name: str) -> str | None:
-    """The quantization a tensor comes in, as the planner judges it: a GGUF type (also for a weight of
-    ours decoded from one) or llama2.c's Q8_0 in groups of a size the int8 layout takes, else ``None``
-    (float, or quantized in a form no kernel layout holds: dequantized, or quantized again by the mode)."""
+    """The quantization a tensor comes in, as the planner judges it: one a kernel layout holds (a GGUF
+    type of :data:`~sparsemap.formats.quantized.FROM_GGUF`, also for a weight of ours decoded from one, or
+    llama2.c's Q8_0 in groups of a size the int8 layout takes), else ``None``: float, or quantized in a
+    form no kernel layout holds (IQ blocks, llama2.c groups that straddle rows), which is dequantized, or
+    quantized again by the mode."""
     weight = catalog.quantized.get(name)
-    if weight is not None:
-        return weight.source if kept_scheme(weight.source) is not None else None
-    encoding = catalog[name].encoding
-    return None if encoding == LLAMA2C_Q8_0 else encoding  # llama2.c's groups that straddle rows
+    encoding = weight.source if weight is not None else catalog[name].encoding
+    return encoding if encoding is not None and kept_scheme(encoding) is not None else None
 
 
 def _note_dequantized(catalog: Catalog, the_plan: Plan) -> None:
     """Under ``keep``, say which quantized source tensors the plan stores dequantized, and why (one line
-    per reason): llama2.c's Q8_0 whose groups straddle rows or are not a multiple of 16 values, weights
-    of ours quantized from float."""
+    per reason): quantizations no kernel layout holds (IQ blocks; llama2.c's Q8_0 whose groups straddle
+    rows or are not a multiple of 16 values), weights of ours quantized from float. (A GGUF vector or
+    stack of experts in a type that has a layout is stored dequantized too, unsaid: no kernel takes it.)"""
     kept = {r.quantized[0] for r in the_plan.records if r.quantized is not None}
     reasons: dict[str, list[str]] = {}
     for name, entry in catalog.items():
         weight = catalog.quantized.get(name)
-        if name in kept or (weight is None and entry.encoding != LLAMA2C_Q8_0):
-            continue  # kept, or not quantized (GGUF types either keep or were refused by the planner)
-        if weight is None:
+        source = weight.source if weight is not None else entry.encoding
+        if name in kept or source is None or (weight is None and kept_scheme(source) is not None):
+            continue  # kept, float, or in a type with a layout but no kernel for its shape
+        if source == LLAMA2C_Q8_0:  # straddling groups: a llama2.c tensor as it lies
             k = entry.shape[-1]
             group = entry.numel // ((entry.nbytes - entry.numel) // 4)  # values numel, then the scales
             why = (f"llama2.c's Q8_0 groups straddle their rows ({k} values a row, groups of {group}), "
                    "which no kernel layout holds")
-        elif weight.source.startswith(LLAMA2C_Q8_0):
-            why = (f"llama2.c's Q8_0 in groups of {weight.group}; the int8 layout takes groups of a "
-                   "multiple of 16")
+        elif source.startswith(LLAMA2C_Q8_0):
+            group = weight.group if weight is not None else int(source.partition("/")[2])
+            why = f"llama2.c's Q8_0 in groups of {group}; the int8 layout takes groups of a multiple of 16"
+        elif weight is None:
+            why = f"{source} blocks have no kernel layout (kept: {supported_types()})"
         else:
             why = f"quantized from {weight.source}, not from a GGUF or llama2.c file ('keep' keeps those)"
         reasons.setdefault(why, []).append(name)

@@ -3,7 +3,8 @@
 Every weight goes through one form, :class:`Coded`: integer values ``q``
 ``(N, K)`` with a float scale and zero per group of ``group`` elements along
 ``K``, meaning ``W[n, k] = scale * q + zero``. GGUF's quantizations decode to
-it exactly (:func:`from_gguf`; Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q8_0, Q6_K), float tensors are
+it exactly (:func:`from_gguf`; Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and the K-quants Q2_K to Q6_K), float
+tensors are
 quantized to it (:func:`from_float`; ``q8_0``, ``q4_1``), and :func:`pack`
 writes it in the stored parts of :mod:`sparsemap.formats.quantized`: torch's
 packed int4 layout, or group-major int8. :func:`dequantize` goes back.
@@ -83,6 +84,19 @@ def _q4_k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat((low_sc, high_sc), -1), torch.cat((low_m, high_m), -1)
 
 
+def _two_bit_runs(qs: torch.Tensor) -> torch.Tensor:
+    """Q2_K's and Q3_K's 2-bit packing: (..., 2, 32) bytes -> (..., 2, 4, 32) values in 0..3, where bits
+    ``2j, 2j + 1`` of byte ``l`` of a half are element ``32 j + l`` of its 128."""
+    shifts = torch.arange(0, 8, 2, dtype=torch.int16)[:, None]  # (4, 1)
+    return (qs.to(torch.int16)[..., None, :] >> shifts) & 3
+
+
+def _bit_planes(bits: torch.Tensor) -> torch.Tensor:
+    """(..., 32) bytes -> (..., 8, 32): plane ``i`` holds bit ``i`` of each byte (Q3_K's and Q5_K's
+    high bits: plane ``i`` belongs to the ``i``-th run of 32 elements)."""
+    return (bits.to(torch.int16)[..., None, :] >> torch.arange(8, dtype=torch.int16)[:, None]) & 1
+
+
 def from_gguf(raw: torch.Tensor, encoding: str, shape: tuple[int, int], *, name: str = "") -> Coded:
     """Decode a GGUF tensor's blocks (a uint8 view of the file) exactly, without a float copy of it.
 
@@ -120,6 +134,33 @@ def from_gguf(raw: torch.Tensor, encoding: str, shape: tuple[int, int], *, name:
         scale = (d[..., None] * sc.float()).view(n, -1)  # (N, K / 32)
         zero = (-(dmin[..., None] * m.float())).view(n, -1)
         return Coded(q.view(n, k), scale, zero, 32)
+    if encoding == "Q5_K":
+        b = raw.view(n, k // 256, 176)  # (N, S, d + dmin + 12 scale bytes + 32 high-bit bytes + 128 bytes)
+        d, dmin = _f16(b, 0), _f16(b, 2)
+        sc, m = _q4_k_scales(b[..., 4:16])  # (N, S, 8) each: one per run of 32
+        qs = b[..., 48:].reshape(n, k // 256, 4, 32)  # four runs of 64: low nibbles first, then high
+        low = torch.stack((qs & 0xF, qs >> 4), dim=-2).to(torch.int16).view(n, -1, 8, 32)  # (N, S, 8, 32)
+        q = low | (_bit_planes(b[..., 16:48]) << 4)  # (N, S, 8, 32) in 0..31
+        scale = (d[..., None] * sc.float()).view(n, -1)  # (N, K / 32)
+        zero = (-(dmin[..., None] * m.float())).view(n, -1)
+        return Coded(q.reshape(n, k), scale, zero, 32)
+    if encoding == "Q3_K":
+        b = raw.view(n, k // 256, 110)  # (N, S, 32 high-bit bytes + 64 bytes of 2-bit values + 12 + d)
+        low = _two_bit_runs(b[..., 32:96].reshape(n, -1, 2, 32)).view(n, -1, 8, 32)  # (N, S, 8, 32)
+        q = low - 4 * (1 - _bit_planes(b[..., 0:32]))  # (N, S, 8, 32) in -4..3: a clear bit subtracts 4
+        s = b[..., 96:108].to(torch.int16)  # 16 6-bit scales: low nibbles in bytes 0-7, high pairs in 8-11
+        nibbles = torch.cat((s[..., 0:8] & 0xF, s[..., 0:8] >> 4), -1)  # (N, S, 16)
+        pairs = (s[..., 8:12, None] >> torch.arange(0, 8, 2, dtype=torch.int16)) & 3  # (N, S, 4, 4)
+        sc = (nibbles | (pairs.transpose(-1, -2).reshape(n, -1, 16) << 4)) - 32  # (N, S, 16) in -32..31
+        scale = (_f16(b, 108)[..., None] * sc.float()).view(n, -1)  # (N, K / 16)
+        return Coded(q.reshape(n, k), scale, None, 16)
+    if encoding == "Q2_K":
+        b = raw.view(n, k // 256, 84)  # (N, S, 16 scale bytes + 64 bytes of 2-bit values + d + dmin)
+        q = _two_bit_runs(b[..., 16:80].reshape(n, -1, 2, 32))  # (N, S, 2, 4, 32) in 0..3
+        s = b[..., 0:16].to(torch.int16)  # (N, S, 16): a 4-bit scale and a 4-bit min per run of 16
+        scale = (_f16(b, 80)[..., None] * (s & 0xF).float()).view(n, -1)  # (N, K / 16)
+        zero = (-(_f16(b, 82)[..., None] * (s >> 4).float())).view(n, -1)
+        return Coded(q.reshape(n, k), scale, zero, 16)
     if encoding == "Q6_K":
         b = raw.view(n, k // 256, 210)  # (N, S, 128 ql + 64 qh + 16 int8 scales + d)
         ql = b[..., 0:128].reshape(n, -1, 2, 64).to(torch.int16)  # two halves of 128 elements

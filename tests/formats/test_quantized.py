@@ -125,10 +125,10 @@ def test_unknown_mode_is_refused(mode: str) -> None:
 
 def test_unsupported_gguf_type_is_refused_naming_the_supported_ones() -> None:
     with pytest.raises(errors.UnsupportedQuantizationError) as info:
-        scheme_for("blk.0.ffn_up.weight", (32, 256), "F32", "Q5_K", "keep")
+        scheme_for("blk.0.ffn_up.weight", (32, 256), "F32", "IQ4_XS", "keep")
     assert info.value.tensor == "blk.0.ffn_up.weight"
-    assert "Q5_K" in str(info.value)
-    assert "Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q8_0, Q6_K" in str(info.value)
+    assert "IQ4_XS" in str(info.value)
+    assert "Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q8_0, Q6_K, Q5_K, Q3_K, Q2_K" in str(info.value)
 
 
 @pytest.mark.parametrize("shape", [(64,), (4, 32, 64)])  # a vector; a stack of experts' matrices
@@ -339,8 +339,9 @@ def test_tied_to_a_non_string(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- GGUF files kept quantized
 
 def k_quant_blocks(qtype: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Random Q4_K / Q6_K / Q5_K blocks with finite f16 scales: (n, bytes per row) uint8."""
-    size, scale_at = {"Q4_K": (144, (0, 2)), "Q6_K": (210, (208,)), "Q5_K": (176, (0, 2))}[qtype]
+    """Random K-quant (or IQ4_XS) blocks with finite f16 scales: (n, bytes per row) uint8."""
+    size, scale_at = {"Q4_K": (144, (0, 2)), "Q6_K": (210, (208,)), "Q5_K": (176, (0, 2)),
+                      "Q3_K": (110, (108,)), "Q2_K": (84, (80, 82)), "IQ4_XS": (136, (0,))}[qtype]
     blocks = rng.integers(0, 256, (n, k // 256, size), dtype=np.uint8)  # (n, super-blocks, size)
     for start in scale_at:
         d = rng.uniform(0.001, 0.1, (n, k // 256, 1)).astype(np.float16)  # (n, S, 1)
@@ -355,6 +356,9 @@ KEPT = {
     "blk.0.ffn_down.weight": ("Q8_0", (32, 64), "int8"),
     "blk.0.attn_k.weight": ("Q4_K", (16, 256), "int4"),
     "blk.0.attn_v.weight": ("Q6_K", (16, 256), "int8"),
+    "blk.0.ffn_gate.weight": ("Q5_K", (16, 512), "int8"),
+    "blk.1.attn_q.weight": ("Q3_K", (16, 256), "int8"),
+    "blk.1.attn_k.weight": ("Q2_K", (32, 256), "int8"),
     "token_embd.weight": ("Q4_1", (32, 64), "int8"),  # gathered rows
 }
 
@@ -365,7 +369,7 @@ def kept_gguf(module_folders: ModuleFolders) -> tuple[Path, Path]:
     rng = np.random.default_rng(0)
     tensors: dict[str, tuple[np.ndarray, Q | None]] = {}
     for name, (qtype, (n, k), _) in KEPT.items():
-        if qtype in ("Q4_K", "Q6_K"):
+        if qtype.endswith("_K"):
             tensors[name] = (k_quant_blocks(qtype, n, k, rng), Q[qtype])
         else:
             tensors[name] = (quantize(rng.standard_normal((n, k)).astype(np.float32), Q[qtype]), Q[qtype])
@@ -440,23 +444,27 @@ def test_q4_0_kept_as_int8_keeps_its_offset(tmp_path: Path, name: str, shape: tu
     assert torch.equal(sparsemap.Checkpoint(dst).tensor(name), gguf_values(src, name))
 
 
-def test_a_type_with_no_kernel_layout_is_refused(tmp_path: Path) -> None:
+def test_a_type_with_no_kernel_layout_is_stored_dequantized_with_a_note(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An IQ4_XS file's other weights are still kept; its IQ4_XS weight is float32, named in one line."""
     rng = np.random.default_rng(2)
-    src = write_gguf(tmp_path / "q5_k.gguf", {
-        "blk.0.ffn_up.weight": (k_quant_blocks("Q5_K", 16, 256, rng), Q.Q5_K),
+    src = write_gguf(tmp_path / "iq4_xs.gguf", {
+        "blk.0.ffn_up.weight": (k_quant_blocks("IQ4_XS", 16, 256, rng), Q.IQ4_XS),
+        "blk.0.ffn_down.weight": (k_quant_blocks("Q5_K", 16, 256, rng), Q.Q5_K),
         "output_norm.weight": (rng.standard_normal(64).astype(np.float32), None),
     })
-    dst = tmp_path / "q5_k.safetensors"
-    with pytest.raises(errors.UnsupportedQuantizationError) as info:
+    dst = tmp_path / "iq4_xs.safetensors"
+    with caplog.at_level("WARNING", logger="sparsemap"):
         convert(src, dst, layout=Layout(quantize="keep"))
-    message = str(info.value)
-    assert info.value.tensor == "blk.0.ffn_up.weight" and info.value.path == str(src)
-    assert "blk.0.ffn_up.weight" in message and "Q5_K" in message and str(src) in message
-    for supported in FROM_GGUF:
-        assert supported in message
-    assert not dst.exists()
-    convert(src, dst)  # without quantize it is dequantized, as before
-    assert not sparsemap.open(dst).quantized
+    cat = sparsemap.open(dst)
+    assert set(cat.quantized) == {"blk.0.ffn_down.weight"}
+    assert cat["blk.0.ffn_up.weight"].dtype == "F32" and cat["blk.0.ffn_up.weight"].encoding is None
+    for name in ("blk.0.ffn_up.weight", "blk.0.ffn_down.weight"):
+        assert torch.equal(sparsemap.Checkpoint(dst).tensor(name), gguf_values(src, name)), name
+    notes = [r.getMessage() for r in caplog.records if "stored dequantized" in r.getMessage()]
+    assert len(notes) == 1, notes
+    assert str(src) in notes[0] and "1 tensor(s)" in notes[0] and "blk.0.ffn_up.weight" in notes[0]
+    assert "IQ4_XS blocks have no kernel layout (kept: Q4_0" in notes[0] and "Q2_K" in notes[0]
 
 
 def test_int8_rows_the_kernel_cannot_read_stay_plain() -> None:

@@ -14,8 +14,10 @@ file records the layout it was packed for), and ``W@int4.scale_zero``, bf16
 for torch's ``_weight_int8pack_mm``: ``W[n, k] = q * scale (+ zero)``. Stored
 as ``W@int8``, int8 ``(K/group, N, group)``, ``W@int8.scale``, float32
 ``(K/group, N)``, and optionally ``W@int8.zero``, float32 ``(K/group, N)``.
-GGUF's Q8_0 and Q6_K map onto it, and so does any 4-bit weight whose rows are
-gathered (an embedding): the int4 layout cannot give back one row.
+GGUF's Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q5_K and Q6_K map onto it: values of more
+than 4 bits, or groups of 16, which the int4 kernel does not take. So does any
+4-bit weight whose rows are gathered (an embedding): the int4 layout cannot give
+back one row.
 
 What each weight is (scheme, logical shape, group, the source type) is a JSON
 document under ``__metadata__[QUANT_KEY]``. :func:`apply_quantization` checks
@@ -51,6 +53,9 @@ FROM_GGUF: dict[str, tuple[str, int, bool]] = {
     "Q5_1": (INT8, 32, True),  # d * q + m: a zero beside each scale
     "Q8_0": (INT8, 32, False),
     "Q6_K": (INT8, 16, False),
+    "Q5_K": (INT8, 32, True),  # 5-bit values d * sc * q - dmin * m: int8, a zero beside each scale
+    "Q3_K": (INT8, 16, False),  # 3-bit values in -4..3, a 6-bit scale per 16
+    "Q2_K": (INT8, 16, True),  # 2-bit values, a 4-bit scale and min per 16
 }
 # Float tensors quantized on the way out (``sparsemap convert --quantize q8_0``). Group 0: a whole row
 # (one scale per output channel: one int8 kernel call per matmul, where groups of 32 take K / 32).

@@ -176,10 +176,7 @@ def repacked(catalog: Catalog, model: Any) -> Catalog:
     layouts: a file written once into the cache (``gguf/<file>-<hash>.safetensors``, keyed by the GGUF's
     path, inode, size, mtime and change time, and this torch's int4 packing) and mapped from then on.
     Quantized weights then cost their packed size in the page cache instead of a float32 copy in anonymous
-    memory.
-
-    Raises:
-        UnsupportedQuantizationError: a block type with no kernel layout (the caller dequantizes instead).
+    memory; a weight in a block type with no kernel layout (IQ) is stored dequantized, with a note.
     """
     import hashlib
 

@@ -33,7 +33,6 @@ from ..errors import (
     BadInputError,
     SourceNotFoundError,
     UnsupportedArgumentError,
-    UnsupportedQuantizationError,
 )
 from ..extras import require
 from ..formats.catalog import Catalog
@@ -77,12 +76,7 @@ def resolve_config(src: ModelSource, config: Any = None) -> Any:
 
 def _gguf_catalog(src: ModelSource, model: nn.Module, keep_quantized: bool) -> Catalog:
     raw = open_catalog(src)
-    if keep_quantized:
-        try:
-            return repacked(raw, model)
-        except UnsupportedQuantizationError as e:
-            logger.warning("%s: dequantized instead of kept quantized: %s", src.weights, e.detail)
-    return hf_catalog(raw, model)
+    return repacked(raw, model) if keep_quantized else hf_catalog(raw, model)
 
 
 def class_for(config: Any) -> type[nn.Module]:
@@ -491,7 +485,8 @@ def from_pretrained(source: str | os.PathLike[str] | ModelSource, *, config: Any
             ``strict=True`` to refuse anything missing or left over instead.
         keep_quantized: for a GGUF loaded on the CPU, keep its quantized blocks (repacked once into the
             cache for the int4/int8 kernels, :func:`~sparsemap.models.gguf_hf.repacked`) instead of
-            dequantizing every weight into memory; block types with no kernel layout dequantize as before.
+            dequantizing every weight into memory; weights in a block type with no kernel layout (IQ)
+            are stored dequantized, with a note.
         torch_dtype: the old name of ``dtype``; give one or the other.
         device_map: transformers' placement, onto one device: ``"cpu"``, ``"cuda:1"``, an accelerator index
             (``0``), a ``torch.device``, ``{"": device}`` (a map whose modules all go to one device), or
