@@ -6,9 +6,7 @@ import io
 import pickle
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -133,56 +131,6 @@ def write_gguf(path: Path, tensors: dict, metadata: dict[str, int | str] | None 
             writer.add_tensor(name, array)
         else:
             writer.add_tensor(name, array, raw_dtype=raw_dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
-def write_gguf_like_llama_cpp(model: Any, path: Path) -> Path:
-    """``model`` (a transformers causal LM of an architecture in ``gguf_hf.MODEL_TYPES``) written as
-    llama.cpp's converter writes it: its config as header keys (transformers' GGUF table read backwards),
-    tensors under gguf's names (transformers' own name map, inverted), q/k rows of Llama-family models
-    interleaved per head, Gemma's norm weights stored as ``1 + w``; float32, no tokenizer."""
-    import gguf
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        get_gguf_hf_weights_map,
-    )
-
-    from sparsemap.models.gguf_hf import MODEL_TYPES, NORM_PLUS_ONE, ROTARY_PERMUTED, rotary_order
-
-    config = model.config
-    arch = next(a for a, t in MODEL_TYPES.items() if t == config.model_type)
-    stored = "llama" if arch == "mistral" else arch  # llama.cpp stores Mistral as llama, named so
-    writer = gguf.GGUFWriter(str(path), stored)
-    if arch == "mistral":
-        writer.add_name("Mistral")
-    for key, field in GGUF_CONFIG_MAPPING[arch].items():
-        value = getattr(config, field, None) if field else None
-        if isinstance(value, float):
-            writer.add_float32(f"{stored}.{key}", value)
-        elif isinstance(value, int) and not isinstance(value, bool):
-            writer.add_uint32(f"{stored}.{key}", value)
-    writer.add_pad_token_id(config.pad_token_id)
-    writer.add_bos_token_id(config.bos_token_id)
-    writer.add_eos_token_id(config.eos_token_id)
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
-    to_gguf = get_gguf_hf_weights_map(model, processor, model_type=stored if arch == "mistral" else None)
-    state = model.state_dict()
-    for gguf_name, hf_name in to_gguf.items():
-        if hf_name not in state or (hf_name == "lm_head.weight" and config.tie_word_embeddings):
-            continue
-        array = state[hf_name].detach().float().numpy()
-        if arch in ROTARY_PERMUTED and any(f".attn_{p}." in gguf_name for p in "qk"):
-            heads = config.num_attention_heads if ".attn_q." in gguf_name else config.num_key_value_heads
-            array = array[np.array(rotary_order(array.shape[0], heads))]
-        if arch in NORM_PLUS_ONE and gguf_name.endswith("norm.weight"):
-            array = array + 1
-        writer.add_tensor(gguf_name, np.ascontiguousarray(array))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -508,12 +508,13 @@ def test_convert_writes_no_filler_unless_asked_and_inspect_names_the_unaligned(t
 def test_convert_a_gguf_gives_transformers_names_in_a_file_and_a_transformers_folder(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+    from sparsemap.bench.gguf_writer import write_like_llama_cpp
+
     from .conftest import tiny_llama_config
-    from .helpers import write_gguf_like_llama_cpp
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
-    gguf = write_gguf_like_llama_cpp(model, tmp_path / "tiny.gguf")
+    gguf = write_like_llama_cpp(model, tmp_path / "tiny.gguf")
     result = CliRunner().invoke(main, ["convert", str(gguf), str(tmp_path / "tiny.safetensors")])
     assert result.exit_code == 0, result.output
     import sparsemap

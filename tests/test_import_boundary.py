@@ -44,7 +44,7 @@ TORCH_FREE = (
     "sparsemap.models.llama2c", "sparsemap.models.llama2c_tokenizer", "sparsemap.models.meta_llama",
     "sparsemap.bench.measure", "sparsemap.bench.cgroup", "sparsemap.bench.disk", "sparsemap.bench.report",
     "sparsemap.bench.runner", "sparsemap.serve", "sparsemap.bench.demo", "sparsemap.bench.plot",
-    "sparsemap.bench.rwkv_synthetic",
+    "sparsemap.bench.rwkv_synthetic", "sparsemap.bench.k_quants", "sparsemap.bench.gguf_writer",
 )
 
 # Libraries that import torch themselves: importing any of them is importing torch.

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import sparsemap
+from sparsemap.bench.gguf_writer import write_like_llama_cpp
 from sparsemap.errors import GGUFArchitectureError
 from sparsemap.models import gguf_hf
 
-from ..helpers import write_gguf, write_gguf_like_llama_cpp
+from ..helpers import write_gguf
 
 PROMPT = [[2, 818, 5279, 529, 7001, 563]]  # "<bos>The capital of France is" in Gemma 3's vocabulary
 
@@ -103,7 +104,7 @@ def test_every_mapped_architecture_comes_back_as_the_model_written(arch: str, tm
     from transformers import AutoModelForCausalLM
 
     model = _tiny(arch)
-    path = write_gguf_like_llama_cpp(model, tmp_path / f"{arch}.gguf")
+    path = write_like_llama_cpp(model, tmp_path / f"{arch}.gguf")
     ours = sparsemap.from_pretrained(path)
     assert type(ours) is type(model)
     ids = torch.tensor([[1, 5, 9, 33, 2, 77, 40, 41]])
@@ -118,6 +119,46 @@ def test_every_mapped_architecture_comes_back_as_the_model_written(arch: str, tm
             assert torch.allclose(ours(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
 
 
+# A Q3_K_M-like mix of every K-quant sparsemap keeps; the norms stay float32, as llama.cpp keeps them.
+K_QUANT_MIX = {"blk.*.attn_q.weight": "Q3_K", "blk.*.attn_k.weight": "Q2_K", "blk.*.attn_v.weight": "Q5_K",
+               "blk.*.attn_output.weight": "Q3_K", "blk.*.ffn_*.weight": "Q5_K", "token_embd.weight": "Q2_K",
+               "output.weight": "Q5_K"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_k_quants_kept_in_place_compute_the_dequantized_models_logits(arch: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Q2_K, Q3_K and Q5_K blocks kept quantized (repacked once into the cache, int8 in their own groups)
+    compute what their dequantized values compute; and they are the model written, at K-quant error."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sparsemap.qtensor import QuantizedTensor
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(gguf_hf.MODEL_TYPES[arch], vocab_size=96, hidden_size=256,
+                                  intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=64,
+                                  tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    path = write_like_llama_cpp(model, tmp_path / f"{arch}-k.gguf", quantize=K_QUANT_MIX)
+    monkeypatch.setenv("SPARSEMAP_CACHE", str(tmp_path / "cache"))
+    dequantized = sparsemap.from_pretrained(path)
+    kept = sparsemap.from_pretrained(path, keep_quantized=True)
+    layer = kept.model.layers[1]
+    for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.down_proj, kept.lm_head):
+        assert isinstance(linear.weight, QuantizedTensor)
+        assert linear.weight.weight.scheme == "int8"
+    ids = torch.tensor([[1, 5, 9, 33, 2, 77, 40, 41]])
+    with torch.inference_mode():
+        want = dequantized(ids).logits
+        # The int8 kernel's products differ (it rounds the inputs to bf16: test_quantized's linear tests
+        # bound it alike), not the values; this random model's top logits lie too close for equal tokens.
+        assert (kept(ids).logits - want).abs().max() <= 2e-2 * want.abs().max()
+        original = model(ids).logits
+    similarity = torch.nn.functional.cosine_similarity(want.flatten(), original.flatten(), dim=0)
+    assert similarity > 0.8  # near the float model, as far as 2 to 5 bits go
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
 def test_a_gguf_converts_to_a_folder_transformers_loads_with_no_key_left_over(arch: str,
                                                                               tmp_path: Path) -> None:
@@ -129,7 +170,7 @@ def test_a_gguf_converts_to_a_folder_transformers_loads_with_no_key_left_over(ar
     from sparsemap.models.gguf_convert import write_folder
 
     model = _tiny(arch)
-    path = write_gguf_like_llama_cpp(model, tmp_path / f"{arch}.gguf")
+    path = write_like_llama_cpp(model, tmp_path / f"{arch}.gguf")
     write_folder(path, tmp_path / "out")
     assert {"config.json", "generation_config.json", "model.safetensors"} <= {
         p.name for p in (tmp_path / "out").iterdir()}
@@ -147,7 +188,7 @@ def test_a_gguf_converts_only_into_a_new_or_empty_folder(tmp_path: Path) -> None
     from sparsemap.errors import DestinationError
     from sparsemap.models.gguf_convert import write_folder
 
-    path = write_gguf_like_llama_cpp(_tiny("llama"), tmp_path / "m.gguf")
+    path = write_like_llama_cpp(_tiny("llama"), tmp_path / "m.gguf")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("mine")
     with pytest.raises(DestinationError, match="not empty"):
@@ -217,7 +258,7 @@ def test_a_gguf_rewritten_in_place_with_its_mtime_put_back_is_repacked_again(tmp
 
     monkeypatch.setenv("SPARSEMAP_CACHE", str(tmp_path / "cache"))
     model = _tiny("llama")
-    path = write_gguf_like_llama_cpp(model, tmp_path / "llama.gguf")
+    path = write_like_llama_cpp(model, tmp_path / "llama.gguf")
     with sparsemap.skeleton():
         skeleton = type(model)(model.config)
     first = gguf_hf.repacked(sparsemap.open(path), skeleton)
@@ -225,7 +266,7 @@ def test_a_gguf_rewritten_in_place_with_its_mtime_put_back_is_repacked_again(tmp
     before = os.stat(path)
     with torch.no_grad():
         model.lm_head.weight.mul_(2)
-    data = write_gguf_like_llama_cpp(model, tmp_path / "other.gguf").read_bytes()
+    data = write_like_llama_cpp(model, tmp_path / "other.gguf").read_bytes()
     assert len(data) == before.st_size
     with open(path, "r+b") as f:  # in place: the same inode and size
         f.write(data)

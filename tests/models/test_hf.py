@@ -13,6 +13,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 import sparsemap
+from sparsemap.bench.gguf_writer import write_like_llama_cpp
 from sparsemap.errors import (
     BadInputError,
     MissingShardError,
@@ -22,7 +23,6 @@ from sparsemap.errors import (
 from sparsemap.mapped import mapping_of
 
 from ..conftest import tiny_llama_config
-from ..helpers import write_gguf_like_llama_cpp
 
 
 def _ids() -> torch.Tensor:
@@ -312,7 +312,7 @@ def test_subfolder_and_gguf_file_are_joined_as_transformers_does(tmp_path: Path)
 
     (tmp_path / "ggufs").mkdir()
     written = LlamaForCausalLM(tiny_llama_config(pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
-    gguf = write_gguf_like_llama_cpp(written, tmp_path / "ggufs" / "tiny-f32.gguf")
+    gguf = write_like_llama_cpp(written, tmp_path / "ggufs" / "tiny-f32.gguf")
     shutil.copyfile(gguf, tmp_path / "ggufs" / "other.gguf")
     with pytest.raises(SourceNotFoundError, match="2 GGUF files"):
         sparsemap.from_pretrained(tmp_path / "ggufs")
