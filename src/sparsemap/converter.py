@@ -309,7 +309,7 @@ def _coded(files: SourceFiles, name: str, mode: str) -> Coded:
         if entry.order is not None:  # rows stored in another order (llama2.c's q and k)
             coded = coded.rows(inverse_order(entry.order))
         return coded if kept_scheme(weight.source) is not None else from_float(coded.values(), mode)
-    if entry.encoding is None or entry.encoding == LLAMA2C_Q8_0:  # float, or read as float (dequantized)
+    if entry.encoding is None or kept_scheme(entry.encoding) is None:  # float, or read as float (dequantized)
         return from_float(files.read(entry), mode)
     coded = from_gguf(files.raw(entry), entry.encoding, (entry.shape[0], entry.shape[1]), name=name)
     return coded if entry.order is None else coded.rows(inverse_order(entry.order))

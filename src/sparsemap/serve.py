@@ -322,7 +322,7 @@ class ServedModel:
         name: the model's id in responses and ``/v1/models``; by default ``model`` as given.
         on_plan: hears the memory plan (with ``memory_limit``).
         on_note: hears of settings of the model's ``generation_config.json`` that a lean engine's
-            sampling rules leave out.
+            sampling rules leave out (those that act only when sampling included: a request may sample).
 
     Raises:
         BadInputError: not a model, no tokenizer, an impossible memory limit (``BudgetError``).
@@ -343,10 +343,11 @@ class ServedModel:
         self.name = name or str(model)
         self.source = resolve_model(model)
         check_model(self.source)
-        file_settings = Sampling.for_model(self.source.generation_config)  # a bad file: refused now
+        Sampling.for_model(self.source.generation_config)  # a bad generation_config.json: refused now
         self.engine = pick_engine(self.source, engine)
         if not isinstance(self.engine, TransformersEngine):  # transformers' generate applies the whole file
-            note_unapplied(self.source, file_settings, on_note)
+            # Any request may sample: the settings that act only then are named too.
+            note_unapplied(self.source, on_note, sampling=True, hint="; --engine transformers does")
         self.max_tokens = max_tokens
         self.memory_limit = memory_limit
         self.counters = Counters()

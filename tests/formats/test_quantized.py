@@ -465,6 +465,14 @@ def test_a_type_with_no_kernel_layout_is_stored_dequantized_with_a_note(
     assert len(notes) == 1, notes
     assert str(src) in notes[0] and "1 tensor(s)" in notes[0] and "blk.0.ffn_up.weight" in notes[0]
     assert "IQ4_XS blocks have no kernel layout (kept: Q4_0" in notes[0] and "Q2_K" in notes[0]
+    # A mode that quantizes floats quantizes the IQ4_XS weight's values; the Q5_K blocks stay as they are.
+    q8 = tmp_path / "iq4_xs-q8_0.safetensors"
+    convert(src, q8, layout=Layout(quantize="q8_0"))
+    weights = sparsemap.open(q8).quantized
+    assert (weights["blk.0.ffn_up.weight"].source, weights["blk.0.ffn_down.weight"].source) == ("F32", "Q5_K")
+    want = gguf_values(src, "blk.0.ffn_up.weight")
+    got = sparsemap.Checkpoint(q8).tensor("blk.0.ffn_up.weight")
+    assert (got - want).abs().max() <= want.abs().max() / 127  # int8 steps of a group's largest value
 
 
 def test_int8_rows_the_kernel_cannot_read_stay_plain() -> None:

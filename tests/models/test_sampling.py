@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -93,11 +94,17 @@ def test_min_p_is_transformers_warper(seed: int, min_p: float) -> None:
 def test_the_chain_runs_in_transformers_order(seed: int) -> None:
     """Penalty, temperature, top-k, top-p, min-p: the order of transformers' ``_get_logits_processor``."""
     logits, ids = _case(seed)
-    settings = Sampling(temperature=0.6, top_k=20, top_p=0.8, min_p=0.05, repetition_penalty=1.4)
-    want = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.4), TemperatureLogitsWarper(0.6),
-                                TopKLogitsWarper(20), TopPLogitsWarper(0.8),
-                                MinPLogitsWarper(0.05)])(ids, logits.clone())
-    assert torch.equal(_ours(settings, ids, logits), want)
+    settings = Sampling(temperature=1.5, top_k=30, top_p=0.95, min_p=0.2, repetition_penalty=1.4)
+    want = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.4), TemperatureLogitsWarper(1.5),
+                                TopKLogitsWarper(30), TopPLogitsWarper(0.95),
+                                MinPLogitsWarper(0.2)])(ids, logits.clone())
+    ours = _ours(settings, ids, logits)
+    assert torch.equal(ours, want)
+    # Each step filtered something the ones before it kept.
+    counts = [int(torch.isfinite(_ours(replace(settings, **off), ids, logits)).sum())
+              for off in ({"top_k": 0, "top_p": 1.0, "min_p": 0.0}, {"top_p": 1.0, "min_p": 0.0},
+                          {"min_p": 0.0}, {})]
+    assert counts[0] > counts[1] > counts[2] > counts[3] >= 1, counts
 
 
 def test_neutral_values_leave_the_logits_as_they_are() -> None:
@@ -200,8 +207,10 @@ def test_defaults_are_transformers_and_greedy_means_temperature_zero() -> None:
     assert GREEDY.greedy and not Sampling(temperature=0.1).greedy
     assert GREEDY.transformers_kwargs() == {"do_sample": False, "repetition_penalty": 1.0}
     assert Sampling(temperature=0.5, top_k=0, top_p=0.9).transformers_kwargs() == {
-        "do_sample": True, "temperature": 0.5, "top_k": 0, "top_p": 0.9, "repetition_penalty": 1.0}
-    # transformers' min_p is off by default (None): passed only when it filters; greedy ignores it.
+        "do_sample": True, "temperature": 0.5, "top_k": 0, "top_p": 0.9, "min_p": None,
+        "repetition_penalty": 1.0}
+    # min_p 0 goes as None, transformers' off, so a model's generation_config cannot turn it on; greedy
+    # decoding ignores it.
     assert Sampling(temperature=0.5, min_p=0.1).transformers_kwargs()["min_p"] == 0.1
     assert "min_p" not in Sampling(min_p=0.1).transformers_kwargs()
 
@@ -269,10 +278,11 @@ def test_settings_the_rules_leave_out_are_named_with_their_values(tmp_path: Path
                               "bad_words_ids": [[5, 6]], "num_beams": 1, "epsilon_cutoff": 0.0,
                               "suppress_tokens": [], "min_p": 0.1, "top_k": 20, "eos_token_id": 2})
     # num_beams 1, epsilon 0 and no suppressed tokens ask for nothing; min_p and top_k are applied.
-    assert unapplied(path, Sampling.for_model(path)) == ["no_repeat_ngram_size 3", "bad_words_ids [[5, 6]]",
-                                                         "typical_p 0.95"]
-    assert unapplied(path, GREEDY) == ["no_repeat_ngram_size 3", "bad_words_ids [[5, 6]]"]  # as transformers
-    assert unapplied(_config(tmp_path, {"eos_token_id": 2, "pad_token_id": 2}), GREEDY) == []
-    assert unapplied(None, GREEDY) == []
+    assert unapplied(path, sampling=True) == ["no_repeat_ngram_size 3", "bad_words_ids [[5, 6]]",
+                                              "typical_p 0.95"]
+    # Greedy decoding: transformers ignores typical_p too.
+    assert unapplied(path, sampling=False) == ["no_repeat_ngram_size 3", "bad_words_ids [[5, 6]]"]
+    assert unapplied(_config(tmp_path, {"eos_token_id": 2, "pad_token_id": 2}), sampling=True) == []
+    assert unapplied(None, sampling=True) == []
     with pytest.raises(BadInputError, match="not a JSON object"):
-        unapplied(_config(tmp_path, [1]), GREEDY)
+        unapplied(_config(tmp_path, [1]), sampling=False)

@@ -51,9 +51,11 @@ def write_like_llama_cpp(model: Any, path: str | os.PathLike[str], *,
             writer.add_float32(f"{stored}.{key}", value)
         elif isinstance(value, int) and not isinstance(value, bool):
             writer.add_uint32(f"{stored}.{key}", value)
-    writer.add_pad_token_id(config.pad_token_id)
-    writer.add_bos_token_id(config.bos_token_id)
-    writer.add_eos_token_id(config.eos_token_id)
+    for add, token in ((writer.add_pad_token_id, config.pad_token_id),
+                       (writer.add_bos_token_id, config.bos_token_id),
+                       (writer.add_eos_token_id, config.eos_token_id)):
+        if isinstance(token, int):  # a config may have none (or, for eos, a list)
+            add(token)
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
     to_gguf = get_gguf_hf_weights_map(model, processor, model_type=stored if arch == "mistral" else None)
     state = model.state_dict()

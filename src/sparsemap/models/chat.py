@@ -226,7 +226,7 @@ def open_conversation(engine: Engine, model: str | Path | ModelSource, *, sampli
     source = resolve_model(model)
     check_model(source)
     settings = seeded(sampling if sampling is not None else Sampling.for_model(source.generation_config))
-    note_unapplied(source, settings, on_note)
+    note_unapplied(source, on_note, sampling=not settings.greedy)
     engine.import_libraries()
     tokenizer = engine.load_tokenizer(source)
     check_chat(engine, tokenizer, system)  # before the weights: a refusal costs no load

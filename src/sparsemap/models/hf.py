@@ -21,7 +21,6 @@ reason and what to do instead.
 from __future__ import annotations
 
 import copy
-import logging
 import os
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
@@ -29,11 +28,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
-from ..errors import (
-    BadInputError,
-    SourceNotFoundError,
-    UnsupportedArgumentError,
-)
+from ..errors import BadInputError, SourceNotFoundError, UnsupportedArgumentError
 from ..extras import require
 from ..formats.catalog import Catalog
 from ..formats.dispatch import open_catalog
@@ -42,8 +37,6 @@ from ..formats.source import ModelSource, locate, resolve_source
 from ..loader import Skip, load, skeleton
 from ..names import Rename
 from .gguf_hf import hf_catalog, hf_config, repacked
-
-logger = logging.getLogger("sparsemap")
 
 
 def resolve_config(src: ModelSource, config: Any = None) -> Any:

@@ -140,11 +140,9 @@ class Sampling:
         see :meth:`seed_generator`)."""
         if self.greedy:
             return {"do_sample": False, "repetition_penalty": self.repetition_penalty}
-        kwargs: dict[str, Any] = {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k,
-                                  "top_p": self.top_p, "repetition_penalty": self.repetition_penalty}
-        if self.min_p > 0:  # transformers' own default is None (off), which 0 equals
-            kwargs["min_p"] = self.min_p
-        return kwargs
+        # min_p 0 as None, transformers' off: given, so the model's generation_config cannot turn it on.
+        return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
+                "min_p": self.min_p or None, "repetition_penalty": self.repetition_penalty}
 
     def seed_generator(self) -> None:
         """Seed torch's global generator with :attr:`seed`, when there is one: transformers' draws and
@@ -201,26 +199,27 @@ GREEDY = Sampling()  # transformers' default: the argmax
 _LEFT_OUT = {"no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
              "min_length": 0, "min_new_tokens": 0, "sequence_bias": None, "suppress_tokens": None,
              "begin_suppress_tokens": None, "forced_eos_token_id": None, "num_beams": 1,
-             "penalty_alpha": None, "guidance_scale": 1, "exponential_decay_length_penalty": None}
+             "encoder_repetition_penalty": 1.0, "guidance_scale": 1, "exponential_decay_length_penalty": None}
 _LEFT_OUT_WHEN_SAMPLING = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
 
 
-def unapplied(generation_config: str | os.PathLike[str] | None, settings: Sampling) -> list[str]:
+def unapplied(generation_config: str | os.PathLike[str] | None, *, sampling: bool) -> list[str]:
     """The settings of ``generation_config`` (a ``generation_config.json``; ``None``: none) that
-    transformers' ``generate`` would apply to a generation with ``settings`` and :class:`Sampler` does
-    not, as ``"name value"``: what a lean engine says it leaves out, rather than leaving it out unsaid.
+    transformers' ``generate`` would apply and :class:`Sampler` does not, as ``"name value"``: what a lean
+    engine says it leaves out, rather than leaving it out unsaid. ``sampling``: for a generation that
+    samples (typical-p and the like act only then, in transformers too).
 
     Raises:
         BadInputError: the file is not a JSON object.
 
     Example:
-        >>> unapplied(None, GREEDY)
+        >>> unapplied(None, sampling=False)
         []
     """
     if generation_config is None:
         return []
     config = _read_json_object(generation_config)
-    asked = _LEFT_OUT if settings.greedy else {**_LEFT_OUT, **_LEFT_OUT_WHEN_SAMPLING}
+    asked = {**_LEFT_OUT, **_LEFT_OUT_WHEN_SAMPLING} if sampling else _LEFT_OUT
     return [f"{name} {config[name]}" for name, off in asked.items()
             if config.get(name) not in (None, off, [], {})]
 
