@@ -347,7 +347,7 @@ class ServedModel:
         self.engine = pick_engine(self.source, engine)
         if not isinstance(self.engine, TransformersEngine):  # transformers' generate applies the whole file
             # Any request may sample: the settings that act only then are named too.
-            note_unapplied(self.source, on_note, sampling=True, hint="; --engine transformers does")
+            note_unapplied(self.source, on_note, sampling=True, transformers_would=True)
         self.max_tokens = max_tokens
         self.memory_limit = memory_limit
         self.counters = Counters()

@@ -553,12 +553,14 @@ def seeded(settings: Sampling) -> Sampling:
 
 
 def note_unapplied(source: ModelSource, on_note: Callable[[str], None] | None, *, sampling: bool,
-                   hint: str = "") -> None:
+                   transformers_would: bool = False) -> None:
     """Tell ``on_note`` which settings of the model's ``generation_config.json`` generations leave out
     because sparsemap's sampling rules do not have them (:func:`~sparsemap.models.sampling.unapplied`;
-    ``sampling``: generations that sample); ``hint`` ends the line (where another engine applies them)."""
+    ``sampling``: generations that sample); ``transformers_would``: the line says that the transformers
+    engine applies them (where it can run the model)."""
     left_out = unapplied(source.generation_config, sampling=sampling)
     if left_out and on_note is not None:
+        hint = "; --engine transformers does" if transformers_would else ""
         on_note(f"(generation_config.json asks for {', '.join(left_out)}: sparsemap's sampling does not "
                 f"apply {'it' if len(left_out) == 1 else 'them'}{hint})")
 
@@ -638,8 +640,8 @@ def answer(engine: TransformersEngine | LeanEngine | RwkvEngine, model: str | Pa
     check_model(source)
     settings = seeded(sampling if sampling is not None else Sampling.for_model(source.generation_config))
     if not isinstance(engine, TransformersEngine):
-        hint = "" if isinstance(engine, RwkvEngine) else "; --engine transformers does"
-        note_unapplied(source, on_note, sampling=not settings.greedy, hint=hint)
+        note_unapplied(source, on_note, sampling=not settings.greedy,
+                       transformers_would=not isinstance(engine, RwkvEngine))
     tracker = tracker or memory.PhaseTracker()
     try:  # its sampler process ends however this does (a refused prompt, Ctrl-C)
         with tracker.phase("import torch"):
