@@ -117,6 +117,20 @@ def test_linear_matches_the_dequantized_weight(converted: dict[str, Path], mode:
     assert_close_to_output_scale(y, F.linear(x.float(), qt.dequantize()))
 
 
+@pytest.mark.parametrize("rows", [1, 7])
+def test_int8_groups_sum_alike_one_kernel_call_a_group_or_batched(converted: dict[str, Path],
+                                                                  rows: int) -> None:
+    """F.linear takes the batched way for groups of 16 or several input rows, else a kernel call a group;
+    both sum the same bf16 products."""
+    qt = quantized(converted, "q8_0", "proj.weight")  # int8 in groups of 32
+    xg = inputs((rows, K), seed=4).view(rows, K // 32, 32)  # (M, G, group) bf16
+    one_by_one, batched = qt._group_sums(xg), qt._batched_group_sums(xg)  # (M, N) each
+    assert batched.shape == one_by_one.shape == (rows, 128)
+    assert (batched - one_by_one).abs().max() <= 1e-5 * one_by_one.abs().max()
+    assert_close_to_output_scale(F.linear(xg.view(rows, K), qt), F.linear(xg.view(rows, K).float(),
+                                                                           qt.dequantize()))
+
+
 @pytest.mark.parametrize(("mode", "name"), list(CASES))
 def test_linear_with_float32_input_returns_float32(converted: dict[str, Path], mode: str, name: str) -> None:
     qt = quantized(converted, mode, name)

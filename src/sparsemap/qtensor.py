@@ -8,9 +8,14 @@ another), and intercepts the two functions that read weights in bulk:
 
 - ``F.linear`` runs ``_weight_int4pack_mm_for_cpu`` (int4) or
   ``_weight_int8pack_mm`` (int8, one call per group of ``K``) on the mapped
-  bytes. The input is rounded to bf16 for the kernel and the result returned
-  in the input's dtype: the precision of llama.cpp's own quantized dot
-  products, which round activations to 8 bits.
+  bytes; int8 groups of 16 values (Q6_K, Q3_K, Q2_K), and any input of
+  several rows (a prompt), go instead through a batched bf16 matmul over a
+  few groups at a time (their values copied to bf16, exactly, 4 MiB at a
+  time): there the per-call cost of the kernel's 64 to 128 calls a row is
+  most of the time (measured, ``benchmarks/RESULTS.md``). The input is
+  rounded to bf16 and the result returned in the input's dtype: the
+  precision of llama.cpp's own quantized dot products, which round
+  activations to 8 bits.
 - ``F.embedding`` decodes only the rows asked for (int8).
 
 Any other operation gets the dequantized float32 weight (a copy, made for
@@ -29,6 +34,10 @@ from .formats.quantized import INT4, INT8_GROUP_MULTIPLE, QuantizedWeight
 from .quantize import check_layout, dequantize
 
 _BF16 = torch.bfloat16
+# The batched int8 path: the bf16 copy of a few groups' values and their products stay within this.
+_BATCH_BYTES = 4 << 20
+# Int8 groups this small (Q6_K, Q3_K, Q2_K: 16) go batched even for one input row.
+_BATCHED_GROUP = 16
 
 
 class QuantizedTensor(torch.Tensor):
@@ -91,27 +100,49 @@ class QuantizedTensor(torch.Tensor):
 
     def _int8_linear(self, x2: torch.Tensor) -> torch.Tensor:
         q, scale = self.parts[0], self.parts[1]  # (G, N, group), (G, N)
-        groups, n, group = q.shape
+        groups, _, group = q.shape
         if group % INT8_GROUP_MULTIPLE:  # the kernel reads 16 at a time (and crashes otherwise)
             return F.linear(x2.float(), self.dequantize())
         if groups == 1 and len(self.parts) == 2:  # one scale per row: the kernel applies it
             if "scale" not in self._scratch:
                 self._scratch["scale"] = scale[0].to(_BF16)  # (N,)
             return torch.ops.aten._weight_int8pack_mm(x2, q[0], self._scratch["scale"])
+        m = x2.shape[0]
+        xg = x2.view(m, groups, group)  # (M, G, group)
+        y = self._batched_group_sums(xg) if m > 1 or group <= _BATCHED_GROUP else self._group_sums(xg)
+        if len(self.parts) > 2:  # zeros: each group's zero times the sum of its inputs
+            y.addmm_(xg.float().sum(-1), self.parts[2])  # (M, G) @ (G, N)
+        return y
+
+    def _group_sums(self, xg: torch.Tensor) -> torch.Tensor:
+        """``sum_g scale[g] * (xg[:, g] @ q[g].T)``, (M, N) float32, one int8 kernel call per group."""
+        q, scale = self.parts[0], self.parts[1]  # (G, N, group), (G, N)
+        groups, n, _ = q.shape
         if "ones" not in self._scratch:
             self._scratch["ones"] = torch.ones(n, dtype=_BF16)
         ones = self._scratch["ones"]
-        xg = x2.view(x2.shape[0], groups, group)  # (M, G, group)
-        y = torch.zeros(x2.shape[0], n)  # (M, N) float32: group sums scaled in full precision
+        y = torch.zeros(xg.shape[0], n)  # (M, N) float32: group sums scaled in full precision
         for g in range(groups):
             # q[g] is a view of the file; a strided one (llama2.c's Q8_0 stores rows, not groups, contiguous)
             # is gathered into one group's (N, group) int8 copy, as the kernel reads only contiguous weights.
             xs, qs = xg[:, g].contiguous(), q[g].contiguous()
             part = torch.ops.aten._weight_int8pack_mm(xs, qs, ones)  # (M, N)
             y.addcmul_(part.float(), scale[g])
-        if len(self.parts) > 2:  # zeros: each group's zero times the sum of its inputs
-            y.addmm_(xg.float().sum(-1), self.parts[2])  # (M, G) @ (G, N)
         return y
+
+    def _batched_group_sums(self, xg: torch.Tensor) -> torch.Tensor:
+        """What :meth:`_group_sums` computes, a few groups a ``bmm``: their int8 values copied to bf16
+        (exact: they are integers below 256) and their products, within ``_BATCH_BYTES`` together."""
+        q, scale = self.parts[0], self.parts[1]  # (G, N, group), (G, N)
+        groups, n, group = q.shape
+        m = xg.shape[0]
+        xs = xg.permute(1, 2, 0)  # (G, group, M)
+        step = max(1, _BATCH_BYTES // (n * (2 * group + 4 * m)))  # groups a bmm
+        y = torch.zeros(n, m)  # (N, M) float32
+        for g in range(0, groups, step):
+            part = torch.bmm(q[g:g + step].to(_BF16), xs[g:g + step])  # (C, N, M) bf16, like the kernel's
+            y += (part.float() * scale[g:g + step, :, None]).sum(0)
+        return y.t()
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of the weight, float32 (..., K); only those rows are read."""
