@@ -125,7 +125,7 @@ def test_int8_groups_sum_alike_one_kernel_call_a_group_or_batched(converted: dic
     qt = quantized(converted, "q8_0", "proj.weight")  # int8 in groups of 32
     xg = inputs((rows, K), seed=4).view(rows, K // 32, 32)  # (M, G, group) bf16
     one_by_one, batched = qt._group_sums(xg), qt._batched_group_sums(xg)  # (M, N) each
-    assert batched.shape == one_by_one.shape == (rows, 128)
+    assert batched.shape == one_by_one.shape == (rows, 128) and batched.is_contiguous()
     assert (batched - one_by_one).abs().max() <= 1e-5 * one_by_one.abs().max()
     assert_close_to_output_scale(F.linear(xg.view(rows, K), qt), F.linear(xg.view(rows, K).float(),
                                                                            qt.dequantize()))

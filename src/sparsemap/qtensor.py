@@ -142,7 +142,7 @@ class QuantizedTensor(torch.Tensor):
         for g in range(0, groups, step):
             part = torch.bmm(q[g:g + step].to(_BF16), xs[g:g + step])  # (C, N, M) bf16, like the kernel's
             y += (part.float() * scale[g:g + step, :, None]).sum(0)
-        return y.t()
+        return y.t().contiguous()  # (M, N), laid out as F.linear's own output
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of the weight, float32 (..., K); only those rows are read."""
