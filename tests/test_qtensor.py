@@ -117,15 +117,19 @@ def test_linear_matches_the_dequantized_weight(converted: dict[str, Path], mode:
     assert_close_to_output_scale(y, F.linear(x.float(), qt.dequantize()))
 
 
-@pytest.mark.parametrize("rows", [1, 7])
-def test_int8_groups_sum_alike_one_kernel_call_a_group_or_batched(converted: dict[str, Path],
-                                                                  rows: int) -> None:
+@pytest.mark.parametrize("rows", [1, 7, 3000])
+@pytest.mark.parametrize(("mode", "name"), [("q8_0", "proj.weight"), ("q4_1", "odd.weight")])  # zeros too
+def test_int8_groups_sum_alike_one_kernel_call_a_group_or_batched(converted: dict[str, Path], mode: str,
+                                                                  name: str, rows: int) -> None:
     """F.linear takes the batched way for groups of 16 or several input rows, else a kernel call a group;
-    both sum the same bf16 products."""
-    qt = quantized(converted, "q8_0", "proj.weight")  # int8 in groups of 32
+    both add the same bf16 products in the same order (3000 rows: one group a bmm)."""
+    qt = quantized(converted, mode, name)  # int8 in groups of 32
+    n = SHAPES[name][0]
     xg = inputs((rows, K), seed=4).view(rows, K // 32, 32)  # (M, G, group) bf16
     one_by_one, batched = qt._group_sums(xg), qt._batched_group_sums(xg)  # (M, N) each
-    assert batched.shape == one_by_one.shape == (rows, 128) and batched.is_contiguous()
+    assert batched.shape == one_by_one.shape == (rows, n) and batched.is_contiguous()
+    # Equal but where a group's sum, added up in another order, rounds to the next bf16.
+    assert (batched != one_by_one).float().mean() < 1e-2
     assert (batched - one_by_one).abs().max() <= 1e-5 * one_by_one.abs().max()
     assert_close_to_output_scale(F.linear(xg.view(rows, K), qt), F.linear(xg.view(rows, K).float(),
                                                                            qt.dequantize()))

@@ -10,9 +10,11 @@ another), and intercepts the two functions that read weights in bulk:
   ``_weight_int8pack_mm`` (int8, one call per group of ``K``) on the mapped
   bytes; int8 groups of 16 values (Q6_K, Q3_K, Q2_K), and any input of
   several rows (a prompt), go instead through a batched bf16 matmul over a
-  few groups at a time (their values copied to bf16, exactly, 4 MiB at a
-  time): there the per-call cost of the kernel's 64 to 128 calls a row is
-  most of the time (measured, ``benchmarks/RESULTS.md``). The input is
+  few groups at a time (their values copied to bf16, exactly; the copies
+  and products within 4 MiB, or one group's products where they are more):
+  there the per-call cost of the kernel's calls, one per group of a row
+  (128 for 2048 values in groups of 16), is most of the time (measured,
+  ``benchmarks/RESULTS.md``). The input is
   rounded to bf16 and the result returned in the input's dtype: the
   precision of llama.cpp's own quantized dot products, which round
   activations to 8 bits.
@@ -132,17 +134,21 @@ class QuantizedTensor(torch.Tensor):
 
     def _batched_group_sums(self, xg: torch.Tensor) -> torch.Tensor:
         """What :meth:`_group_sums` computes, a few groups a ``bmm``: their int8 values copied to bf16
-        (exact: they are integers below 256) and their products, within ``_BATCH_BYTES`` together."""
+        (exact: integers below 256) and their products within ``_BATCH_BYTES`` together (one group at a
+        time where one group's products exceed it), each group's product rounded to bf16 as the kernel
+        rounds it and added in the same order. The two differ only where a group's sum, added up in
+        another order, rounds to the next bf16 (a few entries in 10,000, by 1e-6 of the output)."""
         q, scale = self.parts[0], self.parts[1]  # (G, N, group), (G, N)
         groups, n, group = q.shape
         m = xg.shape[0]
-        xs = xg.permute(1, 2, 0)  # (G, group, M)
-        step = max(1, _BATCH_BYTES // (n * (2 * group + 4 * m)))  # groups a bmm
-        y = torch.zeros(n, m)  # (N, M) float32
+        xs = xg.transpose(0, 1)  # (G, M, group)
+        step = max(1, _BATCH_BYTES // (2 * n * (group + m)))  # groups a bmm
+        y = torch.zeros(m, n)  # (M, N) float32: group sums scaled in full precision, in group order
         for g in range(0, groups, step):
-            part = torch.bmm(q[g:g + step].to(_BF16), xs[g:g + step])  # (C, N, M) bf16, like the kernel's
-            y += (part.float() * scale[g:g + step, :, None]).sum(0)
-        return y.t().contiguous()  # (M, N), laid out as F.linear's own output
+            part = torch.bmm(xs[g:g + step], q[g:g + step].to(_BF16).transpose(1, 2))  # (C, M, N) bf16
+            for i in range(part.shape[0]):
+                y.addcmul_(part[i], scale[g + i])
+        return y
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of the weight, float32 (..., K); only those rows are read."""
