@@ -11,8 +11,8 @@ another), and intercepts the two functions that read weights in bulk:
   bytes; int8 groups of 16 values (Q6_K, Q3_K, Q2_K), and any input of
   several rows (a prompt), go instead through a batched bf16 matmul over a
   few groups at a time (their values copied to bf16, exactly; the copies
-  and products within 4 MiB, or one group's products where they are more):
-  there the per-call cost of the kernel's calls, one per group of a row
+  and products within 4 MiB, else a call a group as before): there the
+  per-call cost of the kernel's calls, one per group of a row
   (128 for 2048 values in groups of 16), is most of the time (measured,
   ``benchmarks/RESULTS.md``). The input is
   rounded to bf16 and the result returned in the input's dtype: the
@@ -134,20 +134,23 @@ class QuantizedTensor(torch.Tensor):
 
     def _batched_group_sums(self, xg: torch.Tensor) -> torch.Tensor:
         """What :meth:`_group_sums` computes, a few groups a ``bmm``: their int8 values copied to bf16
-        (exact: integers below 256) and their products within ``_BATCH_BYTES`` together (one group at a
-        time where one group's products exceed it), each group's product rounded to bf16 as the kernel
-        rounds it and added in the same order. The two differ only where a group's sum, added up in
-        another order, rounds to the next bf16 (a few entries in 10,000, by 1e-6 of the output)."""
+        (exact: integers below 256), their products rounded to bf16 as the kernel rounds them, then
+        scaled and summed in float32, all within ``_BATCH_BYTES``. The two differ only in the order of
+        float32 additions, and where a group's sum rounds to the other bf16: by about 1e-5 of the output.
+        An input so long that one group's products take the whole budget goes a kernel call a group:
+        batching would save no call, and ``bmm`` holds its products in float32 first."""
         q, scale = self.parts[0], self.parts[1]  # (G, N, group), (G, N)
         groups, n, group = q.shape
         m = xg.shape[0]
+        # A group costs its bf16 values, its bf16 products and their scaled float32 copy.
+        step = _BATCH_BYTES // (n * (2 * group + 6 * m))  # groups a bmm
+        if step < 2:
+            return self._group_sums(xg)
         xs = xg.transpose(0, 1)  # (G, M, group)
-        step = max(1, _BATCH_BYTES // (2 * n * (group + m)))  # groups a bmm
-        y = torch.zeros(m, n)  # (M, N) float32: group sums scaled in full precision, in group order
+        y = torch.zeros(m, n)  # (M, N) float32
         for g in range(0, groups, step):
             part = torch.bmm(xs[g:g + step], q[g:g + step].to(_BF16).transpose(1, 2))  # (C, M, N) bf16
-            for i in range(part.shape[0]):
-                y.addcmul_(part[i], scale[g + i])
+            y += (part * scale[g:g + step, None, :]).sum(0)  # (C, M, N) float32, summed over groups
         return y
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
