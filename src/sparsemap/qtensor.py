@@ -8,14 +8,14 @@ another), and intercepts the two functions that read weights in bulk:
 
 - ``F.linear`` runs ``_weight_int4pack_mm_for_cpu`` (int4) or
   ``_weight_int8pack_mm`` (int8, one call per group of ``K``) on the mapped
-  bytes; int8 groups of 16 values (Q6_K, Q3_K, Q2_K), and any input of
-  several rows (a prompt), go instead through a batched bf16 matmul over a
-  few groups at a time (their values copied to bf16, exactly; the copies
-  and products within 4 MiB, else a call a group as before): there the
-  per-call cost of the kernel's calls, one per group of a row
-  (128 for 2048 values in groups of 16), is most of the time (measured,
-  ``benchmarks/RESULTS.md``). The input is
-  rounded to bf16 and the result returned in the input's dtype: the
+  bytes; int8 groups of 16 values (Q6_K, Q3_K, Q2_K), groups the kernel
+  cannot read (llama2.c's of 8), and any input of several rows (a prompt),
+  go instead through a batched bf16 matmul over a few groups at a time
+  (their values copied to bf16, exactly; the copies and products within
+  4 MiB, else a call a group as before): there the per-call cost of the
+  kernel's calls, one per group of a row (128 for 2048 values in groups of
+  16), is most of the time (measured, ``benchmarks/RESULTS.md``). The input
+  is rounded to bf16 and the result returned in the input's dtype: the
   precision of llama.cpp's own quantized dot products, which round
   activations to 8 bits.
 - ``F.embedding`` decodes only the rows asked for (int8).
@@ -103,15 +103,15 @@ class QuantizedTensor(torch.Tensor):
     def _int8_linear(self, x2: torch.Tensor) -> torch.Tensor:
         q, scale = self.parts[0], self.parts[1]  # (G, N, group), (G, N)
         groups, _, group = q.shape
-        if group % INT8_GROUP_MULTIPLE:  # the kernel reads 16 at a time (and crashes otherwise)
-            return F.linear(x2.float(), self.dequantize())
-        if groups == 1 and len(self.parts) == 2:  # one scale per row: the kernel applies it
+        kernel_reads = group % INT8_GROUP_MULTIPLE == 0  # 16 at a time (it crashes on other groups)
+        if groups == 1 and len(self.parts) == 2 and kernel_reads:  # one scale per row: the kernel's own
             if "scale" not in self._scratch:
                 self._scratch["scale"] = scale[0].to(_BF16)  # (N,)
             return torch.ops.aten._weight_int8pack_mm(x2, q[0], self._scratch["scale"])
         m = x2.shape[0]
         xg = x2.view(m, groups, group)  # (M, G, group)
-        y = self._batched_group_sums(xg) if m > 1 or group <= _BATCHED_GROUP else self._group_sums(xg)
+        batched = m > 1 or group <= _BATCHED_GROUP or not kernel_reads
+        y = self._batched_group_sums(xg) if batched else self._group_sums(xg)
         if len(self.parts) > 2:  # zeros: each group's zero times the sum of its inputs
             y.addmm_(xg.float().sum(-1), self.parts[2])  # (M, G) @ (G, N)
         return y
@@ -138,14 +138,16 @@ class QuantizedTensor(torch.Tensor):
         scaled and summed in float32, all within ``_BATCH_BYTES``. The two differ only in the order of
         float32 additions, and where a group's sum rounds to the other bf16: by about 1e-5 of the output.
         An input so long that one group's products take the whole budget goes a kernel call a group:
-        batching would save no call, and ``bmm`` holds its products in float32 first."""
+        batching would save no call, and ``bmm`` holds its products in float32 first. Groups the kernel
+        cannot read (not a multiple of 16 values: llama2.c's groups of 8) always go by ``bmm``."""
         q, scale = self.parts[0], self.parts[1]  # (G, N, group), (G, N)
         groups, n, group = q.shape
         m = xg.shape[0]
         # A group costs its bf16 values, its bf16 products and their scaled float32 copy.
         step = _BATCH_BYTES // (n * (2 * group + 6 * m))  # groups a bmm
-        if step < 2:
+        if step < 2 and group % INT8_GROUP_MULTIPLE == 0:
             return self._group_sums(xg)
+        step = max(1, step)  # groups the kernel cannot read (llama2.c's of 8): a bmm each, at worst
         xs = xg.transpose(0, 1)  # (G, M, group)
         y = torch.zeros(m, n)  # (M, N) float32
         for g in range(0, groups, step):

@@ -136,6 +136,28 @@ def test_q8_0_parts_are_strided_views_of_the_file(tmp_path: Path, state: tuple) 
         "QuantizedTensor"
 
 
+@pytest.mark.parametrize("rows", [1, 5, 4000])
+def test_groups_of_8_multiply_in_place_though_the_int8_kernel_cannot_read_them(
+        tmp_path: Path, state: tuple, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """export.py's groups of 8 (a small model's): no dequantized copy of the matrix for a matmul; the same
+    products as the dequantized weight's, within the bf16 rounding of the inputs."""
+    from sparsemap.qtensor import QuantizedTensor
+
+    path = write_llama2c(tmp_path / "g8.bin", (state[0], CFG), 2, group_size=8)
+    weight = sparsemap.Checkpoint(path).tensor("model.layers.1.mlp.up_proj.weight", keep_quantized=True)
+    assert type(weight) is QuantizedTensor and weight.weight.group == 8
+    x = torch.randn(rows, 32, generator=torch.Generator().manual_seed(rows))  # (M, K)
+    want = torch.nn.functional.linear(x.bfloat16().float(), weight.dequantize())  # (M, 48)
+
+    def no_copy(self: QuantizedTensor) -> torch.Tensor:
+        raise AssertionError("the matmul dequantized the whole matrix")
+
+    monkeypatch.setattr(QuantizedTensor, "dequantize", no_copy)
+    got = torch.nn.functional.linear(x, weight)
+    assert got.shape == (rows, 48) and got.dtype == torch.float32
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+
+
 def test_a_legacy_file_is_recognised_by_name_and_exact_size_only(tmp_path: Path, state: tuple) -> None:
     path = write(tmp_path, state, 0)
     renamed = tmp_path / "model.pt"
