@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("sparsemap")
 
+
 @dataclass(frozen=True)
 class ConvertSummary:
     """What a conversion wrote and how fast."""

@@ -64,8 +64,7 @@ import torch
 from torch import nn
 
 from .errors import TensorParallelError
-from .mapped import mapping_or_none
-from .rank_sources import RankSource, narrowed, read_ahead
+from .rank_sources import RankSource, read_ahead
 
 Plan = Mapping[str, str]
 
@@ -285,14 +284,6 @@ class Sharding:
 
     # ------------------------------------------------------------ step 3: the weights
 
-    def local(self, full: torch.Tensor, placeholder: torch.Tensor, rank: int) -> torch.Tensor:
-        """This rank's slice of ``full`` for ``placeholder`` (a ``DTensor`` on a 1-D mesh): a view.
-
-        Shard(0) of a row-major tensor is a contiguous run of rows; Shard(1) a strided view.
-        """
-        dim = shard_dim(placeholder)
-        return full if dim is None else narrowed(full, dim, rank, self.size)
-
     def serve(self, source: RankSource, held: Mapping[str, torch.Tensor], mesh: Any, *,
               reads: bool, convert: Callable[[torch.Tensor], torch.Tensor], keep_quantized: bool,
               prefetch: bool = True) -> Iterator[tuple[str, torch.Tensor, bool]]:
@@ -313,8 +304,8 @@ class Sharding:
             if name in source.catalog.quantized and keep_quantized and wanted[name] is None:
                 yield name, t, False
                 continue
-            if prefetch and (mm := mapping_or_none(t)) is not None:
-                read_ahead(mm, t, advised)
+            if prefetch:
+                read_ahead(t, advised)
             placeholder = held[name]
             if not isinstance(placeholder, DTensor):
                 yield name, convert(t), True

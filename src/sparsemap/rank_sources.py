@@ -33,7 +33,7 @@ from .errors import TensorParallelError
 from .formats.catalog import Catalog, TensorEntry
 from .formats.meta_llama import Release, read_release
 from .formats.source import ModelSource, resolve_source
-from .mapped import FileMapping, mapping_or_none
+from .mapped import mapping_or_none
 
 logger = logging.getLogger("sparsemap")
 
@@ -116,8 +116,7 @@ class WholeTensors:
         lo = self.rank * n
         block = entry.order[lo:lo + n] if entry.order is not None and entry.order_dim == dim else ()
         if sorted(block) == list(range(lo, lo + n)):  # its stored rows are its logical rows, permuted
-            if (mm := mapping_or_none(stored)) is not None:
-                read_ahead(mm, stored.narrow(dim, lo, n), self._advised)  # not page by page
+            read_ahead(stored.narrow(dim, lo, n), self._advised)  # not page by page
             return stored.narrow(dim, lo, n).index_select(dim, inverse_order(tuple(i - lo for i in block)))
         whole = stored.index_select(entry.order_dim, inverse_order(entry.order))  # type: ignore[arg-type]
         return narrowed(whole, dim, self.rank, self.size).clone()  # the whole copy goes now
@@ -209,8 +208,7 @@ class RankFiles:
             piece = part if dim is None else narrowed(part, dim, self.rank, self.size)
             if out is None:
                 out = torch.empty(shape, dtype=piece.dtype)
-            if (mm := mapping_or_none(piece)) is not None:
-                read_ahead(mm, piece, self._advised)  # this piece's pages only
+            read_ahead(piece, self._advised)  # this piece's pages only
             step = piece.shape[files_dim]
             out.narrow(files_dim, j * step, step).copy_(piece)
         assert out is not None
@@ -223,8 +221,7 @@ class RankFiles:
         entry = ckpt.catalog[name]
         if entry.order is None:
             return stored
-        if (mm := mapping_or_none(stored)) is not None:
-            read_ahead(mm, stored, self._advised)
+        read_ahead(stored, self._advised)
         return logical(entry, stored)
 
 
@@ -260,9 +257,13 @@ def open_for_rank(source: Checkpoint | CheckpointSource, rank: int, size: int) -
     return RankFiles(release, rank)
 
 
-def read_ahead(mm: FileMapping, view: torch.Tensor, advised: set[str]) -> None:
-    """Advise ``mm`` ``MADV_RANDOM`` (once: ``advised`` holds the paths done) and read the pages of ``view``
-    ahead (``MADV_WILLNEED``), in pieces the kernel reads whole."""
+def read_ahead(view: torch.Tensor, advised: set[str]) -> None:
+    """Advise the mapping ``view`` lies in ``MADV_RANDOM`` (once: ``advised`` holds the paths done) and read
+    the pages of ``view`` ahead (``MADV_WILLNEED``), in pieces the kernel reads whole; nothing for a tensor
+    that is not a view of a mapping (a copy)."""
+    mm = mapping_or_none(view)
+    if mm is None:
+        return
     if mm.path not in advised:
         pages.madvise(mm.address, len(mm), MADV_RANDOM)
         advised.add(mm.path)

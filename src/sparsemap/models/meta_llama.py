@@ -38,7 +38,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BadInputError, DestinationError, SourceNotFoundError
+from ..errors import BadInputError, DestinationError, MissingExtraError, SourceNotFoundError
 from ..formats.meta_llama import Release, read_release, shard_files
 from ..formats.source import META_PARAMS, ModelSource, resolve_source
 from .hf_folder import (
@@ -290,8 +290,6 @@ def write_tokenizer(release: Release, folder: Path) -> bool:
     Returns:
         Whether a tokenizer was written.
     """
-    from ..errors import MissingExtraError
-
     given = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(release.folder, name))]
     if "tokenizer.json" in given:
         for name in given:
@@ -337,7 +335,6 @@ def check_tokenizer(release: Release) -> None:
                             f"Face repo beside {META_PARAMS}", path=path)
     import importlib.util
 
-    from ..errors import MissingExtraError
     from ..extras import check
 
     check("transformers", needed_for=f"converting the SentencePiece {path}")
